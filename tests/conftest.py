@@ -1,0 +1,15 @@
+"""Test session setup: 8 virtual CPU devices, set before JAX initializes.
+
+Single-device tests simply use the default device; multi-device tests build a
+mesh over ``jax.devices()``.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
