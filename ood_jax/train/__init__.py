@@ -1,0 +1,43 @@
+"""Training: optimizer, train state, pure train/eval steps, and the training loop.
+
+Data flow: host batches -> :mod:`ood_jax.sharding` global arrays -> the jitted
+``train_step(state, batch, aux_batch=None) -> (state, metrics)`` -> orbax
+checkpoints (:mod:`ood_jax.checkpoint`) and ``metrics.jsonl``.
+"""
+
+from ood_jax.train.objectives import (
+    Objective,
+    Outputs,
+    available_objectives,
+    bind_objective,
+    get_objective,
+    register_objective,
+)
+from ood_jax.train.optim import SCHEDULES, make_optimizer, make_schedule
+from ood_jax.train.state import ModelDef, TrainState, create_train_state, split_model
+from ood_jax.train.step import (
+    compile_eval_step,
+    compile_train_step,
+    make_eval_step,
+    make_train_step,
+)
+
+__all__ = [
+    "SCHEDULES",
+    "ModelDef",
+    "Objective",
+    "Outputs",
+    "TrainState",
+    "available_objectives",
+    "bind_objective",
+    "compile_eval_step",
+    "compile_train_step",
+    "create_train_state",
+    "get_objective",
+    "make_eval_step",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "register_objective",
+    "split_model",
+]

@@ -1,0 +1,171 @@
+"""The pure train and eval steps, and their compilation over a device mesh.
+
+``train_step(state, batch, aux_batch=None) -> (state, metrics)`` is a pure
+function: no Python state, no host callbacks; randomness comes from
+``fold_in(state.rng, state.step)``. :func:`compile_train_step` jits it once over a
+``("data",)`` mesh: batch sharded, state replicated and donated. Because the
+whole global batch is one array, BatchNorm statistics are over the global batch
+(XLA inserts the cross-device reductions), so 1 device and N devices compute
+the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from ood_jax import rng as rng_lib
+from ood_jax import sharding
+from ood_jax.train.objectives import Outputs
+from ood_jax.train.state import ModelDef, TrainState
+
+Batch = dict[str, jax.Array]
+StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _state_after(model: nnx.Module) -> Any:
+    return nnx.to_pure_dict(nnx.split(model, nnx.Param, nnx.RngState, ...)[3])
+
+
+def make_train_step(
+    model_def: ModelDef,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable[..., jax.Array],
+    *,
+    learning_rate: optax.Schedule | None = None,
+) -> StepFn:
+    """Build the pure ``train_step(state, batch, aux_batch=None) -> (state, metrics)``.
+
+    Args:
+      model_def: the static half of the model (see ``ood_jax.train.state``).
+      tx: optimizer.
+      loss_fn: ``loss(inputs: Outputs, labels, outliers: Outputs | None) -> [B]`` from
+        ``ood_jax.train.objectives.bind_objective``.
+      learning_rate: the schedule, only to report ``lr`` in the metrics.
+
+    Mixed precision is a model option (``create_model(..., dtype=jnp.bfloat16)``: bfloat16
+    compute, float32 parameters); the step casts logits and features to float32 before
+    the loss, and keeps BatchNorm statistics in their stored dtype.
+
+    ``batch`` holds ``image [B, H, W, C]`` float, ``label [B]`` int32 and ``mask [B]``
+    bool; ``aux_batch`` (outliers) holds ``image [B_aux, H, W, C]``. Masked examples
+    are left out of the loss and metrics (BatchNorm still sees them).
+
+    Metrics (scalars): ``loss`` (masked mean), ``accuracy``, ``logit_norm`` (mean L2 norm of
+    the logits, what LogitNorm controls), ``grad_norm``, ``lr``, ``finite`` (1.0 iff
+    the loss and gradients are finite).
+    """
+
+    def train_step(
+        state: TrainState, batch: Batch, aux_batch: Batch | None = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        key = rng_lib.step_key(state.rng, state.step)
+        images = batch["image"]
+        num_in = images.shape[0]
+        if aux_batch is not None:
+            images = jnp.concatenate([images, aux_batch["image"].astype(images.dtype)], axis=0)
+        mask = batch.get("mask", jnp.ones((num_in,), bool))
+
+        def compute_loss(params):
+            model = model_def.merge(params, state.batch_stats, train=True, key=key)
+            logits, features = model(images)
+            logits = logits.astype(jnp.float32)
+            features = features.astype(jnp.float32)
+            inputs = Outputs(logits[:num_in], features[:num_in])
+            outliers = None if aux_batch is None else Outputs(logits[num_in:], features[num_in:])
+            per_example = loss_fn(inputs, batch["label"], outliers)
+            new_stats = jax.tree.map(
+                lambda new, old: new.astype(old.dtype), _state_after(model), state.batch_stats
+            )
+            return _masked_mean(per_example, mask), (inputs.logits, new_stats)
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        metrics = {
+            "loss": loss,
+            "accuracy": _masked_mean(correct, mask),
+            "logit_norm": _masked_mean(jnp.linalg.norm(logits, axis=-1), mask),
+            "grad_norm": grad_norm,
+            "lr": jnp.asarray(learning_rate(state.step) if learning_rate else jnp.nan, jnp.float32),
+            "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=new_stats,
+            opt_state=opt_state,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model_def: ModelDef) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Build ``eval_step(state, batch) -> sums`` in evaluation mode (no state change).
+
+    Returns sums over unmasked examples (so that padded batches aggregate exactly):
+    ``count``, ``correct``, ``loss`` (cross-entropy) and ``logit_norm``.
+    """
+    from ood_jax import losses
+
+    def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        model = model_def.merge(state.params, state.batch_stats, train=False, key=None)
+        logits, _ = model(batch["image"])
+        logits = logits.astype(jnp.float32)
+        mask = batch["mask"].astype(jnp.float32)
+        labels = jnp.where(batch["mask"], batch["label"], 0)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return {
+            "count": jnp.sum(mask),
+            "correct": jnp.sum(correct * mask),
+            "loss": jnp.sum(jnp.where(mask > 0, losses.cross_entropy(logits, labels), 0.0)),
+            "logit_norm": jnp.sum(jnp.linalg.norm(logits, axis=-1) * mask),
+        }
+
+    return eval_step
+
+
+def compile_train_step(step: StepFn, mesh: Mesh) -> StepFn:
+    """``jax.jit`` the train step over ``mesh``: batch sharded on ``data``, state replicated
+    and donated (updated in place), metrics replicated.
+
+    The returned callable has the same signature as ``step``. Batches must be global
+    arrays (see ``ood_jax.sharding.global_batch``).
+    """
+    rep = sharding.replicated(mesh)
+    data = sharding.batch_sharding(mesh)
+    jitted = jax.jit(
+        step,
+        in_shardings=(rep, data, data),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+
+    def train_step(state: TrainState, batch: Batch, aux_batch: Batch | None = None):
+        return jitted(state, batch, aux_batch)
+
+    return train_step
+
+
+def compile_eval_step(
+    step: Callable[[TrainState, Batch], dict[str, jax.Array]], mesh: Mesh
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """``jax.jit`` the eval step over ``mesh`` (batch sharded, state replicated, not donated)."""
+    rep = sharding.replicated(mesh)
+    return jax.jit(step, in_shardings=(rep, sharding.batch_sharding(mesh)), out_shardings=rep)
