@@ -1,0 +1,86 @@
+"""Input data for ood_jax: sources, synthetic OOD sets, train/eval iterators, outliers.
+
+Design: the datasets of the papers are CIFAR-scale (at most a few hundred
+thousand 32x32 images, 150 MB per 50,000), so every source -- tfds
+(``tfds.load`` / ``tfds.as_numpy``), the offline npz files, image folders, NumPy
+arrays, synthetic noise -- is materialized once as an in-memory
+:class:`ImageDataset` (uint8 ``[N, 32, 32, 3]`` + int32 labels). The pipeline is
+then vectorized NumPy on those arrays (one gather per batch for crop + flip, one
+multiply-add to normalize) with a background prefetch thread, instead of
+tf.data or grain:
+
+* one code path for every source, so offline data is first-class, not a fallback;
+* decoding happens once (and is cached on disk), so the hot path has no per-image
+  Python and no JPEG work: it runs far above what a train step consumes (see
+  ``benchmarks/results/input_pipeline.md``), and each host only gathers its own rows;
+* determinism and exact resumption are simple: the batch at global step ``s`` is a
+  pure function of ``(seed, s)`` (:mod:`ood_jax.data.pipeline`), so a checkpoint
+  stores one integer, and the global batch does not depend on the process count;
+* TensorFlow is imported only when a tfds source is loaded.
+
+Batches are ``{"image": float32 [b, 32, 32, 3], "label": int32 [b], "mask": bool [b]}``
+per process, normalized with :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`.
+"""
+
+from ood_jax.data.dataset import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    ImageDataset,
+    denormalize,
+    from_arrays,
+    normalize,
+)
+from ood_jax.data.outliers import load_outliers, outlier_iterator
+from ood_jax.data.pipeline import (
+    EvalBatches,
+    TrainIterator,
+    eval_batches,
+    shard_bounds,
+    train_iterator,
+)
+from ood_jax.data.sources import (
+    KNOWN_NAMES,
+    DatasetUnavailableError,
+    default_data_dir,
+    from_folder,
+    from_npz,
+    from_tfds,
+    load_dataset,
+)
+from ood_jax.data.synthetic import (
+    make_blobs,
+    make_gaussian_noise,
+    make_lowpass_uniform_noise,
+    make_permuted_pixels,
+    make_rademacher_noise,
+    make_uniform_noise,
+)
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "KNOWN_NAMES",
+    "DatasetUnavailableError",
+    "EvalBatches",
+    "ImageDataset",
+    "TrainIterator",
+    "default_data_dir",
+    "denormalize",
+    "eval_batches",
+    "from_arrays",
+    "from_folder",
+    "from_npz",
+    "from_tfds",
+    "load_dataset",
+    "load_outliers",
+    "make_blobs",
+    "make_gaussian_noise",
+    "make_lowpass_uniform_noise",
+    "make_permuted_pixels",
+    "make_rademacher_noise",
+    "make_uniform_noise",
+    "normalize",
+    "outlier_iterator",
+    "shard_bounds",
+    "train_iterator",
+]

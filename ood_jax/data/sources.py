@@ -1,0 +1,375 @@
+"""Dataset sources: tfds, the offline npz files, image folders, arrays.
+
+All of them return an :class:`~ood_jax.data.dataset.ImageDataset` (uint8
+``[N, 32, 32, 3]`` + int32 labels), so one pipeline serves all.
+
+Names understood by :func:`load_dataset`:
+
+* tfds (need a prepared tfds dataset or internet): ``cifar10``, ``cifar100``,
+  ``svhn`` (``svhn_cropped``), ``textures`` (``dtd``; split ``"all"`` = the
+  5,640 images of the benchmark), ``places365`` (``places365_small``),
+  ``lsun_<category>`` (``lsun/<category>``), and ``tfds:<any tfds name>``.
+  Images that are not 32x32 are resized shorter side -> 32 and centre cropped
+  (Hendrycks' ``Resize(32), CenterCrop(32)``).
+* offline, from the data folder (``data_dir``, default ``$OOD_JAX_DATA_DIR``, else
+  the repository's ``../shared/data``): ``cifar10_jpeg`` (train/test),
+  ``tinyimagenet_crop`` and ``tinyimagenet_resize`` (test),
+  ``tinyimagenet_train`` (train; the auxiliary outlier subset), ``textures_partial``.
+* ``npz:/path/file.npz`` and ``folder:/path/root`` (images under ``root/<split>/<class>/``).
+
+``isun`` and the ODIN LSUN-crop/resize releases are not in tfds: pass their
+files with ``local_path=`` (a folder or npz).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ood_jax.data import decode, tinyimagenet
+from ood_jax.data.dataset import IMAGE_SIZE, ImageDataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+# Our name -> (tfds name, split used when the caller passes split="all").
+_TFDS_NAMES = {
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "svhn": "svhn_cropped",
+    "textures": "dtd",
+    "places365": "places365_small",
+}
+_ALL_SPLITS = {"dtd": "train+validation+test"}
+# Offline names: name -> (file pattern with {split}, allowed splits).
+_OFFLINE = {
+    "cifar10_jpeg": ("cifar10_{split}.npz", ("train", "test")),
+    "tinyimagenet_crop": ("tinyimagenet_test.npz", ("test",)),
+    "tinyimagenet_resize": ("tinyimagenet_test.npz", ("test",)),
+    "tinyimagenet_train": ("tinyimagenet_train_100perclass.npz", ("train",)),
+    "textures_partial": ("textures_partial.npz", ("test",)),
+}
+_OFFLINE_ALTERNATIVE = {"cifar10": "cifar10_jpeg", "textures": "textures_partial"}
+KNOWN_NAMES = (
+    *sorted(_TFDS_NAMES),
+    "lsun_<category>",
+    "tfds:<name>",
+    *sorted(_OFFLINE),
+    "npz:<path>",
+    "folder:<root>",
+)
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A tfds dataset could not be loaded or downloaded; the message says how to use local files."""
+
+
+def default_data_dir() -> Path | None:
+    """``$OOD_JAX_DATA_DIR`` if set, else ``<repo>/../shared/data`` if it exists, else None."""
+    env = os.environ.get("OOD_JAX_DATA_DIR")
+    if env:
+        return Path(env)
+    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return shared if shared.is_dir() else None
+
+
+def from_npz(
+    path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    num_classes: int | None = None,
+    resize: str = "none",
+    limit: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> ImageDataset:
+    """Loads an npz file in either format of ``shared/data/README.md``.
+
+    * encoded: ``encoded`` (uint8, the image files concatenated), ``offsets``
+      (int64 ``[N + 1]``), ``labels`` (int32 ``[N]``, -1 = none), ``label_names``;
+      decoded with PIL (grayscale -> RGB) and cached on disk when fully decoded.
+    * decoded: ``images`` (uint8 ``[N, 32, 32, 3]``) and ``labels``.
+
+    Args:
+      path: the npz file.
+      name: dataset name (default: the file stem).
+      num_classes: default ``len(label_names)`` if present, else ``max(labels) + 1``.
+      resize: 32x32 rule for encoded images of another size (:mod:`ood_jax.data.decode`).
+      limit: decode only the first ``limit`` images (quick runs, tests; not cached).
+      cache_dir: decoded-array cache folder (default ``~/.cache/ood_jax``; ``""`` = off).
+    """
+    path = Path(path)
+    name = name or path.stem
+    if not path.is_file():
+        raise ValueError(f"from_npz: `path` {str(path)!r} does not exist or is not a file.")
+    with np.load(path) as data:
+        files = set(data.files)
+        if {"encoded", "offsets", "labels"} <= files:
+            offsets = data["offsets"]
+            count = offsets.size - 1 if limit is None else min(limit, offsets.size - 1)
+            labels = data["labels"][:count].astype(np.int32)
+            names = data["label_names"] if "label_names" in files else np.zeros((0,), str)
+            encoded = data["encoded"]
+            build = lambda: {
+                "images": decode.decode_encoded(
+                    encoded,
+                    offsets,
+                    size=(IMAGE_SIZE, IMAGE_SIZE),
+                    resize=resize,
+                    where=str(path),
+                    indices=range(count),
+                )
+            }
+            if limit is None:
+                images = decode.cached(path, build, key=f"rgb32|{resize}", cache_dir=cache_dir)
+            else:
+                images = build()
+            images = images["images"]
+        elif {"images", "labels"} <= files:
+            images = data["images"][:limit]
+            labels = data["labels"][:limit].astype(np.int32)
+            names = data["label_names"] if "label_names" in files else np.zeros((0,), str)
+        else:
+            raise ValueError(
+                f"from_npz: {str(path)!r} has arrays {sorted(files)}; expected either "
+                "'encoded', 'offsets', 'labels' (encoded format) or 'images', 'labels' "
+                "(decoded format), see shared/data/README.md."
+            )
+    if num_classes is None:
+        num_classes = len(names) if len(names) else int(max(labels.max(initial=-1), -1)) + 1
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return ImageDataset(images, labels, name=name, num_classes=num_classes, source=str(path))
+
+
+def from_folder(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    name: str | None = None,
+    resize: str = "none",
+) -> ImageDataset:
+    """Loads ``root/<split>/<class>/*.jpg|jpeg|png``.
+
+    Class folders are sorted by name and numbered from 0; files are read in
+    sorted order within each class. Grayscale/palette images are converted to
+    RGB; other sizes follow ``resize`` (default: an error naming the file).
+    Folders are decoded on every call (no cache).
+    """
+    root = Path(root)
+    split_dir = root / split
+    if not split_dir.is_dir():
+        available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise ValueError(
+            f"from_folder: no split folder {str(split_dir)!r}; splits under {str(root)!r}: "
+            f"{available or 'none (root missing)'}. Expected root/<split>/<class>/*.png|jpg."
+        )
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        for file in sorted((split_dir / cls).iterdir()):
+            if file.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(file)
+                labels.append(label)
+    if not files:
+        raise ValueError(
+            f"from_folder: the split {str(split_dir)!r} is empty: no {IMAGE_EXTENSIONS} files in "
+            f"class folders (found classes {classes})."
+        )
+    images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for i, file in enumerate(files):
+        where = f"{file} (index {i})"
+        image = decode.decode_bytes(file.read_bytes(), where=where)
+        images[i] = decode.convert_image(
+            image, size=(IMAGE_SIZE, IMAGE_SIZE), resize=resize, where=where
+        )
+    return ImageDataset(
+        images,
+        np.asarray(labels, np.int32),
+        name=name or root.name,
+        num_classes=len(classes),
+        source=f"folder {split_dir}",
+    )
+
+
+def from_tfds(
+    tfds_name: str,
+    split: str,
+    *,
+    name: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> ImageDataset:
+    """Materializes a tfds split as an :class:`ImageDataset`.
+
+    32x32 datasets are read in batches of 1,024 through tf.data; others are
+    converted per image (resize shorter side to 32 bilinear, centre crop,
+    grayscale -> RGB), once. Labels come from the ``label`` feature (-1 if absent).
+
+    Raises:
+      DatasetUnavailableError: the dataset is not prepared and cannot be downloaded;
+        the message says how to use local files instead.
+    """
+    import tensorflow_datasets as tfds  # Lazy: importing TensorFlow costs seconds.
+
+    name = name or tfds_name
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        if download:
+            builder.download_and_prepare()
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+    except Exception as err:  # tfds raises many types (network, missing module, manual dir).
+        raise DatasetUnavailableError(_unavailable_message(name, tfds_name, split, err)) from None
+    label_feature = builder.info.features.get("label") if "label" in builder.info.features else None
+    num_classes = int(getattr(label_feature, "num_classes", 0) or 0)
+    image_shape = tuple(ds.element_spec["image"].shape)
+    images, labels = [], []
+    if image_shape == (IMAGE_SIZE, IMAGE_SIZE, 3):
+        for batch in tfds.as_numpy(ds.batch(1024)):
+            images.append(batch["image"])
+            labels.append(batch["label"] if label_feature else np.full(len(batch["image"]), -1))
+        images = np.concatenate(images) if images else np.zeros((0, 32, 32, 3), np.uint8)
+    else:
+        from PIL import Image
+
+        out = []
+        for i, ex in enumerate(tfds.as_numpy(ds)):
+            pixels = ex["image"][..., 0] if ex["image"].shape[-1] == 1 else ex["image"]
+            out.append(
+                decode.convert_image(
+                    Image.fromarray(pixels),
+                    size=(IMAGE_SIZE, IMAGE_SIZE),
+                    resize="shorter_side_crop",
+                    where=f"tfds {tfds_name} {split}, example {i}",
+                )
+            )
+            labels.append(np.asarray([ex["label"] if label_feature else -1]))
+        images = np.stack(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
+    labels = np.concatenate(labels).astype(np.int32) if labels else np.zeros((0,), np.int32)
+    return ImageDataset(
+        images, labels, name=name, num_classes=num_classes, source=f"tfds {builder.info.full_name}"
+    )
+
+
+def _unavailable_message(name: str, tfds_name: str, split: str, err: Exception) -> str:
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    lines = [
+        f"Dataset {name!r} (tfds {tfds_name!r}, split {split!r}) is not available: tfds could "
+        f"not load or download it ({reason[:300]}).",
+        "To use local files instead, pass local_path= (an .npz file in the shared/data "
+        "format, or a folder <root>/<split>/<class>/*.png|jpg) to load_dataset, or use the "
+        "name 'npz:/path/file.npz' / 'folder:/path/root'; or prepare it with tfds on a "
+        "machine with internet and pass tfds_data_dir=.",
+    ]
+    offline = _OFFLINE_ALTERNATIVE.get(name)
+    if offline:
+        lines.append(
+            f"An offline stand-in exists: load_dataset({offline!r}, ...) reads it from "
+            "$OOD_JAX_DATA_DIR (default ../shared/data)."
+        )
+    return " ".join(lines)
+
+
+def _offline(
+    name: str, split: str, data_dir: Path | None, limit: int | None, cache_dir
+) -> ImageDataset:
+    pattern, splits = _OFFLINE[name]
+    if split not in splits:
+        raise ValueError(f"load_dataset({name!r}): `split` must be one of {splits}, got {split!r}.")
+    if data_dir is None:
+        raise ValueError(
+            f"load_dataset({name!r}): no offline data folder; set OOD_JAX_DATA_DIR or pass "
+            "data_dir= (the folder holding the shared/data npz files)."
+        )
+    path = Path(data_dir) / pattern.format(split=split)
+    if not path.is_file():
+        raise ValueError(
+            f"load_dataset({name!r}): missing file {str(path)!r}; set OOD_JAX_DATA_DIR or "
+            "data_dir= to the folder holding it."
+        )
+    if name in ("cifar10_jpeg", "textures_partial"):
+        return from_npz(path, name=name, num_classes=10, limit=limit, cache_dir=cache_dir)
+    full = _decode_tiny(path, limit=limit, cache_dir=cache_dir)
+    labels, num_classes = full["labels"], int(full["num_classes"])
+    if name == "tinyimagenet_crop":
+        images = tinyimagenet.random_crop_32(full["images"], crop_seed=0)
+    else:
+        images = tinyimagenet.box_downsample_2x(full["images"])
+    return ImageDataset(images, labels, name=name, num_classes=num_classes, source=f"{path}")
+
+
+def _decode_tiny(path: Path, *, limit: int | None, cache_dir) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        offsets, encoded = data["offsets"], data["encoded"]
+        count = offsets.size - 1 if limit is None else min(limit, offsets.size - 1)
+        labels = data["labels"][:count].astype(np.int32)
+        num_classes = len(data["label_names"])
+    build = lambda: {
+        "images": decode.decode_encoded(
+            encoded, offsets, size=(64, 64), resize="none", where=str(path), indices=range(count)
+        )
+    }
+    if limit is None:
+        images = decode.cached(path, build, key="rgb64", cache_dir=cache_dir)["images"]
+    else:
+        images = build()["images"]
+    return {"images": images, "labels": labels, "num_classes": np.asarray(num_classes)}
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    local_path: str | os.PathLike | None = None,
+    tfds_data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> ImageDataset:
+    """Loads a named split as an in-memory :class:`ImageDataset` (see the module docstring).
+
+    Args:
+      name: a known name, ``tfds:<name>``, ``npz:<path>`` or ``folder:<root>``.
+      split: split name (``"train"``, ``"test"``, a tfds slice such as ``"test[:2000]"``).
+      data_dir: folder of the offline npz files (default ``$OOD_JAX_DATA_DIR`` or
+        ``../shared/data``).
+      local_path: explicit local data for ``name`` (an .npz file, or a folder holding
+        ``<split>/<class>/`` images); takes precedence over tfds.
+      tfds_data_dir: tfds ``data_dir``.
+      limit: read only the first ``limit`` images of offline files.
+      cache_dir: decoded-array cache folder (``""`` disables).
+
+    Raises:
+      ValueError: unknown name (the message lists the known ones), bad split, bad file.
+      DatasetUnavailableError: a tfds dataset cannot be loaded or downloaded.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if local_path is not None:
+        local = Path(local_path)
+        if local.is_dir():
+            return from_folder(local, split, name=name, resize="shorter_side_crop")
+        return from_npz(local, name=name, limit=limit, cache_dir=cache_dir)
+    if name.startswith("npz:"):
+        return from_npz(name[4:], limit=limit, cache_dir=cache_dir)
+    if name.startswith("folder:"):
+        return from_folder(name[7:], split, resize="shorter_side_crop")
+    if name in _OFFLINE:
+        return _offline(name, split, data_dir, limit, cache_dir)
+    if name.startswith("tfds:") or name in _TFDS_NAMES or name.startswith("lsun_"):
+        if name.startswith("tfds:"):
+            tfds_name = name[5:]
+        elif name.startswith("lsun_"):
+            tfds_name = f"lsun/{name[5:]}"
+        else:
+            tfds_name = _TFDS_NAMES[name]
+        if split == "all":
+            split = _ALL_SPLITS.get(tfds_name, split)
+        if limit is not None:
+            if "+" in split or "[" in split:
+                raise ValueError(
+                    f"load_dataset({name!r}): `limit` cannot be combined with the sliced or "
+                    f"combined split {split!r}; slice the split itself instead."
+                )
+            split = f"{split}[:{limit}]"
+        return from_tfds(tfds_name, split, name=name, data_dir=tfds_data_dir)
+    raise ValueError(f"load_dataset: unknown dataset name {name!r}; known names: {KNOWN_NAMES}.")
