@@ -1,0 +1,136 @@
+"""Diagnostics of softmax confidence (Pearce et al. 2021) and of training.
+
+Pearce et al. argue softmax confidence tracks epistemic uncertainty through
+two implicit biases, which these functions measure:
+
+* decision-boundary structure: final-layer weight vectors ``w_k`` of equal
+  norm, zero bias, and pairwise cosine ``-1 / (K - 1)`` (a regular simplex);
+* feature filtering: OOD inputs give a smaller ``||z||`` and a smaller cosine
+  between ``z`` and the predicted class's weight vector.
+
+Plus the logit norm over training, read from the workdir's ``metrics.jsonl``
+(LogitNorm's argument: cross-entropy keeps growing ``||f||``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def summarize(values: np.ndarray) -> dict[str, float]:
+    """Mean, std, min, max and the 5/25/50/75/95% quantiles of a 1-D array."""
+    values = np.asarray(values, np.float64)
+    out = {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+    for q, v in zip(_QUANTILES, np.quantile(values, _QUANTILES), strict=True):
+        out[f"q{round(q * 100):02d}"] = float(v)
+    return out
+
+
+def weight_diagnostics(head_kernel: np.ndarray, head_bias: np.ndarray | None) -> dict:
+    """Geometry of the final layer's class weight vectors.
+
+    ``cos_ij = <w_i, w_j> / (||w_i|| ||w_j||)`` for ``i < j``, where ``w_k`` is
+    column ``k`` of ``head_kernel``; the optimum (regular simplex) is
+    ``-1 / (K - 1)`` for every pair (Pearce et al. 2021, Sec. 4).
+
+    Args:
+      head_kernel: ``[D, K]`` (Flax ``nnx.Linear`` layout).
+      head_bias: ``[K]`` or None.
+
+    Returns:
+      dict with ``num_classes``, ``optimal_cosine``, ``pairwise_cosines``
+      (``[K, K]`` list), ``cosine`` (summary of the ``K(K-1)/2`` pairs),
+      ``cosine_mean_abs_deviation`` (mean ``|cos_ij + 1/(K-1)|``), ``norms``
+      (``[K]``), ``norm`` (summary), ``norm_cv`` (std / mean of the norms),
+      ``biases`` (``[K]`` or None).
+    """
+    w = np.asarray(head_kernel, np.float64)
+    if w.ndim != 2 or w.shape[1] < 2:
+        raise ValueError(f"head_kernel must be [D, K] with K >= 2 classes, got shape {w.shape}.")
+    k = w.shape[1]
+    norms = np.linalg.norm(w, axis=0)
+    unit = w / np.maximum(norms, 1e-12)
+    cos = unit.T @ unit
+    pairs = cos[np.triu_indices(k, 1)]
+    optimal = -1.0 / (k - 1)
+    return {
+        "num_classes": k,
+        "optimal_cosine": optimal,
+        "pairwise_cosines": cos.tolist(),
+        "cosine": summarize(pairs),
+        "cosine_mean_abs_deviation": float(np.abs(pairs - optimal).mean()),
+        "norms": norms.tolist(),
+        "norm": summarize(norms),
+        "norm_cv": float(norms.std() / norms.mean()),
+        "biases": None if head_bias is None else np.asarray(head_bias, np.float64).tolist(),
+    }
+
+
+def feature_geometry(
+    logits: np.ndarray, features: np.ndarray, head_kernel: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-example ``||z||`` and ``cos(z, w_pred)`` with ``pred = argmax(logits)``.
+
+    Args:
+      logits: ``[N, K]``; features: ``[N, D]``; head_kernel: ``[D, K]``.
+
+    Returns:
+      ``{"feature_norm": [N], "cos_pred": [N]}`` (float64).
+    """
+    z = np.asarray(features, np.float64)
+    w = np.asarray(head_kernel, np.float64)
+    if z.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"features have {z.shape[1]} dims but head_kernel expects {w.shape[0]}; "
+            "pass the penultimate features of the same model."
+        )
+    w_pred = w[:, np.argmax(logits, axis=-1)].T
+    z_norm = np.linalg.norm(z, axis=-1)
+    cos = np.sum(z * w_pred, axis=-1) / np.maximum(z_norm * np.linalg.norm(w_pred, axis=-1), 1e-12)
+    return {"feature_norm": z_norm, "cos_pred": cos}
+
+
+def read_metrics_log(workdir: str, *, filename: str = "metrics.jsonl") -> list[dict]:
+    """Rows of ``workdir/metrics.jsonl`` (one JSON object per line); [] if absent."""
+    path = os.path.join(workdir, filename)
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not a JSON object ({err}).") from err
+    return rows
+
+
+def logit_norm_curve(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Every logged logit-norm series: key -> ``{"step": [...], "value": [...]}``.
+
+    A series is any numeric key containing ``"logit_norm"`` (e.g.
+    ``train/logit_norm``, ``test/logit_norm``); the x axis is the row's
+    ``step`` (or ``epoch``, or the row number).
+    """
+    curves: dict[str, dict[str, list[float]]] = {}
+    for i, row in enumerate(rows):
+        x = row.get("step", row.get("epoch", i))
+        for key, value in row.items():
+            if "logit_norm" in key and isinstance(value, int | float):
+                curve = curves.setdefault(key, {"step": [], "value": []})
+                curve["step"].append(float(x))
+                curve["value"].append(float(value))
+    return curves

@@ -1,0 +1,165 @@
+"""One jitted, sharded forward pass per dataset, collecting logits and features.
+
+Every post-hoc score except ODIN is a function of a model's logits and
+penultimate features, so the evaluation runs the network once per dataset
+(in-distribution test set, each OOD set, the training set when a fitted score
+needs it), keeps the outputs as NumPy arrays, and computes all scores from
+that cache.
+
+Batches follow the contract in ``docs/architecture.md``: dicts of NumPy arrays
+``{"image": float32 [B, H, W, C] (normalized), "label": int32 [B],
+"mask": bool [B]}`` where ``mask`` is False on padding rows. The batch axis is
+sharded over the ``"data"`` axis of a mesh; parameters are replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ood_jax import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutputs:
+    """Cached network outputs for one dataset (padding rows removed).
+
+    Attributes:
+      logits: float32 ``[N, K]``.
+      features: float32 ``[N, D]``, the raw penultimate features ``z``.
+      labels: int32 ``[N]``; -1 where the dataset has no labels.
+    """
+
+    logits: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = self.logits.shape[0]
+        if self.features.shape[0] != n or self.labels.shape[0] != n:
+            raise ValueError(
+                "ModelOutputs: logits, features and labels must have the same length, got "
+                f"{self.logits.shape[0]}, {self.features.shape[0]}, {self.labels.shape[0]}."
+            )
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    if x.shape[0] == size:
+        return x
+    pad = np.zeros((size - x.shape[0], *x.shape[1:]), dtype=x.dtype)
+    return np.concatenate([x, pad], axis=0)
+
+
+class ForwardPass:
+    """A model's jitted inference function, compiled once and reused per dataset.
+
+    ``ForwardPass(model)(batches) -> ModelOutputs``. The model is switched to
+    eval mode (BatchNorm running statistics, no dropout, no training-only
+    feature normalization) and split into a static graph and a state pytree so
+    that one ``jax.jit`` serves every dataset of the same batch shape.
+
+    Args:
+      model: an NNX module whose call returns ``(logits [B, K], features [B, D])``.
+      mesh: the mesh to shard batches over its ``"data"`` axis; default: all
+        devices. A batch whose size does not divide by the number of devices is
+        padded (and the padding dropped again).
+    """
+
+    def __init__(self, model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None) -> None:
+        model.eval()
+        self.graphdef, self.state = nnx.split(model)
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        if sharding.DATA_AXIS not in self.mesh.axis_names:
+            raise ValueError(
+                f"mesh: expected an axis named {sharding.DATA_AXIS!r}, got axes "
+                f"{self.mesh.axis_names}; build it with ood_jax.sharding.make_mesh()."
+            )
+        self.num_shards = self.mesh.shape[sharding.DATA_AXIS]
+        self._replicated = replicated = sharding.replicated(self.mesh)
+        self._map_cache: dict = {}
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.state = sharding.replicate(self.state, self.mesh)
+        graphdef = self.graphdef
+
+        def apply(state, images):
+            logits, features = nnx.merge(graphdef, state)(images)
+            return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+        self._apply = jax.jit(
+            apply,
+            in_shardings=(replicated, self.batch_sharding),
+            out_shardings=(self.batch_sharding, self.batch_sharding),
+        )
+
+    def map_batches(
+        self,
+        fn: Callable[[Callable[[jax.Array], jax.Array], jax.Array], jax.Array],
+        batches: Iterable[Mapping[str, np.ndarray]],
+    ) -> np.ndarray:
+        """Per-example values ``fn(apply_logits, images) -> [B]`` over a dataset.
+
+        For scores that need the model itself (ODIN's input gradients):
+        ``apply_logits`` is the eval-mode ``images -> logits`` function. ``fn`` is
+        jitted once (cached by identity) with the model state as an argument, not
+        a baked-in constant, and padding rows are dropped with the batch mask.
+        """
+        jitted = self._map_cache.get(fn)
+        if jitted is None:
+            graphdef = self.graphdef
+
+            def apply(state, images):
+                return fn(lambda x: nnx.merge(graphdef, state)(x)[0], images)
+
+            jitted = jax.jit(
+                apply,
+                in_shardings=(self._replicated, self.batch_sharding),
+                out_shardings=self.batch_sharding,
+            )
+            self._map_cache[fn] = jitted
+        run = self._run(lambda images: jitted(self.state, images), batches)
+        return np.concatenate([out[mask] for out, mask, _ in run])
+
+    def _run(self, apply, batches):
+        """Yields ``(outputs, mask, labels)`` per batch, cut to the batch's own rows.
+
+        A batch whose size does not divide by the number of devices is padded
+        for the sharded call and cut back here; ``mask`` marks the real rows.
+        """
+        count = 0
+        for batch in batches:
+            images = np.asarray(batch["image"], dtype=np.float32)
+            n = images.shape[0]
+            mask = np.asarray(batch.get("mask", np.ones(n, bool)), dtype=bool)
+            labels = np.asarray(batch.get("label", np.full(n, -1)), dtype=np.int32)
+            padded = -(-n // self.num_shards) * self.num_shards
+            images = jax.device_put(_pad_rows(images, padded), self.batch_sharding)
+            out = apply(images)
+            # One host copy per batch.
+            yield jax.tree.map(lambda x, n=n: np.asarray(x)[:n], out), mask, labels
+            count += 1
+        if not count:
+            raise ValueError(
+                "batches: the dataset yielded no batches; check that the dataset is not empty."
+            )
+
+    def __call__(self, batches: Iterable[Mapping[str, np.ndarray]]) -> ModelOutputs:
+        """Runs the model over ``batches``; returns the real (mask True) rows' outputs."""
+        logits, features, labels = [], [], []
+        run = self._run(lambda images: self._apply(self.state, images), batches)
+        for (batch_logits, batch_features), mask, batch_labels in run:
+            logits.append(batch_logits[mask])
+            features.append(batch_features[mask])
+            labels.append(batch_labels[mask])
+        return ModelOutputs(
+            logits=np.concatenate(logits),
+            features=np.concatenate(features),
+            labels=np.concatenate(labels),
+        )

@@ -1,0 +1,128 @@
+"""The two evaluation protocols: the papers' (sub-sampled draws) and full sets.
+
+Papers' protocol (Hendrycks et al.'s Outlier Exposure code, reused by the
+energy and LogitNorm repositories): each OOD set is sub-sampled to
+``num_ood`` examples (2,000 = ``len(CIFAR test) // 5``) against the full
+in-distribution test set, the metrics are computed per draw, and the mean and
+standard deviation over ``num_draws`` (10) draws are reported. Draw ``d`` of OOD
+set number ``s`` uses ``numpy.random.default_rng([seed, s, d])``; the seeds are
+recorded in the results so every draw can be repeated. All scores of one draw
+share the same OOD indices.
+
+Full-set protocol: every OOD example once (one draw, standard deviation 0).
+
+The average row is the mean over OOD sets of the per-set means, as the papers
+print it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ood_jax import metrics as M
+
+PROTOCOLS: tuple[str, ...] = ("papers", "full")
+METRIC_NAMES: tuple[str, ...] = ("fpr95", "auroc", "aupr_in", "aupr_out")
+
+
+def draw_indices(num_total: int, num_draw: int, *, seed: Sequence[int]) -> np.ndarray:
+    """Sorted indices of a draw of ``min(num_draw, num_total)`` examples without replacement."""
+    rng = np.random.default_rng(list(seed))
+    size = min(num_draw, num_total)
+    return np.sort(rng.choice(num_total, size=size, replace=False))
+
+
+def evaluate_ood(
+    id_scores: Mapping[str, np.ndarray],
+    ood_scores: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    protocol: str = "papers",
+    num_ood: int | None = None,
+    num_draws: int = 10,
+    seed: int = 0,
+    convention: str = "hendrycks",
+) -> dict:
+    """OOD metrics per score, per OOD set and averaged over sets.
+
+    Args:
+      id_scores: score key -> in-distribution test scores ``[N_id]``.
+      ood_scores: OOD set name -> score key -> scores ``[N_set]`` (same keys).
+      protocol: ``"papers"`` (draws of ``num_ood`` OOD examples, mean/std over
+        ``num_draws``) or ``"full"`` (all OOD examples once).
+      num_ood: examples per draw; default ``N_id // 5`` (2,000 for CIFAR).
+      num_draws: draws per OOD set for ``"papers"``.
+      seed: base seed of the draws.
+      convention: ``"hendrycks"`` (ID positive, FPR at recall nearest 0.95) or
+        ``"openood"``; passed to ``ood_jax.metrics.ood_metrics``.
+
+    Returns:
+      ``{"protocol", "convention", "num_ood", "num_draws", "seed",
+      "draws": {set: {"seeds": [[seed, s, d], ...], "num_examples": n}},
+      "metrics": {score: {set | "average": {metric: {"mean", "std", "values"}}}}}``
+      with metric values as fractions in [0, 1].
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    if not ood_scores:
+        raise ValueError("ood_scores: no OOD sets given; pass at least one OOD set.")
+    keys = list(id_scores)
+    n_id = len(next(iter(id_scores.values())))
+    if num_ood is None:
+        num_ood = max(n_id // 5, 1)
+    if num_ood < 1 or num_draws < 1:
+        raise ValueError(
+            f"num_ood and num_draws must be >= 1, got num_ood={num_ood}, num_draws={num_draws}."
+        )
+    draws: dict[str, dict] = {}
+    per_set: dict[str, dict[str, dict[str, list[float]]]] = {k: {} for k in keys}
+    for s, (set_name, set_scores) in enumerate(ood_scores.items()):
+        missing = [k for k in keys if k not in set_scores]
+        if missing:
+            raise ValueError(f"ood_scores[{set_name!r}]: missing score keys {missing}.")
+        n_set = len(set_scores[keys[0]])
+        if n_set == 0:
+            raise ValueError(
+                f"ood_scores[{set_name!r}]: the OOD set is empty; drop it or fix its source."
+            )
+        if protocol == "full":
+            seeds, index_sets = [], [np.arange(n_set)]
+        else:
+            seeds = [[seed, s, d] for d in range(num_draws)]
+            index_sets = [draw_indices(n_set, num_ood, seed=sd) for sd in seeds]
+        draws[set_name] = {"seeds": seeds, "num_examples": int(len(index_sets[0]))}
+        for k in keys:
+            values: dict[str, list[float]] = {m: [] for m in METRIC_NAMES}
+            for idx in index_sets:
+                result = M.ood_metrics(
+                    np.asarray(id_scores[k]), np.asarray(set_scores[k])[idx], convention=convention
+                )
+                for m in METRIC_NAMES:
+                    values[m].append(float(result[m]))
+            per_set[k][set_name] = values
+    out_metrics: dict[str, dict] = {}
+    for k in keys:
+        table: dict[str, dict] = {}
+        for set_name, values in per_set[k].items():
+            table[set_name] = {
+                m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v}
+                for m, v in values.items()
+            }
+        table["average"] = {
+            m: {
+                "mean": float(np.mean([table[s][m]["mean"] for s in ood_scores])),
+                "std": float(np.mean([table[s][m]["std"] for s in ood_scores])),
+            }
+            for m in METRIC_NAMES
+        }
+        out_metrics[k] = table
+    return {
+        "protocol": protocol,
+        "convention": convention,
+        "num_ood": int(num_ood) if protocol == "papers" else None,
+        "num_draws": int(num_draws) if protocol == "papers" else 1,
+        "seed": int(seed),
+        "draws": draws,
+        "metrics": out_metrics,
+    }

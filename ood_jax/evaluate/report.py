@@ -1,0 +1,211 @@
+"""Reports: ``results.json`` (every number) and ``results.md`` (the papers' tables).
+
+The Markdown table is laid out like the LogitNorm / energy papers' tables:
+rows are the OOD sets and their average, columns FPR95 / AUROC / AUPR (AUPR-In)
+per score, as percentages with two decimals.
+
+A report directory is written atomically (:func:`atomic_directory`): files go
+to a temporary sibling directory that is renamed into place only after every
+step succeeded, so a failed evaluation never leaves a partial report that looks
+complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from ood_jax.evaluate.sweep import display_name
+
+#: (metric key, column header) of the main table, as the papers print it.
+MAIN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("fpr95", "FPR95↓"),
+    ("auroc", "AUROC↑"),
+    ("aupr_in", "AUPR↑"),
+)
+DETAIL_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("fpr95", "FPR95↓"),
+    ("auroc", "AUROC↑"),
+    ("aupr_in", "AUPR-In↑"),
+    ("aupr_out", "AUPR-Out↑"),
+)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yields a temporary directory that replaces ``path`` only on success.
+
+    On an exception the temporary directory is deleted, ``path`` is left as it
+    was, and the exception propagates.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.rmdir(old)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _jsonable(x):
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)  # JSON has no inf/nan; keep them readable rather than invalid.
+    return x
+
+
+def write_json(results: Mapping, path: str) -> None:
+    """Writes ``results`` as indented JSON (NumPy values converted)."""
+    with open(path, "w") as f:
+        json.dump(_jsonable(results), f, indent=1, sort_keys=False)
+        f.write("\n")
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _pct_std(cell: Mapping[str, float], with_std: bool) -> str:
+    text = _pct(cell["mean"])
+    return f"{text} ± {_pct(cell['std'])}" if with_std else text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def ood_tables(protocol_result: Mapping, *, scores_per_table: int = 4) -> list[str]:
+    """Markdown lines for one protocol's results.
+
+    1. A summary: rows = scores, columns = the metrics averaged over OOD sets.
+    2. The papers' layout: rows = OOD sets + average, columns = FPR95 / AUROC /
+       AUPR per score, split into tables of ``scores_per_table`` scores so
+       that they stay readable.
+    3. One detail table per score with all four metrics (mean ± std for the
+       papers' protocol).
+    """
+    metrics = protocol_result["metrics"]
+    scores = list(metrics)
+    sets = [s for s in next(iter(metrics.values())) if s != "average"] + ["average"]
+    with_std = protocol_result["protocol"] == "papers"
+    summary = [
+        [display_name(k)] + [_pct(metrics[k]["average"][m]["mean"]) for m, _ in DETAIL_COLUMNS]
+        for k in scores
+    ]
+    lines = ["Average over OOD sets:", ""]
+    lines += _table(["score"] + [h for _, h in DETAIL_COLUMNS], summary)
+    for start in range(0, len(scores), scores_per_table):
+        group = scores[start : start + scores_per_table]
+        header = ["OOD set"] + [f"{display_name(k)} {h}" for k in group for _, h in MAIN_COLUMNS]
+        rows = [
+            ["**Average**" if s == "average" else s]
+            + [_pct(metrics[k][s][m]["mean"]) for k in group for m, _ in MAIN_COLUMNS]
+            for s in sets
+        ]
+        lines += [""] + _table(header, rows)
+    for k in scores:
+        lines += ["", f"#### {display_name(k)}", ""]
+        detail = [
+            ["**Average**" if s == "average" else s]
+            + [_pct_std(metrics[k][s][m], with_std) for m, _ in DETAIL_COLUMNS]
+            for s in sets
+        ]
+        lines += _table(["OOD set"] + [h for _, h in DETAIL_COLUMNS], detail)
+    return lines
+
+
+def _protocol_heading(result: Mapping) -> str:
+    if result["protocol"] == "papers":
+        return (
+            f"Papers' protocol: {result['num_ood']} OOD examples per set, "
+            f"{result['num_draws']} draws (mean ± std; seeds in results.json), "
+            f"{result['convention']} convention"
+        )
+    return f"Full OOD sets, {result['convention']} convention"
+
+
+def markdown_report(results: Mapping) -> str:
+    """The text of ``results.md`` from the ``results.json`` dict."""
+    ckpt, data, cls = results["checkpoint"], results["data"], results["classification"]
+    lines = [
+        f"# OOD evaluation: {results['model'].get('name', 'model')} on {data['id']['name']}",
+        "",
+        f"- checkpoint: `{ckpt.get('workdir')}` step {ckpt.get('step')}",
+        f"- in-distribution test set: {data['id']['name']} ({data['id']['num_examples']} "
+        f"images; {data['id']['source']})",
+    ]
+    for name, info in data["ood"].items():
+        lines.append(f"- OOD set {name}: {info['num_examples']} images ({info['source']})")
+    if data.get("train"):
+        lines.append(
+            f"- training set for fitted scores: {data['train']['name']} "
+            f"({data['train']['num_examples']} images)"
+        )
+    lines += [
+        f"- metrics in percent; higher score = more in-distribution; command: "
+        f"`{results.get('command', '')}`",
+        "",
+        "## Test accuracy and calibration",
+        "",
+        f"Accuracy {_pct(cls['accuracy'])}%, ECE ({cls['num_bins']} bins) {_pct(cls['ece'])}%.",
+    ]
+    for result in results["ood"].values():
+        lines += ["", f"## {_protocol_heading(result)}", ""] + ood_tables(result)
+    diag = results["diagnostics"]
+    w = diag["weights"]
+    lines += [
+        "",
+        "## Diagnostics (Pearce et al. 2021)",
+        "",
+        f"Final-layer weight vectors: pairwise cosine mean {w['cosine']['mean']:.4f} "
+        f"(min {w['cosine']['min']:.4f}, max {w['cosine']['max']:.4f}) vs optimal "
+        f"{w['optimal_cosine']:.4f}; norms mean {w['norm']['mean']:.4f} "
+        f"(coefficient of variation {w['norm_cv']:.4f}); "
+        + (
+            f"bias mean |b| {np.mean(np.abs(w['biases'])):.4f}."
+            if w["biases"] is not None
+            else "no bias."
+        ),
+        "",
+    ]
+    rows = [
+        [
+            name,
+            f"{d['feature_norm']['mean']:.3f}",
+            f"{d['feature_norm']['q50']:.3f}",
+            f"{d['cos_pred']['mean']:.3f}",
+            f"{d['cos_pred']['q50']:.3f}",
+        ]
+        for name, d in diag["features"].items()
+    ]
+    header = ["dataset", "mean ‖z‖", "median ‖z‖", "mean cos(z, w_pred)", "median cos"]
+    lines += _table(header, rows)
+    if results.get("plots"):
+        lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in results["plots"]]
+    return "\n".join(lines) + "\n"
