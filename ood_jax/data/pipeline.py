@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -216,20 +217,25 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             "mask": np.ones(self.local_batch_size, bool),
         }
 
-    def _produce(self, first_step: int) -> None:
-        step = first_step
+    @staticmethod
+    def _produce(ref: weakref.ref, out: queue.Queue, stop: threading.Event, step: int) -> None:
+        # Holds the iterator only weakly, so dropping the iterator ends the thread (__del__).
         try:
-            while not self._stop.is_set():
-                item: Any = self.batch_at(step)
-                while not self._stop.is_set():
+            while not stop.is_set():
+                owner = ref()
+                if owner is None:
+                    return
+                item: Any = owner.batch_at(step)
+                del owner
+                while not stop.is_set():
                     try:
-                        self._queue.put(item, timeout=0.1)
+                        out.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
                 step += 1
         except BaseException as err:  # Surface producer failures in the consumer thread.
-            self._queue.put(err)
+            out.put(err)
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._prefetch == 0:
@@ -238,7 +244,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             if self._thread is None:
                 self._queue = queue.Queue(maxsize=self._prefetch)
                 self._thread = threading.Thread(
-                    target=self._produce, args=(self._step,), daemon=True, name="ood_jax-data"
+                    target=self._produce,
+                    args=(weakref.ref(self), self._queue, self._stop, self._step),
+                    daemon=True,
+                    name="ood_jax-data",
                 )
                 self._thread.start()
             batch = self._queue.get()
@@ -260,7 +269,9 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.close()
 
     def __del__(self) -> None:
-        self._stop.set()
+        stop = getattr(self, "_stop", None)  # absent if __init__ raised
+        if stop is not None:
+            stop.set()
 
 
 def train_iterator(
