@@ -55,8 +55,15 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             enable_async_checkpointing=False,
         )
+        # Handlers given up front: a fresh manager (a resumed run) must be able to
+        # read item metadata before it has saved or restored anything.
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "metadata")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "metadata": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:

@@ -1,0 +1,253 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, stop on NaN.
+
+:func:`fit` drives a compiled train step (see :mod:`ood_jax.train.step`) over a
+resumable data iterator. It is deterministic end to end: batch ``s`` and the
+step's random key are pure functions of the seeds and ``s``, so killing the run
+and resuming from a checkpoint gives the same parameters as never stopping.
+
+Host synchronization happens only every ``log_every`` steps (and at epoch ends
+and checkpoints), where the buffered per-step metrics are fetched at once and
+checked for a non-finite loss. A checkpoint is written only right after such a
+check, so a NaN state is never saved.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from ood_jax import sharding
+from ood_jax.checkpoint import Checkpointer, abstract_like
+from ood_jax.train.logging import MetricsLog, Progress
+from ood_jax.train.state import TrainState
+
+# A data iterator factory: called with a start position (a step, or the dict its
+# iterator's get_state() returned) and returning an iterator of host batches.
+IteratorFactory = Callable[[Any], Iterator[Mapping[str, np.ndarray]]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss (or gradient) became NaN or infinite."""
+
+
+def restore_or_initialize(
+    state: TrainState,
+    mesh: Mesh,
+    checkpointer: Checkpointer | None,
+    *,
+    expected_model: Mapping[str, Any] | None = None,
+) -> tuple[TrainState, dict[str, Any] | None]:
+    """Place ``state`` on ``mesh``, or replace it by the newest checkpoint if there is one.
+
+    Returns ``(state, metadata)`` with ``metadata`` None when starting from scratch.
+    Corrupt checkpoints or checkpoints of another model raise
+    ``ood_jax.checkpoint.CheckpointError``; they never fall back to a fresh start.
+    """
+    if checkpointer is None or checkpointer.latest_step() is None:
+        return sharding.replicate(state, mesh), None
+    target = abstract_like(state, sharding.replicated(mesh))
+    return checkpointer.restore(target, expected_model=expected_model)
+
+
+def evaluate(
+    eval_step: Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]],
+    state: TrainState,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    mesh: Mesh,
+) -> dict[str, float]:
+    """Test accuracy, mean cross-entropy and mean logit norm over padded, masked batches.
+
+    ``eval_step`` returns per-batch sums (``count``, ``correct``, ``loss``,
+    ``logit_norm``); they are summed on device and fetched once.
+    """
+    totals = None
+    for batch in batches:
+        sums = eval_step(state, sharding.global_batch(batch, mesh))
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    if totals is None:
+        raise ValueError("eval batches are empty; pass a non-empty test set.")
+    totals = {k: float(v) for k, v in sharding.fetch(totals).items()}
+    count = max(totals["count"], 1.0)
+    return {
+        "accuracy": totals["correct"] / count,
+        "loss": totals["loss"] / count,
+        "logit_norm": totals["logit_norm"] / count,
+        "count": int(totals["count"]),
+    }
+
+
+def fit(
+    state: TrainState,
+    *,
+    train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
+    mesh: Mesh,
+    train_data: IteratorFactory,
+    num_steps: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    workdir: str | os.PathLike,
+    checkpointer: Checkpointer | None = None,
+    checkpoint_every: int = 0,
+    model_identity: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    eval_step: Callable[..., dict[str, jax.Array]] | None = None,
+    eval_data: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None,
+    aux_data: IteratorFactory | None = None,
+    log_every: int = 50,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Train ``state`` to ``num_steps`` steps, resuming from ``checkpointer`` if possible.
+
+    Args:
+      state: the step-0 state (host arrays); replaced by the newest checkpoint if any.
+      train_step: the compiled ``train_step(state, batch, aux_batch=None)``.
+      mesh: the device mesh the step was compiled for.
+      train_data: ``start -> iterator`` of this process's train batches; ``start`` is the
+        global step, or the iterator state saved in the checkpoint (``get_state()``).
+      num_steps: total optimizer steps of the run (not of this invocation).
+      steps_per_epoch: steps per epoch (for per-epoch logs and evaluation).
+      batch_size: global batch size (for images/s).
+      workdir: where ``metrics.jsonl`` goes.
+      checkpointer: saves every ``checkpoint_every`` steps (0 = only at the end) and at
+        the end; None disables checkpoints (and resuming).
+      model_identity: ``{"name", "num_classes", "options"}``; saved as
+        ``metadata["model"]`` and checked on restore.
+      metadata: extra JSON saved with every checkpoint (e.g. the config).
+      eval_step, eval_data: the compiled eval step and a factory of test batches; when
+        given, every epoch end and the last step report the test accuracy.
+      aux_data: like ``train_data``, for the auxiliary outlier batch (``aux_batch``).
+      log_every: steps between host synchronizations (progress bar, NaN check).
+      progress: show the tqdm bar.
+      on_step: called with the number of completed steps after each step (after the
+        checkpoint of that step, if any); for tests and external monitoring.
+
+    Returns:
+      ``(state, records)``: the final state and the records written to ``metrics.jsonl``
+      by this invocation.
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/inf; names the step. The state of that
+        step is not saved, so the newest checkpoint is the last good one.
+    """
+    if num_steps < 0 or steps_per_epoch < 1 or log_every < 1 or checkpoint_every < 0:
+        raise ValueError(
+            "need num_steps >= 0, steps_per_epoch >= 1, log_every >= 1 and "
+            f"checkpoint_every >= 0; got {num_steps}, {steps_per_epoch}, {log_every}, "
+            f"{checkpoint_every}."
+        )
+    state, restored = restore_or_initialize(
+        state, mesh, checkpointer, expected_model=model_identity
+    )
+    first = int(sharding.fetch(state.step))
+    train_iter = train_data(restored["data"] if restored else first)
+    aux_iter = None
+    if aux_data is not None:
+        aux_iter = aux_data(restored.get("aux_data", first) if restored else first)
+
+    log = MetricsLog(workdir, resume_step=first)
+    bar = Progress(total=num_steps, initial=first, batch_size=batch_size, enabled=progress)
+    if restored:
+        bar.write(f"resumed from checkpoint step {first} in {checkpointer.directory}")
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    epoch_metrics: list[dict[str, float]] = []
+    records: list[dict[str, Any]] = []
+    start_time = time.perf_counter()
+    epoch_start = (time.perf_counter(), first)
+
+    def flush() -> None:
+        fetched = sharding.fetch([m for _, m in pending])
+        for (step, _), values in zip(pending, fetched, strict=True):
+            if not values["finite"]:
+                last = checkpointer.latest_step() if checkpointer else None
+                raise NonFiniteLossError(
+                    f"training loss became non-finite (loss={float(values['loss'])}, "
+                    f"grad_norm={float(values['grad_norm'])}) at step {step}; the run stopped. "
+                    f"The newest checkpoint ({'none' if last is None else f'step {last}'}) "
+                    "holds the last good state. Lower the learning rate or check the data."
+                )
+            epoch_metrics.append({k: float(v) for k, v in values.items()})
+        if pending:
+            bar.update(pending[-1][0], epoch_metrics[-1])
+        pending.clear()
+
+    try:
+        for step in range(first, num_steps):
+            batch = sharding.global_batch(next(train_iter), mesh)
+            aux = sharding.global_batch(next(aux_iter), mesh) if aux_iter is not None else None
+            state, step_metrics = train_step(state, batch, aux)
+            done = step + 1
+            pending.append((done, step_metrics))
+            epoch_end = done % steps_per_epoch == 0 or done == num_steps
+            save = checkpointer is not None and (
+                done == num_steps or (checkpoint_every and done % checkpoint_every == 0)
+            )
+            if epoch_end or save or done % log_every == 0:
+                flush()
+            if epoch_end:
+                record = _epoch_record(
+                    done, steps_per_epoch, epoch_metrics, epoch_start, batch_size
+                )
+                record["time"] = time.perf_counter() - start_time
+                if eval_step is not None and eval_data is not None:
+                    test = evaluate(eval_step, state, eval_data(), mesh)
+                    record.update({f"test_{k}": v for k, v in test.items() if k != "count"})
+                log.write(record)
+                records.append(record)
+                bar.write(_format_record(record))
+                epoch_metrics.clear()
+                epoch_start = (time.perf_counter(), done)
+            if save:
+                meta = dict(metadata or {})
+                meta["model"] = dict(model_identity or {})
+                meta["data"] = _iterator_state(train_iter, done)
+                if aux_iter is not None:
+                    meta["aux_data"] = _iterator_state(aux_iter, done)
+                checkpointer.save(done, state, meta)
+            if on_step is not None:
+                on_step(done)
+    finally:
+        bar.close()
+        for it in (train_iter, aux_iter):
+            if hasattr(it, "close"):
+                it.close()
+    return state, records
+
+
+def _iterator_state(iterator: Any, step: int) -> Any:
+    return iterator.get_state() if hasattr(iterator, "get_state") else step
+
+
+def _epoch_record(
+    step: int,
+    steps_per_epoch: int,
+    metrics: list[dict[str, float]],
+    epoch_start: tuple[float, int],
+    batch_size: int,
+) -> dict[str, Any]:
+    elapsed = time.perf_counter() - epoch_start[0]
+    steps = step - epoch_start[1]
+    mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]} if metrics else {}
+    return {
+        "step": step,
+        "epoch": step / steps_per_epoch,
+        "train_loss": mean.get("loss"),
+        "train_accuracy": mean.get("accuracy"),
+        "logit_norm": mean.get("logit_norm"),
+        "lr": metrics[-1]["lr"] if metrics else None,
+        "images_per_s": steps * batch_size / elapsed if elapsed > 0 else None,
+    }
+
+
+def _format_record(record: Mapping[str, Any]) -> str:
+    parts = [f"epoch {record['epoch']:.2f} step {record['step']}"]
+    for key in ("train_loss", "train_accuracy", "logit_norm", "test_accuracy", "images_per_s"):
+        if record.get(key) is not None:
+            parts.append(f"{key} {record[key]:.4g}")
+    return " | ".join(parts)
