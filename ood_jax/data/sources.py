@@ -220,7 +220,8 @@ def from_tfds(
         ds = builder.as_dataset(split=split, shuffle_files=False)
     except Exception as err:  # tfds raises many types (network, missing module, manual dir).
         raise DatasetUnavailableError(_unavailable_message(name, tfds_name, split, err)) from None
-    label_feature = builder.info.features.get("label") if "label" in builder.info.features else None
+    features = builder.info.features
+    label_feature = features["label"] if "label" in features.keys() else None
     num_classes = int(getattr(label_feature, "num_classes", 0) or 0)
     image_shape = tuple(ds.element_spec["image"].shape)
     images, labels = [], []
