@@ -273,6 +273,7 @@ def run_evaluation(
     results.setdefault("checkpoint", {})
     results.setdefault("model", {})
     if out_dir is not None:
+        results["report_dir"] = os.path.abspath(os.fspath(out_dir))
         _write_report(
             os.fspath(out_dir),
             results,

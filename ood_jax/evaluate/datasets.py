@@ -1,0 +1,94 @@
+"""OOD sets by name: real datasets via ``ood_jax.data.load_dataset`` and the synthetic sets.
+
+Synthetic names (``ood_jax.data.synthetic``, seeded, ``num`` images each):
+``gaussian``, ``uniform``, ``rademacher``, ``blobs`` (Outlier Exposure's
+test-time noise), ``lowpass_uniform`` and ``permuted_pixels`` (Hein et al.'s
+low-pass noise; the latter permutes the in-distribution test images). Any other
+name goes to :func:`ood_jax.data.load_dataset`, optionally with a split as
+``name:split`` (default split ``test``), e.g. ``tinyimagenet_crop``,
+``textures_partial``, ``svhn``, ``textures:all``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from ood_jax import data as D
+
+_SYNTHETIC: dict[str, Callable[..., D.ImageDataset]] = {
+    "gaussian": D.make_gaussian_noise,
+    "uniform": D.make_uniform_noise,
+    "rademacher": D.make_rademacher_noise,
+    "blobs": D.make_blobs,
+    "lowpass_uniform": D.make_lowpass_uniform_noise,
+}
+SYNTHETIC_NAMES: tuple[str, ...] = (*_SYNTHETIC, "permuted_pixels")
+#: The CIFAR-10 OOD sets available offline here (see ../shared/data/README.md).
+OFFLINE_OOD_SETS: tuple[str, ...] = (
+    "tinyimagenet_crop",
+    "tinyimagenet_resize",
+    "textures_partial",
+    *SYNTHETIC_NAMES,
+)
+
+
+def load_ood_set(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    num_synthetic: int = 2000,
+    seed: int = 0,
+    id_test: D.ImageDataset | None = None,
+) -> D.ImageDataset:
+    """One OOD set by name (see the module docstring).
+
+    Args:
+      name: a synthetic name, or a ``load_dataset`` name with an optional ``:split``.
+      data_dir: folder of the offline npz files (default: ``load_dataset``'s).
+      num_synthetic: images per synthetic set.
+      seed: seed of the synthetic sets.
+      id_test: source images of ``permuted_pixels``.
+
+    Raises:
+      ValueError: unknown name, missing file, or an empty set.
+    """
+    if name in _SYNTHETIC:
+        return _SYNTHETIC[name](num_synthetic, seed=seed)
+    if name == "permuted_pixels":
+        if id_test is None:
+            raise ValueError("load_ood_set('permuted_pixels'): pass id_test= (source images).")
+        return D.make_permuted_pixels(num_synthetic, seed=seed, source=id_test)
+    base, _, split = name.partition(":")
+    try:
+        ds = D.load_dataset(base, split or "test", data_dir=data_dir)
+    except ValueError as err:
+        raise ValueError(
+            f"OOD set {name!r}: {err} Synthetic sets: {', '.join(SYNTHETIC_NAMES)}."
+        ) from err
+    if ds.name != name:
+        ds = D.ImageDataset(
+            ds.images, ds.labels, name=name, num_classes=ds.num_classes, source=ds.source
+        )
+    return ds
+
+
+def load_ood_sets(
+    names: Sequence[str],
+    *,
+    data_dir: str | os.PathLike | None = None,
+    num_synthetic: int = 2000,
+    seed: int = 0,
+    id_test: D.ImageDataset | None = None,
+) -> dict[str, D.ImageDataset]:
+    """``{name: ImageDataset}`` for every name (duplicates rejected)."""
+    if not names:
+        raise ValueError(f"ood_sets: no OOD set names given; e.g. {', '.join(OFFLINE_OOD_SETS)}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"ood_sets: duplicate names in {list(names)}.")
+    return {
+        n: load_ood_set(
+            n, data_dir=data_dir, num_synthetic=num_synthetic, seed=seed, id_test=id_test
+        )
+        for n in names
+    }
