@@ -243,11 +243,14 @@ def run_final_evaluation(
 
 def _ood_evaluation(config, model_def, state, train_ds, test_ds, workdir) -> str:
     from ood_jax.evaluate import run_evaluation
+    from ood_jax.evaluate.datasets import load_ood_sets
 
     params, batch_stats = sharding.fetch((state.params, state.batch_stats))
     model = model_def.merge(params, batch_stats, train=False, key=None)
-    ood_sets = {name: D.load_dataset(name, "test") for name in config.eval.ood_sets}
+    # Names as `python -m experiments.evaluate --ood_sets`: offline files, tfds or synthetic.
+    ood_sets = load_ood_sets(list(config.eval.ood_sets), seed=config.seed, id_test=test_ds)
     out_dir = os.path.join(workdir, "eval")
+    step = int(sharding.fetch(state.step))
     run_evaluation(
         model,
         id_test=test_ds,
@@ -257,7 +260,12 @@ def _ood_evaluation(config, model_def, state, train_ds, test_ds, workdir) -> str
         seed=config.seed,
         out_dir=out_dir,
         metrics_log_dir=workdir,
-        metadata={"config": config.to_dict(), "checkpoint": os.path.join(workdir, "checkpoints")},
+        metadata={
+            "command": " ".join(sys.argv),
+            "checkpoint": {"workdir": os.path.abspath(workdir), "step": step},
+            "model": {"name": config.model.name, "options": config.model.options.to_dict()},
+            "config": config.to_dict(),
+        },
     )
     return out_dir
 
