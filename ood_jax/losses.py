@@ -171,7 +171,9 @@ def outlier_exposure_loss(logits: jax.Array) -> jax.Array:
       ``[...]`` per-example losses, ``>= log(num_classes)``.
     """
     logits = _as_logits(logits)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.mean(logits, axis=-1)
+    # log_softmax shifts by the max first; logsumexp(f) - mean(f) would cancel
+    # catastrophically for large |f| (1e4 leaves ~1e-3 absolute error in float32).
+    return -jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
 def max_confidence_loss(logits: jax.Array) -> jax.Array:
@@ -191,7 +193,8 @@ def max_confidence_loss(logits: jax.Array) -> jax.Array:
       ``[...]`` per-example values in ``[-log(num_classes), 0]``.
     """
     logits = _as_logits(logits)
-    return jnp.max(logits, axis=-1) - jax.nn.logsumexp(logits, axis=-1)
+    # The max of log_softmax is -log(sum exp(f - max f)): no large-number cancellation.
+    return jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
 def _free_energy(logits: jax.Array, temperature: float) -> jax.Array:
