@@ -46,13 +46,13 @@ def load_outliers(
     ds = load_dataset(
         name, split, data_dir=data_dir, local_path=local_path, cache_dir=cache_dir, limit=limit
     )
-    return ImageDataset(
-        ds.images,
-        np.full((len(ds),), -1, np.int32),
-        name=f"{ds.name}_outliers",
-        num_classes=0,
-        source=ds.source,
-    )
+    return _unlabeled(ds, name=f"{ds.name}_outliers")
+
+
+def _unlabeled(ds: ImageDataset, *, name: str) -> ImageDataset:
+    """The same images with labels -1: outlier classes are not in-distribution classes."""
+    labels = np.full((len(ds),), -1, np.int32)
+    return ImageDataset(ds.images, labels, name=name, num_classes=0, source=ds.source)
 
 
 def outlier_iterator(
@@ -84,13 +84,7 @@ def outlier_iterator(
     if not isinstance(in_batch_size, int | np.integer) or in_batch_size < 1:
         raise ValueError(f"`in_batch_size` must be a positive int, got {in_batch_size!r}.")
     if (dataset.labels != -1).any():
-        dataset = ImageDataset(
-            dataset.images,
-            np.full((len(dataset),), -1, np.int32),
-            name=dataset.name,
-            num_classes=0,
-            source=dataset.source,
-        )
+        dataset = _unlabeled(dataset, name=dataset.name)
     return TrainIterator(
         dataset,
         batch_size=int(ratio * in_batch_size),

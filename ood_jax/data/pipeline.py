@@ -64,6 +64,16 @@ def resolve_processes(process_index: int | None, process_count: int | None) -> t
     return int(process_index), int(process_count)
 
 
+def _check_batch_size(batch_size: int, process_count: int) -> None:
+    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    if batch_size % process_count:
+        raise ValueError(
+            f"`batch_size` ({batch_size}) is the global batch and must be divisible by "
+            f"process_count ({process_count})."
+        )
+
+
 def shard_bounds(num_examples: int, *, process_index: int, process_count: int) -> tuple[int, int]:
     """``[start, end)`` of process ``p``'s contiguous shard, as ``tfds.even_splits``.
 
@@ -129,13 +139,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.dataset = dataset
         self.process_index, self.process_count = resolve_processes(process_index, process_count)
         n = len(dataset)
-        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-        if batch_size % self.process_count:
-            raise ValueError(
-                f"`batch_size` ({batch_size}) is the global batch and must be divisible by "
-                f"process_count ({self.process_count})."
-            )
+        _check_batch_size(batch_size, self.process_count)
         if batch_size > n:
             raise ValueError(
                 f"`batch_size` ({batch_size}) exceeds the {n} examples of {dataset.name!r}; "
@@ -358,13 +362,7 @@ def eval_batches(
     1's, ... gives the split in its original order.
     """
     process_index, process_count = resolve_processes(process_index, process_count)
-    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    if batch_size % process_count:
-        raise ValueError(
-            f"`batch_size` ({batch_size}) is the global batch and must be divisible by "
-            f"process_count ({process_count})."
-        )
+    _check_batch_size(batch_size, process_count)
     return EvalBatches(
         dataset,
         batch_size=int(batch_size),

@@ -335,7 +335,9 @@ def load_dataset(
       data_dir: folder of the offline npz files (default ``$OOD_JAX_DATA_DIR`` or
         ``../shared/data``).
       local_path: explicit local data for ``name`` (an .npz file, or a folder holding
-        ``<split>/<class>/`` images); takes precedence over tfds.
+        ``<split>/<class>/`` images); takes precedence over tfds. Folder images (and
+        ``folder:`` names) that are not 32x32 are resized shorter side -> 32 and centre
+        cropped; use :func:`from_folder` directly to reject other sizes instead.
       tfds_data_dir: tfds ``data_dir``.
       limit: read only the first ``limit`` images of offline files.
       cache_dir: decoded-array cache folder (``""`` disables).
