@@ -156,6 +156,18 @@ def test_two_processes_split_global_batch(dataset):
     assert len(set(epoch0.tolist())) == 6 * 16  # the processes never overlap in an epoch
 
 
+def test_producer_error_reaches_consumer(dataset):
+    it = data.train_iterator(dataset, batch_size=8, seed=0, process_index=0, process_count=1)
+
+    def broken(step):
+        raise RuntimeError(f"boom at {step}")
+
+    it.batch_at = broken  # the prefetch thread calls this
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="boom at 0"):
+            next(it)
+
+
 def test_train_bad_arguments(dataset):
     kw = dict(seed=0, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="batch_size"):

@@ -41,6 +41,17 @@ def test_textures_through_mock_tfds_resized_to_32():
         np.testing.assert_array_equal(image, resized[top : top + 32, left : left + 32])
 
 
+@pytest.mark.parametrize(("num", "count"), [(103, 3), (10000, 7), (5, 8), (64, 2)])
+def test_shard_bounds_equal_tfds_even_splits(num, count):
+    infos = tfds.core.SplitDict(
+        [tfds.core.SplitInfo(name="test", shard_lengths=[num], num_bytes=0)]
+    )
+    for p, split in enumerate(tfds.even_splits("test", n=count)):
+        (inst,) = split.to_absolute(infos)
+        expected = (inst.from_ or 0, num if inst.to is None else inst.to)
+        assert data.shard_bounds(num, process_index=p, process_count=count) == expected
+
+
 class _OfflineBuilder:
     """Stands in for a tfds builder on a machine without internet."""
 

@@ -160,6 +160,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._prefetch = int(prefetch)
+        self._error: BaseException | None = None
 
     def _start(self, start: int | Mapping[str, Any]) -> int:
         if isinstance(start, Mapping):
@@ -254,8 +255,11 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
                     name="ood_jax-data",
                 )
                 self._thread.start()
+            if self._error is not None:
+                raise self._error
             batch = self._queue.get()
             if isinstance(batch, BaseException):
+                self._error = batch  # the producer has stopped: fail every later call too
                 raise batch
         self._step += 1
         return batch
