@@ -173,6 +173,11 @@ def test_unknown_name_lists_known_names():
         data.load_dataset("mnist", "test")
 
 
+def test_local_only_names_say_how():
+    with pytest.raises(ValueError, match="'isun'.*not in tfds.*local_path="):
+        data.load_dataset("isun", "test")
+
+
 def test_offline_name_errors(tmp_path):
     with pytest.raises(ValueError, match="split"):
         data.load_dataset("tinyimagenet_crop", "train", data_dir=tmp_path)

@@ -33,7 +33,7 @@ from ood_jax.data.dataset import IMAGE_SIZE, ImageDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
-# Our name -> (tfds name, split used when the caller passes split="all").
+# Our name -> tfds name.
 _TFDS_NAMES = {
     "cifar10": "cifar10",
     "cifar100": "cifar100",
@@ -41,7 +41,10 @@ _TFDS_NAMES = {
     "textures": "dtd",
     "places365": "places365_small",
 }
+# What split="all" means, per tfds name.
 _ALL_SPLITS = {"dtd": "train+validation+test"}
+# The ODIN / Outlier Exposure releases of these sets exist only as files.
+_LOCAL_ONLY = ("isun", "lsun_crop", "lsun_resize")
 # Offline names: name -> (file pattern with {split}, allowed splits).
 _OFFLINE = {
     "cifar10_jpeg": ("cifar10_{split}.npz", ("train", "test")),
@@ -55,6 +58,7 @@ KNOWN_NAMES = (
     *sorted(_TFDS_NAMES),
     "lsun_<category>",
     "tfds:<name>",
+    *(f"{n} (local_path only)" for n in _LOCAL_ONLY),
     *sorted(_OFFLINE),
     "npz:<path>",
     "folder:<root>",
@@ -358,6 +362,12 @@ def load_dataset(
         return from_folder(name[7:], split, resize="shorter_side_crop")
     if name in _OFFLINE:
         return _offline(name, split, data_dir, limit, cache_dir)
+    if name in _LOCAL_ONLY:
+        raise ValueError(
+            f"load_dataset({name!r}): this set (the ODIN / Outlier Exposure release) is not in "
+            "tfds; download it and pass local_path= (a folder <root>/<split>/<class>/*.jpg|png, "
+            "or an .npz file in the shared/data format)."
+        )
     if name.startswith("tfds:") or name in _TFDS_NAMES or name.startswith("lsun_"):
         if name.startswith("tfds:"):
             tfds_name = name[5:]
