@@ -91,10 +91,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place every array of ``tree`` fully replicated on ``mesh``.
 
     Every process must pass identical values (e.g. initialized from the same seed).
+    Always copies: the train step donates its state, which must not delete the
+    caller's arrays (``device_put`` alone may reuse a buffer already on a device).
     """
     sharding = replicated(mesh)
     if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+        return jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), tree), sharding)
     # device_put cannot build a multi-process array from host values; each process
     # contributes its (identical) copy instead.
     return jax.tree.map(
