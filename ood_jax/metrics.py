@@ -177,7 +177,9 @@ def ood_metrics(
     num_id, num_ood = id_scores.size, ood_scores.size
 
     scores = np.concatenate([id_scores, ood_scores])
-    order = np.argsort(scores, kind="stable")[::-1]
+    # Not a stable sort (stable is ~30% slower): the order inside a group of tied
+    # scores never matters, only the counts at the end of each group are read.
+    order = np.argsort(scores)[::-1]
     sorted_scores = scores[order]
     # Index of the last example of each group of tied scores, from high to low score.
     group_end = np.append(np.flatnonzero(np.diff(sorted_scores)), scores.size - 1)
