@@ -13,8 +13,10 @@ for all-equal logits and for an all-zero logit vector.
 
 Labels are integer class indices in ``[0, num_classes)``, shape ``logits.shape[:-1]``.
 Shapes and dtypes are checked (a ``ValueError`` at trace time); label *values*
-cannot be checked under ``jit``: an out-of-range label gives ``NaN``, never a
-silently wrong finite loss.
+cannot be checked under ``jit``: an out-of-range label (including the ``-1``
+"no label" marker of ``ood_jax.data``) gives ``NaN``, never a silently wrong
+finite loss. Mask padded examples with ``jnp.where(mask, loss, 0.0)`` (or replace
+their labels first), not by multiplying: ``NaN * 0`` is ``NaN``.
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ def logitnorm_loss(
     Normalization", ICML 2022. The paper and OpenOOD use ``tau = 0.04`` on
     CIFAR-10 (the authors' README command uses 0.01). All-equal logits give
     ``log(num_classes)``. At ``f = 0`` the value is ``log(num_classes)`` and the
-    gradient is finite (``||f||`` uses a NaN-free gradient at 0).
+    gradient is finite: ``||f||`` takes the subgradient 0 there (as PyTorch's
+    ``norm`` does), so the gradient is ``(1/K - onehot(y)) / (tau * eps)``, about
+    ``2e8`` with the defaults (beyond float16's range, fine in float32/bfloat16).
 
     Args:
       logits: ``[..., num_classes]`` raw logits.
