@@ -86,7 +86,9 @@ class ForwardPass:
         self._replicated = replicated = sharding.replicated(self.mesh)
         self._map_cache: dict = {}
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        self.state = sharding.replicate(self.state, self.mesh)
+        # device_put (not sharding.replicate, which copies through NumPy): the state
+        # holds typed PRNG keys (dropout streams), and evaluation never donates it.
+        self.state = jax.device_put(self.state, replicated)
         graphdef = self.graphdef
 
         def apply(state, images):

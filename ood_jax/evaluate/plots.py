@@ -62,8 +62,10 @@ def distribution_plot(
     for ax, (name, values) in zip(axes, ood_values.items(), strict=False):
         both = np.concatenate([id_values, values])
         edges = np.histogram_bin_edges(both[np.isfinite(both)], bins=bins)
-        ax.hist(id_values, bins=edges, density=True, alpha=0.55, label=id_name)
-        ax.hist(values, bins=edges, density=True, alpha=0.55, label=name)
+        ax.hist(
+            id_values, bins=edges, density=True, alpha=0.5, label=id_name, histtype="stepfilled"
+        )
+        ax.hist(values, bins=edges, density=True, alpha=0.5, label=name, histtype="stepfilled")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)

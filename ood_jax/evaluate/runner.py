@@ -78,6 +78,11 @@ def _check_datasets(id_test: D.ImageDataset, ood_sets: Mapping[str, D.ImageDatas
         )
     if not ood_sets:
         raise ValueError("ood_sets: no OOD sets given; pass at least one (name -> ImageDataset).")
+    if id_test.name in ood_sets:
+        raise ValueError(
+            f"ood_sets: an OOD set has the same name as the in-distribution test set "
+            f"({id_test.name!r}); rename it so the report can tell them apart."
+        )
     for name, ds in ood_sets.items():
         if not isinstance(ds, D.ImageDataset) or len(ds) == 0:
             raise ValueError(f"ood_sets[{name!r}]: expected a non-empty ImageDataset, got {ds!r}.")
@@ -121,6 +126,7 @@ def run_evaluation(
     metrics_log_dir: str | os.PathLike | None = None,
     metadata: Mapping | None = None,
     make_plots: bool = True,
+    plot_scores: Sequence[str] | None = None,
 ) -> dict:
     """Evaluates ``model`` as the papers do; returns the ``results.json`` dict.
 
@@ -148,6 +154,7 @@ def run_evaluation(
       metadata: recorded under ``results`` (e.g. ``checkpoint``, ``model``,
         ``config``, ``command``).
       make_plots: write PNG plots with the report.
+      plot_scores: score keys that get a histogram and a ROC plot (default: all).
 
     Returns:
       The results dict (see ``results.json``): classification, OOD metrics per
@@ -284,6 +291,7 @@ def run_evaluation(
             confidence=confidence,
             correct=correct,
             make_plots=make_plots,
+            plot_scores=list(id_scores) if plot_scores is None else list(plot_scores),
         )
     return results
 
@@ -305,6 +313,7 @@ def _write_report(
     confidence: np.ndarray,
     correct: np.ndarray,
     make_plots: bool,
+    plot_scores: Sequence[str],
 ) -> None:
     """Writes the report into a temporary directory, renamed to ``out_dir`` at the end."""
     with report.atomic_directory(out_dir) as tmp:
@@ -317,7 +326,13 @@ def _write_report(
                 return os.path.join(tmp, "plots", name)
 
             first = next(iter(results["ood"].values()))["metrics"]
-            for key, values in id_scores.items():
+            unknown = [k for k in plot_scores if k not in id_scores]
+            if unknown:
+                raise ValueError(
+                    f"plot_scores: {unknown} are not among the scores {list(id_scores)}."
+                )
+            for key in plot_scores:
+                values = id_scores[key]
                 per_set = {s: ood_scores[s][key] for s in ood_scores}
                 label = display_name(key)
                 plots.score_histograms(

@@ -1,0 +1,170 @@
+"""run_evaluation end to end on a tiny trained model: numbers, report files, atomicity."""
+
+import json
+import os
+
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from sklearn.metrics import roc_auc_score
+
+from ood_jax import data as D
+from ood_jax.evaluate import ScoreSettings, run_evaluation
+from ood_jax.evaluate import plots as plots_module
+from ood_jax.models import create_model
+
+K = 3
+COLORS = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220]], np.float64)
+
+
+def _colored(n, seed):
+    """Class c = noisy images around colour c: learnable in a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, K, n)
+    images = COLORS[labels][:, None, None, :] + rng.normal(0, 30, (n, 32, 32, 3))
+    images = np.clip(images, 0, 255).astype(np.uint8)
+    return D.from_arrays(images, labels, name="colors", num_classes=K, source=f"test seed {seed}")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = create_model("tiny", num_classes=K, width=4, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    train = _colored(256, seed=1)
+
+    @nnx.jit
+    def step(model, optimizer, images, labels):
+        def loss_fn(model):
+            logits, _ = model(images)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    model.train()
+    images = D.normalize(train.images)
+    for i in range(40):
+        sl = slice((i * 64) % 256, (i * 64) % 256 + 64)
+        step(model, optimizer, images[sl], train.labels[sl])
+    model.eval()
+    return model, train
+
+
+@pytest.fixture(scope="module")
+def report(trained, tmp_path_factory):
+    model, train = trained
+    workdir = tmp_path_factory.mktemp("run")
+    rows = [{"step": s, "logit_norm": 1.0 + s} for s in (10, 20, 30)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    id_test = _colored(120, seed=2)
+    ood = {"gaussian": D.make_gaussian_noise(50, seed=3), "blobs": D.make_blobs(40, seed=4)}
+    out_dir = workdir / "eval"
+    results = run_evaluation(
+        model,
+        id_test=id_test,
+        ood_sets=ood,
+        train=train,
+        settings=ScoreSettings(temperatures=(1.0, 100.0), knn_k=5, odin_temperature=100.0),
+        num_draws=3,
+        batch_size=64,
+        out_dir=out_dir,
+        metrics_log_dir=workdir,
+        plot_scores=["msp", "odin", "knn"],  # every plot kind, fewer PNGs: keeps the test fast
+        metadata={"checkpoint": {"workdir": str(workdir), "step": 40}, "model": {"name": "tiny"}},
+    )
+    return results, out_dir, id_test, ood
+
+
+def _softmax(logits):
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_classification_numbers_match_independent_computation(trained, report):
+    model, _ = trained
+    results, _, id_test, _ = report
+    logits = np.asarray(model(D.normalize(id_test.images))[0], np.float64)
+    conf, pred = _softmax(logits).max(1), logits.argmax(1)
+    correct = pred == id_test.labels
+    assert results["classification"]["accuracy"] == pytest.approx(correct.mean())
+    assert correct.mean() > 0.8  # the model did learn
+    ece = 0.0
+    for lo, hi in zip(np.linspace(0, 1, 16)[:-1], np.linspace(0, 1, 16)[1:], strict=True):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
+    assert results["classification"]["ece"] == pytest.approx(ece, abs=1e-5)
+
+
+def test_full_protocol_auroc_matches_sklearn(trained, report):
+    model, _ = trained
+    results, _, id_test, ood = report
+    msp = lambda ds: _softmax(np.asarray(model(D.normalize(ds.images))[0], np.float64)).max(1)
+    id_msp = msp(id_test)
+    for name, ds in ood.items():
+        s = np.r_[id_msp, msp(ds)]
+        y = np.r_[np.ones(len(id_test)), np.zeros(len(ds))]
+        got = results["ood"]["full"]["metrics"]["msp"][name]["auroc"]["mean"]
+        assert got == pytest.approx(roc_auc_score(y, s), abs=1e-4)
+    assert results["ood"]["papers"]["num_ood"] == 24  # 120 // 5
+    assert results["ood"]["papers"]["draws"]["blobs"]["seeds"][2] == [0, 1, 2]
+
+
+def test_report_files_are_complete_and_consistent(report):
+    results, out_dir, _, _ = report
+    on_disk = json.loads((out_dir / "results.json").read_text())
+    assert on_disk["complete"] is True and on_disk["checkpoint"]["step"] == 40
+    expected = {"msp", "msp_T100", "energy", "energy_T100", "max_logit", "neg_entropy"}
+    expected |= {"feature_norm", "odin", "gradnorm", "mahalanobis", "knn", "gmm", "react"}
+    assert set(on_disk["scores"]) == expected
+    for rel in on_disk["plots"]:
+        assert (out_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
+    names = {os.path.basename(p) for p in on_disk["plots"]}
+    assert {"reliability.png", "feature_norm.png", "cos_pred.png", "logit_norm.png"} <= names
+    assert {"hist_odin.png", "roc_knn.png"} <= names
+    md = (out_dir / "results.md").read_text()
+    avg = results["ood"]["papers"]["metrics"]["energy"]["average"]
+    cells = [f"{100 * avg[m]['mean']:.2f}" for m in ("fpr95", "auroc", "aupr_in")]
+    assert "| Energy | " + " | ".join(cells) in md  # the summary row
+    assert "| **Average** |" in md and "cos(z, w_pred)" in md
+    assert not [p for p in os.listdir(out_dir.parent) if p.startswith(".eval.")]
+
+
+def test_failed_step_leaves_no_report(trained, tmp_path, monkeypatch):
+    model, train = trained
+    out_dir = tmp_path / "eval"
+    out_dir.mkdir()
+    (out_dir / "results.json").write_text('{"old": true}')
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(plots_module, "reliability_diagram", broken)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        run_evaluation(
+            model,
+            id_test=_colored(40, seed=5),
+            ood_sets={"gaussian": D.make_gaussian_noise(20, seed=6)},
+            scores=["msp"],
+            protocols=["full"],
+            out_dir=out_dir,
+        )
+    # The previous report is untouched and no temporary directory is left behind.
+    assert (out_dir / "results.json").read_text() == '{"old": true}'
+    assert os.listdir(tmp_path) == ["eval"]
+
+
+def test_bad_input_raises(trained):
+    model, _ = trained
+    id_test = _colored(20, seed=7)
+    noise = {"gaussian": D.make_gaussian_noise(10, seed=8)}
+    with pytest.raises(ValueError, match="no OOD sets"):
+        run_evaluation(model, id_test=id_test, ood_sets={}, scores=["msp"])
+    with pytest.raises(ValueError, match="pass train="):
+        run_evaluation(model, id_test=id_test, ood_sets=noise, scores=["knn"])
+    with pytest.raises(ValueError, match="labelled"):
+        run_evaluation(model, id_test=noise["gaussian"], ood_sets=noise, scores=["msp"])
+    with pytest.raises(ValueError, match="same name"):
+        run_evaluation(model, id_test=id_test, ood_sets={"colors": id_test}, scores=["msp"])
