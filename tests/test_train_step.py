@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from toy_models import FlatLinear, make_batch
 
 from ood_jax import sharding
 from ood_jax.models import create_model
@@ -21,17 +22,6 @@ from ood_jax.train import (
 )
 
 
-class FlatLinear(nnx.Module):
-    """logits = flatten(x) @ W + b; features = flatten(x). Gradients are closed-form."""
-
-    def __init__(self, in_dim, num_classes, *, rngs):
-        self.head = nnx.Linear(in_dim, num_classes, rngs=rngs)
-
-    def __call__(self, images):
-        z = images.reshape(images.shape[0], -1)
-        return self.head(z), z
-
-
 def np_softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -40,14 +30,6 @@ def np_softmax(x):
 def np_ce(logits, labels):
     logp = np.log(np_softmax(logits))
     return -logp[np.arange(len(labels)), labels]
-
-
-def make_batch(rng, n, shape=(2, 2, 3), num_classes=4):
-    return {
-        "image": rng.normal(size=(n, *shape)).astype(np.float32),
-        "label": rng.integers(0, num_classes, n).astype(np.int32),
-        "mask": np.ones(n, bool),
-    }
 
 
 @pytest.fixture

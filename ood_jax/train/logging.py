@@ -44,14 +44,15 @@ class MetricsLog:
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        """Append ``record`` (non-finite floats become null, as JSON has no NaN)."""
-        if not self.enabled:
-            return
+    def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Append ``record``; returns it as written (non-finite floats become null, as
+        JSON has no NaN)."""
         clean = {k: _json_value(v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
-            f.flush()
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(clean) + "\n")
+                f.flush()
+        return clean
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -198,8 +198,7 @@ def fit(
                 if eval_step is not None and eval_data is not None:
                     test = evaluate(eval_step, state, eval_data(), mesh)
                     record.update({f"test_{k}": v for k, v in test.items() if k != "count"})
-                log.write(record)
-                records.append(record)
+                records.append(log.write(record))
                 bar.write(_format_record(record))
                 epoch_metrics.clear()
                 epoch_start = (time.perf_counter(), done)
@@ -240,7 +239,7 @@ def _epoch_record(
         "train_loss": mean.get("loss"),
         "train_accuracy": mean.get("accuracy"),
         "logit_norm": mean.get("logit_norm"),
-        "lr": metrics[-1]["lr"] if metrics else None,
+        "lr": metrics[-1].get("lr") if metrics else None,
         "images_per_s": steps * batch_size / elapsed if elapsed > 0 else None,
     }
 

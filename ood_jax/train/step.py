@@ -63,7 +63,8 @@ def make_train_step(
     are left out of the loss and metrics (BatchNorm still sees them).
 
     Metrics (scalars): ``loss`` (masked mean), ``accuracy``, ``logit_norm`` (mean L2 norm of
-    the logits, what LogitNorm controls), ``grad_norm``, ``lr``, ``finite`` (1.0 iff
+    the logits, what LogitNorm controls), ``grad_norm``, ``lr`` (if ``learning_rate`` is
+    given), ``finite`` (1.0 iff
     the loss and gradients are finite).
     """
 
@@ -102,9 +103,10 @@ def make_train_step(
             "accuracy": _masked_mean(correct, mask),
             "logit_norm": _masked_mean(jnp.linalg.norm(logits, axis=-1), mask),
             "grad_norm": grad_norm,
-            "lr": jnp.asarray(learning_rate(state.step) if learning_rate else jnp.nan, jnp.float32),
             "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
         }
+        if learning_rate is not None:
+            metrics["lr"] = jnp.asarray(learning_rate(state.step), jnp.float32)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
