@@ -67,13 +67,12 @@ def test_mahalanobis_singular_covariance_is_finite():
 # ----------------------------------------------------------------------------- GMM
 
 
-@pytest.mark.parametrize("priors", ["empirical", "uniform"])
-def test_gmm_matches_scipy_logpdf(priors):
+@pytest.mark.parametrize("priors,shrinkage", [("empirical", 1e-3), ("uniform", 0.0)])
+def test_gmm_matches_scipy_logpdf(priors, shrinkage):
     x, y, _ = _clusters(seed=5, per_class=30)
     keep = np.ones(len(y), bool)
     keep[:10] = False  # unbalanced classes so the priors matter
     x, y = x[keep], y[keep]
-    shrinkage = 1e-3
     params = scores.fit_gmm(x.astype(np.float32), y, shrinkage=shrinkage, priors=priors)
     test = np.random.default_rng(6).normal(scale=4.0, size=(8, 4))
     counts = np.bincount(y)

@@ -60,8 +60,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # --------------------------------------------------------------------------- checks
 
 
-def _train_features(train_features: ArrayLike) -> np.ndarray:
-    x = np.asarray(train_features, dtype=np.float64)
+def _train_features(train_features: ArrayLike, dtype: type = np.float64) -> np.ndarray:
+    x = np.asarray(train_features, dtype=dtype)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(
             f"train_features must be a non-empty 2-D array [num_examples, feature_dim], "
@@ -128,21 +128,29 @@ def _score_features(features: ArrayLike, feature_dim: int) -> jax.Array:
 
 def _regularized_whitener(cov: np.ndarray, shrinkage: float) -> tuple[np.ndarray, float]:
     """Returns ``(L, log det(S + r I))`` with ``L L^T = (S + r I)^{-1}``, in float64."""
-    eigvals, eigvecs = np.linalg.eigh(cov)
-    # eigh of a PSD matrix can return tiny negative eigenvalues from rounding.
-    eigvals = np.clip(eigvals, 0.0, None)
-    mean_eig = float(np.mean(eigvals))
+    dim = cov.shape[0]
+    mean_eig = float(np.trace(cov)) / dim
     ridge = shrinkage * mean_eig if mean_eig > 0 else shrinkage
-    # Floor relative to the spectrum so shrinkage=0 on a singular matrix stays finite.
-    floor = max(float(eigvals.max()) * cov.shape[0] * np.finfo(np.float64).eps, 1e-300)
-    regularized = np.maximum(eigvals + ridge, floor)
+    if ridge > 0:
+        # S + rI = R R^T is positive definite, so L = R^{-T}; Cholesky + triangular
+        # inverse is ~2x faster than eigh, which matters for one covariance per class.
+        try:
+            chol = np.linalg.cholesky(cov + ridge * np.eye(dim))
+        except np.linalg.LinAlgError:
+            pass  # ridge below rounding of a huge spectrum: fall through to eigh
+        else:
+            return np.linalg.inv(chol).T, 2.0 * float(np.sum(np.log(np.diag(chol))))
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    # eigh of a PSD matrix can return tiny negative eigenvalues from rounding; the floor
+    # (relative to the spectrum) keeps shrinkage=0 on a singular matrix finite.
+    floor = max(float(eigvals.max()) * dim * np.finfo(np.float64).eps, 1e-300)
+    regularized = np.maximum(np.clip(eigvals, 0.0, None) + ridge, floor)
     return eigvecs / np.sqrt(regularized), float(np.sum(np.log(regularized)))
 
 
 def _class_means(x: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    one_hot = np.zeros((num_classes, x.shape[0]), dtype=np.float64)
-    one_hot[labels, np.arange(x.shape[0])] = 1.0
-    return (one_hot @ x) / one_hot.sum(axis=1, keepdims=True)
+    # A loop of masked means is ~5x faster here than a one-hot matmul or np.add.at.
+    return np.stack([x[labels == c].mean(axis=0) for c in range(num_classes)])
 
 
 def _squared_distances(whitened: jax.Array, whitened_means: jax.Array) -> jax.Array:
@@ -381,7 +389,7 @@ def fit_knn(train_features: ArrayLike, train_labels: ArrayLike | None = None) ->
       :class:`KNNParams` for :func:`knn_score`.
     """
     del train_labels
-    x = _train_features(train_features)
+    x = _train_features(train_features, np.float32)
     return KNNParams(bank=l2_normalize(jnp.asarray(x, jnp.float32)))
 
 
@@ -470,7 +478,8 @@ def fit_react(
     del train_labels
     if not isinstance(percentile, numbers.Real) or not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be a number in [0, 100], got {percentile!r}.")
-    x = _train_features(train_features)
+    # float32 is exact enough for a percentile and halves the copy of [N, D] features.
+    x = _train_features(train_features, np.float32)
     return ReActParams(threshold=jnp.asarray(np.percentile(x, percentile), jnp.float32))
 
 
