@@ -1,0 +1,171 @@
+"""Building blocks shared by the ood_jax models.
+
+Conventions (chosen to match the PyTorch reference implementations so that
+hyperparameters and results carry over):
+
+- Images and activations are NHWC (the TPU/XLA-native layout).
+- BatchNorm: ``momentum=0.9`` (PyTorch's ``momentum=0.1``) and ``epsilon=1e-5``.
+  Under ``jax.jit`` with the batch sharded by a ``NamedSharding`` the batch mean
+  and variance are already taken over the *global* batch (XLA inserts the
+  cross-device reductions), so no ``axis_name`` / sync-BN is needed. One small
+  difference from PyTorch: the running variance is updated with the biased
+  batch variance (PyTorch uses the unbiased one); at batch 128 that is a 0.8%
+  factor on an exponential average and does not matter in practice.
+- Spectral normalization (Miyato et al., ICLR 2018) as in
+  ``torch.nn.utils.spectral_norm``: the kernel is reshaped to a matrix
+  ``M`` of shape ``[fan_in, out]``, one power-iteration step per training
+  forward pass refines the stored right singular vector ``u``, and the layer
+  uses ``kernel / sigma`` with ``sigma = v^T M u`` (``u``, ``v`` treated as
+  constants for the gradient).
+"""
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+ACTIVATIONS = ("relu", "leaky_relu")
+LEAKY_RELU_SLOPE = 0.01  # PyTorch's nn.LeakyReLU default
+
+# PyTorch's default conv/linear init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# Kaiming normal with fan_out (He et al. 2015), used by the WRN code and torchvision.
+kaiming_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_default_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+    """PyTorch's default bias init for a layer with ``fan_in`` inputs: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / fan_in**0.5
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Return the elementwise activation called ``name`` ("relu" or "leaky_relu")."""
+    if name == "relu":
+        return jax.nn.relu
+    if name == "leaky_relu":
+        return partial(jax.nn.leaky_relu, negative_slope=LEAKY_RELU_SLOPE)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}.")
+
+
+def l2_normalize(x: jax.Array, *, eps: float = 1e-12) -> jax.Array:
+    """``x / max(||x||_2, eps)`` over the last axis (Haas et al., TMLR 2023)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def batch_norm(num_features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm over the channel (last) axis with PyTorch's momentum and epsilon."""
+    return nnx.BatchNorm(
+        num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs
+    )
+
+
+class SpectralNormConv(nnx.Module):
+    """A convolution whose kernel is divided by its largest singular value.
+
+    ``y = conv(x, W / sigma(W))`` with ``W`` of shape ``[kh, kw, in, out]`` seen
+    as a matrix ``M = W.reshape(-1, out)`` (same singular values as PyTorch's
+    ``[out, in*kh*kw]`` view). ``sigma`` is estimated by power iteration
+    (Miyato et al., ICLR 2018): in training mode (``use_running_average``
+    False, set by ``model.train()``) ``n_iterations`` steps
+    ``v = normalize(M u); u = normalize(M^T v)`` update the stored ``u``
+    (an ``nnx.BatchStat``: non-parameter state, like BatchNorm statistics);
+    in eval mode the stored ``u`` is used as is. ``sigma = v^T M u``.
+
+    Unlike ``nnx.SpectralNorm`` this never writes the normalized kernel back
+    into the parameter, so the optimizer always updates the raw ``W``.
+    """
+
+    def __init__(
+        self,
+        conv: nnx.Conv,
+        *,
+        n_iterations: int = 1,
+        eps: float = 1e-12,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = conv
+        self.n_iterations = n_iterations
+        self.eps = eps
+        self.use_running_average = False
+        out_features = conv.kernel.shape[-1]
+        u = jax.random.normal(rngs.params(), (out_features,), jnp.float32)
+        self.u = nnx.BatchStat(u / jnp.linalg.norm(u))
+
+    def _sigma(self, matrix: jax.Array, *, update: bool) -> jax.Array:
+        u = self.u[...]
+        v = _normalize(matrix @ u, self.eps)
+        if update:
+            for _ in range(self.n_iterations):
+                u = _normalize(matrix.T @ v, self.eps)
+                v = _normalize(matrix @ u, self.eps)
+            self.u[...] = u
+        u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
+        return v @ (matrix @ u)
+
+    def normalized_kernel(self, *, update: bool = False) -> jax.Array:
+        """``W / sigma``; ``update=True`` also runs the power iteration and stores ``u``."""
+        kernel = self.conv.kernel[...]
+        sigma = self._sigma(kernel.reshape(-1, kernel.shape[-1]), update=update)
+        return kernel / sigma
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.normalized_kernel(update=not self.use_running_average)
+        conv = self.conv
+        dtype = conv.dtype or jnp.result_type(x, kernel)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=conv.strides,
+            padding=conv.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+
+def _normalize(x: jax.Array, eps: float) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x), eps)
+
+
+def conv(
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    kernel_init: Callable[..., jax.Array],
+    spectral_norm: bool,
+    spectral_norm_iterations: int = 1,
+    dtype: Any,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """Bias-free ``kernel_size`` x ``kernel_size`` conv with PyTorch padding ``k // 2``.
+
+    Explicit symmetric padding (not "SAME") so that stride-2 3x3 convs see
+    the same pixels as PyTorch's ``padding=1`` (SAME would pad (0, 1)).
+    """
+    pad = kernel_size // 2
+    layer = nnx.Conv(
+        in_features,
+        out_features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        rngs=rngs,
+    )
+    if spectral_norm:
+        return SpectralNormConv(layer, n_iterations=spectral_norm_iterations, rngs=rngs)
+    return layer
