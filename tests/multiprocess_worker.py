@@ -9,7 +9,7 @@ Used three ways:
   collectives over gloo), to test multi-process training.
 
 Usage: ``python tests/multiprocess_worker.py --workdir DIR --num_steps N
-[--checkpoint_every K] [--kill_at S] [--step_sleep SEC] [--devices D]
+[--checkpoint_every K] [--step_sleep SEC] [--devices D]
 [--process_id I --num_processes P --port PORT] [--out result.npz]``.
 """
 
@@ -124,7 +124,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--num_steps", type=int, required=True)
     parser.add_argument("--checkpoint_every", type=int, default=0)
-    parser.add_argument("--kill_at", type=int, default=0)
     parser.add_argument("--step_sleep", type=float, default=0.0)
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--process_id", type=int, default=0)
@@ -144,7 +143,6 @@ def main(argv: list[str]) -> None:
             process_id=args.process_id,
             initialization_timeout=60,
         )
-    import signal
     import time
 
     import numpy as np
@@ -154,8 +152,6 @@ def main(argv: list[str]) -> None:
     def on_step(done: int) -> None:
         if args.step_sleep:
             time.sleep(args.step_sleep)
-        if args.kill_at and done == args.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     losses: list[float] = []
     state, records = run_training(
