@@ -1,6 +1,7 @@
 """Fit and score times of the fitted OOD scores on CIFAR-sized synthetic features.
 
-Usage::
+Usage (from the repository root, with ``ood_jax`` importable: ``pip install -e .``
+or ``PYTHONPATH=.``)::
 
     python benchmarks/fit_speed.py                      # 50,000 x 512 train, 10,000 test
     python benchmarks/fit_speed.py --num-train 5000     # quicker

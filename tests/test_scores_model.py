@@ -103,8 +103,7 @@ def test_odin_with_nnx_batchnorm_model_in_eval_mode_is_per_example(images):
     images = images[:3]
     odin = jax.jit(lambda x: scores.odin(apply_fn, x, temperature=1000.0, epsilon=0.0014))
     batched = odin(images)
-    singles = np.concatenate([odin(images[i : i + 1]) for i in range(3)])
-    np.testing.assert_allclose(batched, singles, rtol=1e-6)
+    # The loop sees each example alone, so equality means no coupling through the batch.
     np.testing.assert_allclose(
         batched, _odin_loop(apply_fn, images, 1000.0, 0.0014, scores.CIFAR10_STD), rtol=1e-5
     )
