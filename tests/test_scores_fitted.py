@@ -184,6 +184,11 @@ def test_scores_are_vmappable_and_keep_leading_axes():
         (lambda p, f: scores.knn_score(p, f, k=3, chunk_size=2), scores.fit_knn(x)),
     ):
         flat = score_fn(params, test.reshape(6, 4))
+        # bfloat16 features are upcast: same scores as the float32 copy of the same values.
+        rounded = test.astype(jnp.bfloat16)
+        np.testing.assert_allclose(
+            score_fn(params, rounded), score_fn(params, rounded.astype(jnp.float32)), rtol=1e-6
+        )
         np.testing.assert_allclose(score_fn(params, test), flat.reshape(2, 3), rtol=1e-6)
         np.testing.assert_allclose(
             jax.vmap(lambda f, p=params, s=score_fn: s(p, f))(test), flat.reshape(2, 3), rtol=1e-6
@@ -213,6 +218,10 @@ def test_bad_input_raises_clear_errors():
         scores.fit_mahalanobis(x, y, shrinkage=-1.0)
     with pytest.raises(ValueError, match="percentile"):
         scores.fit_react(x, percentile=101)
+    with pytest.raises(ValueError, match="keyword-only"):
+        scores.fit_react(x, 95)
+    with pytest.raises(ValueError, match="keyword-only"):
+        scores.fit_knn(x, y[:3])
     wrong_dim = np.ones((3, 5), np.float32)
     with pytest.raises(ValueError, match="dimension 5.*fitted on 4"):
         scores.mahalanobis_score(scores.fit_mahalanobis(x, y), wrong_dim)

@@ -2,7 +2,7 @@
 
 Each method is a pair: ``fit_*(train_features, train_labels, ...) -> params``
 runs once on the host in float64 NumPy (it is *not* jit-able: it validates
-labels and factorizes covariances), and ``*_score(params, features, ...)`` is a
+labels and factorizes covariances; KNN and ReAct ignore the labels), and ``*_score(params, features, ...)`` is a
 pure JAX function, safe under ``jax.jit`` and ``jax.vmap``, returning one
 float32 value per example. **Higher means more in-distribution** for every
 score. ``params`` are ``flax.struct`` dataclasses of arrays (pytrees), so they
@@ -17,8 +17,9 @@ eigenvalues ``lambda_i`` is replaced by ``S + r I`` with the ridge
 ``r = shrinkage`` when ``S = 0``). A singular ``S`` (a constant feature,
 ``D > N``, a class with one example) therefore gives finite scores: moving
 along a direction never seen in training costs ``delta^2 / r``, a large but
-finite distance. Factorizations are eigendecompositions in float64; the
-scorer applies a whitening matrix ``L`` with ``L L^T = (S + r I)^{-1}`` so that
+finite distance. Factorizations are float64 Cholesky decompositions of
+``S + r I`` (an eigendecomposition when ``r = 0``, with eigenvalues floored at
+``D * eps * lambda_max`` as a pseudo-inverse would); the scorer applies a whitening matrix ``L`` with ``L L^T = (S + r I)^{-1}`` so that
 a squared Mahalanobis distance is a sum of squares (never negative).
 Matmuls use ``Precision.HIGHEST`` so accelerators do not silently round to
 bfloat16.
@@ -105,6 +106,15 @@ def _train_labels(
             f"num_classes."
         )
     return labels, num_classes
+
+
+def _check_unused_labels(train_labels: ArrayLike | None, num_examples: int) -> None:
+    """Catches ``fit_react(x, 95)``: a hyperparameter passed where the labels go."""
+    if train_labels is not None and np.shape(train_labels) != (num_examples,):
+        raise ValueError(
+            f"train_labels (unused here) must be None or have shape [{num_examples}], got "
+            f"{train_labels!r:.60}. Hyperparameters are keyword-only, e.g. percentile=95."
+        )
 
 
 def _check_shrinkage(shrinkage: float) -> None:
@@ -388,8 +398,8 @@ def fit_knn(train_features: ArrayLike, train_labels: ArrayLike | None = None) ->
     Returns:
       :class:`KNNParams` for :func:`knn_score`.
     """
-    del train_labels
     x = _train_features(train_features, np.float32)
+    _check_unused_labels(train_labels, x.shape[0])
     return KNNParams(bank=l2_normalize(jnp.asarray(x, jnp.float32)))
 
 
@@ -475,11 +485,11 @@ def fit_react(
     Returns:
       :class:`ReActParams` for :func:`react_score`.
     """
-    del train_labels
     if not isinstance(percentile, numbers.Real) or not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be a number in [0, 100], got {percentile!r}.")
     # float32 is exact enough for a percentile and halves the copy of [N, D] features.
     x = _train_features(train_features, np.float32)
+    _check_unused_labels(train_labels, x.shape[0])
     return ReActParams(threshold=jnp.asarray(np.percentile(x, percentile), jnp.float32))
 
 
