@@ -2,11 +2,12 @@
 
 Each method is a pair: ``fit_*(train_features, train_labels, ...) -> params``
 runs once on the host in float64 NumPy (it is *not* jit-able: it validates
-labels and factorizes covariances; KNN and ReAct ignore the labels), and ``*_score(params, features, ...)`` is a
-pure JAX function, safe under ``jax.jit`` and ``jax.vmap``, returning one
-float32 value per example. **Higher means more in-distribution** for every
-score. ``params`` are ``flax.struct`` dataclasses of arrays (pytrees), so they
-can be saved, sharded or passed through ``jit``.
+labels and factorizes covariances; KNN and ReAct ignore the labels), and
+``*_score(params, features, ...)`` is a pure JAX function, safe under
+``jax.jit`` and ``jax.vmap``, returning one float32 value per example.
+**Higher means more in-distribution** for every score. ``params`` are
+``flax.struct`` dataclasses of arrays (pytrees), so they can be saved, sharded
+or passed through ``jit``.
 
 Shapes: ``train_features [N, D]``, ``train_labels [N]`` integer in
 ``[0, num_classes)``, scored ``features [..., D]`` -> scores ``[...]``.
@@ -19,10 +20,10 @@ eigenvalues ``lambda_i`` is replaced by ``S + r I`` with the ridge
 along a direction never seen in training costs ``delta^2 / r``, a large but
 finite distance. Factorizations are float64 Cholesky decompositions of
 ``S + r I`` (an eigendecomposition when ``r = 0``, with eigenvalues floored at
-``D * eps * lambda_max`` as a pseudo-inverse would); the scorer applies a whitening matrix ``L`` with ``L L^T = (S + r I)^{-1}`` so that
-a squared Mahalanobis distance is a sum of squares (never negative).
-Matmuls use ``Precision.HIGHEST`` so accelerators do not silently round to
-bfloat16.
+``D * eps * lambda_max`` as a pseudo-inverse would); the scorer applies a
+whitening matrix ``L`` with ``L L^T = (S + r I)^{-1}`` so that a squared
+Mahalanobis distance is a sum of squares (never negative). Matmuls use
+``Precision.HIGHEST`` so accelerators do not silently round to bfloat16.
 """
 
 from __future__ import annotations
