@@ -199,3 +199,23 @@ def test_non_finite_loss_is_flagged(linear_setup):
     batch["image"] = batch["image"].at[0, 0, 0, 0].set(jnp.nan)
     _, metrics = step(state, batch)
     assert float(metrics["finite"]) == 0.0
+
+
+def test_mixed_precision_keeps_float32_state():
+    model = create_model("tiny", num_classes=10, rngs=nnx.Rngs(0), width=4, dtype=jnp.bfloat16)
+    tx = make_optimizer(0.1)
+    model_def, state = create_train_state(model, tx, seed=0)
+    mesh = sharding.make_mesh(2)
+    step = compile_train_step(make_train_step(model_def, tx, bind_objective("logitnorm")), mesh)
+    batch = make_batch(np.random.default_rng(0), 8, shape=(32, 32, 3), num_classes=10)
+    new_state, metrics = step(sharding.replicate(state, mesh), sharding.global_batch(batch, mesh))
+    assert float(metrics["finite"]) == 1.0
+    assert metrics["loss"].dtype == jnp.float32
+    for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(new_state), strict=True):
+        assert old.dtype == new.dtype  # float32 parameters, statistics and momentum
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
+        state.params,
+        sharding.fetch(new_state.params),
+    )
+    assert all(jax.tree.leaves(changed))
