@@ -167,10 +167,11 @@ def test_energy_margin_by_hand():
     zeros_in, zeros_out = jnp.zeros((2, K)), jnp.zeros((3, K))
     # E_in - m_in = -1.609 + 23 > 0; m_out - E_out = -5 + 1.609 < 0: only the ID term.
     expected = (np.log(K) * -1 + 23.0) ** 2
-    np.testing.assert_allclose(losses.energy_margin_loss(zeros_in, zeros_out), expected, rtol=1e-6)
+    loss = jax.jit(losses.energy_margin_loss)
+    np.testing.assert_allclose(loss(zeros_in, zeros_out), expected, rtol=1e-6)
     # Energies inside both margins give exactly 0.
     confident = jnp.array([[40.0, 0, 0, 0, 0]])  # E ~ -40 < m_in
-    assert losses.energy_margin_loss(confident, zeros_out) == 0.0
+    assert loss(confident, zeros_out) == 0.0
 
 
 def test_l2_normalize_matches_numpy_and_keeps_dtype():
@@ -219,7 +220,8 @@ def test_check_grads_float64(name):
         logits = jnp.asarray(rng.normal(size=(3, K)), jnp.float64)
         fn = _scalar_losses(jnp.array([0, 3, 1]))[name]
         assert fn(logits).dtype == jnp.float64
-        check_grads(fn, (logits,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+        # jit: eager op-by-op evaluation makes check_grads' many calls several times slower.
+        check_grads(jax.jit(fn), (logits,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
 
 
 def test_gradients_match_closed_forms(batch):
@@ -257,12 +259,12 @@ def test_logitnorm_gradient_finite_difference(batch):
 def test_gradient_at_zero_logits_is_finite_and_correct():
     tau, eps = 0.04, 1e-7
     labels = jnp.array([1, 4])
-    g = jax.grad(lambda f: jnp.sum(losses.logitnorm_loss(f, labels)))(jnp.zeros((2, K)))
+    g = jax.jit(jax.grad(lambda f: jnp.sum(losses.logitnorm_loss(f, labels))))(jnp.zeros((2, K)))
     # At f = 0 the norm's subgradient is 0, so d/df CE(f / (tau * eps)) = (1/K - onehot)/(tau eps).
     expected = (1.0 / K - np.eye(K)[np.array([1, 4])]) / (tau * eps)
     np.testing.assert_allclose(g, expected, rtol=1e-4)
     weights = jnp.arange(1.0, K + 1.0)
-    g = jax.grad(lambda x: jnp.sum(losses.l2_normalize(x) * weights))(jnp.zeros((K,)))
+    g = jax.jit(jax.grad(lambda x: jnp.sum(losses.l2_normalize(x) * weights)))(jnp.zeros((K,)))
     np.testing.assert_allclose(g, weights / 1e-12, rtol=1e-6)
 
 
@@ -278,9 +280,10 @@ STABILITY_CASES = {
 @pytest.mark.parametrize("case", sorted(STABILITY_CASES))
 def test_finite_values_and_gradients(case, dtype):
     logits = jnp.asarray(STABILITY_CASES[case], dtype)
-    labels = jnp.array([1, 4])
-    for name, fn in _scalar_losses(labels).items():
-        value, grad = jax.value_and_grad(fn)(logits)
+    fns = _scalar_losses(jnp.array([1, 4]))
+    # One jit for all losses: a compile per loss would dominate this test's time.
+    results = jax.jit(lambda f: {n: jax.value_and_grad(fn)(f) for n, fn in fns.items()})(logits)
+    for name, (value, grad) in results.items():
         assert np.isfinite(value), (name, case, dtype)
         grad = np.asarray(grad, np.float32)
         if name in ("logitnorm", "l2_normalize") and case == "all_zero" and dtype == jnp.float16:

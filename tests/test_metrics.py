@@ -2,9 +2,11 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 from sklearn import metrics as skm
 
 from ood_jax.metrics import accuracy, expected_calibration_error, ood_metrics
@@ -143,6 +145,16 @@ def test_accepts_jax_and_low_precision_arrays():
     ood_scores = jnp.array([0.75, 0.1], dtype=jnp.bfloat16)
     assert ood_metrics(id_scores, ood_scores)["auroc"] == pytest.approx(0.75)
     assert ood_metrics(np.array([3, 2]), np.array([1]))["auroc"] == 1.0  # integers
+
+
+def test_accepts_arrays_sharded_over_devices():
+    # ood_jax.evaluate hands over global arrays sharded over the batch axis.
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(1, 1, 64).astype(np.float32), rng.normal(0, 1, 32).astype(np.float32)
+    got = ood_metrics(jax.device_put(a, sharding), jax.device_put(b, sharding))
+    assert got == ood_metrics(a, b)
 
 
 def test_scores_are_not_rescaled_or_shifted():
