@@ -99,6 +99,7 @@ def evaluate_workdir(
     num_draws: int = 10,
     num_synthetic: int = 2000,
     max_train: int | None = None,
+    max_ood: int | None = None,
     batch_size: int = 256,
     out_dir: str | None = None,
     command: str = "",
@@ -127,6 +128,7 @@ def evaluate_workdir(
         num_draws=num_draws,
         seed=config.seed,
         max_train=max_train,
+        max_ood=max_ood,
         batch_size=batch_size,
         out_dir=default_dir if out_dir is None else out_dir,
         metrics_log_dir=workdir,
@@ -157,9 +159,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--odin_temperature", type=float, default=1000.0)
     p.add_argument("--odin_epsilon", type=float, default=0.0014)
     p.add_argument("--knn_k", type=int, default=50)
+    p.add_argument(
+        "--knn_max_train", type=int, default=None, help="KNN bank: N random train features"
+    )
     p.add_argument("--num_draws", type=int, default=10)
     p.add_argument("--num_synthetic", type=int, default=2000, help="images per synthetic set")
     p.add_argument("--max_train", type=int, default=None, help="fit scores on N train images")
+    p.add_argument("--max_ood", type=int, default=None, help="subsample each OOD set to N")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--out_dir", default=None)
     args = p.parse_args(argv)
@@ -173,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         odin_temperature=args.odin_temperature,
         odin_epsilon=args.odin_epsilon,
         knn_k=args.knn_k,
+        knn_max_train=args.knn_max_train,
     )
     results = evaluate_workdir(
         args.workdir,
@@ -186,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         num_draws=args.num_draws,
         num_synthetic=args.num_synthetic,
         max_train=args.max_train,
+        max_ood=args.max_ood,
         batch_size=args.batch_size,
         out_dir=args.out_dir,
         command=command,

@@ -50,6 +50,7 @@ def workdir(tmp_path_factory):
 ARGS = [
     "--ood_sets=gaussian,blobs",
     "--num_synthetic=24",
+    "--max_ood=20",
     "--scores=msp,energy,mahalanobis,odin",
     "--num_draws=2",
     "--batch_size=32",
@@ -67,6 +68,8 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
     assert list(on_disk["ood"]) == ["papers", "full"]
     assert set(on_disk["ood"]["full"]["metrics"]["odin"]) == {"gaussian", "blobs", "average"}
     assert on_disk["data"]["id"]["num_examples"] == 64
+    gaussian = on_disk["data"]["ood"]["gaussian"]
+    assert gaussian["num_examples"] == 20 and "random 20 of 24" in gaussian["source"]
     # The logit-norm curve comes from the training run's metrics.jsonl.
     assert on_disk["diagnostics"]["logit_norm_curve"]["logit_norm"]["step"] == [4.0]
     assert (report / "plots" / "logit_norm.png").exists()

@@ -120,6 +120,7 @@ def run_evaluation(
     num_draws: int = 10,
     seed: int = 0,
     max_train: int | None = None,
+    max_ood: int | None = None,
     batch_size: int = 256,
     mesh=None,
     out_dir: str | os.PathLike | None = None,
@@ -145,6 +146,9 @@ def run_evaluation(
       num_ood, num_draws, seed: the papers' protocol (default ``N_id // 5``, 10, 0).
       max_train: fit the fitted scores on a seeded random subset of at most this
         many training images (None = all), e.g. to keep a CPU run short.
+      max_ood: evaluate each OOD set on a seeded random subset of at most this
+        many images (None = all; recorded in the set's ``source``). The papers'
+        protocol then draws from that subset, the full-set protocol uses all of it.
       batch_size: forward-pass batch size (padded to a multiple of the devices).
       mesh: device mesh with a ``"data"`` axis (default: all devices).
       out_dir: if given, write ``results.json``, ``results.md`` and ``plots/*.png``
@@ -168,6 +172,7 @@ def run_evaluation(
     if not protocols:
         raise ValueError(f"protocols: choose at least one of {PROTOCOLS}.")
     _check_datasets(id_test, ood_sets)
+    ood_sets = {k: _subsample(v, max_ood, seed) for k, v in ood_sets.items()}
     needs_train = any(n in FITTED_SCORES for n in names)
     if needs_train and train is None:
         raise ValueError(
@@ -264,6 +269,7 @@ def run_evaluation(
             "seed": seed,
             "convention": convention,
             "max_train": max_train,
+            "max_ood": max_ood,
         },
         "classification": classification,
         "ood": ood_results,

@@ -1,0 +1,177 @@
+"""Evaluation throughput: forward images/s, ODIN images/s, and per-score time from cache.
+
+Usage (from the repository root, ``ood_jax`` importable: ``pip install -e .`` or
+``PYTHONPATH=.``)::
+
+    python benchmarks/eval_throughput.py                       # cpu preset model, issue sizes
+    python benchmarks/eval_throughput.py --out benchmarks/results/eval_throughput.md
+
+Forward pass: ``ForwardPass`` (jitted, sharded over all devices) on random
+uint8 images through ``eval_batches``; images/s after one warm-up pass.
+Scores: ``score_outputs`` on cached outputs of the issue's sizes (10,000 ID +
+6 x 2,000 OOD examples, fitted on 50,000 training features), with synthetic
+ReLU-like features of the model's feature size and logits from its head;
+each score's time is given for the first call (with compilation) and the
+best of ``--repeats`` later calls, plus the host-side fit time. Metrics: the
+papers' protocol (10 draws per set) over all scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ood_jax import data as D
+from ood_jax.evaluate import ForwardPass, ModelOutputs, ScoreSettings, make_odin_fn
+from ood_jax.evaluate.protocol import evaluate_ood
+from ood_jax.evaluate.sweep import fit_scores, score_outputs
+from ood_jax.models import create_model
+
+CHEAP = ("msp", "max_logit", "energy", "neg_entropy", "feature_norm", "gradnorm", "react")
+FITTED = ("mahalanobis", "knn", "gmm", "react")
+
+
+def _synthetic_outputs(rng, n, kernel, bias, shift, labelled):
+    dim, k = kernel.shape
+    labels = rng.integers(0, k, n)
+    means = np.abs(np.random.default_rng(0).normal(size=(k, dim)))
+    z = np.maximum(means[labels] * shift + rng.normal(size=(n, dim)), 0).astype(np.float32)
+    logits = (z @ kernel + bias).astype(np.float32)
+    return ModelOutputs(logits, z, (labels if labelled else -np.ones(n)).astype(np.int32))
+
+
+def _time(fn, repeats):
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return first, best
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="wrn40_2")
+    p.add_argument("--options", default='{"depth": 16, "widen_factor": 4, "dropout_rate": 0.0}')
+    p.add_argument("--num-forward", type=int, default=2048)
+    p.add_argument("--num-odin", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-id", type=int, default=10_000)
+    p.add_argument("--num-ood", type=int, default=2_000)
+    p.add_argument("--num-ood-sets", type=int, default=6)
+    p.add_argument("--num-train", type=int, default=50_000)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
+    args = p.parse_args(argv)
+    load_at_start = os.getloadavg()[0]
+
+    model = create_model(args.model, num_classes=10, rngs=nnx.Rngs(0), **json.loads(args.options))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.num_forward, 32, 32, 3), dtype=np.uint8)
+    ds = D.from_arrays(images, name="random", num_classes=0)
+    forward = ForwardPass(model)
+
+    def batches(dataset):
+        return D.eval_batches(dataset, batch_size=args.batch_size, process_index=0, process_count=1)
+
+    forward(batches(ds))  # compile
+    start = time.perf_counter()
+    forward(batches(ds))
+    fwd_rate = args.num_forward / (time.perf_counter() - start)
+    odin_ds = D.from_arrays(images[: args.num_odin], name="random", num_classes=0)
+    odin_fn = make_odin_fn(ScoreSettings())
+    forward.map_batches(odin_fn, batches(odin_ds))
+    start = time.perf_counter()
+    forward.map_batches(odin_fn, batches(odin_ds))
+    odin_rate = args.num_odin / (time.perf_counter() - start)
+
+    kernel = np.asarray(model.head.kernel[...], np.float32)
+    bias = np.asarray(model.head.bias[...], np.float32)
+    train = _synthetic_outputs(rng, args.num_train, kernel, bias, 1.0, True)
+    outputs = {"id": _synthetic_outputs(rng, args.num_id, kernel, bias, 1.0, True)}
+    for s in range(args.num_ood_sets):
+        outputs[f"ood/{s}"] = _synthetic_outputs(rng, args.num_ood, kernel, bias, 0.5, False)
+    settings = ScoreSettings(temperatures=(1.0, 10.0, 100.0, 1000.0))
+    rows = []
+    fitted = {}
+    for name in FITTED:
+        start = time.perf_counter()
+        fitted.update(
+            fit_scores([name], train, head_kernel=kernel, head_bias=bias, settings=settings)
+        )
+        rows.append((f"fit {name}", time.perf_counter() - start, None))
+    all_scores = ("msp", "max_logit", "energy", "neg_entropy", "feature_norm", "gradnorm")
+    all_scores += ("mahalanobis", "knn", "gmm", "react")
+    scored = {}
+    for name in all_scores:
+        run = lambda name=name: scored.update(
+            score_outputs(
+                [name],
+                outputs,
+                head_kernel=kernel,
+                head_bias=bias,
+                settings=settings,
+                fitted=fitted,
+            )
+        )
+        first, best = _time(run, args.repeats)
+        rows.append((name, first, best))
+    total_examples = args.num_id + args.num_ood_sets * args.num_ood
+    everything = lambda: score_outputs(
+        all_scores, outputs, head_kernel=kernel, head_bias=bias, settings=settings, fitted=fitted
+    )
+    first, best = _time(everything, 1)
+    rows.append(("all scores, one call", first, best))
+    scored = everything()
+    id_scores = scored["id"]
+    ood_scores = {k: v for k, v in scored.items() if k != "id"}
+    first, best = _time(lambda: evaluate_ood(id_scores, ood_scores, protocol="papers"), 0)
+    rows.append((f"metrics, papers' protocol ({len(id_scores)} score keys)", first, None))
+
+    lines = [
+        "# Evaluation throughput",
+        "",
+        f"- command: `{shlex.join(['python', 'benchmarks/eval_throughput.py', *sys.argv[1:]])}`",
+        f"- date: {datetime.date.today()}, machine: {platform.machine()} "
+        f"{platform.processor() or ''}, {jax.device_count()} {jax.default_backend()} device(s), "
+        f"jax {jax.__version__}; 1-minute load average {load_at_start:.1f} at the start on "
+        f"{os.cpu_count()} cores (a shared machine: higher load, slower numbers)",
+        f"- model: {args.model} {args.options}, feature dim {kernel.shape[0]}, batch "
+        f"{args.batch_size}",
+        "",
+        "| pass | images/s |",
+        "|---|---|",
+        f"| forward (logits + features) | {fwd_rate:.0f} |",
+        f"| ODIN (per-example input gradient + second forward) | {odin_rate:.0f} |",
+        "",
+        f"Scores from cached outputs: {args.num_id} ID + {args.num_ood_sets} x "
+        f"{args.num_ood} OOD = {total_examples} examples; fitted on {args.num_train} "
+        f"training features; MSP and energy swept over T = {settings.temperatures} (vmapped).",
+        "",
+        "| step | first call, s (with compilation) | best later call, s |",
+        "|---|---|---|",
+    ]
+    for name, first, best in rows:
+        lines.append(f"| {name} | {first:.2f} | {'' if best is None else f'{best:.2f}'} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
