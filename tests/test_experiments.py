@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.cifar10_train import apply_overrides, train_and_evaluate
+from experiments.cifar10_train import apply_overrides, model_identity, train_and_evaluate
 from experiments.configs import cifar10 as presets
 from ood_jax.checkpoint import CheckpointError
 from ood_jax.train.logging import read_metrics
@@ -67,6 +67,18 @@ def test_overrides_parse_types_and_reject_unknown_fields():
         apply_overrides(c, ["--config.optim.lrr=0.1"])
     with pytest.raises(ValueError, match="unrecognized argument"):
         apply_overrides(c, ["--lr=0.1"])
+
+
+def test_model_identity_includes_objective_and_precision_options():
+    c = presets.get_config("paper", "ce")
+    c.objective.name = "feature_norm"
+    c.model.mixed_precision = True
+    identity = model_identity(c, 10)
+    assert identity == {
+        "name": "wrn40_2",
+        "num_classes": 10,
+        "options": {"dropout_rate": 0.3, "normalize_features": True, "dtype": "bfloat16"},
+    }
 
 
 @pytest.mark.slow

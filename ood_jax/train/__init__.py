@@ -5,6 +5,7 @@ Data flow: host batches -> :mod:`ood_jax.sharding` global arrays -> the jitted
 checkpoints (:mod:`ood_jax.checkpoint`) and ``metrics.jsonl``.
 """
 
+from ood_jax.train.loop import NonFiniteLossError, evaluate, fit, restore_or_initialize
 from ood_jax.train.objectives import (
     Objective,
     Outputs,
@@ -25,6 +26,7 @@ from ood_jax.train.step import (
 __all__ = [
     "SCHEDULES",
     "ModelDef",
+    "NonFiniteLossError",
     "Objective",
     "Outputs",
     "TrainState",
@@ -33,11 +35,14 @@ __all__ = [
     "compile_eval_step",
     "compile_train_step",
     "create_train_state",
+    "evaluate",
+    "fit",
     "get_objective",
     "make_eval_step",
     "make_optimizer",
     "make_schedule",
     "make_train_step",
     "register_objective",
+    "restore_or_initialize",
     "split_model",
 ]
