@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     forward = ForwardPass(model)
 
     def batches(dataset):
-        return D.eval_batches(dataset, batch_size=args.batch_size, process_index=0, process_count=1)
+        # No larger than the dataset: padding rows would be timed as if they were images.
+        size = min(args.batch_size, len(dataset))
+        return D.eval_batches(dataset, batch_size=size, process_index=0, process_count=1)
 
     forward(batches(ds))  # compile
     start = time.perf_counter()

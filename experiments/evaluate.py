@@ -158,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--temperatures", default="1", help="MSP/energy sweep, e.g. 1,10,1000")
     p.add_argument("--odin_temperature", type=float, default=1000.0)
     p.add_argument("--odin_epsilon", type=float, default=0.0014)
+    p.add_argument(
+        "--odin_max_examples", type=int, default=None, help="ODIN on N random images per set"
+    )
     p.add_argument("--knn_k", type=int, default=50)
     p.add_argument(
         "--knn_max_train", type=int, default=None, help="KNN bank: N random train features"
@@ -178,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         temperatures=temperatures,
         odin_temperature=args.odin_temperature,
         odin_epsilon=args.odin_epsilon,
+        odin_max_examples=args.odin_max_examples,
         knn_k=args.knn_k,
         knn_max_train=args.knn_max_train,
     )

@@ -51,6 +51,7 @@ ARGS = [
     "--ood_sets=gaussian,blobs",
     "--num_synthetic=24",
     "--max_ood=20",
+    "--odin_max_examples=16",
     "--scores=msp,energy,mahalanobis,odin",
     "--num_draws=2",
     "--batch_size=32",
@@ -70,6 +71,10 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
     assert on_disk["data"]["id"]["num_examples"] == 64
     gaussian = on_disk["data"]["ood"]["gaussian"]
     assert gaussian["num_examples"] == 20 and "random 20 of 24" in gaussian["source"]
+    # ODIN on 16-image subsets of every set; its draws are recorded apart.
+    assert on_disk["odin_examples"] == {"id": 16, "ood/gaussian": 16, "ood/blobs": 16}
+    assert on_disk["ood"]["papers"]["odin_draws"]["blobs"]["num_examples"] == 12  # 64 // 5
+    assert "ODIN on seeded random subsets" in (report / "results.md").read_text()
     # The logit-norm curve comes from the training run's metrics.jsonl.
     assert on_disk["diagnostics"]["logit_norm_curve"]["logit_norm"]["step"] == [4.0]
     assert (report / "plots" / "logit_norm.png").exists()

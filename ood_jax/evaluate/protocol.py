@@ -58,10 +58,13 @@ def evaluate_ood(
         ``"openood"``; passed to ``ood_jax.metrics.ood_metrics``.
 
     Returns:
-      ``{"protocol", "convention", "num_ood", "num_draws", "seed",
-      "draws": {set: {"seeds": [[seed, s, d], ...], "num_examples": n}},
-      "metrics": {score: {set | "average": {metric: {"mean", "std", "values"}}}}}``
-      with metric values as fractions in [0, 1].
+      ``{"protocol", "convention", "num_ood", "num_draws", "seed", "draws",
+      "metrics"}`` where ``draws[set] = {"seeds": [[seed, s, d], ...],
+      "num_examples": n, "population": N_set}`` (draw ``d`` is
+      ``draw_indices(N_set, n, seed=[seed, s, d])``) and
+      ``metrics[score][set or "average"][metric] = {"mean", "std", "values"}``
+      with metric values as fractions in [0, 1]; the average row's std is the
+      mean of the per-set stds.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
@@ -91,7 +94,11 @@ def evaluate_ood(
         else:
             seeds = [[seed, s, d] for d in range(num_draws)]
             index_sets = [draw_indices(n_set, num_ood, seed=sd) for sd in seeds]
-        draws[set_name] = {"seeds": seeds, "num_examples": int(len(index_sets[0]))}
+        draws[set_name] = {
+            "seeds": seeds,
+            "num_examples": int(len(index_sets[0])),
+            "population": int(n_set),
+        }
         for k in keys:
             values: dict[str, list[float]] = {m: [] for m in METRIC_NAMES}
             for idx in index_sets:

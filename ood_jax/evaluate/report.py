@@ -167,6 +167,12 @@ def markdown_report(results: Mapping) -> str:
             f"- training set for fitted scores: {data['train']['name']} "
             f"({data['train']['num_examples']} images)"
         )
+    odin_max = results.get("settings", {}).get("odin_max_examples")
+    if results.get("odin_examples") and odin_max:
+        lines.append(
+            f"- ODIN on seeded random subsets of at most {odin_max} images per dataset "
+            f"(sizes in results.json `odin_examples`)"
+        )
     lines += [
         f"- metrics in percent; higher score = more in-distribution; command: "
         f"`{results.get('command', '')}`",

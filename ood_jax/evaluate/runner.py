@@ -208,11 +208,17 @@ def run_evaluation(
         names, outputs, head_kernel=kernel, head_bias=bias, settings=settings, fitted=fitted
     )
     timings["score_s"] = time.perf_counter() - t0
+    # ODIN needs a gradient pass over images; on a CPU it may run on seeded subsets of
+    # every dataset (settings.odin_max_examples), so it is kept apart from the cache.
+    odin: dict[str, np.ndarray] = {}
+    odin_sizes: dict[str, int] = {}
     if "odin" in names:
         t0 = time.perf_counter()
         odin_fn = make_odin_fn(settings)
         for key, ds in datasets.items():
-            scored[key]["odin"] = forward.map_batches(odin_fn, batches(ds))
+            subset = _subsample(ds, settings.odin_max_examples, seed)
+            odin[key] = forward.map_batches(odin_fn, batches(subset))
+            odin_sizes[key] = len(subset)
         timings["odin_s"] = time.perf_counter() - t0
 
     id_out = outputs["id"]
@@ -227,23 +233,39 @@ def run_evaluation(
         "mean_logit_norm": float(np.linalg.norm(id_out.logits, axis=-1).mean()),
     }
 
-    ood_keys = [k for k in datasets if k != "id"]
-    id_scores = scored["id"]
-    ood_scores = {k[len("ood/") :]: scored[k] for k in ood_keys}
+    ood_names = [k[len("ood/") :] for k in datasets if k != "id"]
+    groups = [(scored["id"], {n: scored[f"ood/{n}"] for n in ood_names})]
+    if odin:
+        groups.append(({"odin": odin["id"]}, {n: {"odin": odin[f"ood/{n}"]} for n in ood_names}))
     t0 = time.perf_counter()
-    ood_results = {
-        p: evaluate_ood(
-            id_scores,
-            ood_scores,
-            protocol=p,
-            num_ood=num_ood,
-            num_draws=num_draws,
-            seed=seed,
-            convention=convention,
-        )
-        for p in protocols
-    }
+    ood_results = {}
+    for p in protocols:
+        # Same seeds and draw size for every group, so unsubsampled ODIN gets the
+        # very draws it would get scored together with the cached scores.
+        parts = [
+            evaluate_ood(
+                ids,
+                oods,
+                protocol=p,
+                num_ood=max(len(id_test) // 5, 1) if num_ood is None else num_ood,
+                num_draws=num_draws,
+                seed=seed,
+                convention=convention,
+            )
+            for ids, oods in groups
+            if ids
+        ]
+        merged = parts[0]
+        for extra in parts[1:]:
+            merged["metrics"].update(extra["metrics"])
+            if extra["draws"] != merged["draws"]:
+                merged["odin_draws"] = extra["draws"]
+        ood_results[p] = merged
     timings["metrics_s"] = time.perf_counter() - t0
+    id_scores = {**scored["id"], **({"odin": odin["id"]} if odin else {})}
+    ood_scores = {
+        n: {**scored[f"ood/{n}"], **({"odin": odin[f"ood/{n}"]} if odin else {})} for n in ood_names
+    }
 
     geometry = {
         key[len("ood/") :] if key != "id" else id_test.name: diagnostics.feature_geometry(
@@ -271,6 +293,7 @@ def run_evaluation(
             "max_train": max_train,
             "max_ood": max_ood,
         },
+        "odin_examples": odin_sizes or None,
         "classification": classification,
         "ood": ood_results,
         "diagnostics": {

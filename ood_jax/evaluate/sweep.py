@@ -67,6 +67,9 @@ class ScoreSettings:
       knn_max_train: fit KNN on at most this many training features (a random
         subset drawn with ``seed``); None = all.
       react_percentile: ReAct's clipping percentile of training activations (90).
+      odin_max_examples: compute ODIN on a seeded random subset of at most this
+        many images of each dataset (ID included); None = all. ODIN's gradient
+        pass is the slowest step on a CPU; its metrics then use those subsets.
       seed: seed for the KNN training subset.
     """
 
@@ -77,6 +80,7 @@ class ScoreSettings:
     knn_k: int = 50
     knn_max_train: int | None = None
     react_percentile: float = 90.0
+    odin_max_examples: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
