@@ -113,6 +113,9 @@ def evaluate_workdir(
             raise ValueError(f"--data_dir {data_dir!r} is not a folder.")
         config.data.source = data_dir
     train_ds, test_ds = load_splits(config)
+    if max_train is None:
+        # Same training subset size as the end-of-training hook (0 = all).
+        max_train = config.get("eval", {}).get("max_train") or None
     ood = load_ood_sets(
         ood_sets, data_dir=data_dir, num_synthetic=num_synthetic, seed=config.seed, id_test=test_ds
     )
@@ -167,7 +170,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     p.add_argument("--num_draws", type=int, default=10)
     p.add_argument("--num_synthetic", type=int, default=2000, help="images per synthetic set")
-    p.add_argument("--max_train", type=int, default=None, help="fit scores on N train images")
+    p.add_argument(
+        "--max_train",
+        type=int,
+        default=None,
+        help="fit scores on N train images (default: the run's config.eval.max_train)",
+    )
     p.add_argument("--max_ood", type=int, default=None, help="subsample each OOD set to N")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--out_dir", default=None)
