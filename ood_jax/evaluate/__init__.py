@@ -9,10 +9,15 @@
 - ``diagnostics``: final-layer weight geometry, ``||z||`` and
   ``cos(z, w_pred)`` distributions (Pearce et al. 2021), logit norm over training.
 - ``report`` / ``plots``: ``results.json``, ``results.md``, PNGs, written atomically.
-- ``runner``: :func:`run_evaluation` (a model + datasets);
-  ``checkpoint``: :func:`evaluate_checkpoint` (a training workdir).
+- ``datasets``: OOD sets by name (offline files, tfds, synthetic noise).
+- ``runner``: :func:`run_evaluation` (a model + datasets -> results + report).
+
+A training workdir's checkpoint is evaluated by ``python -m experiments.evaluate``
+(``experiments.evaluate.evaluate_workdir``), which restores the model and calls
+:func:`run_evaluation`; the training experiments call it at the end of training.
 """
 
+from ood_jax.evaluate.datasets import OFFLINE_OOD_SETS, SYNTHETIC_NAMES, load_ood_sets
 from ood_jax.evaluate.diagnostics import (
     feature_geometry,
     logit_norm_curve,
@@ -34,6 +39,9 @@ from ood_jax.evaluate.sweep import (
 
 __all__ = [
     "DEFAULT_SCORES",
+    "OFFLINE_OOD_SETS",
+    "SYNTHETIC_NAMES",
+    "load_ood_sets",
     "METRIC_NAMES",
     "PROTOCOLS",
     "SCORE_NAMES",
