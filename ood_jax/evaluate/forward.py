@@ -69,11 +69,19 @@ class ForwardPass:
     Args:
       model: an NNX module whose call returns ``(logits [B, K], features [B, D])``.
       mesh: the mesh to shard batches over its ``"data"`` axis; default: all
-        devices. A batch whose size does not divide by the number of devices is
+        local devices (single process: multi-host evaluation is not supported).
+        A batch whose size does not divide by the number of devices is
         padded (and the padding dropped again).
     """
 
     def __init__(self, model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None) -> None:
+        if jax.process_count() > 1:
+            # Batches are placed with device_put from one host; a multi-host mesh would
+            # need per-process slices and an all-gather of the outputs (not built yet).
+            raise ValueError(
+                f"ForwardPass runs in a single process; this job has {jax.process_count()} "
+                "processes. Evaluate from one host (e.g. restore the checkpoint on one VM)."
+            )
         model.eval()
         self.graphdef, self.state = nnx.split(model)
         self.mesh = sharding.make_mesh() if mesh is None else mesh
