@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     fitted = {}
     for name in FITTED:
         start = time.perf_counter()
-        fitted.update(
-            fit_scores([name], train, head_kernel=kernel, head_bias=bias, settings=settings)
-        )
+        fitted.update(fit_scores([name], train, settings=settings))
         rows.append((f"fit {name}", time.perf_counter() - start, None))
     all_scores = ("msp", "max_logit", "energy", "neg_entropy", "feature_norm", "gradnorm")
     all_scores += ("mahalanobis", "knn", "gmm", "react")

@@ -32,7 +32,7 @@ FITTED = ("mahalanobis", "knn", "gmm", "react")
 
 @pytest.fixture(scope="module")
 def scored():
-    fitted = fit_scores(FITTED, TRAIN, head_kernel=KERNEL, head_bias=BIAS, settings=SETTINGS)
+    fitted = fit_scores(FITTED, TRAIN, settings=SETTINGS)
     return score_outputs(
         NAMES + FITTED,
         OUTPUTS,
@@ -121,4 +121,4 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="fitted parameters"):
         score_outputs(["knn"], OUTPUTS, head_kernel=KERNEL, head_bias=BIAS, settings=SETTINGS)
     with pytest.raises(ValueError, match="labelled"):
-        fit_scores(["gmm"], OUTPUTS["ood/a"], head_kernel=KERNEL, head_bias=BIAS, settings=SETTINGS)
+        fit_scores(["gmm"], OUTPUTS["ood/a"], settings=SETTINGS)

@@ -198,9 +198,7 @@ def run_evaluation(
         train_outputs = forward(batches(train_used))
         timings["forward_train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        fitted = fit_scores(
-            names, train_outputs, head_kernel=kernel, head_bias=bias, settings=settings
-        )
+        fitted = fit_scores(names, train_outputs, settings=settings)
         timings["fit_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -145,8 +145,6 @@ def fit_scores(
     names: Sequence[str],
     train: ModelOutputs,
     *,
-    head_kernel: np.ndarray,
-    head_bias: np.ndarray,
     settings: ScoreSettings,
 ) -> dict[str, object]:
     """Fits the fitted scores among ``names`` on the training set's cached outputs.
