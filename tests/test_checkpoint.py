@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from toy_models import FlatLinear
 
 from ood_jax import sharding
 from ood_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
@@ -57,17 +58,24 @@ def test_round_trip_keep_last_and_restore_onto_one_device(tmp_path):
         ckpt.restore(target, step=1)
 
 
+def linear_state(num_classes):
+    model = FlatLinear(12, num_classes, rngs=nnx.Rngs(0))
+    return create_train_state(model, make_optimizer(0.1), seed=0)[1]
+
+
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
-    state = tiny_state()
+    state = linear_state(4)
+    identity = {"name": "flat_linear", "num_classes": 4, "options": {}}
     ckpt = Checkpointer(tmp_path)
-    ckpt.save(5, state, {"model": IDENTITY})
-    other = {**IDENTITY, "name": "wrn40_2"}
+    ckpt.save(5, state, {"model": identity})
+    other = {**identity, "name": "wrn40_2"}
     with pytest.raises(CheckpointError, match="of another model"):
         ckpt.restore(abstract_like(state), expected_model=other)
-    # Same metadata check skipped, but the tree does not fit: still a clear error.
-    wider = tiny_state(width=8)
-    with pytest.raises(CheckpointError, match="does not match this model's state"):
-        ckpt.restore(abstract_like(wider))
+    # Without the metadata check the tree still does not fit: a clear error naming it.
+    with pytest.raises(CheckpointError, match="different shapes.*head/kernel"):
+        ckpt.restore(abstract_like(linear_state(5)))
+    with pytest.raises(CheckpointError, match="missing.*bn1"):
+        ckpt.restore(abstract_like(tiny_state()))
 
 
 def test_directory_without_checkpoint_but_with_files_is_an_error(tmp_path):
