@@ -46,6 +46,7 @@ def test_ce_step_matches_closed_form_gradient_with_mask(linear_setup):
     b = np.asarray(state.params["head"]["bias"], np.float64)
     batch = make_batch(np.random.default_rng(1), 8)
     batch["mask"] = np.array([1, 1, 1, 0, 1, 1, 0, 1], bool)
+    batch["label"][~batch["mask"]] = -1  # padding rows: no label
     mesh = sharding.make_mesh(8)
     step = compile_train_step(make_train_step(model_def, tx, bind_objective("ce")), mesh)
     new_state, metrics = step(sharding.replicate(state, mesh), sharding.global_batch(batch, mesh))

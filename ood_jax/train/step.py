@@ -30,8 +30,9 @@ StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    # where, not multiply: a masked row's NaN (e.g. from its label -1) must not leak.
+    total = jnp.sum(jnp.where(mask, values, 0.0))
+    return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
 def _state_after(model: nnx.Module) -> Any:
@@ -64,8 +65,7 @@ def make_train_step(
 
     Metrics (scalars): ``loss`` (masked mean), ``accuracy``, ``logit_norm`` (mean L2 norm of
     the logits, what LogitNorm controls), ``grad_norm``, ``lr`` (if ``learning_rate`` is
-    given), ``finite`` (1.0 iff
-    the loss and gradients are finite).
+    given), ``finite`` (1.0 iff the loss and gradients are finite).
     """
 
     def train_step(
@@ -77,6 +77,8 @@ def make_train_step(
         if aux_batch is not None:
             images = jnp.concatenate([images, aux_batch["image"].astype(images.dtype)], axis=0)
         mask = batch.get("mask", jnp.ones((num_in,), bool))
+        # Padding rows carry label -1; any valid class keeps their (ignored) loss finite.
+        labels = jnp.where(mask, batch["label"], 0)
 
         def compute_loss(params):
             model = model_def.merge(params, state.batch_stats, train=True, key=key)
@@ -85,7 +87,7 @@ def make_train_step(
             features = features.astype(jnp.float32)
             inputs = Outputs(logits[:num_in], features[:num_in])
             outliers = None if aux_batch is None else Outputs(logits[num_in:], features[num_in:])
-            per_example = loss_fn(inputs, batch["label"], outliers)
+            per_example = loss_fn(inputs, labels, outliers)
             new_stats = jax.tree.map(
                 lambda new, old: new.astype(old.dtype), _state_after(model), state.batch_stats
             )
@@ -97,7 +99,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         metrics = {
             "loss": loss,
             "accuracy": _masked_mean(correct, mask),
