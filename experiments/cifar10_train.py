@@ -242,7 +242,7 @@ def run_final_evaluation(
 
 
 def _ood_evaluation(config, model_def, state, train_ds, test_ds, workdir) -> str:
-    from ood_jax.evaluate import run_evaluation
+    from ood_jax.evaluate import ScoreSettings, run_evaluation
     from ood_jax.evaluate.datasets import load_ood_sets
 
     params, batch_stats = sharding.fetch((state.params, state.batch_stats))
@@ -257,6 +257,12 @@ def _ood_evaluation(config, model_def, state, train_ds, test_ds, workdir) -> str
         ood_sets=ood_sets,
         train=train_ds,
         max_train=config.eval.max_train or None,
+        max_ood=config.eval.get("max_ood", 0) or None,
+        settings=ScoreSettings(
+            odin_max_examples=config.eval.get("odin_max_examples", 0) or None,
+            knn_max_train=config.eval.get("knn_max_train", 0) or None,
+            seed=config.seed,
+        ),
         seed=config.seed,
         out_dir=out_dir,
         metrics_log_dir=workdir,

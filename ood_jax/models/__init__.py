@@ -12,6 +12,7 @@ from flax import nnx
 from ood_jax.models.classifier import Classifier, check_images
 from ood_jax.models.layers import SpectralNormConv
 from ood_jax.models.resnet import BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50
+from ood_jax.models.resnet9 import ResNet9
 from ood_jax.models.tiny import TinyCNN
 from ood_jax.models.wrn import WRN40_2, WideResNet
 
@@ -20,6 +21,7 @@ _REGISTRY: dict[str, Callable[..., Classifier]] = {
     "resnet34": ResNet34,
     "resnet50": ResNet50,
     "wrn40_2": WRN40_2,
+    "resnet9": ResNet9,
     "tiny": TinyCNN,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -30,7 +32,8 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> C
 
     Args:
       name: one of ``MODEL_NAMES``: "resnet18", "resnet34", "resnet50" (CIFAR
-        stem), "wrn40_2" (WRN-40-2, dropout 0.3), "tiny" (tests only).
+        stem), "wrn40_2" (WRN-40-2, dropout 0.3), "resnet9"
+        (DAWNBench ResNet-9, ``width`` option; the CPU preset), "tiny" (tests only).
       num_classes: size of the linear head.
       rngs: ``nnx.Rngs``; ``params`` initializes weights, ``dropout`` drives
         dropout (``nnx.Rngs(seed)`` provides both).
@@ -62,6 +65,7 @@ __all__ = [
     "ResNet18",
     "ResNet34",
     "ResNet50",
+    "ResNet9",
     "SpectralNormConv",
     "TinyCNN",
     "WideResNet",
