@@ -118,7 +118,7 @@ def test_unknown_name_lists_known_models():
     "options, match",
     [
         ({"activation": "gelu"}, "activation"),
-        ({"pooling": "max"}, "pooling"),
+        ({"pooling": "median"}, "pooling"),
         ({"num_classes": 0}, "num_classes"),
         ({"depth_multiplier": 2}, "Bad options"),
     ],

@@ -48,3 +48,14 @@ def test_bad_width():
         create_model("resnet9", num_classes=10, rngs=nnx.Rngs(0), width=0)
     with pytest.raises(ValueError, match="NHWC"):
         create_model("resnet9", num_classes=10, rngs=nnx.Rngs(0), width=2)(jnp.ones((1, 3, 32, 32)))
+
+
+def test_global_pooling_matches_numpy():
+    from ood_jax.models.classifier import global_pool
+
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 5)).astype(np.float32)
+    np.testing.assert_allclose(global_pool(jnp.asarray(x), "max"), x.max(axis=(1, 2)))
+    np.testing.assert_allclose(global_pool(jnp.asarray(x), "avg"), x.mean(axis=(1, 2)), rtol=1e-6)
+    model = create_model("resnet9", num_classes=3, rngs=nnx.Rngs(0), width=2, pooling="max")
+    _, feats = model(jnp.ones((1, 32, 32, 3)))
+    assert feats.shape == (1, 16)

@@ -25,7 +25,7 @@ from ood_jax.models.layers import (
 )
 from ood_jax.models.layers import conv as make_conv
 
-POOLINGS = ("avg",)
+POOLINGS = ("avg", "max")
 
 
 def check_images(images: jax.Array, *, in_channels: int = 3) -> None:
@@ -59,6 +59,8 @@ def global_pool(x: jax.Array, pooling: str) -> jax.Array:
     """Global pooling over the spatial axes of an NHWC tensor -> ``[B, C]``."""
     if pooling == "avg":
         return jnp.mean(x, axis=(1, 2))
+    if pooling == "max":
+        return jnp.max(x, axis=(1, 2))
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
 
 
@@ -71,7 +73,7 @@ class Classifier(nnx.Module):
       spectral_norm: spectral-normalize every conv (``SpectralNormConv``); the
         head stays a plain ``nnx.Linear`` so scores can read its weights.
       spectral_norm_iterations: power-iteration steps per training forward pass.
-      pooling: "avg" (global average pooling).
+      pooling: "avg" (global average pooling, the default) or "max".
       normalize_features: training-only L2 normalization of the features
         before the head (Haas et al., TMLR 2023).
       dtype: compute dtype (e.g. ``jnp.bfloat16`` on accelerators); parameters
