@@ -6,8 +6,8 @@ two convs (2w) -> conv (4w) + max-pool -> conv (8w) + max-pool -> residual
 block (8w) -> global pooling -> linear head. Every conv is 3x3, stride 1, no
 bias, followed by BatchNorm and the activation. ``width`` is the prep conv's
 channels: 64 is the original (6.57M parameters with 10 classes), 16 costs
-about a sixteenth of the compute and trains to over 80% CIFAR-10 accuracy in
-a few epochs on two CPU cores.
+about a sixteenth of the compute and trained to 82% CIFAR-10 (JPEG) accuracy
+in 11 epochs (24 minutes) on two CPU cores with LogitNorm.
 
 The original ends with a global max-pool: pass ``pooling="max"`` for it (the
 ``cpu`` preset does); the default is global average pooling like the other
