@@ -64,8 +64,8 @@ def _time(fn, repeats):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="wrn40_2")
-    p.add_argument("--options", default='{"depth": 16, "widen_factor": 4, "dropout_rate": 0.0}')
+    p.add_argument("--model", default="resnet9")  # the cpu preset's model
+    p.add_argument("--options", default='{"width": 16, "pooling": "max"}')
     p.add_argument("--num-forward", type=int, default=2048)
     p.add_argument("--num-odin", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=256)

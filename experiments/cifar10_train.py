@@ -30,7 +30,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from experiments.configs import cifar10 as presets
@@ -77,21 +76,8 @@ def load_splits(config: ml_collections.ConfigDict) -> tuple[D.ImageDataset, D.Im
                 ds = D.from_npz(npz, name=config.data.dataset)
             else:
                 ds = D.load_dataset(config.data.dataset, split, local_path=path)
-        out.append(_subset(ds, limit, seed=config.seed))
+        out.append(D.random_subset(ds, limit, seed=config.seed))
     return out[0], out[1]
-
-
-def _subset(ds: D.ImageDataset, limit: int, *, seed: int) -> D.ImageDataset:
-    if not limit or limit >= len(ds):
-        return ds
-    keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit])
-    return D.ImageDataset(
-        ds.images[keep],
-        ds.labels[keep],
-        name=ds.name,
-        num_classes=ds.num_classes,
-        source=f"{ds.source} (random {limit} of {len(ds)}, seed {seed})",
-    )
 
 
 def model_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:

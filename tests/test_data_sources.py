@@ -190,3 +190,19 @@ def test_local_path_overrides_name(tmp_path, rgb_images):
     np.savez(path, images=rgb_images, labels=np.arange(5, dtype=np.int32))
     ds = data.load_dataset("svhn", "test", local_path=path)
     assert ds.name == "svhn" and len(ds) == 5
+
+
+def test_random_subset_is_seeded_sorted_and_bounded():
+    import numpy as _np
+
+    from ood_jax.data import from_arrays, random_subset
+
+    images = _np.zeros((50, 32, 32, 3), _np.uint8)
+    images[:, 0, 0, 0] = _np.arange(50)
+    ds = from_arrays(images, _np.arange(50) % 5, name="toy")
+    sub = random_subset(ds, 10, seed=3)
+    expected = _np.sort(_np.random.default_rng(3).choice(50, 10, replace=False))
+    _np.testing.assert_array_equal(sub.images[:, 0, 0, 0], expected)
+    _np.testing.assert_array_equal(sub.labels, expected % 5)
+    assert "random 10 of 50, seed 3" in sub.source
+    assert random_subset(ds, None, seed=0) is ds and random_subset(ds, 80, seed=0) is ds

@@ -29,6 +29,7 @@ from ood_jax.data.dataset import (
     denormalize,
     from_arrays,
     normalize,
+    random_subset,
 )
 from ood_jax.data.outliers import load_outliers, outlier_iterator
 from ood_jax.data.pipeline import (
@@ -68,6 +69,7 @@ __all__ = [
     "denormalize",
     "eval_batches",
     "from_arrays",
+    "random_subset",
     "from_folder",
     "from_npz",
     "from_tfds",

@@ -195,3 +195,22 @@ def from_arrays(
         num_classes=num_classes,
         source=source,
     )
+
+
+def random_subset(ds: ImageDataset, max_examples: int | None, *, seed: int) -> ImageDataset:
+    """A seeded random subset of at most ``max_examples`` rows, kept in dataset order.
+
+    Returns ``ds`` itself when ``max_examples`` is None/0 or not smaller than the
+    dataset. The offline files are sorted by class, so quick runs and CPU
+    evaluation budgets must sample at random rather than take the first rows.
+    """
+    if not max_examples or len(ds) <= max_examples:
+        return ds
+    keep = np.sort(np.random.default_rng(seed).choice(len(ds), max_examples, replace=False))
+    return ImageDataset(
+        ds.images[keep],
+        ds.labels[keep],
+        name=ds.name,
+        num_classes=ds.num_classes,
+        source=f"{ds.source} (random {max_examples} of {len(ds)}, seed {seed})",
+    )

@@ -88,20 +88,6 @@ def _check_datasets(id_test: D.ImageDataset, ood_sets: Mapping[str, D.ImageDatas
             raise ValueError(f"ood_sets[{name!r}]: expected a non-empty ImageDataset, got {ds!r}.")
 
 
-def _subsample(ds: D.ImageDataset, max_examples: int | None, seed: int) -> D.ImageDataset:
-    """A seeded random subset of at most ``max_examples`` rows (the same dataset if smaller)."""
-    if max_examples is None or len(ds) <= max_examples:
-        return ds
-    keep = np.sort(np.random.default_rng(seed).choice(len(ds), max_examples, replace=False))
-    return D.ImageDataset(
-        ds.images[keep],
-        ds.labels[keep],
-        name=ds.name,
-        num_classes=ds.num_classes,
-        source=f"{ds.source} (random {max_examples} of {len(ds)}, seed {seed})",
-    )
-
-
 def _describe(ds: D.ImageDataset) -> dict:
     return {"name": ds.name, "num_examples": len(ds), "source": ds.source or "arrays"}
 
@@ -172,7 +158,7 @@ def run_evaluation(
     if not protocols:
         raise ValueError(f"protocols: choose at least one of {PROTOCOLS}.")
     _check_datasets(id_test, ood_sets)
-    ood_sets = {k: _subsample(v, max_ood, seed) for k, v in ood_sets.items()}
+    ood_sets = {k: D.random_subset(v, max_ood, seed=seed) for k, v in ood_sets.items()}
     needs_train = any(n in FITTED_SCORES for n in names)
     if needs_train and train is None:
         raise ValueError(
@@ -194,7 +180,7 @@ def run_evaluation(
     fitted: dict = {}
     if needs_train:
         t0 = time.perf_counter()
-        train_used = _subsample(train, max_train, seed)
+        train_used = D.random_subset(train, max_train, seed=seed)
         train_outputs = forward(batches(train_used))
         timings["forward_train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -214,7 +200,7 @@ def run_evaluation(
         t0 = time.perf_counter()
         odin_fn = make_odin_fn(settings)
         for key, ds in datasets.items():
-            subset = _subsample(ds, settings.odin_max_examples, seed)
+            subset = D.random_subset(ds, settings.odin_max_examples, seed=seed)
             odin[key] = forward.map_batches(odin_fn, batches(subset))
             odin_sizes[key] = len(subset)
         timings["odin_s"] = time.perf_counter() - t0
