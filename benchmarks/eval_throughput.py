@@ -30,11 +30,11 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from ood_jax.evaluate.sweep import fit_scores, score_outputs
 
 from ood_jax import data as D
 from ood_jax.evaluate import ForwardPass, ModelOutputs, ScoreSettings, make_odin_fn
 from ood_jax.evaluate.protocol import evaluate_ood
-from ood_jax.evaluate.sweep import fit_scores, score_outputs
 from ood_jax.models import create_model
 
 CHEAP = ("msp", "max_logit", "energy", "neg_entropy", "feature_norm", "gradnorm", "react")

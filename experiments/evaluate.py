@@ -1,19 +1,18 @@
 """Evaluate a training workdir's checkpoint: ``python -m experiments.evaluate --workdir DIR``.
 
 Restores the newest checkpoint of ``DIR/checkpoints`` (or ``--step N``) with
-the model and configuration recorded in its metadata, then runs
-:func:`ood_jax.evaluate.run_evaluation` on the in-distribution test set of that
-configuration and the chosen OOD sets, and writes ``results.json``,
-``results.md`` and ``plots/`` to ``DIR/eval`` (``DIR/eval_step<N>`` for an
-explicit ``--step``; ``--out_dir`` to choose)::
+the model and configuration recorded in its metadata, and writes the OOD report
+(``results.json``, ``results.md``, ``plots/``) to ``DIR/eval``
+(``DIR/eval_step<N>`` for an explicit ``--step``; ``--out_dir`` to choose). It
+runs the very function the training run calls at its end
+(``experiments.train.ood_report``) with the run's config, so the same
+checkpoint gives the same numbers; flags change the config's ``eval`` fields::
 
-    python -m experiments.evaluate --workdir /tmp/ln --data_dir ../shared/data \\
+    python -m experiments.evaluate --workdir /tmp/ln [--data_dir ../shared/data] \\
         [--step 1560] [--ood_sets tinyimagenet_crop,textures_partial,gaussian] \\
         [--scores msp,energy,odin] [--protocols papers,full] [--convention openood] \\
-        [--temperatures 1,1000] [--max_train 10000]
-
-The training experiments call the same :func:`ood_jax.evaluate.run_evaluation`
-at the end of training (``--config.eval.ood=true``).
+        [--temperatures 1,1000] [--max_train 10000] \\
+        [--config.eval.score_hparams.odin.max_examples=500 --config.eval.num_draws=5]
 """
 
 from __future__ import annotations
@@ -28,11 +27,18 @@ from typing import Any
 import ml_collections
 import optax
 
-from experiments.cifar10_train import build_model, load_splits
+from experiments import cli
+from experiments.train import (
+    SCHEMA_FIELDS,
+    build_model,
+    complete_config,
+    eval_batch_size,
+    import_user_modules,
+    load_splits,
+    ood_report,
+)
 from ood_jax import sharding
 from ood_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from ood_jax.evaluate import DEFAULT_SCORES, PROTOCOLS, ScoreSettings, run_evaluation
-from ood_jax.evaluate.datasets import OFFLINE_OOD_SETS, load_ood_sets
 from ood_jax.train import create_train_state, make_optimizer
 
 
@@ -49,7 +55,7 @@ def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, 
     """
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
-        raise ValueError(
+        raise cli.UsageError(
             f"--workdir {workdir!r}: no checkpoints/ folder; pass the workdir of a training run "
             "(python -m experiments.cifar10_logitnorm --workdir DIR)."
         )
@@ -66,6 +72,7 @@ def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, 
                 f"checkpoint {step} in {directory} has no model/config metadata; it was not "
                 "written by the ood_jax training experiments."
             )
+        import_user_modules(ml_collections.ConfigDict(config))
         model = build_model(identity, int(config.get("seed", 0)))
         optim = config["optim"]
         # A schedule (any callable) gives the same optimizer-state layout as training.
@@ -90,127 +97,113 @@ def evaluate_workdir(
     workdir: str,
     *,
     step: int | None = None,
+    data: str | None = None,
     data_dir: str | None = None,
-    ood_sets: Sequence[str] = OFFLINE_OOD_SETS,
-    scores: Sequence[str] = DEFAULT_SCORES,
-    protocols: Sequence[str] = PROTOCOLS,
-    convention: str = "hendrycks",
-    settings: ScoreSettings | None = None,
-    num_draws: int = 10,
-    num_synthetic: int = 2000,
-    max_train: int | None = None,
-    max_ood: int | None = None,
-    batch_size: int = 256,
+    overrides: Sequence[str] = (),
+    batch_size: int | None = None,
     out_dir: str | None = None,
     command: str = "",
 ) -> dict:
-    """Restores the checkpoint and evaluates it; returns the ``results.json`` dict."""
+    """Restores the checkpoint and evaluates it; returns the ``results.json`` dict.
+
+    The run's own config (from the checkpoint) decides the sets, scores, budgets and
+    seeds, exactly as at the end of training; ``overrides`` (``--config.eval.x=y``)
+    change them, ``data`` replaces the run's data source and ``data_dir`` the offline
+    data folder.
+    """
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
     default_dir = os.path.join(workdir, "eval" if step is None else f"eval_step{step}")
     model, metadata, step = restore_model(workdir, step=step)
     config = ml_collections.ConfigDict(metadata["config"])
-    if data_dir is not None:
-        if not os.path.isdir(data_dir):
-            raise ValueError(f"--data_dir {data_dir!r} is not a folder.")
-        config.data.source = data_dir
-    train_ds, test_ds = load_splits(config)
-    if max_train is None:
-        # Same training subset size as the end-of-training hook (0 = all).
-        max_train = config.get("eval", {}).get("max_train") or None
-    ood = load_ood_sets(
-        ood_sets, data_dir=data_dir, num_synthetic=num_synthetic, seed=config.seed, id_test=test_ds
-    )
-    return run_evaluation(
+    if data is not None:
+        config.data.source = data
+    config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)
+    complete_config(config)
+    train_ds, test_ds = load_splits(config, data_dir=data_dir)
+    mesh = sharding.make_mesh()
+    return ood_report(
+        config,
         model,
-        id_test=test_ds,
-        ood_sets=ood,
-        train=train_ds,
-        scores=scores,
-        protocols=protocols,
-        convention=convention,
-        settings=settings,
-        num_draws=num_draws,
-        seed=config.seed,
-        max_train=max_train,
-        max_ood=max_ood,
-        batch_size=batch_size,
+        train_ds=train_ds,
+        test_ds=test_ds,
+        workdir=workdir,
+        step=step,
         out_dir=default_dir if out_dir is None else out_dir,
-        metrics_log_dir=workdir,
-        metadata={
-            "command": command,
-            "checkpoint": {"workdir": os.path.abspath(workdir), "step": step},
-            "model": metadata["model"],
-            "config": metadata["config"],
-        },
+        command=command,
+        batch_size=batch_size or eval_batch_size(config, mesh),
+        data_dir=data_dir,
     )
 
 
-def _names(text: str) -> list[str]:
-    return [t for t in (s.strip() for s in text.split(",")) if t]
+def _names(text: str) -> str:
+    return ",".join(t for t in (s.strip() for s in text.split(",")) if t)
+
+
+# Shorthand flags -> the config.eval field they set.
+_SHORTHANDS = {
+    "ood_sets": "eval.ood_sets",
+    "scores": "eval.scores",
+    "protocols": "eval.protocols",
+    "convention": "eval.convention",
+    "num_draws": "eval.num_draws",
+    "num_synthetic": "eval.num_synthetic",
+    "max_train": "eval.max_train",
+    "max_ood": "eval.max_ood",
+    "imports": "imports",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point (see the module docstring)."""
+    return cli.run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="a training run's workdir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--data", default=None, help="replace the run's data source (tfds|local|DIR)")
     p.add_argument("--data_dir", default=None, help="folder of the offline npz files")
-    p.add_argument("--ood_sets", default=",".join(OFFLINE_OOD_SETS), help="comma-separated")
-    p.add_argument("--scores", default=",".join(DEFAULT_SCORES), help="comma-separated")
-    p.add_argument("--protocols", default=",".join(PROTOCOLS), help="papers,full")
-    p.add_argument("--convention", default="hendrycks", choices=("hendrycks", "openood"))
-    p.add_argument("--temperatures", default="1", help="MSP/energy sweep, e.g. 1,10,1000")
-    p.add_argument("--odin_temperature", type=float, default=1000.0)
-    p.add_argument("--odin_epsilon", type=float, default=0.0014)
-    p.add_argument(
-        "--odin_max_examples", type=int, default=None, help="ODIN on N random images per set"
-    )
-    p.add_argument("--knn_k", type=int, default=50)
-    p.add_argument(
-        "--knn_max_train", type=int, default=None, help="KNN bank: N random train features"
-    )
-    p.add_argument("--num_draws", type=int, default=10)
-    p.add_argument("--num_synthetic", type=int, default=2000, help="images per synthetic set")
-    p.add_argument(
-        "--max_train",
-        type=int,
-        default=None,
-        help="fit scores on N train images (default: the run's config.eval.max_train)",
-    )
+    p.add_argument("--ood_sets", default=None, help="comma-separated (default: the run's)")
+    p.add_argument("--scores", default=None, help="comma-separated (default: every registered)")
+    p.add_argument("--protocols", default=None, help="papers,full")
+    p.add_argument("--convention", default=None, choices=("hendrycks", "openood"))
+    p.add_argument("--temperatures", default=None, help="MSP/energy sweep, e.g. 1,10,1000")
+    p.add_argument("--num_draws", type=int, default=None)
+    p.add_argument("--num_synthetic", type=int, default=None, help="images per synthetic set")
+    p.add_argument("--max_train", type=int, default=None, help="fit scores on N train images")
     p.add_argument("--max_ood", type=int, default=None, help="subsample each OOD set to N")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--imports", default=None, help="modules registering scores/datasets")
+    p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--out_dir", default=None)
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
     command = shlex.join(["python", "-m", "experiments.evaluate", *(argv or sys.argv[1:])])
-    try:
-        temperatures = tuple(float(t) for t in _names(args.temperatures))
-    except ValueError as err:
-        raise ValueError(f"--temperatures must be numbers, got {args.temperatures!r}.") from err
-    settings = ScoreSettings(
-        temperatures=temperatures,
-        odin_temperature=args.odin_temperature,
-        odin_epsilon=args.odin_epsilon,
-        odin_max_examples=args.odin_max_examples,
-        knn_k=args.knn_k,
-        knn_max_train=args.knn_max_train,
-    )
+    overrides = []
+    for flag, field in _SHORTHANDS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            text = _names(value) if isinstance(value, str) else value
+            overrides.append(f"--config.{field}={text}")
+    if args.temperatures is not None:
+        from ood_jax.scores import available_scores, get_score
+
+        temps = _names(args.temperatures)
+        for name in available_scores():
+            if get_score(name).sweep == "temperature":
+                overrides.append(f"--config.eval.score_hparams.{name}.temperature=({temps},)")
     results = evaluate_workdir(
         args.workdir,
         step=args.step,
+        data=args.data,
         data_dir=args.data_dir,
-        ood_sets=_names(args.ood_sets),
-        scores=_names(args.scores),
-        protocols=_names(args.protocols),
-        convention=args.convention,
-        settings=settings,
-        num_draws=args.num_draws,
-        num_synthetic=args.num_synthetic,
-        max_train=args.max_train,
-        max_ood=args.max_ood,
+        overrides=[*overrides, *extra],
         batch_size=args.batch_size,
         out_dir=args.out_dir,
         command=command,
     )
-    print(f"wrote {results['report_dir']}")
+    print(f"wrote {os.path.join(results['report_dir'], 'results.md')}")
     return results
 
 

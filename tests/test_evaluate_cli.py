@@ -5,10 +5,10 @@ import os
 
 import numpy as np
 import pytest
+from experiments.cifar10_train import train_and_evaluate
 from flax import nnx
 
 from experiments import evaluate as cli
-from experiments.cifar10_train import train_and_evaluate
 from experiments.configs import cifar10 as presets
 from ood_jax.checkpoint import CheckpointError
 from ood_jax.models import create_model

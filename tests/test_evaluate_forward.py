@@ -8,8 +8,9 @@ from flax import nnx
 from ood_jax import data as D
 from ood_jax import scores as S
 from ood_jax import sharding
-from ood_jax.evaluate import ForwardPass, ScoreSettings, make_odin_fn
+from ood_jax.evaluate import ForwardPass, score_images
 from ood_jax.models import create_model
+from ood_jax.scores import resolve_hparams
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +57,18 @@ def test_empty_dataset_raises(model):
 
 def test_odin_per_example_equals_loop_over_single_examples(model, dataset):
     """ODIN through the sharded, padded wiring == ODIN of each example alone."""
-    settings = ScoreSettings(odin_temperature=10.0, odin_epsilon=0.01)
+    hparams = resolve_hparams(["odin"], {"odin": {"temperature": 10.0, "epsilon": 0.01}})
     forward = ForwardPass(model)
-    batches = D.eval_batches(dataset, batch_size=24, process_index=0, process_count=1)
-    values = forward.map_batches(make_odin_fn(settings), batches)
-    assert values.shape == (37,)
+    scores, sizes = score_images(
+        hparams,
+        forward,
+        {"set": dataset},
+        batches=lambda ds: D.eval_batches(ds, batch_size=24, process_index=0, process_count=1),
+        std=D.CIFAR10_STD,
+        seed=0,
+    )
+    values = scores["set"]["odin"]
+    assert values.shape == (37,) and sizes == {"odin": {"set": 37}}
     images = D.normalize(dataset.images)
     apply = lambda x: model(x)[0]
     for i in range(0, 37, 6):

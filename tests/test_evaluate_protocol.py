@@ -1,5 +1,7 @@
 """Papers' and full-set protocols against scikit-learn and a by-hand FPR95."""
 
+import zlib
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -34,9 +36,10 @@ def test_papers_protocol_draws_are_recorded_and_reproducible():
     assert result["num_ood"] == 100  # len(ID) // 5, as the papers' code
     assert result["draws"]["near"]["num_examples"] == 100
     assert result["draws"]["far"]["num_examples"] == 80  # smaller set: all of it
-    for s, set_name in enumerate(OOD):
+    for set_name in OOD:
         seeds = result["draws"][set_name]["seeds"]
-        assert seeds == [[7, s, d] for d in range(4)]
+        # Seeded by the set's name (CRC32), not its position among the sets.
+        assert seeds == [[7, zlib.crc32(set_name.encode()), d] for d in range(4)]
         for key in ID:
             cell = result["metrics"][key][set_name]
             per_draw = []
@@ -52,6 +55,15 @@ def test_papers_protocol_draws_are_recorded_and_reproducible():
                 np.testing.assert_allclose(cell[metric]["std"], np.std(values), atol=1e-12)
     # Draws of the larger set differ, so the std is informative.
     assert result["metrics"]["s"]["near"]["auroc"]["std"] > 0
+
+
+def test_draws_do_not_depend_on_the_other_sets_or_their_order():
+    both = evaluate_ood(ID, OOD, protocol="papers", num_draws=3, seed=1)
+    alone = evaluate_ood(ID, {"near": OOD["near"]}, protocol="papers", num_draws=3, seed=1)
+    swapped = evaluate_ood(ID, dict(reversed(OOD.items())), protocol="papers", num_draws=3, seed=1)
+    for other in (alone, swapped):
+        assert other["draws"]["near"] == both["draws"]["near"]
+        assert other["metrics"]["s"]["near"] == both["metrics"]["s"]["near"]
 
 
 def test_full_protocol_and_average_row():

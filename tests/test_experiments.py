@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from experiments.cifar10_train import apply_overrides, model_identity, train_and_evaluate
+
 from experiments.configs import cifar10 as presets
 from ood_jax.checkpoint import CheckpointError
 from ood_jax.train.logging import read_metrics

@@ -1,5 +1,10 @@
 """Randomness conventions of ood_jax.rng."""
 
+import os
+import subprocess
+import sys
+import zlib
+
 import jax
 import numpy as np
 import pytest
@@ -27,10 +32,26 @@ def test_streams_and_steps_give_distinct_keys():
 
 
 def test_custom_stream_key_is_stable():
-    # CRC32, not Python's salted hash(): the same in every process.
-    a = jax.random.key_data(rng.stream_key(rng.root_key(0), "my_custom_stream"))
-    b = jax.random.key_data(rng.stream_key(rng.root_key(0), "my_custom_stream"))
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # CRC32, not Python's salted hash(): the same key in processes with different hash
+    # seeds, and equal to fold_in with the index computed here by the documented rule.
+    code = (
+        "import jax, numpy as np\n"
+        "from ood_jax import rng\n"
+        "k = jax.random.key_data(rng.stream_key(rng.root_key(0), 'my_custom_stream'))\n"
+        "print(' '.join(str(int(v)) for v in np.asarray(k)))\n"
+    )
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.split())
+    assert outputs[0] == outputs[1]
+    index = len(rng.STREAMS) + zlib.crc32(b"my_custom_stream") % (2**31 - len(rng.STREAMS))
+    expected = jax.random.key_data(jax.random.fold_in(jax.random.key(0), index))
+    assert [int(v) for v in outputs[0]] == [int(v) for v in np.asarray(expected)]
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, True])

@@ -19,7 +19,18 @@ from ood_jax.train import (
     make_eval_step,
     make_optimizer,
     make_train_step,
+    register_objective,
 )
+from ood_jax.train.objectives import Loss, Objective
+
+
+def rng_index(stream):
+    # ood_jax.rng's documented rule for a stream not in STREAMS: CRC32 of its name.
+    import zlib
+
+    from ood_jax.rng import STREAMS
+
+    return len(STREAMS) + zlib.crc32(stream.encode()) % (2**31 - len(STREAMS))
 
 
 def np_softmax(x):
@@ -179,7 +190,7 @@ def test_objective_registry():
     )
     assert get_objective("feature_norm").model_options == {"normalize_features": True}
     assert get_objective("logitnorm").defaults == {"temperature": 0.04}
-    with pytest.raises(ValueError, match="objective must be one of"):
+    with pytest.raises(ValueError, match="unknown objective"):
         get_objective("focal")
     with pytest.raises(ValueError, match="unknown"):
         bind_objective("logitnorm", temprature=0.1)
@@ -220,3 +231,100 @@ def test_mixed_precision_keeps_float32_state():
         sharding.fetch(new_state.params),
     )
     assert all(jax.tree.leaves(changed))
+
+
+def _bn_model_setup():
+    model = create_model("tiny", num_classes=10, rngs=nnx.Rngs(0), width=4, dropout_rate=0.0)
+    tx = make_optimizer(0.1)
+    return (*create_train_state(model, tx, seed=0), tx)
+
+
+def _attack_objective(update_stats_in_attack):
+    """An objective defined outside the package: PGD-like ascent on noise, then CE.
+
+    The attack's passes run inside a fori_loop of input gradients, as ACET's do.
+    """
+
+    def loss(apply, batch, aux, key, *, steps):
+        noise = jax.random.uniform(key, batch["image"].shape, minval=-1.0, maxval=1.0)
+
+        def confidence(x):
+            logits, _ = apply(x, update_stats=False)
+            return jnp.sum(jax.nn.log_softmax(logits).max(-1))
+
+        def body(_, x):
+            return x + 0.01 * jnp.sign(jax.grad(confidence)(x))
+
+        attacked = jax.lax.fori_loop(0, steps, body, noise)
+        if update_stats_in_attack:
+            apply(jax.lax.stop_gradient(attacked))
+        logits, _ = apply(batch["image"])
+        return Loss(
+            __import__("ood_jax").losses.cross_entropy(logits, batch["label"]),
+            logits,
+            {"attack_confidence": confidence(jax.lax.stop_gradient(attacked))},
+        )
+
+    return loss
+
+
+def test_objective_runs_an_attack_without_touching_batchnorm_statistics():
+    model_def, state, tx = _bn_model_setup()
+    batch = jax.tree.map(
+        jnp.asarray, make_batch(np.random.default_rng(0), 8, shape=(32, 32, 3), num_classes=10)
+    )
+    plain = jax.jit(make_train_step(model_def, tx, bind_objective("ce")))
+    name = "test_attack_then_ce"
+    register_objective(
+        Objective(name, _attack_objective(False), defaults={"steps": 3}), replace=True
+    )
+    attacked = jax.jit(make_train_step(model_def, tx, bind_objective(name)))
+    s_plain, m_plain = plain(state, batch)
+    s_att, m_att = attacked(state, batch)
+    # Same loss, gradients and BatchNorm statistics as plain CE: the attack's passes
+    # (update_stats=False) did not pollute the running statistics.
+    np.testing.assert_allclose(float(m_att["loss"]), float(m_plain["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s_att), jax.tree.leaves(s_plain), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert "attack_confidence" in m_att and np.isfinite(float(m_att["attack_confidence"]))
+
+    # Control (the comparison above can fail): a statistics-updating pass on noise
+    # made after the in-distribution pass is the one whose statistics are kept.
+    def ce_then_noise(apply, batch, aux, key):
+        logits, _ = apply(batch["image"])
+        apply(jax.random.uniform(key, batch["image"].shape))
+        return Loss(jnp.zeros(batch["label"].shape), logits)
+
+    register_objective(Objective("test_ce_then_noise", ce_then_noise), replace=True)
+    s_noise, _ = jax.jit(make_train_step(model_def, tx, bind_objective("test_ce_then_noise")))(
+        state, batch
+    )
+    assert not np.allclose(
+        np.asarray(s_noise.batch_stats["bn1"]["mean"]),
+        np.asarray(s_plain.batch_stats["bn1"]["mean"]),
+    )
+
+
+def test_objective_key_depends_on_step_and_seed():
+    model_def, state, tx = _bn_model_setup()
+    seen = []
+
+    def record_key(apply, batch, aux, key):
+        logits, _ = apply(batch["image"])
+        draw = jax.random.uniform(key, ())
+        return Loss(jnp.zeros(batch["label"].shape) + 0.0 * draw, logits, {"draw": draw})
+
+    register_objective(Objective("test_record_key", record_key), replace=True)
+    step = jax.jit(make_train_step(model_def, tx, bind_objective("test_record_key")))
+    batch = jax.tree.map(
+        jnp.asarray, make_batch(np.random.default_rng(0), 4, shape=(32, 32, 3), num_classes=10)
+    )
+    for s in (0, 0, 5):
+        seen.append(float(step(state.replace(step=jnp.asarray(s, jnp.int32)), batch)[1]["draw"]))
+    # Expected draw computed from the documented convention, not through the step.
+    root = jax.random.wrap_key_data(state.rng)
+    expected = jax.random.uniform(
+        jax.random.fold_in(jax.random.fold_in(root, 0), rng_index("objective")), ()
+    )
+    assert seen[0] == seen[1] == float(expected)
+    assert seen[2] != seen[0]

@@ -19,7 +19,9 @@ tf.data or grain:
 * TensorFlow is imported only when a tfds source is loaded.
 
 Batches are ``{"image": float32 [b, 32, 32, 3], "label": int32 [b], "mask": bool [b]}``
-per process, normalized with :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`.
+per process, normalized with the dataset's constants (:data:`CIFAR10_MEAN` /
+:data:`CIFAR10_STD` by default). Datasets are found by name in
+:mod:`ood_jax.data.registry` (:func:`register_dataset` adds one).
 """
 
 from ood_jax.data.dataset import (
@@ -39,14 +41,19 @@ from ood_jax.data.pipeline import (
     shard_bounds,
     train_iterator,
 )
+from ood_jax.data.registry import (
+    DatasetSpec,
+    available_datasets,
+    get_dataset_spec,
+    load_dataset,
+    register_dataset,
+)
 from ood_jax.data.sources import (
-    KNOWN_NAMES,
     DatasetUnavailableError,
     default_data_dir,
     from_folder,
     from_npz,
     from_tfds,
-    load_dataset,
 )
 from ood_jax.data.synthetic import (
     make_blobs,
@@ -60,11 +67,12 @@ from ood_jax.data.synthetic import (
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
-    "KNOWN_NAMES",
+    "DatasetSpec",
     "DatasetUnavailableError",
     "EvalBatches",
     "ImageDataset",
     "TrainIterator",
+    "available_datasets",
     "default_data_dir",
     "denormalize",
     "eval_batches",
@@ -73,6 +81,7 @@ __all__ = [
     "from_folder",
     "from_npz",
     "from_tfds",
+    "get_dataset_spec",
     "load_dataset",
     "load_outliers",
     "make_blobs",
@@ -83,6 +92,7 @@ __all__ = [
     "make_uniform_noise",
     "normalize",
     "outlier_iterator",
+    "register_dataset",
     "shard_bounds",
     "train_iterator",
 ]

@@ -8,6 +8,7 @@ labels ``[N]`` (-1 = no label), so the pipeline has a single code path.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,20 +20,21 @@ CIFAR10_MEAN: tuple[float, float, float] = (125.3 / 255, 123.0 / 255, 113.9 / 25
 #: Per-channel CIFAR-10 standard deviation in [0, 1] units, (63.0, 62.1, 66.7) / 255.
 CIFAR10_STD: tuple[float, float, float] = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 
-# normalize(x) = x * _SCALE + _OFFSET on uint8 x: a multiply-add, no division.
-_SCALE = (1.0 / (255.0 * np.asarray(CIFAR10_STD, np.float64))).astype(np.float32)
-_OFFSET = (-np.asarray(CIFAR10_MEAN, np.float64) / np.asarray(CIFAR10_STD, np.float64)).astype(
-    np.float32
-)
 
-
-def normalize(images: np.ndarray) -> np.ndarray:
+def normalize(
+    images: np.ndarray,
+    *,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> np.ndarray:
     """Maps uint8 images to the network's input space.
 
-    ``out[..., c] = (images[..., c] / 255 - CIFAR10_MEAN[c]) / CIFAR10_STD[c]``
+    ``out[..., c] = (images[..., c] / 255 - mean[c]) / std[c]``, computed as one
+    multiply-add ``images * scale + offset`` (no division in the hot path).
 
     Args:
       images: uint8 ``[..., 3]`` (channels last), e.g. ``[B, 32, 32, 3]``.
+      mean, std: per-channel constants in [0, 1] units (default: CIFAR-10's).
 
     Returns:
       float32 array of the same shape.
@@ -47,19 +49,27 @@ def normalize(images: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"normalize: `images` must have 3 channels last, got shape {images.shape}."
         )
+    mean64, std64 = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    scale = (1.0 / (255.0 * std64)).astype(np.float32)
+    offset = (-mean64 / std64).astype(np.float32)
     # Broadcasting a 3-vector makes NumPy's inner loop 3 long (10x slower): tile the
     # constants over a whole image row instead and work in place.
     width = images.shape[-2] if images.ndim >= 2 else 1
     out = images.reshape(-1, width * 3).astype(np.float32)
-    out *= np.tile(_SCALE, width)
-    out += np.tile(_OFFSET, width)
+    out *= np.tile(scale, width)
+    out += np.tile(offset, width)
     return out.reshape(images.shape)
 
 
-def denormalize(images: np.ndarray) -> np.ndarray:
+def denormalize(
+    images: np.ndarray,
+    *,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> np.ndarray:
     """Inverse of :func:`normalize`, for plots: float ``[..., 3]`` -> uint8 ``[..., 3]``.
 
-    ``out = clip(round((images * CIFAR10_STD + CIFAR10_MEAN) * 255), 0, 255)``, so
+    ``out = clip(round((images * std + mean) * 255), 0, 255)``, so
     ``denormalize(normalize(x)) == x`` for every uint8 ``x``; values outside the
     image range (e.g. after an adversarial perturbation) are clipped.
     """
@@ -68,7 +78,7 @@ def denormalize(images: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"denormalize: `images` must have 3 channels last, got shape {images.shape}."
         )
-    pixels = (images * np.asarray(CIFAR10_STD) + np.asarray(CIFAR10_MEAN)) * 255.0
+    pixels = (images * np.asarray(std) + np.asarray(mean)) * 255.0
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
@@ -197,16 +207,20 @@ def from_arrays(
     )
 
 
-def random_subset(ds: ImageDataset, max_examples: int | None, *, seed: int) -> ImageDataset:
+def random_subset(
+    ds: ImageDataset, max_examples: int | None, *, seed: int | Sequence[int]
+) -> ImageDataset:
     """A seeded random subset of at most ``max_examples`` rows, kept in dataset order.
 
     Returns ``ds`` itself when ``max_examples`` is None/0 or not smaller than the
-    dataset. The offline files are sorted by class, so quick runs and CPU
+    dataset. ``seed`` is an int or a NumPy seed sequence (``[seed, tag]``). The offline
+    files are sorted by class, so quick runs and CPU
     evaluation budgets must sample at random rather than take the first rows.
     """
     if not max_examples or len(ds) <= max_examples:
         return ds
-    keep = np.sort(np.random.default_rng(seed).choice(len(ds), max_examples, replace=False))
+    rng = np.random.default_rng(seed if isinstance(seed, int | np.integer) else list(seed))
+    keep = np.sort(rng.choice(len(ds), max_examples, replace=False))
     return ImageDataset(
         ds.images[keep],
         ds.labels[keep],

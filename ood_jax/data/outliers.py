@@ -21,14 +21,13 @@ batch ``s``; resume both from the same step.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from ood_jax.data.dataset import ImageDataset
 from ood_jax.data.pipeline import TrainIterator
-from ood_jax.data.sources import load_dataset
+from ood_jax.data.registry import load_dataset
 
 _OUTLIER_STREAM = 1
 
@@ -56,16 +55,7 @@ def _unlabeled(ds: ImageDataset, *, name: str) -> ImageDataset:
 
 
 def outlier_iterator(
-    dataset: ImageDataset,
-    *,
-    in_batch_size: int,
-    ratio: int = 2,
-    seed: int,
-    start_step: int | Mapping[str, Any] = 0,
-    augment: bool = True,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    prefetch: int = 2,
+    dataset: ImageDataset, *, in_batch_size: int, ratio: int = 2, **kwargs: Any
 ) -> TrainIterator:
     """Yields ``ratio * in_batch_size // process_count`` outlier images per step for this process.
 
@@ -73,9 +63,9 @@ def outlier_iterator(
       dataset: the outlier set (e.g. :func:`load_outliers`); its labels are replaced by -1.
       in_batch_size: global in-distribution batch size.
       ratio: outlier images per in-distribution image (2 = 256 per 128, the papers').
-      seed: non-negative int; step ``s`` of the stream is a pure function of (seed, s).
-      start_step: global step or a ``get_state()`` dict of this stream.
-      augment, process_index, process_count, prefetch: as :func:`~ood_jax.data.train_iterator`.
+      **kwargs: ``seed``, ``start_step``, ``augment``, ``process_index``,
+        ``process_count``, ``prefetch``, ``mean``, ``std`` as for
+        :class:`~ood_jax.data.TrainIterator` (this is its outlier stream).
     """
     if not isinstance(ratio, int | np.integer) or ratio < 1:
         raise ValueError(
@@ -86,13 +76,5 @@ def outlier_iterator(
     if (dataset.labels != -1).any():
         dataset = _unlabeled(dataset, name=dataset.name)
     return TrainIterator(
-        dataset,
-        batch_size=int(ratio * in_batch_size),
-        seed=seed,
-        start_step=start_step,
-        augment=augment,
-        process_index=process_index,
-        process_count=process_count,
-        prefetch=prefetch,
-        stream=_OUTLIER_STREAM,
+        dataset, batch_size=int(ratio * in_batch_size), stream=_OUTLIER_STREAM, **kwargs
     )

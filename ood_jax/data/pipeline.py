@@ -1,7 +1,7 @@
 """Train and eval iterators over an in-memory :class:`ImageDataset`.
 
 Batches are dicts of NumPy arrays for this process:
-``{"image": float32 [b, 32, 32, 3] normalized with CIFAR10_MEAN/STD,
+``{"image": float32 [b, 32, 32, 3] normalized (default: CIFAR10_MEAN/STD),
 "label": int32 [b], "mask": bool [b]}`` with ``b = batch_size // process_count``
 (``batch_size`` is always the *global* batch size).
 
@@ -38,12 +38,12 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ood_jax.data.dataset import IMAGE_SIZE, ImageDataset, normalize
+from ood_jax.data.dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, ImageDataset, normalize
 
 PAD = 4
 _ORDER, _AUGMENT = 0, 1  # SeedSequence tags: equal-length keys never collide.
@@ -121,7 +121,24 @@ def crop_flip(
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
-    """Infinite train batches for one process; see the module docstring for the contract."""
+    """Infinite, deterministic, resumable train batches for one process.
+
+    ``train_iterator(dataset, batch_size=128, seed=0)``; the contract is in the module
+    docstring. ``next(it)`` gives this process's ``batch_size // process_count`` rows,
+    ``it.get_state()`` its position (pass it back as ``start_step=`` to resume).
+
+    Args:
+      dataset: the training split.
+      batch_size: global batch size (divisible by ``process_count``, at most ``N``).
+      seed: non-negative int; with ``batch_size`` it fixes every batch.
+      start_step: global step of the first batch, or a dict from ``get_state()``.
+      augment: random crop 32 after 4-pixel zero padding + horizontal flip.
+      process_index, process_count: default ``jax.process_index()/process_count()``.
+      prefetch: batches computed ahead in a background thread (0 = synchronous).
+      stream: independent streams over the same seed (0 = in-distribution,
+        1 = auxiliary outliers).
+      mean, std: normalization constants (the in-distribution set's).
+    """
 
     def __init__(
         self,
@@ -135,6 +152,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         process_count: int | None = None,
         prefetch: int = 2,
         stream: int = 0,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
     ) -> None:
         self.dataset = dataset
         self.process_index, self.process_count = resolve_processes(process_index, process_count)
@@ -161,6 +180,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._thread: threading.Thread | None = None
         self._prefetch = int(prefetch)
         self._error: BaseException | None = None
+        self._norm = {"mean": tuple(mean), "std": tuple(std)}
 
     def _start(self, start: int | Mapping[str, Any]) -> int:
         if isinstance(start, Mapping):
@@ -217,7 +237,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         else:
             pixels = self.dataset.images[indices]
         return {
-            "image": normalize(pixels),
+            "image": normalize(pixels, **self._norm),
             "label": self.dataset.labels[indices],
             "mask": np.ones(self.local_batch_size, bool),
         }
@@ -282,57 +302,42 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             stop.set()
 
 
-def train_iterator(
-    dataset: ImageDataset,
-    *,
-    batch_size: int,
-    seed: int,
-    start_step: int | Mapping[str, Any] = 0,
-    augment: bool = True,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    prefetch: int = 2,
-) -> TrainIterator:
-    """Infinite, deterministic, resumable train batches (contract in the module docstring).
-
-    Args:
-      dataset: the training split.
-      batch_size: global batch size (divisible by ``process_count``, at most ``N``).
-      seed: non-negative int; with ``batch_size`` it fixes every batch.
-      start_step: global step of the first batch, or a dict from ``get_state()``.
-      augment: random crop 32 after 4-pixel zero padding + horizontal flip.
-      process_index, process_count: default ``jax.process_index()/process_count()``.
-      prefetch: batches computed ahead in a background thread (0 = synchronous).
-
-    Returns:
-      A :class:`TrainIterator` (``next(it)`` gives this process's batch of
-      ``batch_size // process_count`` rows, ``it.get_state()`` its position).
-    """
-    return TrainIterator(
-        dataset,
-        batch_size=batch_size,
-        seed=seed,
-        start_step=start_step,
-        augment=augment,
-        process_index=process_index,
-        process_count=process_count,
-        prefetch=prefetch,
-    )
+#: ``train_iterator(dataset, *, batch_size, seed, ...)``: see :class:`TrainIterator`.
+train_iterator = TrainIterator
 
 
 class EvalBatches:
-    """Iterable of eval batches for one process (see :func:`eval_batches`); has ``len()``."""
+    """Every example of this process's shard exactly once, in order, padded and masked.
+
+    ``eval_batches(dataset, batch_size=500)``. Process ``p`` reads
+    ``dataset[start:end)`` with ``start, end = shard_bounds(N, ...)`` in batches of
+    ``b = batch_size // process_count`` rows. All processes yield
+    ``ceil(ceil(N / P) / b)`` batches (``len()``); rows past the shard end are zero
+    images with label -1 and ``mask=False``. Concatenating process 0's real rows,
+    then process 1's, ... gives the split in its original order. ``mean``/``std``:
+    normalization constants; ``process_index``/``process_count`` default to JAX's.
+    """
 
     def __init__(
-        self, dataset: ImageDataset, *, batch_size: int, process_index: int, process_count: int
+        self,
+        dataset: ImageDataset,
+        *,
+        batch_size: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
     ) -> None:
+        process_index, process_count = resolve_processes(process_index, process_count)
+        _check_batch_size(batch_size, process_count)
         self.dataset = dataset
         self.start, self.end = shard_bounds(
             len(dataset), process_index=process_index, process_count=process_count
         )
-        self.local_batch_size = batch_size // process_count
+        self.local_batch_size = int(batch_size) // process_count
         largest = -(-len(dataset) // process_count)  # every process runs as many batches
         self.num_batches = -(-largest // self.local_batch_size)
+        self._norm = {"mean": tuple(mean), "std": tuple(std)}
 
     def __len__(self) -> int:
         return self.num_batches
@@ -345,31 +350,10 @@ class EvalBatches:
             real = hi - lo
             image = np.zeros((b, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
             label = np.full((b,), -1, np.int32)
-            image[:real] = normalize(self.dataset.images[lo:hi])
+            image[:real] = normalize(self.dataset.images[lo:hi], **self._norm)
             label[:real] = self.dataset.labels[lo:hi]
             yield {"image": image, "label": label, "mask": np.arange(b) < real}
 
 
-def eval_batches(
-    dataset: ImageDataset,
-    *,
-    batch_size: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> EvalBatches:
-    """Every example of this process's shard exactly once, in order, padded and masked.
-
-    Process ``p`` reads ``dataset[start:end)`` with ``start, end = shard_bounds(N, ...)``
-    in batches of ``b = batch_size // process_count`` rows. All processes yield
-    ``ceil(ceil(N / P) / b)`` batches; rows past the shard end are zero images with
-    label -1 and ``mask=False``. Concatenating process 0's real rows, then process
-    1's, ... gives the split in its original order.
-    """
-    process_index, process_count = resolve_processes(process_index, process_count)
-    _check_batch_size(batch_size, process_count)
-    return EvalBatches(
-        dataset,
-        batch_size=int(batch_size),
-        process_index=process_index,
-        process_count=process_count,
-    )
+#: ``eval_batches(dataset, *, batch_size, ...)``: see :class:`EvalBatches`.
+eval_batches = EvalBatches

@@ -1,24 +1,8 @@
-"""Dataset sources: tfds, the offline npz files, image folders, arrays.
+"""Dataset sources: tfds, npz files, image folders.
 
-All of them return an :class:`~ood_jax.data.dataset.ImageDataset` (uint8
-``[N, 32, 32, 3]`` + int32 labels), so one pipeline serves all.
-
-Names understood by :func:`load_dataset`:
-
-* tfds (need a prepared tfds dataset or internet): ``cifar10``, ``cifar100``,
-  ``svhn`` (``svhn_cropped``), ``textures`` (``dtd``; split ``"all"`` = the
-  5,640 images of the benchmark), ``places365`` (``places365_small``),
-  ``lsun_<category>`` (``lsun/<category>``), and ``tfds:<any tfds name>``.
-  Images that are not 32x32 are resized shorter side -> 32 and centre cropped
-  (Hendrycks' ``Resize(32), CenterCrop(32)``).
-* offline, from the data folder (``data_dir``, default ``$OOD_JAX_DATA_DIR``, else
-  the repository's ``../shared/data``): ``cifar10_jpeg`` (train/test),
-  ``tinyimagenet_crop`` and ``tinyimagenet_resize`` (test),
-  ``tinyimagenet_train`` (train; the auxiliary outlier subset), ``textures_partial``.
-* ``npz:/path/file.npz`` and ``folder:/path/root`` (images under ``root/<split>/<class>/``).
-
-``isun`` and the ODIN LSUN-crop/resize releases are not in tfds: pass their
-files with ``local_path=`` (a folder or npz).
+Each returns an :class:`~ood_jax.data.dataset.ImageDataset` (uint8
+``[N, 32, 32, 3]`` + int32 labels), so one pipeline serves all. Which source
+serves a dataset name is decided by its entry in :mod:`ood_jax.data.registry`.
 """
 
 from __future__ import annotations
@@ -28,41 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ood_jax.data import decode, tinyimagenet
+from ood_jax.data import decode
 from ood_jax.data.dataset import IMAGE_SIZE, ImageDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-# Our name -> tfds name.
-_TFDS_NAMES = {
-    "cifar10": "cifar10",
-    "cifar100": "cifar100",
-    "svhn": "svhn_cropped",
-    "textures": "dtd",
-    "places365": "places365_small",
-}
-# What split="all" means, per tfds name.
-_ALL_SPLITS = {"dtd": "train+validation+test"}
-# The ODIN / Outlier Exposure releases of these sets exist only as files.
-_LOCAL_ONLY = ("isun", "lsun_crop", "lsun_resize")
-# Offline names: name -> (file pattern with {split}, allowed splits).
-_OFFLINE = {
-    "cifar10_jpeg": ("cifar10_{split}.npz", ("train", "test")),
-    "tinyimagenet_crop": ("tinyimagenet_test.npz", ("test",)),
-    "tinyimagenet_resize": ("tinyimagenet_test.npz", ("test",)),
-    "tinyimagenet_train": ("tinyimagenet_train_100perclass.npz", ("train",)),
-    "textures_partial": ("textures_partial.npz", ("test",)),
-}
-_OFFLINE_ALTERNATIVE = {"cifar10": "cifar10_jpeg", "textures": "textures_partial"}
-KNOWN_NAMES = (
-    *sorted(_TFDS_NAMES),
-    "lsun_<category>",
-    "tfds:<name>",
-    *(f"{n} (local_path only)" for n in _LOCAL_ONLY),
-    *sorted(_OFFLINE),
-    "npz:<path>",
-    "folder:<root>",
-)
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -203,6 +156,8 @@ def from_tfds(
     name: str | None = None,
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
+    num_classes: int | None = None,
+    offline: str | None = None,
 ) -> ImageDataset:
     """Materializes a tfds split as an :class:`ImageDataset`.
 
@@ -223,10 +178,13 @@ def from_tfds(
             builder.download_and_prepare()
         ds = builder.as_dataset(split=split, shuffle_files=False)
     except Exception as err:  # tfds raises many types (network, missing module, manual dir).
-        raise DatasetUnavailableError(_unavailable_message(name, tfds_name, split, err)) from None
+        raise DatasetUnavailableError(
+            _unavailable_message(name, tfds_name, split, err, offline)
+        ) from None
     features = builder.info.features
     label_feature = features["label"] if "label" in features.keys() else None
-    num_classes = int(getattr(label_feature, "num_classes", 0) or 0)
+    if num_classes is None:
+        num_classes = int(getattr(label_feature, "num_classes", 0) or 0)
     image_shape = tuple(ds.element_spec["image"].shape)
     images, labels = [], []
     if image_shape == (IMAGE_SIZE, IMAGE_SIZE, 3):
@@ -256,133 +214,23 @@ def from_tfds(
     )
 
 
-def _unavailable_message(name: str, tfds_name: str, split: str, err: Exception) -> str:
+def _unavailable_message(
+    name: str, tfds_name: str, split: str, err: Exception, offline: str | None = None
+) -> str:
     reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     lines = [
         f"Dataset {name!r} (tfds {tfds_name!r}, split {split!r}) is not available: tfds could "
         f"not load or download it ({reason[:300]}).",
-        "To use local files instead, pass local_path= (an .npz file in the shared/data "
-        "format, or a folder <root>/<split>/<class>/*.png|jpg) to load_dataset, or use the "
-        "name 'npz:/path/file.npz' / 'folder:/path/root'; or prepare it with tfds on a "
-        "machine with internet and pass tfds_data_dir=.",
+        "To use local files instead: on the command line pass --data local (the offline "
+        "files) or --data PATH (a folder with <dataset>_{train,test}.npz or "
+        "<split>/<class>/ images); from Python pass local_path= (an .npz file in the "
+        "shared/data format, or a folder <root>/<split>/<class>/*.png|jpg) to load_dataset, "
+        "or use the name 'npz:/path/file.npz' / 'folder:/path/root'; or prepare it with "
+        "tfds on a machine with internet and pass tfds_data_dir=.",
     ]
-    offline = _OFFLINE_ALTERNATIVE.get(name)
     if offline:
         lines.append(
             f"An offline stand-in exists: load_dataset({offline!r}, ...) reads it from "
             "$OOD_JAX_DATA_DIR (default ../shared/data)."
         )
     return " ".join(lines)
-
-
-def _offline(
-    name: str, split: str, data_dir: Path | None, limit: int | None, cache_dir
-) -> ImageDataset:
-    pattern, splits = _OFFLINE[name]
-    if split not in splits:
-        raise ValueError(f"load_dataset({name!r}): `split` must be one of {splits}, got {split!r}.")
-    if data_dir is None:
-        raise ValueError(
-            f"load_dataset({name!r}): no offline data folder; set OOD_JAX_DATA_DIR or pass "
-            "data_dir= (the folder holding the shared/data npz files)."
-        )
-    path = Path(data_dir) / pattern.format(split=split)
-    if not path.is_file():
-        raise ValueError(
-            f"load_dataset({name!r}): missing file {str(path)!r}; set OOD_JAX_DATA_DIR or "
-            "data_dir= to the folder holding it."
-        )
-    if name in ("cifar10_jpeg", "textures_partial"):
-        return from_npz(path, name=name, num_classes=10, limit=limit, cache_dir=cache_dir)
-    full = _decode_tiny(path, limit=limit, cache_dir=cache_dir)
-    labels, num_classes = full["labels"], int(full["num_classes"])
-    if name == "tinyimagenet_crop":
-        images = tinyimagenet.random_crop_32(full["images"], crop_seed=0)
-    else:
-        images = tinyimagenet.box_downsample_2x(full["images"])
-    return ImageDataset(images, labels, name=name, num_classes=num_classes, source=f"{path}")
-
-
-def _decode_tiny(path: Path, *, limit: int | None, cache_dir) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        offsets, encoded = data["offsets"], data["encoded"]
-        count = offsets.size - 1 if limit is None else min(limit, offsets.size - 1)
-        labels = data["labels"][:count].astype(np.int32)
-        num_classes = len(data["label_names"])
-    build = lambda: {
-        "images": decode.decode_encoded(
-            encoded, offsets, size=(64, 64), resize="none", where=str(path), indices=range(count)
-        )
-    }
-    if limit is None:
-        images = decode.cached(path, build, key="rgb64", cache_dir=cache_dir)["images"]
-    else:
-        images = build()["images"]
-    return {"images": images, "labels": labels, "num_classes": np.asarray(num_classes)}
-
-
-def load_dataset(
-    name: str,
-    split: str,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    local_path: str | os.PathLike | None = None,
-    tfds_data_dir: str | os.PathLike | None = None,
-    limit: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> ImageDataset:
-    """Loads a named split as an in-memory :class:`ImageDataset` (see the module docstring).
-
-    Args:
-      name: a known name, ``tfds:<name>``, ``npz:<path>`` or ``folder:<root>``.
-      split: split name (``"train"``, ``"test"``, a tfds slice such as ``"test[:2000]"``).
-      data_dir: folder of the offline npz files (default ``$OOD_JAX_DATA_DIR`` or
-        ``../shared/data``).
-      local_path: explicit local data for ``name`` (an .npz file, or a folder holding
-        ``<split>/<class>/`` images); takes precedence over tfds. Folder images (and
-        ``folder:`` names) that are not 32x32 are resized shorter side -> 32 and centre
-        cropped; use :func:`from_folder` directly to reject other sizes instead.
-      tfds_data_dir: tfds ``data_dir``.
-      limit: read only the first ``limit`` images of offline files.
-      cache_dir: decoded-array cache folder (``""`` disables).
-
-    Raises:
-      ValueError: unknown name (the message lists the known ones), bad split, bad file.
-      DatasetUnavailableError: a tfds dataset cannot be loaded or downloaded.
-    """
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    if local_path is not None:
-        local = Path(local_path)
-        if local.is_dir():
-            return from_folder(local, split, name=name, resize="shorter_side_crop")
-        return from_npz(local, name=name, limit=limit, cache_dir=cache_dir)
-    if name.startswith("npz:"):
-        return from_npz(name[4:], limit=limit, cache_dir=cache_dir)
-    if name.startswith("folder:"):
-        return from_folder(name[7:], split, resize="shorter_side_crop")
-    if name in _OFFLINE:
-        return _offline(name, split, data_dir, limit, cache_dir)
-    if name in _LOCAL_ONLY:
-        raise ValueError(
-            f"load_dataset({name!r}): this set (the ODIN / Outlier Exposure release) is not in "
-            "tfds; download it and pass local_path= (a folder <root>/<split>/<class>/*.jpg|png, "
-            "or an .npz file in the shared/data format)."
-        )
-    if name.startswith("tfds:") or name in _TFDS_NAMES or name.startswith("lsun_"):
-        if name.startswith("tfds:"):
-            tfds_name = name[5:]
-        elif name.startswith("lsun_"):
-            tfds_name = f"lsun/{name[5:]}"
-        else:
-            tfds_name = _TFDS_NAMES[name]
-        if split == "all":
-            split = _ALL_SPLITS.get(tfds_name, split)
-        if limit is not None:
-            if "+" in split or "[" in split:
-                raise ValueError(
-                    f"load_dataset({name!r}): `limit` cannot be combined with the sliced or "
-                    f"combined split {split!r}; slice the split itself instead."
-                )
-            split = f"{split}[:{limit}]"
-        return from_tfds(tfds_name, split, name=name, data_dir=tfds_data_dir)
-    raise ValueError(f"load_dataset: unknown dataset name {name!r}; known names: {KNOWN_NAMES}.")

@@ -2,8 +2,9 @@
 
 - ``forward``: :class:`ForwardPass` (jitted, sharded over the ``"data"`` mesh
   axis) -> :class:`ModelOutputs` (logits + penultimate features, NumPy).
-- ``sweep``: every ``ood_jax.scores`` score from the cached outputs, vmapped
-  over score settings (temperatures); ODIN from images.
+- ``scoring``: every registered score (``ood_jax.scores.registry``): fitted
+  statistics, scores from the cached outputs (swept settings vmapped), scores
+  that need images and the model (ODIN).
 - ``protocol``: the papers' protocol (2,000 OOD examples, 10 seeded draws,
   mean and std) and full sets, in the Hendrycks or OpenOOD convention.
 - ``diagnostics``: final-layer weight geometry, ``||z||`` and
@@ -25,41 +26,48 @@ from ood_jax.evaluate.diagnostics import (
     weight_diagnostics,
 )
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
-from ood_jax.evaluate.protocol import METRIC_NAMES, PROTOCOLS, draw_indices, evaluate_ood
-from ood_jax.evaluate.report import atomic_directory, markdown_report
-from ood_jax.evaluate.runner import DEFAULT_SCORES, head_weights, run_evaluation
-from ood_jax.evaluate.sweep import (
-    SCORE_NAMES,
-    ScoreSettings,
-    fit_scores,
-    make_odin_fn,
-    score_key,
-    score_outputs,
+from ood_jax.evaluate.protocol import (
+    METRIC_NAMES,
+    PROTOCOLS,
+    draw_indices,
+    evaluate_ood,
+    set_seed,
 )
+from ood_jax.evaluate.report import atomic_directory, markdown_report
+from ood_jax.evaluate.runner import (
+    classification_summary,
+    compute_outputs,
+    evaluate_protocols,
+    head_weights,
+    run_evaluation,
+    write_report,
+)
+from ood_jax.evaluate.scoring import fit_scores, score_images, score_outputs
 
 __all__ = [
-    "DEFAULT_SCORES",
-    "OFFLINE_OOD_SETS",
-    "SYNTHETIC_NAMES",
-    "load_ood_sets",
     "METRIC_NAMES",
+    "OFFLINE_OOD_SETS",
     "PROTOCOLS",
-    "SCORE_NAMES",
+    "SYNTHETIC_NAMES",
     "ForwardPass",
     "ModelOutputs",
-    "ScoreSettings",
     "atomic_directory",
+    "classification_summary",
+    "compute_outputs",
     "draw_indices",
     "evaluate_ood",
+    "evaluate_protocols",
     "feature_geometry",
     "fit_scores",
     "head_weights",
+    "load_ood_sets",
     "logit_norm_curve",
-    "make_odin_fn",
     "markdown_report",
     "read_metrics_log",
     "run_evaluation",
-    "score_key",
+    "score_images",
     "score_outputs",
+    "set_seed",
     "weight_diagnostics",
+    "write_report",
 ]

@@ -1,4 +1,8 @@
-"""PNG plots of an evaluation (matplotlib, Agg backend: no display needed).
+"""PNG plots of an evaluation.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and saved with their
+own Agg canvas, never through ``pyplot``: importing this module changes no
+global matplotlib state (a notebook keeps its inline backend).
 
 Each function draws one figure and saves it to ``path``:
 
@@ -13,11 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -33,16 +34,25 @@ def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray
     return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
 
 
-def _save(fig: plt.Figure, path: str) -> None:
+def _save(fig: Figure, path: str) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)  # a bare Figure saves through its own Agg canvas
 
 
-def _grid(n: int) -> tuple[plt.Figure, np.ndarray]:
+def _figure(rows: int = 1, cols: int = 1, *, figsize: tuple[float, float]):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _one(*, figsize: tuple[float, float]):
+    fig, axes = _figure(figsize=figsize)
+    return fig, axes[0, 0]
+
+
+def _grid(n: int) -> tuple[Figure, np.ndarray]:
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = _figure(rows, cols, figsize=(4.2 * cols, 3.2 * rows))
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, axes.flat
@@ -95,7 +105,7 @@ def roc_curves(
     aurocs: Mapping[str, float] | None = None,
 ) -> None:
     """ROC curves (ID positive) of one score, one curve per OOD set."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    fig, ax = _one(figsize=(4.5, 4.2))
     for name, values in ood_scores.items():
         fpr, tpr = roc_curve(id_scores, values)
         label = name if aurocs is None else f"{name} (AUROC {100 * aurocs[name]:.2f})"
@@ -138,7 +148,7 @@ def reliability_diagram(
     width = 1.0 / num_bins
     centers = b["edges"][:-1] + width / 2
     nonempty = b["count"] > 0
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig, ax = _one(figsize=(4.2, 4.2))
     ax.bar(
         centers[nonempty],
         b["accuracy"][nonempty],
@@ -169,7 +179,7 @@ def reliability_diagram(
 
 def logit_norm_plot(curves: Mapping[str, Mapping[str, list[float]]], path: str) -> None:
     """The logit norm over training, one line per logged series."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _one(figsize=(5, 3.5))
     for key, curve in curves.items():
         ax.plot(curve["step"], curve["value"], label=key, linewidth=1.2)
     ax.set_xlabel("step")

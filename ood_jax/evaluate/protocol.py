@@ -4,10 +4,11 @@ Papers' protocol (Hendrycks et al.'s Outlier Exposure code, reused by the
 energy and LogitNorm repositories): each OOD set is sub-sampled to
 ``num_ood`` examples (2,000 = ``len(CIFAR test) // 5``) against the full
 in-distribution test set, the metrics are computed per draw, and the mean and
-standard deviation over ``num_draws`` (10) draws are reported. Draw ``d`` of OOD
-set number ``s`` uses ``numpy.random.default_rng([seed, s, d])``; the seeds are
-recorded in the results so every draw can be repeated. All scores of one draw
-share the same OOD indices.
+standard deviation over ``num_draws`` (10) draws are reported. Draw ``d`` of the OOD
+set called ``name`` uses ``numpy.random.default_rng([seed, crc32(name), d])``
+(:func:`set_seed`): keyed by the name, so the draws do not depend on which other
+sets are evaluated or in what order. The seeds are recorded in the results so
+every draw can be repeated. All scores of one draw share the same OOD indices.
 
 Full-set protocol: every OOD example once (one draw, standard deviation 0).
 
@@ -17,6 +18,7 @@ print it.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,6 +27,15 @@ from ood_jax import metrics as M
 
 PROTOCOLS: tuple[str, ...] = ("papers", "full")
 METRIC_NAMES: tuple[str, ...] = ("fpr95", "auroc", "aupr_in", "aupr_out")
+
+
+def set_seed(seed: int, name: str) -> list[int]:
+    """Seed sequence of anything drawn per dataset: ``[seed, crc32(name)]``.
+
+    Keyed by the set's name (not its position), so a checkpoint gets the same
+    draws whatever the order or number of sets requested.
+    """
+    return [int(seed), zlib.crc32(name.encode())]
 
 
 def draw_indices(num_total: int, num_draw: int, *, seed: Sequence[int]) -> np.ndarray:
@@ -59,9 +70,9 @@ def evaluate_ood(
 
     Returns:
       ``{"protocol", "convention", "num_ood", "num_draws", "seed", "draws",
-      "metrics"}`` where ``draws[set] = {"seeds": [[seed, s, d], ...],
+      "metrics"}`` where ``draws[set] = {"seeds": [[seed, crc32(set), d], ...],
       "num_examples": n, "population": N_set}`` (draw ``d`` is
-      ``draw_indices(N_set, n, seed=[seed, s, d])``) and
+      ``draw_indices(N_set, n, seed=[seed, crc32(set), d])``) and
       ``metrics[score][set or "average"][metric] = {"mean", "std", "values"}``
       with metric values as fractions in [0, 1]; the average row's std is the
       mean of the per-set stds.
@@ -80,7 +91,7 @@ def evaluate_ood(
         )
     draws: dict[str, dict] = {}
     per_set: dict[str, dict[str, dict[str, list[float]]]] = {k: {} for k in keys}
-    for s, (set_name, set_scores) in enumerate(ood_scores.items()):
+    for set_name, set_scores in ood_scores.items():
         missing = [k for k in keys if k not in set_scores]
         if missing:
             raise ValueError(f"ood_scores[{set_name!r}]: missing score keys {missing}.")
@@ -92,7 +103,7 @@ def evaluate_ood(
         if protocol == "full":
             seeds, index_sets = [], [np.arange(n_set)]
         else:
-            seeds = [[seed, s, d] for d in range(num_draws)]
+            seeds = [[*set_seed(seed, set_name), d] for d in range(num_draws)]
             index_sets = [draw_indices(n_set, num_ood, seed=sd) for sd in seeds]
         draws[set_name] = {
             "seeds": seeds,

@@ -22,8 +22,6 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from ood_jax.evaluate.sweep import display_name
-
 #: (metric key, column header) of the main table, as the papers print it.
 MAIN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("fpr95", "FPR95↓"),
@@ -100,7 +98,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def ood_tables(protocol_result: Mapping, *, scores_per_table: int = 4) -> list[str]:
+def ood_tables(
+    protocol_result: Mapping,
+    *,
+    display: Mapping[str, str] | None = None,
+    scores_per_table: int = 4,
+) -> list[str]:
     """Markdown lines for one protocol's results.
 
     1. A summary: rows = scores, columns = the metrics averaged over OOD sets.
@@ -112,6 +115,11 @@ def ood_tables(protocol_result: Mapping, *, scores_per_table: int = 4) -> list[s
     """
     metrics = protocol_result["metrics"]
     scores = list(metrics)
+    display = dict(display or {})
+
+    def display_name(key: str) -> str:
+        return display.get(key, key)
+
     sets = [s for s in next(iter(metrics.values())) if s != "average"] + ["average"]
     with_std = protocol_result["protocol"] == "papers"
     summary = [
@@ -167,12 +175,14 @@ def markdown_report(results: Mapping) -> str:
             f"- training set for fitted scores: {data['train']['name']} "
             f"({data['train']['num_examples']} images)"
         )
-    odin_max = results.get("settings", {}).get("odin_max_examples")
-    if results.get("odin_examples") and odin_max:
-        lines.append(
-            f"- ODIN on seeded random subsets of at most {odin_max} images per dataset "
-            f"(sizes in results.json `odin_examples`)"
-        )
+    for name in results.get("image_score_examples") or {}:
+        budget = results.get("score_hparams", {}).get(name, {}).get("max_examples")
+        if budget:
+            label = results.get("score_display", {}).get(name, name)
+            lines.append(
+                f"- {label} on seeded random subsets of at most {budget} images per dataset "
+                f"(sizes in results.json `image_score_examples`)"
+            )
     lines += [
         f"- metrics in percent; higher score = more in-distribution; command: "
         f"`{results.get('command', '')}`",
@@ -182,7 +192,9 @@ def markdown_report(results: Mapping) -> str:
         f"Accuracy {_pct(cls['accuracy'])}%, ECE ({cls['num_bins']} bins) {_pct(cls['ece'])}%.",
     ]
     for result in results["ood"].values():
-        lines += ["", f"## {_protocol_heading(result)}", ""] + ood_tables(result)
+        lines += ["", f"## {_protocol_heading(result)}", ""] + ood_tables(
+            result, display=results.get("score_display")
+        )
     diag = results["diagnostics"]
     w = diag["weights"]
     lines += [

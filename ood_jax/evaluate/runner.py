@@ -1,24 +1,26 @@
 """``run_evaluation``: a model and datasets in, every number and the report out.
 
-Steps (each a plain function of the previous step's arrays):
+The stages, each a plain function testable alone:
 
-1. one forward pass per dataset (:class:`ForwardPass`): ID test set, every
-   OOD set, and the training set when a fitted score needs it;
-2. test accuracy, ECE (15 bins) and reliability bins from the ID logits;
-3. all scores from the cached outputs (:func:`score_outputs`), ODIN from
-   images (:meth:`ForwardPass.map_batches`);
-4. OOD metrics under each protocol (:func:`evaluate_ood`);
-5. diagnostics (:mod:`ood_jax.evaluate.diagnostics`);
-6. if ``out_dir`` is given: ``results.json``, ``results.md`` and PNG plots,
+1. :func:`compute_outputs`: one forward pass per dataset (ID test set, every
+   OOD set, and the training set when a fitted score needs it) -> cached
+   :class:`ModelOutputs`;
+2. :func:`~ood_jax.evaluate.scoring.fit_scores`: fitted statistics from the
+   training outputs;
+3. :func:`~ood_jax.evaluate.scoring.score_outputs` and
+   :func:`~ood_jax.evaluate.scoring.score_images`: every registered score;
+4. :func:`evaluate_protocols`: OOD metrics under each protocol;
+5. :func:`classification_summary` and the diagnostics
+   (:mod:`ood_jax.evaluate.diagnostics`);
+6. :func:`write_report`: ``results.json``, ``results.md`` and PNG plots,
    written atomically (all or nothing).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from flax import nnx
@@ -27,36 +29,16 @@ from ood_jax import data as D
 from ood_jax import metrics as M
 from ood_jax.evaluate import diagnostics, plots, report
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
-from ood_jax.evaluate.protocol import PROTOCOLS, evaluate_ood
-from ood_jax.evaluate.sweep import (
-    FITTED_SCORES,
-    ScoreSettings,
-    check_score_names,
-    display_name,
-    fit_scores,
-    make_odin_fn,
-    score_outputs,
-)
+from ood_jax.evaluate.protocol import PROTOCOLS, evaluate_ood, set_seed
+from ood_jax.evaluate.scoring import fit_scores, score_images, score_outputs
+from ood_jax.scores.registry import Head, available_scores, check_score_names, get_score
+from ood_jax.scores.registry import resolve_hparams as resolve_score_hparams
 
-#: Scores computed when the caller does not choose: every score of ood_jax.scores.
-DEFAULT_SCORES: tuple[str, ...] = (
-    "msp",
-    "max_logit",
-    "energy",
-    "neg_entropy",
-    "feature_norm",
-    "odin",
-    "gradnorm",
-    "mahalanobis",
-    "knn",
-    "gmm",
-    "react",
-)
 ECE_BINS = 15
 
 
-def head_weights(model: nnx.Module) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(kernel [D, K], bias [K] or None)`` of ``model.head`` as NumPy arrays."""
+def head_weights(model: nnx.Module) -> Head:
+    """``Head(kernel [D, K], bias [K] or None)`` of ``model.head`` as NumPy arrays."""
     head = getattr(model, "head", None)
     if head is None or not hasattr(head, "kernel"):
         raise ValueError(
@@ -65,7 +47,7 @@ def head_weights(model: nnx.Module) -> tuple[np.ndarray, np.ndarray | None]:
         )
     kernel = np.asarray(head.kernel[...], np.float32)
     bias = getattr(head, "bias", None)
-    return kernel, None if bias is None else np.asarray(bias[...], np.float32)
+    return Head(kernel, None if bias is None else np.asarray(bias[...], np.float32))
 
 
 def _check_datasets(id_test: D.ImageDataset, ood_sets: Mapping[str, D.ImageDataset]) -> None:
@@ -92,146 +74,53 @@ def _describe(ds: D.ImageDataset) -> dict:
     return {"name": ds.name, "num_examples": len(ds), "source": ds.source or "arrays"}
 
 
-def run_evaluation(
-    model: nnx.Module,
+def compute_outputs(
+    forward: ForwardPass,
+    datasets: Mapping[str, D.ImageDataset],
     *,
-    id_test: D.ImageDataset,
-    ood_sets: Mapping[str, D.ImageDataset],
-    train: D.ImageDataset | None = None,
-    scores: Sequence[str] = DEFAULT_SCORES,
-    protocols: Sequence[str] = PROTOCOLS,
-    convention: str = "hendrycks",
-    settings: ScoreSettings | None = None,
-    num_ood: int | None = None,
-    num_draws: int = 10,
-    seed: int = 0,
-    max_train: int | None = None,
-    max_ood: int | None = None,
-    batch_size: int = 256,
-    mesh=None,
-    out_dir: str | os.PathLike | None = None,
-    metrics_log_dir: str | os.PathLike | None = None,
-    metadata: Mapping | None = None,
-    make_plots: bool = True,
-    plot_scores: Sequence[str] | None = None,
-) -> dict:
-    """Evaluates ``model`` as the papers do; returns the ``results.json`` dict.
+    batches: Callable[[D.ImageDataset], object],
+) -> dict[str, ModelOutputs]:
+    """Stage 1: ``{name: ModelOutputs}``, one forward pass per dataset."""
+    return {name: forward(batches(ds)) for name, ds in datasets.items()}
 
-    Args:
-      model: NNX classifier, ``model(images) -> (logits, features)``, with
-        ``model.head`` its final linear layer. Switched to eval mode.
-      id_test: labelled in-distribution test set (e.g. CIFAR-10 test).
-      ood_sets: OOD set name -> dataset (each non-empty).
-      train: in-distribution training set; required by the fitted scores
-        (Mahalanobis, KNN, GMM, ReAct).
-      scores: names from ``ood_jax.evaluate.SCORE_NAMES``.
-      protocols: any of ``"papers"`` (2,000 OOD examples per draw, 10 draws)
-        and ``"full"``.
-      convention: ``"hendrycks"`` (default) or ``"openood"``.
-      settings: score hyperparameters (temperature sweep, ODIN's T and eps, ...).
-      num_ood, num_draws, seed: the papers' protocol (default ``N_id // 5``, 10, 0).
-      max_train: fit the fitted scores on a seeded random subset of at most this
-        many training images (None = all), e.g. to keep a CPU run short.
-      max_ood: evaluate each OOD set on a seeded random subset of at most this
-        many images (None = all; recorded in the set's ``source``). The papers'
-        protocol then draws from that subset, the full-set protocol uses all of it.
-      batch_size: forward-pass batch size (padded to a multiple of the devices).
-      mesh: device mesh with a ``"data"`` axis (default: all devices).
-      out_dir: if given, write ``results.json``, ``results.md`` and ``plots/*.png``
-        there, atomically.
-      metrics_log_dir: a training workdir whose ``metrics.jsonl`` gives the
-        logit-norm-over-training curve.
-      metadata: recorded under ``results`` (e.g. ``checkpoint``, ``model``,
-        ``config``, ``command``).
-      make_plots: write PNG plots with the report.
-      plot_scores: score keys that get a histogram and a ROC plot (default: all).
 
-    Returns:
-      The results dict (see ``results.json``): classification, OOD metrics per
-      protocol, diagnostics, data sources, settings, seeds and timings.
-    """
-    settings = ScoreSettings() if settings is None else settings
-    names = check_score_names(scores)
-    for p in protocols:
-        if p not in PROTOCOLS:
-            raise ValueError(f"protocols: {p!r} is not one of {PROTOCOLS}.")
-    if not protocols:
-        raise ValueError(f"protocols: choose at least one of {PROTOCOLS}.")
-    _check_datasets(id_test, ood_sets)
-    ood_sets = {k: D.random_subset(v, max_ood, seed=seed) for k, v in ood_sets.items()}
-    needs_train = any(n in FITTED_SCORES for n in names)
-    if needs_train and train is None:
-        raise ValueError(
-            f"train: scores {[n for n in names if n in FITTED_SCORES]} are fitted on the "
-            "in-distribution training set; pass train= or drop them from scores."
-        )
-    timings: dict[str, float] = {}
-    kernel, bias = head_weights(model)
-    forward = ForwardPass(model, mesh=mesh)
-
-    def batches(ds: D.ImageDataset):
-        return D.eval_batches(ds, batch_size=batch_size, process_index=0, process_count=1)
-
-    t0 = time.perf_counter()
-    datasets = {"id": id_test, **{f"ood/{k}": v for k, v in ood_sets.items()}}
-    outputs: dict[str, ModelOutputs] = {key: forward(batches(ds)) for key, ds in datasets.items()}
-    timings["forward_s"] = time.perf_counter() - t0
-    train_used = None
-    fitted: dict = {}
-    if needs_train:
-        t0 = time.perf_counter()
-        train_used = D.random_subset(train, max_train, seed=seed)
-        train_outputs = forward(batches(train_used))
-        timings["forward_train_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fitted = fit_scores(names, train_outputs, settings=settings)
-        timings["fit_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    scored = score_outputs(
-        names, outputs, head_kernel=kernel, head_bias=bias, settings=settings, fitted=fitted
-    )
-    timings["score_s"] = time.perf_counter() - t0
-    # ODIN needs a gradient pass over images; on a CPU it may run on seeded subsets of
-    # every dataset (settings.odin_max_examples), so it is kept apart from the cache.
-    odin: dict[str, np.ndarray] = {}
-    odin_sizes: dict[str, int] = {}
-    if "odin" in names:
-        t0 = time.perf_counter()
-        odin_fn = make_odin_fn(settings)
-        for key, ds in datasets.items():
-            subset = D.random_subset(ds, settings.odin_max_examples, seed=seed)
-            odin[key] = forward.map_batches(odin_fn, batches(subset))
-            odin_sizes[key] = len(subset)
-        timings["odin_s"] = time.perf_counter() - t0
-
-    id_out = outputs["id"]
-    confidence = np.max(_softmax(id_out.logits), axis=-1)
-    correct = np.argmax(id_out.logits, axis=-1) == id_out.labels
-    bins = plots.reliability_bins(confidence, correct.astype(np.float64), num_bins=ECE_BINS)
-    classification = {
-        "accuracy": M.accuracy(id_out.logits, id_out.labels),
-        "ece": M.expected_calibration_error(id_out.logits, id_out.labels, num_bins=ECE_BINS),
+def classification_summary(outputs: ModelOutputs) -> dict:
+    """Accuracy, ECE (15 bins), reliability bins and mean logit norm of labelled outputs."""
+    confidence = np.max(_softmax(outputs.logits), axis=-1)
+    correct = (np.argmax(outputs.logits, axis=-1) == outputs.labels).astype(np.float64)
+    bins = plots.reliability_bins(confidence, correct, num_bins=ECE_BINS)
+    return {
+        "accuracy": M.accuracy(outputs.logits, outputs.labels),
+        "ece": M.expected_calibration_error(outputs.logits, outputs.labels, num_bins=ECE_BINS),
         "num_bins": ECE_BINS,
         "reliability": {k: v.tolist() for k, v in bins.items()},
-        "mean_logit_norm": float(np.linalg.norm(id_out.logits, axis=-1).mean()),
+        "mean_logit_norm": float(np.linalg.norm(outputs.logits, axis=-1).mean()),
     }
 
-    ood_names = [k[len("ood/") :] for k in datasets if k != "id"]
-    groups = [(scored["id"], {n: scored[f"ood/{n}"] for n in ood_names})]
-    if odin:
-        groups.append(({"odin": odin["id"]}, {n: {"odin": odin[f"ood/{n}"]} for n in ood_names}))
-    t0 = time.perf_counter()
-    ood_results = {}
+
+def evaluate_protocols(
+    groups: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, Mapping[str, np.ndarray]]]],
+    *,
+    protocols: Sequence[str],
+    num_ood: int,
+    num_draws: int,
+    seed: int,
+    convention: str,
+) -> dict:
+    """Stage 4: ``{protocol: evaluate_ood result}`` merged over score groups.
+
+    Scores computed on the same examples form one group (``(id_scores,
+    ood_scores)``); a budgeted image score on subsets is its own group, with its
+    draws recorded under ``extra_draws[score]`` when they differ.
+    """
+    out = {}
     for p in protocols:
-        # Same seeds and draw size for every group, so unsubsampled ODIN gets the
-        # very draws it would get scored together with the cached scores.
         parts = [
             evaluate_ood(
                 ids,
                 oods,
                 protocol=p,
-                num_ood=max(len(id_test) // 5, 1) if num_ood is None else num_ood,
+                num_ood=num_ood,
                 num_draws=num_draws,
                 seed=seed,
                 convention=convention,
@@ -243,19 +132,152 @@ def run_evaluation(
         for extra in parts[1:]:
             merged["metrics"].update(extra["metrics"])
             if extra["draws"] != merged["draws"]:
-                merged["odin_draws"] = extra["draws"]
-        ood_results[p] = merged
+                for key in extra["metrics"]:
+                    merged.setdefault("extra_draws", {})[key] = extra["draws"]
+        out[p] = merged
+    return out
+
+
+def run_evaluation(
+    model: nnx.Module,
+    *,
+    id_test: D.ImageDataset,
+    ood_sets: Mapping[str, D.ImageDataset],
+    train: D.ImageDataset | None = None,
+    scores: Sequence[str] | None = None,
+    score_hparams: Mapping[str, Mapping] | None = None,
+    protocols: Sequence[str] = PROTOCOLS,
+    convention: str = "hendrycks",
+    num_ood: int | None = None,
+    num_draws: int = 10,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_ood: int | None = None,
+    batch_size: int = 256,
+    mean: Sequence[float] = D.CIFAR10_MEAN,
+    std: Sequence[float] = D.CIFAR10_STD,
+    mesh=None,
+    out_dir: str | os.PathLike | None = None,
+    metrics_log_dir: str | os.PathLike | None = None,
+    metadata: Mapping | None = None,
+    make_plots: bool = True,
+    plot_scores: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Evaluates ``model`` as the papers do; returns the ``results.json`` dict.
+
+    Args:
+      model: NNX classifier, ``model(images) -> (logits, features)``, with
+        ``model.head`` its final linear layer. Switched to eval mode.
+      id_test: labelled in-distribution test set (e.g. CIFAR-10 test).
+      ood_sets: OOD set name -> dataset (each non-empty).
+      train: in-distribution training set; required by the ``"fitted"`` scores.
+      scores: registered score names (default: every registered score).
+      score_hparams: ``{score: {hyperparameter: value}}`` overriding the registered
+        defaults, e.g. ``{"msp": {"temperature": (1, 1000)}, "odin": {"max_examples":
+        1000}}``; a swept hyperparameter given as a sequence is vmapped.
+      protocols: any of ``"papers"`` (``num_ood`` OOD examples per draw,
+        ``num_draws`` draws) and ``"full"``.
+      convention: ``"hendrycks"`` (default) or ``"openood"``.
+      num_ood, num_draws, seed: the papers' protocol (default ``N_id // 5``, 10, 0);
+        every draw is seeded by ``seed`` and the set's name.
+      max_train: fit the fitted scores on a seeded random subset of at most this
+        many training images (None = all), e.g. to keep a CPU run short.
+      max_ood: evaluate each OOD set on a seeded random subset of at most this
+        many images (None = all; recorded in the set's ``source``).
+      batch_size: forward-pass batch size (padded to a multiple of the devices).
+      mean, std: the in-distribution set's normalization (the model's input space).
+      mesh: device mesh with a ``"data"`` axis (default: all devices).
+      out_dir: if given, write ``results.json``, ``results.md`` and ``plots/*.png``
+        there, atomically.
+      metrics_log_dir: a training workdir whose ``metrics.jsonl`` gives the
+        logit-norm-over-training curve.
+      metadata: recorded under ``results`` (e.g. ``checkpoint``, ``model``,
+        ``config``, ``command``).
+      make_plots: write PNG plots with the report.
+      plot_scores: score keys that get a histogram and a ROC plot (default: all).
+      progress: called with a short message before each stage (e.g. ``print``).
+
+    Returns:
+      The results dict (see ``results.json``).
+    """
+    say = progress or (lambda message: None)
+    names = check_score_names(available_scores() if scores is None else scores)
+    hparams = resolve_score_hparams(names, score_hparams)
+    if not protocols:
+        raise ValueError(f"protocols: choose at least one of {PROTOCOLS}.")
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise ValueError(f"protocols: {p!r} is not one of {PROTOCOLS}.")
+    _check_datasets(id_test, ood_sets)
+    fitted_names = [n for n in names if get_score(n).consumes == "fitted"]
+    if fitted_names and train is None:
+        raise ValueError(
+            f"train: scores {fitted_names} are fitted on the in-distribution training set; "
+            "pass train= or drop them from scores."
+        )
+    ood_sets = {k: D.random_subset(v, max_ood, seed=set_seed(seed, k)) for k, v in ood_sets.items()}
+    timings: dict[str, float] = {}
+    head = head_weights(model)
+    forward = ForwardPass(model, mesh=mesh)
+
+    def batches(ds: D.ImageDataset):
+        return D.eval_batches(
+            ds, batch_size=batch_size, process_index=0, process_count=1, mean=mean, std=std
+        )
+
+    t0 = time.perf_counter()
+    say(f"forward pass over {1 + len(ood_sets)} datasets")
+    outputs = compute_outputs(forward, {id_test.name: id_test, **ood_sets}, batches=batches)
+    timings["forward_s"] = time.perf_counter() - t0
+    train_used, fitted = None, {}
+    if fitted_names:
+        t0 = time.perf_counter()
+        train_used = D.random_subset(train, max_train, seed=seed)
+        say(f"fitting {', '.join(fitted_names)} on {len(train_used)} training images")
+        train_outputs = compute_outputs(forward, {"train": train_used}, batches=batches)["train"]
+        fitted = fit_scores(hparams, train_outputs)
+        timings["fit_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    say(f"scoring ({', '.join(names)})")
+    scored = score_outputs(hparams, outputs, head=head, fitted=fitted)
+    image_scores, image_sizes = score_images(
+        hparams,
+        forward,
+        {id_test.name: id_test, **ood_sets},
+        batches=batches,
+        std=std,
+        seed=seed,
+    )
+    timings["score_s"] = time.perf_counter() - t0
+
+    ood_names = list(ood_sets)
+    groups = [(scored[id_test.name], {n: scored[n] for n in ood_names})]
+    for name in image_sizes:
+        groups.append(
+            (
+                {name: image_scores[id_test.name][name]},
+                {n: {name: image_scores[n][name]} for n in ood_names},
+            )
+        )
+    t0 = time.perf_counter()
+    say(f"metrics ({', '.join(protocols)} protocol)")
+    ood_results = evaluate_protocols(
+        groups,
+        protocols=protocols,
+        num_ood=max(len(id_test) // 5, 1) if num_ood is None else num_ood,
+        num_draws=num_draws,
+        seed=seed,
+        convention=convention,
+    )
     timings["metrics_s"] = time.perf_counter() - t0
-    id_scores = {**scored["id"], **({"odin": odin["id"]} if odin else {})}
-    ood_scores = {
-        n: {**scored[f"ood/{n}"], **({"odin": odin[f"ood/{n}"]} if odin else {})} for n in ood_names
-    }
+    id_scores = {**scored[id_test.name], **image_scores[id_test.name]}
+    ood_scores = {n: {**scored[n], **image_scores[n]} for n in ood_names}
+    display = {key: get_score(_base(key, names)).display_for(key) for key in id_scores}
 
     geometry = {
-        key[len("ood/") :] if key != "id" else id_test.name: diagnostics.feature_geometry(
-            out.logits, out.features, kernel
-        )
-        for key, out in outputs.items()
+        name: diagnostics.feature_geometry(out.logits, out.features, head.kernel)
+        for name, out in outputs.items()
     }
     curves = diagnostics.logit_norm_curve(
         diagnostics.read_metrics_log(os.fspath(metrics_log_dir)) if metrics_log_dir else []
@@ -266,9 +288,11 @@ def run_evaluation(
             "id": _describe(id_test),
             "ood": {k: _describe(v) for k, v in ood_sets.items()},
             "train": None if train_used is None else _describe(train_used),
+            "normalization": {"mean": list(mean), "std": list(std)},
         },
         "scores": list(id_scores),
-        "settings": dataclasses.asdict(settings),
+        "score_display": display,
+        "score_hparams": hparams,
         "protocol_options": {
             "num_ood": num_ood,
             "num_draws": num_draws,
@@ -277,11 +301,11 @@ def run_evaluation(
             "max_train": max_train,
             "max_ood": max_ood,
         },
-        "odin_examples": odin_sizes or None,
-        "classification": classification,
+        "image_score_examples": image_sizes or None,
+        "classification": classification_summary(outputs[id_test.name]),
         "ood": ood_results,
         "diagnostics": {
-            "weights": diagnostics.weight_diagnostics(kernel, bias),
+            "weights": diagnostics.weight_diagnostics(head.kernel, head.bias),
             "features": {
                 name: {k: diagnostics.summarize(v) for k, v in g.items()}
                 for name, g in geometry.items()
@@ -294,19 +318,26 @@ def run_evaluation(
     results.setdefault("model", {})
     if out_dir is not None:
         results["report_dir"] = os.path.abspath(os.fspath(out_dir))
-        _write_report(
+        say(f"writing the report to {results['report_dir']}")
+        write_report(
             os.fspath(out_dir),
             results,
             id_scores=id_scores,
             ood_scores=ood_scores,
             geometry=geometry,
             id_name=id_test.name,
-            confidence=confidence,
-            correct=correct,
+            id_outputs=outputs[id_test.name],
             make_plots=make_plots,
             plot_scores=list(id_scores) if plot_scores is None else list(plot_scores),
         )
     return results
+
+
+def _base(key: str, names: Sequence[str]) -> str:
+    """The registered score a result key belongs to (``msp_T1000`` -> ``msp``)."""
+    if key in names:
+        return key
+    return max((n for n in names if key.startswith(f"{n}_")), key=len)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -315,7 +346,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def _write_report(
+def write_report(
     out_dir: str,
     results: dict,
     *,
@@ -323,12 +354,14 @@ def _write_report(
     ood_scores: Mapping[str, Mapping[str, np.ndarray]],
     geometry: Mapping[str, Mapping[str, np.ndarray]],
     id_name: str,
-    confidence: np.ndarray,
-    correct: np.ndarray,
-    make_plots: bool,
-    plot_scores: Sequence[str],
+    id_outputs: ModelOutputs,
+    make_plots: bool = True,
+    plot_scores: Sequence[str] | None = None,
 ) -> None:
-    """Writes the report into a temporary directory, renamed to ``out_dir`` at the end."""
+    """Stage 6: the report, written into a temporary directory renamed to ``out_dir``."""
+    plot_scores = list(id_scores) if plot_scores is None else list(plot_scores)
+    confidence = np.max(_softmax(id_outputs.logits), axis=-1)
+    correct = np.argmax(id_outputs.logits, axis=-1) == id_outputs.labels
     with report.atomic_directory(out_dir) as tmp:
         written: list[str] = []
         if make_plots:
@@ -347,7 +380,7 @@ def _write_report(
             for key in plot_scores:
                 values = id_scores[key]
                 per_set = {s: ood_scores[s][key] for s in ood_scores}
-                label = display_name(key)
+                label = results["score_display"].get(key, key)
                 plots.score_histograms(
                     values, per_set, path(f"hist_{key}.png"), score_name=label, id_name=id_name
                 )

@@ -5,6 +5,8 @@
 - ``fitted``: ``fit_*`` on training features + pure ``*_score`` (Mahalanobis,
   KNN, class-conditional GMM density, ReAct).
 - ``model``: scores that need gradients (ODIN, GradNorm).
+- ``registry``: every score by name with what it consumes, its hyperparameters
+  and display name; :func:`register_score` adds one (see that module).
 """
 
 from ood_jax.scores.fitted import (
@@ -23,13 +25,29 @@ from ood_jax.scores.fitted import (
 )
 from ood_jax.scores.logit import energy, feature_norm, max_logit, msp, neg_entropy
 from ood_jax.scores.model import CIFAR10_STD, gradnorm, odin
+from ood_jax.scores.registry import (
+    Head,
+    Score,
+    available_scores,
+    check_score_names,
+    get_score,
+    register_score,
+    resolve_hparams,
+)
 
 __all__ = [
     "CIFAR10_STD",
     "GMMParams",
     "KNNParams",
     "MahalanobisParams",
+    "Head",
     "ReActParams",
+    "Score",
+    "available_scores",
+    "check_score_names",
+    "get_score",
+    "register_score",
+    "resolve_hparams",
     "energy",
     "feature_norm",
     "fit_gmm",

@@ -7,12 +7,14 @@ checkpoints (:mod:`ood_jax.checkpoint`) and ``metrics.jsonl``.
 
 from ood_jax.train.loop import NonFiniteLossError, evaluate, fit, restore_or_initialize
 from ood_jax.train.objectives import (
+    Loss,
     Objective,
-    Outputs,
     available_objectives,
     bind_objective,
+    forward_with_outliers,
     get_objective,
     register_objective,
+    resolve_hparams,
 )
 from ood_jax.train.optim import SCHEDULES, make_optimizer, make_schedule
 from ood_jax.train.state import ModelDef, TrainState, create_train_state, split_model
@@ -27,8 +29,8 @@ __all__ = [
     "SCHEDULES",
     "ModelDef",
     "NonFiniteLossError",
+    "Loss",
     "Objective",
-    "Outputs",
     "TrainState",
     "available_objectives",
     "bind_objective",
@@ -37,12 +39,14 @@ __all__ = [
     "create_train_state",
     "evaluate",
     "fit",
+    "forward_with_outliers",
     "get_objective",
     "make_eval_step",
     "make_optimizer",
     "make_schedule",
     "make_train_step",
     "register_objective",
+    "resolve_hparams",
     "restore_or_initialize",
     "split_model",
 ]

@@ -1,13 +1,39 @@
-"""Training objectives by name, all built from :mod:`ood_jax.losses`.
+"""Training objectives by name: each one runs the model itself.
 
-An objective maps one forward pass to per-example losses. It receives the
-in-distribution outputs and, when the objective uses auxiliary outliers
-(outlier exposure, energy fine-tuning, ACET/CEDA), the outputs on the outlier
-batch; the train step concatenates both batches into one forward pass (as the
-energy and OE repositories do, so BatchNorm sees both) and splits the outputs.
+An objective is a function
 
-Add an objective by writing its loss function and registering it with
-:func:`register_objective`; the train step does not change.
+    loss(apply, batch, aux, key, **hparams) -> Loss(per_example [B], logits [B, K], metrics)
+
+called inside the jitted, differentiated train step:
+
+- ``apply(images, *, update_stats=True) -> (logits, features)`` runs the model
+  in training mode (BatchNorm on batch statistics, dropout on) with the
+  parameters being differentiated; outputs are float32 whatever the compute
+  dtype. The step keeps the BatchNorm statistics of the pass(es) made with
+  ``update_stats=True`` (the last one wins); passes with
+  ``update_stats=False`` (an adversarial attack's forward/backward passes,
+  usually inside a ``jax.lax.fori_loop``) leave the running statistics alone.
+- ``batch``: the in-distribution batch, ``{"image", "label", "mask"}``. Padded
+  rows (``mask`` False) carry label 0 here, and the step leaves them out of the
+  mean; BatchNorm still sees them.
+- ``aux``: the auxiliary outlier batch ``{"image", ...}`` for objectives
+  registered with ``uses_outliers=True``, else None.
+- ``key``: a typed PRNG key, a pure function of the run seed and the step
+  (``ood_jax.rng``), for in-step randomness (noise, attack starts).
+
+It returns a :class:`Loss`: per-example losses on the in-distribution batch
+(a term on outliers or noise is added to every example, so the masked mean is
+``mean_in + term``), the in-distribution logits (for the step's accuracy and
+logit-norm metrics) and optional extra scalar metrics.
+
+Add an objective with :func:`register_objective` (its hyperparameter defaults
+live in the registration and nowhere else); the train step, the configs and
+the experiment runner do not change::
+
+    @register_objective("my_loss", defaults={"weight": 0.5})
+    def my_loss(apply, batch, aux, key, *, weight):
+        logits, _ = apply(batch["image"])
+        return Loss(losses.cross_entropy(logits, batch["label"]) * weight, logits)
 """
 
 from __future__ import annotations
@@ -21,53 +47,104 @@ import jax.numpy as jnp
 
 from ood_jax import losses
 
+Batch = Mapping[str, jax.Array]
+ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
+
 
 @dataclass(frozen=True)
-class Outputs:
-    """Model outputs on one batch: ``logits [B, K]`` and penultimate ``features [B, D]``."""
+class Loss:
+    """What an objective returns.
 
+    Attributes:
+      per_example: ``[B]`` losses on the in-distribution batch (masked mean = the loss).
+      logits: ``[B, K]`` in-distribution logits, for the accuracy and logit-norm metrics.
+      metrics: extra scalar metrics (e.g. the outlier term), averaged per epoch in logs.
+    """
+
+    per_example: jax.Array
     logits: jax.Array
-    features: jax.Array
+    metrics: Mapping[str, jax.Array] = field(default_factory=dict)
+
+
+ObjectiveFn = Callable[..., Loss]
 
 
 @dataclass(frozen=True)
 class Objective:
-    """A named training objective.
+    """A registered training objective.
 
     Attributes:
-      name: registry name.
-      loss: ``loss(inputs, labels, outliers, **hparams) -> [B]`` per-example losses on the
-        in-distribution batch (a term on ``outliers`` is added to each example, so that
-        the masked mean gives ``mean_in + term_out``). ``outliers`` is None unless
-        ``uses_outliers``.
-      uses_outliers: whether the objective needs the auxiliary outlier batch.
+      name: registry name (``--config.objective.name``).
+      loss: ``loss(apply, batch, aux, key, **hparams) -> Loss``.
+      defaults: every hyperparameter with its default; the only source of defaults.
+      uses_outliers: the step must be given an auxiliary outlier batch.
       model_options: options the model must be created with (e.g.
-        ``normalize_features=True`` for L2 feature normalization).
-      defaults: default hyperparameters, overridable by keyword.
+        ``normalize_features=True`` for training-time L2 feature normalization).
+      description: one line for ``--help`` style listings.
     """
 
     name: str
-    loss: Callable[..., jax.Array]
+    loss: ObjectiveFn
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     uses_outliers: bool = False
     model_options: Mapping[str, Any] = field(default_factory=dict)
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
 
 
 _REGISTRY: dict[str, Objective] = {}
 
 
-def register_objective(objective: Objective) -> Objective:
-    """Add ``objective`` to the registry under ``objective.name`` (names are unique)."""
-    if objective.name in _REGISTRY:
-        raise ValueError(f"objective {objective.name!r} is already registered.")
-    _REGISTRY[objective.name] = objective
-    return objective
+def register_objective(
+    name: str | Objective,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    uses_outliers: bool = False,
+    model_options: Mapping[str, Any] | None = None,
+    description: str = "",
+    replace: bool = False,
+):
+    """Register an objective; use as a decorator or pass an :class:`Objective`.
+
+    ``@register_objective("name", defaults={...})`` on a ``loss(apply, batch, aux,
+    key, **hparams)`` function, or ``register_objective(Objective(...))``. Names are
+    unique unless ``replace=True`` (re-running a notebook cell).
+    """
+
+    def add(objective: Objective) -> Objective:
+        if objective.name in _REGISTRY and not replace:
+            raise ValueError(
+                f"objective {objective.name!r} is already registered; pick another name "
+                "or pass replace=True."
+            )
+        _REGISTRY[objective.name] = objective
+        return objective
+
+    if isinstance(name, Objective):
+        return add(name)
+
+    def decorator(fn: ObjectiveFn) -> ObjectiveFn:
+        add(
+            Objective(
+                name,
+                fn,
+                defaults=dict(defaults or {}),
+                uses_outliers=uses_outliers,
+                model_options=dict(model_options or {}),
+                description=description or (fn.__doc__ or "").strip().split("\n")[0],
+            )
+        )
+        return fn
+
+    return decorator
 
 
 def get_objective(name: str) -> Objective:
     """The registered objective called ``name``."""
     if name not in _REGISTRY:
-        raise ValueError(f"objective must be one of {sorted(_REGISTRY)}, got {name!r}.")
+        raise ValueError(
+            f"unknown objective {name!r}; registered: {', '.join(sorted(_REGISTRY))}. "
+            "Register your own with ood_jax.train.register_objective."
+        )
     return _REGISTRY[name]
 
 
@@ -76,74 +153,110 @@ def available_objectives() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _ce(inputs: Outputs, labels: jax.Array, outliers: Outputs | None) -> jax.Array:
-    return losses.cross_entropy(inputs.logits, labels)
+def resolve_hparams(name: str, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The objective's defaults updated by ``hparams``; unknown names are an error.
+
+    A typo such as ``temprature`` must not silently train with the default.
+    """
+    objective = get_objective(name)
+    hparams = dict(hparams or {})
+    unknown = sorted(set(hparams) - set(objective.defaults))
+    if unknown:
+        raise ValueError(
+            f"objective {name!r} takes hyperparameters {sorted(objective.defaults) or 'none'}, "
+            f"got unknown {unknown}."
+        )
+    return {**objective.defaults, **hparams}
 
 
-def _logitnorm(
-    inputs: Outputs, labels: jax.Array, outliers: Outputs | None, *, temperature: float
-) -> jax.Array:
-    return losses.logitnorm_loss(inputs.logits, labels, temperature=temperature)
+def bind_objective(name: str, **hparams: Any) -> Callable[..., Loss]:
+    """``loss(apply, batch, aux, key) -> Loss`` of objective ``name`` with its hyperparameters.
+
+    Missing hyperparameters take the registered defaults; unknown ones raise.
+    """
+    objective = get_objective(name)
+    bound = resolve_hparams(name, hparams)
+
+    def loss(apply: ApplyFn, batch: Batch, aux: Batch | None, key: jax.Array) -> Loss:
+        if objective.uses_outliers and aux is None:
+            raise ValueError(
+                f"objective {name!r} needs an auxiliary outlier batch (aux_batch); configure "
+                "an outlier source (config.data.outliers)."
+            )
+        result = objective.loss(apply, batch, aux, key, **bound)
+        if not isinstance(result, Loss):
+            raise TypeError(
+                f"objective {name!r} must return ood_jax.train.Loss(per_example, logits, "
+                f"metrics), got {type(result).__name__}."
+            )
+        return result
+
+    return loss
 
 
-def _outlier_exposure(
-    inputs: Outputs, labels: jax.Array, outliers: Outputs | None, *, weight: float
-) -> jax.Array:
-    # Hendrycks et al. (ICLR 2019): CE + lambda * mean CE-to-uniform over the outliers.
-    term = jnp.mean(losses.outlier_exposure_loss(outliers.logits))
-    return losses.cross_entropy(inputs.logits, labels) + weight * term
+def forward_with_outliers(
+    apply: ApplyFn, batch: Batch, aux: Batch
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """One forward pass over the in-distribution and outlier images together.
+
+    As the outlier-exposure and energy repositories do, so that BatchNorm's batch
+    statistics (and the running statistics kept) cover both. Returns
+    ``((logits_in, features_in), (logits_out, features_out))``.
+    """
+    images = batch["image"]
+    n = images.shape[0]
+    logits, features = apply(jnp.concatenate([images, aux["image"].astype(images.dtype)]))
+    return (logits[:n], features[:n]), (logits[n:], features[n:])
 
 
-def _energy(
-    inputs: Outputs,
-    labels: jax.Array,
-    outliers: Outputs | None,
-    *,
-    weight: float,
-    m_in: float,
-    m_out: float,
-) -> jax.Array:
-    # Liu et al. (NeurIPS 2020): CE + lambda * squared-hinge energy margins.
-    term = losses.energy_margin_loss(inputs.logits, outliers.logits, m_in=m_in, m_out=m_out)
-    return losses.cross_entropy(inputs.logits, labels) + weight * term
+@register_objective("ce", description="softmax cross-entropy")
+def cross_entropy(apply, batch, aux, key) -> Loss:
+    logits, _ = apply(batch["image"])
+    return Loss(losses.cross_entropy(logits, batch["label"]), logits)
 
 
-register_objective(Objective("ce", _ce))
-register_objective(Objective("logitnorm", _logitnorm, defaults={"temperature": 0.04}))
-# Haas et al. (TMLR 2023): plain CE; the model L2-normalizes its features in training.
-register_objective(Objective("feature_norm", _ce, model_options={"normalize_features": True}))
-register_objective(
-    Objective("outlier_exposure", _outlier_exposure, uses_outliers=True, defaults={"weight": 0.5})
+@register_objective(
+    "logitnorm",
+    defaults={"temperature": 0.04},
+    description="LogitNorm (Wei et al. 2022): CE on logits scaled to norm 1/tau",
 )
+def logitnorm(apply, batch, aux, key, *, temperature: float) -> Loss:
+    logits, _ = apply(batch["image"])
+    return Loss(losses.logitnorm_loss(logits, batch["label"], temperature=temperature), logits)
+
+
+# Haas et al. (TMLR 2023): plain CE; the model L2-normalizes its features in training.
 register_objective(
     Objective(
-        "energy",
-        _energy,
-        uses_outliers=True,
-        defaults={"weight": 0.1, "m_in": -23.0, "m_out": -5.0},
+        "feature_norm",
+        cross_entropy,
+        model_options={"normalize_features": True},
+        description="CE with training-time L2 feature normalization (Haas et al. 2023)",
     )
 )
 
 
-def bind_objective(name: str, **hparams: Any) -> Callable[..., jax.Array]:
-    """``loss(inputs, labels, outliers)`` of objective ``name`` with its hyperparameters set.
+@register_objective(
+    "outlier_exposure",
+    defaults={"weight": 0.5},
+    uses_outliers=True,
+    description="Outlier exposure (Hendrycks et al. 2019): CE + weight * CE-to-uniform",
+)
+def outlier_exposure(apply, batch, aux, key, *, weight: float) -> Loss:
+    (logits, _), (logits_out, _) = forward_with_outliers(apply, batch, aux)
+    term = jnp.mean(losses.outlier_exposure_loss(logits_out))
+    per_example = losses.cross_entropy(logits, batch["label"]) + weight * term
+    return Loss(per_example, logits, {"outlier_term": term})
 
-    Missing hyperparameters take the objective's defaults; unknown ones are an error
-    (a typo such as ``temprature`` must not silently train with the default).
-    """
-    objective = get_objective(name)
-    unknown = set(hparams) - set(objective.defaults)
-    if unknown:
-        raise ValueError(
-            f"objective {name!r} takes hyperparameters {sorted(objective.defaults)}, "
-            f"got unknown {sorted(unknown)}."
-        )
-    bound = {**objective.defaults, **hparams}
 
-    def loss(inputs: Outputs, labels: jax.Array, outliers: Outputs | None) -> jax.Array:
-        if objective.uses_outliers and outliers is None:
-            raise ValueError(f"objective {name!r} needs an auxiliary outlier batch (aux_batch).")
-        return objective.loss(inputs, labels, outliers, **bound)
-
-    loss.uses_outliers = objective.uses_outliers  # type: ignore[attr-defined]
-    return loss
+@register_objective(
+    "energy",
+    defaults={"weight": 0.1, "m_in": -23.0, "m_out": -5.0},
+    uses_outliers=True,
+    description="Energy-bounded learning (Liu et al. 2020): CE + weight * energy hinges",
+)
+def energy(apply, batch, aux, key, *, weight: float, m_in: float, m_out: float) -> Loss:
+    (logits, _), (logits_out, _) = forward_with_outliers(apply, batch, aux)
+    term = losses.energy_margin_loss(logits, logits_out, m_in=m_in, m_out=m_out)
+    per_example = losses.cross_entropy(logits, batch["label"]) + weight * term
+    return Loss(per_example, logits, {"energy_term": term})

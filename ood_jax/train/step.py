@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from ood_jax import rng as rng_lib
 from ood_jax import sharding
-from ood_jax.train.objectives import Outputs
+from ood_jax.train.objectives import Loss
 from ood_jax.train.state import ModelDef, TrainState
 
 Batch = dict[str, jax.Array]
@@ -42,7 +42,7 @@ def _state_after(model: nnx.Module) -> Any:
 def make_train_step(
     model_def: ModelDef,
     tx: optax.GradientTransformation,
-    loss_fn: Callable[..., jax.Array],
+    loss_fn: Callable[..., Loss],
     *,
     learning_rate: optax.Schedule | None = None,
 ) -> StepFn:
@@ -51,13 +51,15 @@ def make_train_step(
     Args:
       model_def: the static half of the model (see ``ood_jax.train.state``).
       tx: optimizer.
-      loss_fn: ``loss(inputs: Outputs, labels, outliers: Outputs | None) -> [B]`` from
-        ``ood_jax.train.objectives.bind_objective``.
+      loss_fn: ``loss(apply, batch, aux, key) -> Loss`` from
+        ``ood_jax.train.objectives.bind_objective``; it runs the model itself through
+        ``apply`` (see that module for the contract).
       learning_rate: the schedule, only to report ``lr`` in the metrics.
 
-    Mixed precision is a model option (``create_model(..., dtype=jnp.bfloat16)``: bfloat16
-    compute, float32 parameters); the step casts logits and features to float32 before
-    the loss, and keeps BatchNorm statistics in their stored dtype.
+    The step owns the BatchNorm statistics: it keeps those of the objective's last
+    ``apply(..., update_stats=True)`` pass (unchanged if there was none). Mixed
+    precision is a model option (``create_model(..., dtype=jnp.bfloat16)``); ``apply``
+    returns float32 logits and features whatever the compute dtype.
 
     ``batch`` holds ``image [B, H, W, C]`` float, ``label [B]`` int32 and ``mask [B]``
     bool; ``aux_batch`` (outliers) holds ``image [B_aux, H, W, C]``. Masked examples
@@ -65,35 +67,38 @@ def make_train_step(
 
     Metrics (scalars): ``loss`` (masked mean), ``accuracy``, ``logit_norm`` (mean L2 norm of
     the logits, what LogitNorm controls), ``grad_norm``, ``lr`` (if ``learning_rate`` is
-    given), ``finite`` (1.0 iff the loss and gradients are finite).
+    given), ``finite`` (1.0 iff the loss and gradients are finite), plus the objective's
+    own metrics.
     """
 
     def train_step(
         state: TrainState, batch: Batch, aux_batch: Batch | None = None
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         key = rng_lib.step_key(state.rng, state.step)
-        images = batch["image"]
-        num_in = images.shape[0]
-        if aux_batch is not None:
-            images = jnp.concatenate([images, aux_batch["image"].astype(images.dtype)], axis=0)
-        mask = batch.get("mask", jnp.ones((num_in,), bool))
+        objective_key = rng_lib.stream_key(key, "objective")
+        mask = batch.get("mask", jnp.ones(batch["label"].shape, bool))
         # Padding rows carry label -1; any valid class keeps their (ignored) loss finite.
         labels = jnp.where(mask, batch["label"], 0)
+        in_batch = {**batch, "label": labels, "mask": mask}
 
         def compute_loss(params):
-            model = model_def.merge(params, state.batch_stats, train=True, key=key)
-            logits, features = model(images)
-            logits = logits.astype(jnp.float32)
-            features = features.astype(jnp.float32)
-            inputs = Outputs(logits[:num_in], features[:num_in])
-            outliers = None if aux_batch is None else Outputs(logits[num_in:], features[num_in:])
-            per_example = loss_fn(inputs, labels, outliers)
-            new_stats = jax.tree.map(
-                lambda new, old: new.astype(old.dtype), _state_after(model), state.batch_stats
-            )
-            return _masked_mean(per_example, mask), (inputs.logits, new_stats)
+            kept: list[Any] = []
 
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+            def apply(images: jax.Array, *, update_stats: bool = True):
+                model = model_def.merge(params, state.batch_stats, train=True, key=key)
+                logits, features = model(images)
+                if update_stats:
+                    kept.append(_state_after(model))
+                return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+            out = loss_fn(apply, in_batch, aux_batch, objective_key)
+            stats = kept[-1] if kept else state.batch_stats
+            new_stats = jax.tree.map(
+                lambda new, old: new.astype(old.dtype), stats, state.batch_stats
+            )
+            return _masked_mean(out.per_example, mask), (out.logits, dict(out.metrics), new_stats)
+
+        (loss, (logits, extra, new_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -101,6 +106,7 @@ def make_train_step(
         grad_norm = optax.global_norm(grads)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         metrics = {
+            **{k: jnp.asarray(v, jnp.float32) for k, v in extra.items()},
             "loss": loss,
             "accuracy": _masked_mean(correct, mask),
             "logit_norm": _masked_mean(jnp.linalg.norm(logits, axis=-1), mask),

@@ -6,8 +6,8 @@ from scipy.special import logsumexp, softmax
 from scipy.stats import multivariate_normal
 from sklearn.neighbors import NearestNeighbors
 
-from ood_jax.evaluate import ModelOutputs, ScoreSettings, fit_scores, score_key, score_outputs
-from ood_jax.evaluate.sweep import check_score_names, display_name
+from ood_jax.evaluate import ModelOutputs, fit_scores, score_outputs
+from ood_jax.scores import Head, check_score_names, get_score, resolve_hparams
 
 K, DIM = 4, 6
 
@@ -23,24 +23,33 @@ RNG = np.random.default_rng(0)
 KERNEL = RNG.normal(size=(DIM, K)).astype(np.float32)
 BIAS = RNG.normal(size=K).astype(np.float32)
 TRAIN = _outputs(RNG, 400)
-OUTPUTS = {"id": _outputs(RNG, 50), "ood/a": _outputs(RNG, 30, 2.0, False)}
-OUTPUTS["ood/b"] = _outputs(RNG, 7, -1.0, False)
-SETTINGS = ScoreSettings(temperatures=(1.0, 2.5, 1000.0), knn_k=7, react_percentile=80.0)
+OUTPUTS = {"id": _outputs(RNG, 50), "a": _outputs(RNG, 30, 2.0, False)}
+OUTPUTS["b"] = _outputs(RNG, 7, -1.0, False)
+TEMPERATURES = (1.0, 2.5, 1000.0)
+KNN_K = 7
 NAMES = ("msp", "max_logit", "energy", "neg_entropy", "feature_norm", "gradnorm")
 FITTED = ("mahalanobis", "knn", "gmm", "react")
+HPARAMS = resolve_hparams(
+    NAMES + FITTED,
+    {
+        "msp": {"temperature": TEMPERATURES},
+        "energy": {"temperature": TEMPERATURES},
+        "knn": {"k": KNN_K},
+        "react": {"percentile": 80.0},
+    },
+)
+HEAD = Head(KERNEL, BIAS)
+
+
+def score_key(name, t):
+    # The documented key rule: the name at the default T = 1, name_T<t> otherwise.
+    return name if t == 1.0 else f"{name}_T{t:g}"
 
 
 @pytest.fixture(scope="module")
 def scored():
-    fitted = fit_scores(FITTED, TRAIN, settings=SETTINGS)
-    return score_outputs(
-        NAMES + FITTED,
-        OUTPUTS,
-        head_kernel=KERNEL,
-        head_bias=BIAS,
-        settings=SETTINGS,
-        fitted=fitted,
-    )
+    fitted = fit_scores(HPARAMS, TRAIN)
+    return score_outputs(HPARAMS, OUTPUTS, head=HEAD, fitted=fitted)
 
 
 def _mahalanobis(z):
@@ -64,7 +73,7 @@ def _gmm(z):
 
 def _knn(z):
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
-    nn = NearestNeighbors(n_neighbors=SETTINGS.knn_k).fit(unit(TRAIN.features.astype(np.float64)))
+    nn = NearestNeighbors(n_neighbors=KNN_K).fit(unit(TRAIN.features.astype(np.float64)))
     distances, _ = nn.kneighbors(unit(z))
     return -distances[:, -1]
 
@@ -82,7 +91,7 @@ def _gradnorm(z, f):
 def _reference(out):
     f, z = out.logits.astype(np.float64), out.features.astype(np.float64)
     ref = {}
-    for t in SETTINGS.temperatures:
+    for t in TEMPERATURES:
         ref[score_key("msp", t)] = softmax(f / t, axis=1).max(1)
         ref[score_key("energy", t)] = t * logsumexp(f / t, axis=1)
     p = softmax(f, axis=1)
@@ -109,16 +118,32 @@ def test_every_score_matches_independent_computation(scored, dataset):
 
 
 def test_temperature_sweep_keys_and_names():
-    assert score_key("msp", 1.0) == "msp" and score_key("energy", 1000.0) == "energy_T1000"
-    assert display_name("msp_T2.5") == "MSP (T=2.5)" and display_name("knn") == "KNN"
+    msp, energy = get_score("msp"), get_score("energy")
+    assert msp.key(1.0) == "msp" and energy.key(1000.0) == "energy_T1000"
+    assert msp.display_for("msp_T2.5") == "MSP (T=2.5)" and get_score("knn").display == "KNN"
+    assert HPARAMS["msp"]["temperature"] == TEMPERATURES
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="unknown score 'bogus'"):
         check_score_names(["msp", "bogus"])
-    with pytest.raises(ValueError, match="temperatures"):
-        ScoreSettings(temperatures=(1.0, 0.0))
-    with pytest.raises(ValueError, match="fitted parameters"):
-        score_outputs(["knn"], OUTPUTS, head_kernel=KERNEL, head_bias=BIAS, settings=SETTINGS)
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_hparams(["knn"], {"knn": {"kk": 3}})
+    with pytest.raises(ValueError, match="fitted statistics"):
+        score_outputs(resolve_hparams(["knn"]), OUTPUTS, head=HEAD)
     with pytest.raises(ValueError, match="labelled"):
-        fit_scores(["gmm"], OUTPUTS["ood/a"], settings=SETTINGS)
+        fit_scores(resolve_hparams(["gmm"]), OUTPUTS["a"])
+
+
+def test_budget_subsamples_the_knn_bank():
+    # max_train keeps a seeded subset of the bank: the k-th neighbour among those rows.
+    hp = resolve_hparams(["knn"], {"knn": {"k": 3, "max_train": 50, "seed": 4}})
+    fitted = fit_scores(hp, TRAIN)
+    assert fitted["knn"].bank.shape == (50, DIM)
+    keep = np.sort(np.random.default_rng(4).choice(len(TRAIN), 50, replace=False))
+    bank = TRAIN.features[keep].astype(np.float64)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+    nn = NearestNeighbors(n_neighbors=3).fit(unit(bank))
+    expected = -nn.kneighbors(unit(OUTPUTS["a"].features.astype(np.float64)))[0][:, -1]
+    got = score_outputs(hp, {"a": OUTPUTS["a"]}, head=HEAD, fitted=fitted)["a"]["knn"]
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)

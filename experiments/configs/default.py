@@ -1,16 +1,21 @@
-"""CIFAR-10 training presets: ``paper``, ``cpu`` and ``smoke``.
+"""Training presets: ``paper``, ``cpu`` and ``smoke`` (``get_config("cpu,ce")``).
 
-``get_config(preset, objective)`` returns a ConfigDict; every field can be
-overridden on the command line (``--config.optim.lr=0.05``).
+``get_config(arg)`` takes ``"preset[,objective]"`` (the ``config_flags``
+convention: ``--config=experiments/configs/default.py:cpu,ce`` works too) and
+returns a ConfigDict; every field can be overridden on the command line
+(``--config.optim.lr=0.05``). The objective's hyperparameters are not listed
+here: the runner fills ``objective.hparams`` from the objective's registration
+(``ood_jax.train.register_objective``) and the in-distribution dataset's spec
+(``ood_jax.data.register_dataset``), so any registered objective trains with
+any preset.
 
-- ``paper``: the LogitNorm paper's recipe (Wei et al., ICML 2022; REFERENCE.md):
-  WRN-40-2 (dropout 0.3), 200 epochs, batch 128, SGD Nesterov momentum 0.9,
-  lr 0.1 divided by 10 at epochs 80 and 140, weight decay 5e-4 (on all
-  parameters, as PyTorch), crop + flip, tau = 0.04 (recorded explicitly: the
-  authors' README command uses 0.01). Default on accelerators.
+- ``paper``: the LogitNorm paper's recipe (Wei et al., ICML 2022): WRN-40-2
+  (dropout 0.3), 200 epochs, batch 128, SGD Nesterov momentum 0.9, lr 0.1
+  divided by 10 at epochs 80 and 140, weight decay 5e-4 (on all parameters, as
+  PyTorch), crop + flip. LogitNorm's tau comes from its registration (0.04, the
+  paper's; the authors' README command uses 0.01). Default on accelerators.
 - ``cpu``: a smaller model and a short schedule for real CIFAR-10 (JPEG) from
-  ``../shared/data`` on a 2-core CPU (target: < 30 minutes, >= 80% test
-  accuracy). Model, width, epochs, lr and batch are all fields here.
+  the offline data on a 2-core CPU (target: < 30 minutes, >= 80% test accuracy).
 - ``smoke``: a tiny model on a small subset, a few dozen steps: under a minute,
   for tests and a first try.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 import ml_collections
 
 PRESETS = ("paper", "cpu", "smoke")
-# The offline OOD sets (../shared/data) plus the synthetic sets of the papers.
+# The offline OOD sets plus the synthetic sets of the papers.
 CPU_OOD_SETS = (
     "tinyimagenet_crop",
     "tinyimagenet_resize",
@@ -32,24 +37,24 @@ CPU_OOD_SETS = (
     "lowpass_uniform",
     "permuted_pixels",
 )
-OBJECTIVE_HPARAMS = {
-    "ce": {},
-    "logitnorm": {"temperature": 0.04},
-    "feature_norm": {},
-}
 
 
-def get_config(preset: str = "paper", objective: str = "logitnorm") -> ml_collections.ConfigDict:
-    """The configuration of ``preset`` for training with ``objective``."""
+def get_config(arg: str = "paper", objective: str | None = None) -> ml_collections.ConfigDict:
+    """The configuration of ``preset`` for training with ``objective``.
+
+    ``arg`` is ``"preset"`` or ``"preset,objective"``; ``objective`` (default
+    ``logitnorm``) may also be passed separately.
+    """
+    preset, _, named = arg.partition(",")
+    objective = objective or named or "logitnorm"
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}.")
-    if objective not in OBJECTIVE_HPARAMS:
-        raise ValueError(
-            f"objective must be one of {sorted(OBJECTIVE_HPARAMS)}, got {objective!r}."
-        )
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.seed = 0
+    # Modules imported before anything is built: where user code registers its own
+    # objectives, scores and datasets (e.g. --config.imports=my_project.objectives).
+    c.imports = ()
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "wrn40_2"
@@ -59,17 +64,26 @@ def get_config(preset: str = "paper", objective: str = "logitnorm") -> ml_collec
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = objective
-    c.objective.hparams = ml_collections.ConfigDict(dict(OBJECTIVE_HPARAMS[objective]))
+    # Filled by the runner from the registration (defaults) and the dataset's spec.
+    c.objective.hparams = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
+    # In-distribution dataset by registered name (ood_jax.data.available_datasets()).
     c.data.dataset = "cifar10"
-    # "tfds", "local" (the offline npz files in ../shared/data or $OOD_JAX_DATA_DIR), or a
-    # path: a folder holding cifar10_{train,test}.npz, or <path>/{train,test}/<class>/ images.
+    # "tfds", "local" (the offline files in $OOD_JAX_DATA_DIR or ../shared/data), or a
+    # folder holding <dataset>_{train,test}.npz or {train,test}/<class>/ images.
     c.data.source = "tfds"
     c.data.train_limit = 0  # 0 = all examples; >0 = the first N (quick runs)
     c.data.test_limit = 0
     c.data.augment = True  # random crop 32 (pad 4) + horizontal flip
     c.data.eval_batch_size = 500
+    # Auxiliary outliers, used only by objectives that need them (outlier exposure,
+    # energy): a dataset name (registered, tfds:<name>, npz:<file>, folder:<root>) or an
+    # .npz file / image folder path; `ratio` outlier images per in-distribution image.
+    c.data.outliers = ml_collections.ConfigDict()
+    c.data.outliers.source = "tinyimagenet_train"
+    c.data.outliers.split = "train"
+    c.data.outliers.ratio = 2
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 0.1
@@ -97,13 +111,20 @@ def get_config(preset: str = "paper", objective: str = "logitnorm") -> ml_collec
     # Full OOD evaluation at the end (ood_jax.evaluate, report in <workdir>/eval);
     # False = test accuracy only. Set names: ood_jax.evaluate.datasets.
     c.eval.ood = True
-    c.eval.ood_sets = ("textures_partial", "tinyimagenet_crop", "tinyimagenet_resize")
+    # OOD set names (ood_jax.evaluate.load_ood_sets); () = the dataset's default suite.
+    c.eval.ood_sets = ()
+    # Score names (ood_jax.scores.available_scores()); () = every registered score.
+    c.eval.scores = ()
+    c.eval.protocols = ("papers", "full")
+    c.eval.convention = "hendrycks"
+    c.eval.num_draws = 10
+    c.eval.num_synthetic = 2000
     c.eval.max_train = 10000
-    # CPU budgets for the end-of-training report (0 = no limit): OOD examples per set,
-    # images per set for ODIN's gradient pass, KNN training bank.
+    # CPU budget: OOD examples per set (0 = all).
     c.eval.max_ood = 0
-    c.eval.odin_max_examples = 0
-    c.eval.knn_max_train = 0
+    # {score: {hyperparameter: value}} over the registered defaults; the runner adds
+    # every registered score's defaults, so e.g. --config.eval.score_hparams.knn.k=20.
+    c.eval.score_hparams = ml_collections.ConfigDict()
 
     if preset == "cpu":
         # ResNet-9 (DAWNBench) at width 16 (413k parameters, max global pooling) with a
@@ -123,8 +144,9 @@ def get_config(preset: str = "paper", objective: str = "logitnorm") -> ml_collec
         c.eval.ood_sets = CPU_OOD_SETS
         c.eval.max_train = 10000
         c.eval.max_ood = 2000
-        c.eval.odin_max_examples = 1000
-        c.eval.knn_max_train = 10000
+        c.eval.score_hparams = ml_collections.ConfigDict(
+            {"odin": {"max_examples": 1000}, "knn": {"max_train": 10000}}
+        )
     elif preset == "smoke":
         c.model.name = "tiny"
         c.model.options = ml_collections.ConfigDict({"width": 8, "dropout_rate": 0.0})

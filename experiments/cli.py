@@ -1,0 +1,151 @@
+"""Command-line plumbing shared by the entry points: config overrides and user errors.
+
+Overrides use ``ml_collections.config_flags`` (``--config.optim.lr=0.05``): the
+field's type in the config decides how a value is parsed, and a value of the
+wrong type or an unknown field is an error. On top of it:
+
+- a tuple field also accepts ``a,b`` (``--config.eval.ood_sets=gaussian,uniform``)
+  besides a Python literal (``"('gaussian', 'uniform')"``);
+- ``model.options`` accepts new keys (model options differ per model), parsed
+  as Python literals (``--config.model.options.spectral_norm=true``);
+- fields whose schema depends on other fields (the objective's hyperparameters
+  depend on ``objective.name``, user registrations on ``imports``) are handled
+  by :func:`apply_overrides`'s ``prepare`` hook between two passes.
+
+A user error (:class:`UsageError`, or the ``ValueError`` / ``CheckpointError``
+/ ``DatasetUnavailableError`` the library raises on bad input) ends the
+command with one line on stderr and exit status 2 (:func:`run_main`); set
+``OOD_JAX_DEBUG=1`` to see the traceback. Anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+_PREFIX = "--config."
+_OPEN_KEYS = ("model.options.",)
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+def _literal(raw: str) -> Any:
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def split_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """``[(key, raw value)]`` of ``--config.key=value`` arguments; anything else is an error."""
+    out = []
+    for item in argv:
+        if not item.startswith(_PREFIX) or "=" not in item:
+            raise UsageError(
+                f"unrecognized argument {item!r}; config overrides look like "
+                "--config.optim.lr=0.05 (see --help for the other flags)."
+            )
+        key, raw = item[len(_PREFIX) :].split("=", 1)
+        out.append((key, raw))
+    return out
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[Any, bool]:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return None, False
+        node = node[part]
+    return node, True
+
+
+def _normalize_value(config: ml_collections.ConfigDict, key: str, raw: str) -> str:
+    current, found = _lookup(config, key)
+    if found and isinstance(current, tuple | list) and not raw.strip().startswith(("(", "[")):
+        items = [] if not raw.strip() else [_literal(t.strip()) for t in raw.split(",")]
+        return repr(tuple(items))
+    return raw
+
+
+def _add_open_keys(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> None:
+    for key, raw in overrides:
+        if not key.startswith(_OPEN_KEYS):
+            continue
+        _, found = _lookup(config, key)
+        parent, found_parent = _lookup(config, key.rsplit(".", 1)[0])
+        if not found and found_parent and isinstance(parent, ml_collections.ConfigDict):
+            with parent.unlocked():
+                parent[key.rsplit(".", 1)[1]] = _literal(raw)
+
+
+def _parse(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]):
+    argv = ["ood_jax"] + [f"{_PREFIX}{k}={_normalize_value(config, k, v)}" for k, v in overrides]
+    values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv)
+        values(argv)
+    except (AttributeError, KeyError) as err:
+        text = str(err).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        raise UsageError(f"unknown config field in {argv[1:]}: {text.splitlines()[0]}") from None
+    except flags.Error as err:
+        raise UsageError(f"bad config override: {str(err).splitlines()[0]}") from None
+    return values.config
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict,
+    overrides: Sequence[str],
+    *,
+    first: Sequence[str] = (),
+    prepare: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``--config.a.b=value`` overrides applied.
+
+    Args:
+      config: the preset.
+      overrides: command-line arguments, each ``--config.<field>=<value>``.
+      first: fields applied in a first pass (those that change the schema, e.g.
+        ``objective.name``); then ``prepare(config)`` adds the fields they imply
+        (e.g. the objective's hyperparameters), then every override is applied.
+
+    Raises:
+      UsageError: an argument that is not an override, an unknown field, or a value
+        that does not parse as the field's type.
+    """
+    pairs = split_overrides(overrides)
+    config = copy.deepcopy(config)
+    early = [(k, v) for k, v in pairs if k in first]
+    if early:
+        config = _parse(config, early)
+    if prepare is not None:
+        prepare(config)
+    _add_open_keys(config, pairs)
+    return _parse(config, pairs) if pairs else config
+
+
+def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None) -> Any:
+    """Runs ``main(argv)``; user errors become one stderr line and exit status 2."""
+    from ood_jax.checkpoint import CheckpointError
+    from ood_jax.data import DatasetUnavailableError
+
+    try:
+        return main(argv)
+    except (ValueError, CheckpointError, DatasetUnavailableError) as err:
+        if os.environ.get("OOD_JAX_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,473 @@
+"""The experiment runner: train any registered objective on any registered dataset, then report.
+
+Every named entry point (``python -m experiments.cifar10_logitnorm``,
+``experiments.cifar10_ce``, ...) is a preset over :func:`main`; the logic lives
+in :func:`train_and_evaluate` so that it can be imported (tests, notebooks) and
+run on a ConfigDict directly. Command line::
+
+    python -m experiments.train --workdir DIR [--preset paper|cpu|smoke]
+        [--data tfds|local|PATH] [--config.objective.name=ce] [--config.x.y=value ...]
+
+``--config.imports=my_module`` imports ``my_module`` first, so an objective,
+score or dataset it registers can be named in the same command
+(``--config.objective.name=NAME --config.objective.hparams.x=y``).
+
+Re-running with the same ``--workdir`` resumes from the newest checkpoint in
+``DIR/checkpoints`` (exactly: same data order and random numbers as an
+uninterrupted run). Outputs in ``DIR``: ``config.json``, ``metrics.jsonl``,
+``checkpoints/``, ``final.json`` (test accuracy etc.) and, with
+``--config.eval.ood=true``, the OOD report under ``DIR/eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from experiments import cli
+from experiments.configs import default as presets
+from ood_jax import data as D
+from ood_jax import sharding
+from ood_jax.checkpoint import Checkpointer
+from ood_jax.models import create_model
+from ood_jax.train import (
+    bind_objective,
+    compile_eval_step,
+    compile_train_step,
+    create_train_state,
+    get_objective,
+    make_eval_step,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+)
+from ood_jax.train.loop import evaluate, fit
+
+# Overrides applied before the rest: they decide which other fields exist.
+SCHEMA_FIELDS = ("imports", "objective.name", "data.dataset")
+
+
+def import_user_modules(config: ml_collections.ConfigDict) -> None:
+    """Imports ``config.imports`` (user modules that register objectives/scores/datasets)."""
+    for name in config.get("imports", ()) or ():
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise cli.UsageError(
+                f"config.imports: cannot import {name!r} ({err}); put its folder on PYTHONPATH."
+            ) from None
+
+
+def complete_config(config: ml_collections.ConfigDict) -> None:
+    """Fills the fields implied by the registries, in place.
+
+    - ``objective.hparams``: the objective's registered defaults, updated by the
+      in-distribution dataset spec's values for that objective, updated by what the
+      config already holds (the user's overrides);
+    - ``eval.score_hparams``: every registered score's defaults, updated likewise.
+    """
+    import_user_modules(config)
+    objective = get_objective(config.objective.name)
+    spec = D.get_dataset_spec(config.data.dataset)
+    given = config.objective.hparams.to_dict()
+    unknown = sorted(set(given) - set(objective.defaults))
+    if unknown:
+        raise cli.UsageError(
+            f"objective {objective.name!r} takes hyperparameters "
+            f"{sorted(objective.defaults) or 'none'}, got unknown {unknown}."
+        )
+    hparams = {**objective.defaults, **spec.objective_hparams.get(objective.name, {}), **given}
+    with config.unlocked():
+        config.objective.hparams = ml_collections.ConfigDict(hparams)
+        config.eval.score_hparams = _score_hparams(config.eval.score_hparams.to_dict())
+
+
+def _score_hparams(given: dict) -> ml_collections.ConfigDict:
+    from ood_jax.scores import available_scores, get_score
+
+    out = ml_collections.ConfigDict()
+    for name in available_scores():
+        values = {**get_score(name).defaults, **given.pop(name, {})}
+        node = ml_collections.ConfigDict()
+        for key, value in values.items():
+            if value is None:  # an unset budget: typed placeholder so it can be overridden
+                value = ml_collections.config_dict.placeholder(int)
+            elif isinstance(value, list):
+                value = tuple(value)
+            node[key] = value
+        out[name] = node
+    if given:
+        raise cli.UsageError(
+            f"config.eval.score_hparams: unknown scores {sorted(given)}; registered: "
+            f"{', '.join(available_scores())}."
+        )
+    return out
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks values that would fail late or silently, before any data is loaded."""
+    t, d = config.train, config.data
+    checks = [
+        (t.batch_size >= 1, f"config.train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.epochs > 0 or t.num_steps > 0, f"config.train.epochs must be > 0, got {t.epochs}"),
+        (t.num_steps >= 0, f"config.train.num_steps must be >= 0, got {t.num_steps}"),
+        (d.train_limit >= 0, f"config.data.train_limit must be >= 0, got {d.train_limit}"),
+        (d.test_limit >= 0, f"config.data.test_limit must be >= 0, got {d.test_limit}"),
+        (
+            d.eval_batch_size >= 1,
+            f"config.data.eval_batch_size must be >= 1, got {d.eval_batch_size}",
+        ),
+        (d.outliers.ratio >= 1, f"config.data.outliers.ratio must be >= 1, got {d.outliers.ratio}"),
+        (
+            t.checkpoint_every >= 0,
+            f"config.train.checkpoint_every must be >= 0, got {t.checkpoint_every}",
+        ),
+        (t.log_every >= 1, f"config.train.log_every must be >= 1, got {t.log_every}"),
+        (config.seed >= 0, f"config.seed must be >= 0, got {config.seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise cli.UsageError(message + ".")
+
+
+def load_splits(
+    config: ml_collections.ConfigDict, *, data_dir: str | None = None
+) -> tuple[D.ImageDataset, D.ImageDataset]:
+    """The train and test splits named by ``config.data`` (dataset, source, limits).
+
+    ``source``: ``tfds``; ``local`` (the dataset's offline files, or its offline
+    stand-in such as ``cifar10_jpeg``); or a folder holding
+    ``<dataset>_{train,test}.npz`` or ``{train,test}/<class>/`` images. A limit keeps a
+    seeded random subset (the offline files are sorted by class). ``data_dir``: the
+    offline files' folder (default ``$OOD_JAX_DATA_DIR`` or ``../shared/data``).
+    """
+    name, source = config.data.dataset, config.data.source
+    spec = D.get_dataset_spec(name)
+    out = []
+    for split, limit in (("train", config.data.train_limit), ("test", config.data.test_limit)):
+        if source == "tfds":
+            ds = D.load_dataset(name, split)
+        elif source == "local":
+            offline = name if spec.offline else spec.offline_alternative
+            if offline is None:
+                raise cli.UsageError(
+                    f"--data local: {name!r} has no offline files here; use --data tfds (needs "
+                    f"internet) or --data PATH (a folder with {name}_{{train,test}}.npz or "
+                    "{train,test}/<class>/ images)."
+                )
+            ds = D.load_dataset(offline, split, data_dir=data_dir)
+        else:
+            path = Path(source)
+            if not path.is_dir():
+                raise cli.UsageError(
+                    f"--data {source!r}: expected 'tfds', 'local' or a folder holding "
+                    f"{name}_train.npz and {name}_test.npz (or train/ and test/ image folders); "
+                    + ("that is a file, not a folder." if path.exists() else "no such folder.")
+                )
+            npz = path / f"{name}_{split}.npz"
+            ds = D.load_dataset(name, split, local_path=npz if npz.is_file() else path)
+        out.append(D.random_subset(ds, limit, seed=config.seed))
+    return out[0], out[1]
+
+
+def load_outliers(config: ml_collections.ConfigDict) -> D.ImageDataset:
+    """The auxiliary outlier set of ``config.data.outliers`` (name, or file/folder path)."""
+    source = config.data.outliers.source
+    if os.path.exists(source):
+        return D.load_outliers(Path(source).stem, config.data.outliers.split, local_path=source)
+    return D.load_outliers(source, config.data.outliers.split)
+
+
+def model_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    """What must match between a checkpoint and the model restoring it."""
+    options = dict(config.model.options.to_dict())
+    options.update(get_objective(config.objective.name).model_options)
+    if config.model.mixed_precision:
+        options["dtype"] = "bfloat16"
+    return {"name": config.model.name, "num_classes": num_classes, "options": options}
+
+
+def build_model(identity: dict[str, Any], seed: int) -> nnx.Module:
+    """The model described by ``identity`` (see :func:`model_identity`)."""
+    options = dict(identity["options"])
+    if options.get("dtype") == "bfloat16":
+        options["dtype"] = jnp.bfloat16
+    return create_model(
+        identity["name"], num_classes=identity["num_classes"], rngs=nnx.Rngs(seed), **options
+    )
+
+
+def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
+    """The one eval batch size (training's test pass and the report): a multiple of the
+    device count, last batch padded and masked."""
+    size = config.data.eval_batch_size
+    devices = mesh.devices.size
+    return max(size - size % devices, devices)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Train (or resume) per ``config`` in ``workdir``, then run the final evaluation.
+
+    Returns the final evaluation summary (also written to ``workdir/final.json``).
+    """
+    workdir = os.fspath(workdir)
+    config = ml_collections.ConfigDict(config.to_dict())
+    complete_config(config)
+    validate_config(config)
+    spec = D.get_dataset_spec(config.data.dataset)
+    objective = get_objective(config.objective.name)
+    mesh = sharding.make_mesh(config.train.num_devices or None)
+    train_ds, test_ds = load_splits(config)
+    batch_size = config.train.batch_size
+    sharding.local_batch_size(batch_size, mesh)  # validates divisibility early
+    steps_per_epoch = len(train_ds) // batch_size
+    if steps_per_epoch < 1:
+        raise cli.UsageError(
+            f"config.train.batch_size ({batch_size}) exceeds the {len(train_ds)} training "
+            "examples; lower it or raise config.data.train_limit."
+        )
+    num_steps = config.train.num_steps or int(round(config.train.epochs * steps_per_epoch))
+    outliers = load_outliers(config) if objective.uses_outliers else None
+    norm = {"mean": spec.mean, "std": spec.std}
+
+    identity = model_identity(config, spec.num_classes or train_ds.num_classes)
+    model = build_model(identity, config.seed)
+    loss_fn = bind_objective(config.objective.name, **config.objective.hparams.to_dict())
+    o = config.optim
+    schedule = make_schedule(
+        o.schedule,
+        base_lr=o.lr,
+        total_steps=num_steps,
+        steps_per_epoch=steps_per_epoch,
+        boundaries_epochs=tuple(o.boundaries_epochs),
+        decay_factor=o.decay_factor,
+        final_lr=o.final_lr,
+        warmup_steps=int(o.warmup_epochs * steps_per_epoch),
+        peak_fraction=o.peak_fraction,
+    )
+    tx = make_optimizer(
+        schedule, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    )
+    model_def, state = create_train_state(model, tx, seed=config.seed)
+    train_step = compile_train_step(
+        make_train_step(model_def, tx, loss_fn, learning_rate=schedule), mesh
+    )
+    eval_step = compile_eval_step(make_eval_step(model_def), mesh)
+    eval_batch = eval_batch_size(config, mesh)
+
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
+        print(
+            f"training {config.objective.name} on {_display(train_ds)} "
+            f"({train_ds.source or 'arrays'}) "
+            f"with {config.model.name}, preset {config.preset}: {num_steps} steps; checkpoints "
+            f"and logs in {os.path.abspath(workdir)}"
+        )
+
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep
+    )
+    aux_data = None
+    if outliers is not None:
+
+        def aux_data(start):
+            return D.outlier_iterator(
+                outliers,
+                in_batch_size=batch_size,
+                ratio=config.data.outliers.ratio,
+                seed=config.seed,
+                start_step=start,
+                augment=config.data.augment,
+                **norm,
+            )
+
+    state, _ = fit(
+        state,
+        train_step=train_step,
+        mesh=mesh,
+        train_data=lambda start: D.train_iterator(
+            train_ds,
+            batch_size=batch_size,
+            seed=config.seed,
+            start_step=start,
+            augment=config.data.augment,
+            **norm,
+        ),
+        aux_data=aux_data,
+        num_steps=num_steps,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        workdir=workdir,
+        checkpointer=checkpointer,
+        checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
+        model_identity=identity,
+        metadata={"config": json.loads(json.dumps(config.to_dict(), default=str))},
+        eval_step=eval_step,
+        eval_data=lambda: D.eval_batches(test_ds, batch_size=eval_batch, **norm),
+        log_every=config.train.log_every,
+        progress=config.train.progress,
+    )
+    checkpointer.close()
+    test = evaluate(eval_step, state, D.eval_batches(test_ds, batch_size=eval_batch, **norm), mesh)
+    step = int(sharding.fetch(state.step))
+    summary: dict[str, Any] = {
+        "step": step,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "test_logit_norm": test["logit_norm"],
+        "test_examples": test["count"],
+        "test_source": test_ds.source,
+    }
+    if config.eval.ood:
+        params, batch_stats = sharding.fetch((state.params, state.batch_stats))
+        model = model_def.merge(params, batch_stats, train=False, key=None)
+        report = ood_report(
+            config,
+            model,
+            train_ds=train_ds,
+            test_ds=test_ds,
+            workdir=workdir,
+            step=step,
+            out_dir=os.path.join(workdir, "eval"),
+            command=shlex.join([sys.executable, *sys.argv]),
+            batch_size=eval_batch,
+        )
+        summary["ood_report"] = report["report_dir"]
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "final.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"final test accuracy {summary['test_accuracy']:.4f} (step {summary['step']})")
+        if "ood_report" in summary:
+            print(f"OOD report: {os.path.join(summary['ood_report'], 'results.md')}")
+    return summary
+
+
+def ood_report(
+    config: ml_collections.ConfigDict,
+    model: nnx.Module,
+    *,
+    train_ds: D.ImageDataset,
+    test_ds: D.ImageDataset,
+    workdir: str,
+    step: int,
+    out_dir: str,
+    command: str,
+    batch_size: int,
+    data_dir: str | None = None,
+) -> dict:
+    """The OOD report of a trained model, as ``config.eval`` describes it.
+
+    The one path behind both the end-of-training report and ``python -m
+    experiments.evaluate``: same sets, scores, hyperparameters, budgets and seeds for
+    the same config, so both give identical numbers for the same checkpoint.
+    """
+    from ood_jax.evaluate import load_ood_sets, run_evaluation
+
+    spec = D.get_dataset_spec(config.data.dataset)
+    e = config.eval
+    names = [n for n in (e.ood_sets or spec.ood_suite) if n]
+    if not names:
+        raise cli.UsageError(
+            f"config.eval.ood_sets is empty and {config.data.dataset!r} has no default OOD "
+            "suite; name the sets, e.g. --config.eval.ood_sets=svhn,gaussian."
+        )
+    print(f"OOD evaluation: loading {len(names)} OOD sets ({', '.join(names)})")
+    ood_sets = load_ood_sets(
+        names,
+        data_dir=data_dir,
+        num_synthetic=e.num_synthetic,
+        seed=config.seed,
+        id_test=test_ds,
+    )
+    return run_evaluation(
+        model,
+        id_test=test_ds,
+        ood_sets=ood_sets,
+        train=train_ds,
+        scores=[s for s in e.scores if s] or None,
+        score_hparams=e.score_hparams.to_dict(),
+        protocols=tuple(e.protocols),
+        convention=e.convention,
+        num_draws=e.num_draws,
+        seed=config.seed,
+        max_train=e.max_train or None,
+        max_ood=e.max_ood or None,
+        batch_size=batch_size,
+        mean=spec.mean,
+        std=spec.std,
+        out_dir=out_dir,
+        metrics_log_dir=workdir,
+        metadata={
+            "command": command,
+            "checkpoint": {"workdir": os.path.abspath(workdir), "step": step},
+            "model": {"name": config.model.name, "options": config.model.options.to_dict()},
+            "config": config.to_dict(),
+            "dataset": _display(test_ds),
+        },
+        progress=lambda message: print(f"OOD evaluation: {message}", flush=True),
+    )
+
+
+def _display(ds: D.ImageDataset) -> str:
+    """Report name of a loaded split: its spec's (``CIFAR-10 (JPEG)``), else its name."""
+    return D.get_dataset_spec(ds.name).display if ds.name in D.available_datasets() else ds.name
+
+
+def parse_args(
+    argv: Sequence[str] | None, *, objective: str, description: str
+) -> tuple[ml_collections.ConfigDict, str]:
+    """``(config, workdir)`` from the command line (preset, ``--data``, overrides)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", required=True, help="checkpoints, logs and reports go here")
+    parser.add_argument(
+        "--preset",
+        choices=presets.PRESETS,
+        default=None,
+        help="paper (default on accelerators), cpu (default on CPU), smoke",
+    )
+    parser.add_argument(
+        "--data", default=None, help="tfds (paper default), local (offline files) or a folder"
+    )
+    args, overrides = parser.parse_known_args(argv)
+    chosen = args.preset is None
+    preset = args.preset or ("cpu" if jax.default_backend() == "cpu" else "paper")
+    config = presets.get_config(preset, objective)
+    if args.data is not None:
+        config.data.source = args.data
+    config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)
+    if chosen:
+        print(
+            f"no --preset given: using '{preset}' for the {jax.default_backend()} backend "
+            f"(model {config.model.name}, data source {config.data.source})"
+        )
+    return config, args.workdir
+
+
+def main(argv: Sequence[str] | None = None, *, objective: str = "logitnorm") -> dict:
+    """Command-line entry point shared by the training experiments."""
+
+    def run(argv):
+        config, workdir = parse_args(argv, objective=objective, description=__doc__.split("\n")[0])
+        return train_and_evaluate(config, workdir)
+
+    return cli.run_main(run, argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,109 @@
+"""Stages 2 and 3 of the evaluation: fitted statistics, then scores.
+
+Every score comes from the registry (:mod:`ood_jax.scores.registry`) and is
+computed by the stage its ``consumes`` names:
+
+- :func:`fit_scores`: ``"fitted"`` scores' statistics from the training set's
+  cached outputs (host, float64 where it matters);
+- :func:`score_outputs`: ``"outputs"`` and ``"fitted"`` scores from the cached
+  logits and features of all datasets at once (one jitted call per score; a
+  swept hyperparameter such as the temperature of MSP and energy is vmapped);
+- :func:`score_images`: ``"images"`` scores (ODIN) from the images through the
+  model, on seeded subsets when a ``max_examples`` budget is set.
+
+Hyperparameters are resolved once by :func:`ood_jax.scores.resolve_hparams`
+(``{score: {name: value}}``) and passed to every stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+
+from ood_jax import data as D
+from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
+from ood_jax.evaluate.protocol import set_seed
+from ood_jax.scores.registry import Head, compute, get_score
+
+
+def fit_scores(hparams: Mapping[str, Mapping], train: ModelOutputs) -> dict[str, object]:
+    """``{score: fitted params}`` for the ``"fitted"`` scores among ``hparams``' keys."""
+    names = [n for n in hparams if get_score(n).consumes == "fitted"]
+    if names and (train.labels < 0).any():
+        raise ValueError(
+            "train: fitted scores need labelled training outputs, found label -1; "
+            "pass the in-distribution training set."
+        )
+    return {
+        n: get_score(n).fit(train.logits, train.features, train.labels, **hparams[n]) for n in names
+    }
+
+
+def score_outputs(
+    hparams: Mapping[str, Mapping],
+    outputs: Mapping[str, ModelOutputs],
+    *,
+    head: Head,
+    fitted: Mapping[str, object] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{dataset: {result key: float32 [N]}}`` for the non-image scores in ``hparams``.
+
+    The datasets' cached outputs are concatenated so every score is one call.
+    """
+    fitted = {} if fitted is None else fitted
+    datasets = list(outputs)
+    splits = np.cumsum([len(outputs[d]) for d in datasets])[:-1]
+    logits = jax.numpy.asarray(np.concatenate([outputs[d].logits for d in datasets]))
+    features = jax.numpy.asarray(np.concatenate([outputs[d].features for d in datasets]))
+    flat: dict[str, np.ndarray] = {}
+    for name, hp in hparams.items():
+        score = get_score(name)
+        if score.consumes == "images":
+            continue
+        if score.consumes == "fitted" and name not in fitted:
+            raise ValueError(
+                f"scores: {name!r} needs fitted statistics; pass the training outputs to "
+                "fit_scores first."
+            )
+        flat.update(compute(score, hp, logits, features, head, fitted.get(name)))
+    result: dict[str, dict[str, np.ndarray]] = {d: {} for d in datasets}
+    for key, values in flat.items():
+        for d, part in zip(datasets, np.split(values, splits), strict=True):
+            result[d][key] = part
+    return result
+
+
+def score_images(
+    hparams: Mapping[str, Mapping],
+    forward: ForwardPass,
+    datasets: Mapping[str, D.ImageDataset],
+    *,
+    batches: Callable[[D.ImageDataset], object],
+    std,
+    seed: int,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, int]]]:
+    """The ``"images"`` scores among ``hparams``: ``({dataset: {key: [n]}}, sizes)``.
+
+    ``sizes[score][dataset]`` is the number of images scored (a seeded subset of
+    ``max_examples`` images when that budget is set, drawn with
+    :func:`set_seed`). ``batches(dataset)`` yields padded, normalized batches.
+    """
+    scores: dict[str, dict[str, np.ndarray]] = {d: {} for d in datasets}
+    sizes: dict[str, dict[str, int]] = {}
+    for name, hp in hparams.items():
+        score = get_score(name)
+        if score.consumes != "images":
+            continue
+        kwargs = dict(hp)
+
+        def fn(apply_logits, images, score=score, kwargs=kwargs):
+            return score.fn(apply_logits, images, std, **kwargs)
+
+        sizes[name] = {}
+        for d, ds in datasets.items():
+            subset = D.random_subset(ds, hp.get("max_examples"), seed=set_seed(seed, d))
+            scores[d][name] = forward.map_batches(fn, batches(subset)).astype(np.float32)
+            sizes[name][d] = len(subset)
+    return scores, sizes

@@ -1,0 +1,360 @@
+"""The score registry: every OOD score the evaluation knows, with what it consumes.
+
+Evaluation (``ood_jax.evaluate``), ``--scores``, ``results.json``,
+``results.md`` and the plots all iterate this registry; no other module lists
+score names. A score declares:
+
+- ``consumes``, which fixes its call signature:
+
+  * ``"outputs"``: ``fn(logits [N, K], features [N, D], head, **hparams) -> [N]``,
+    computed from the cached forward pass (MSP, energy, feature norm, GradNorm);
+  * ``"fitted"``: ``fit(train_logits, train_features, train_labels, **hparams) ->
+    params`` once on the in-distribution training set, then
+    ``fn(params, logits, features, head, **hparams) -> [N]`` (Mahalanobis, KNN,
+    GMM, ReAct);
+  * ``"images"``: ``fn(apply_logits, images [B, H, W, C], std, **hparams) -> [B]``
+    per batch of normalized images, with ``apply_logits`` the eval-mode model
+    (ODIN). The evaluation runs it on seeded subsets of at most ``max_examples``
+    images per set when that hyperparameter is set (a CPU budget).
+
+  ``head`` is a :class:`Head` (the final linear layer, ``kernel [D, K]``, ``bias
+  [K]`` or None).
+- ``defaults``: every hyperparameter and its default (the only place defaults live).
+- ``sweep``: optionally one hyperparameter that may be given as a sequence of
+  values; the score is then computed for all of them at once with ``jax.vmap``
+  and reported under one key per value (``msp`` at the default, ``msp_T1000``
+  otherwise; ``sweep_label`` is the ``T``).
+- ``display``: the name tables and plots print.
+
+Every score returns **higher = more in-distribution**.
+
+Add a score from your own code::
+
+    from ood_jax.scores import register_score
+
+    @register_score("my_score", consumes="outputs", display="Mine", defaults={"p": 2.0})
+    def my_score(logits, features, head, *, p):
+        return jnp.linalg.norm(features, ord=p, axis=-1)
+
+then ``python -m experiments.evaluate --workdir DIR --scores msp,my_score
+--imports my_module`` (or ``--config.imports`` when training) computes it in
+the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ood_jax.scores import fitted as F
+from ood_jax.scores import logit as L
+from ood_jax.scores import model as M
+
+CONSUMES: tuple[str, ...] = ("outputs", "fitted", "images")
+
+
+class Head(NamedTuple):
+    """The final linear layer: ``logits = features @ kernel + bias``."""
+
+    kernel: Any
+    bias: Any | None
+
+
+@dataclass(frozen=True)
+class Score:
+    """A registered score (see the module docstring for the signatures).
+
+    Attributes:
+      name: registry name and result key.
+      fn: the scoring function.
+      consumes: ``"outputs"``, ``"fitted"`` or ``"images"``.
+      display: name in tables and plots.
+      defaults: every hyperparameter with its default.
+      fit: for ``"fitted"`` scores, the fitting function.
+      sweep: a hyperparameter that may be a sequence (vmapped), or None.
+      sweep_label: short label of the swept value in result keys (``"T"``).
+      jit: jit ``fn`` for ``"outputs"``/``"fitted"`` scores (hyperparameters static).
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    consumes: str
+    display: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    fit: Callable[..., Any] | None = None
+    sweep: str | None = None
+    sweep_label: str = ""
+    jit: bool = True
+
+    def __post_init__(self) -> None:
+        if self.consumes not in CONSUMES:
+            raise ValueError(
+                f"score {self.name!r}: consumes must be one of {CONSUMES}, got {self.consumes!r}."
+            )
+        if (self.consumes == "fitted") != (self.fit is not None):
+            raise ValueError(f"score {self.name!r}: a 'fitted' score needs fit=, others none.")
+        if self.sweep is not None and self.sweep not in self.defaults:
+            raise ValueError(f"score {self.name!r}: sweep {self.sweep!r} is not in defaults.")
+        if "_" in self.sweep_label or (self.sweep and not self.sweep_label):
+            raise ValueError(f"score {self.name!r}: give a sweep_label without '_'.")
+
+    def key(self, value: Any = None) -> str:
+        """Result key for one value of the swept hyperparameter (the name at its default)."""
+        if self.sweep is None or value is None or float(value) == float(self.defaults[self.sweep]):
+            return self.name
+        return f"{self.name}_{self.sweep_label}{float(value):g}"
+
+    def display_for(self, key: str) -> str:
+        """``"msp_T1000"`` -> ``"MSP (T=1000)"``."""
+        if key == self.name or self.sweep is None:
+            return self.display
+        return f"{self.display} ({self.sweep_label}={key[len(self.name) + 2 :]})"
+
+
+_REGISTRY: dict[str, Score] = {}
+
+
+def register_score(
+    name: str | Score,
+    *,
+    consumes: str = "outputs",
+    display: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    fit: Callable[..., Any] | None = None,
+    sweep: str | None = None,
+    sweep_label: str = "",
+    jit: bool = True,
+    replace: bool = False,
+):
+    """Register a score; use as a decorator on ``fn`` or pass a :class:`Score`."""
+
+    def add(score: Score) -> Score:
+        if score.name in _REGISTRY and not replace:
+            raise ValueError(
+                f"score {score.name!r} is already registered; pick another name or pass "
+                "replace=True."
+            )
+        _REGISTRY[score.name] = score
+        return score
+
+    if isinstance(name, Score):
+        return add(name)
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        add(
+            Score(
+                name,
+                fn,
+                consumes,
+                display or name,
+                dict(defaults or {}),
+                fit,
+                sweep,
+                sweep_label,
+                jit,
+            )
+        )
+        return fn
+
+    return decorator
+
+
+def get_score(name: str) -> Score:
+    """The registered score called ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown score {name!r}; registered: {', '.join(_REGISTRY)}. Register your own "
+            "with ood_jax.scores.register_score."
+        )
+    return _REGISTRY[name]
+
+
+def available_scores() -> tuple[str, ...]:
+    """Names of all registered scores, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def check_score_names(names: Iterable[str]) -> tuple[str, ...]:
+    """Validates score names; returns them without duplicates, in the given order."""
+    names = tuple(dict.fromkeys(names))
+    if not names:
+        raise ValueError(f"scores: none given; choose from {', '.join(_REGISTRY)}.")
+    for n in names:
+        get_score(n)
+    return names
+
+
+def resolve_hparams(
+    names: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{score: defaults updated by overrides[score]}`` for ``names``.
+
+    Overrides for a score that is not among ``names`` are ignored (a CLI default may
+    set ODIN's budget while ``--scores`` drops ODIN); unknown hyperparameters of a
+    chosen score are an error.
+    """
+    overrides = dict(overrides or {})
+    for name in overrides:
+        get_score(name)
+    resolved = {}
+    for name in names:
+        score = get_score(name)
+        given = dict(overrides.get(name, {}) or {})
+        unknown = sorted(set(given) - set(score.defaults))
+        if unknown:
+            raise ValueError(
+                f"score {name!r} takes hyperparameters {sorted(score.defaults) or 'none'}, "
+                f"got unknown {unknown}."
+            )
+        values = {**score.defaults, **given}
+        if score.sweep is not None:
+            swept = values[score.sweep]
+            swept = tuple(swept) if isinstance(swept, list | tuple) else (swept,)
+            if not swept:
+                raise ValueError(f"score {name!r}: {score.sweep} needs at least one value.")
+            values[score.sweep] = tuple(float(v) for v in swept)
+        resolved[name] = values
+    return resolved
+
+
+def _jitted(score: Score, static: tuple[str, ...]) -> Callable[..., Any]:
+    cache = _JIT_CACHE.setdefault(score.name, {})
+    fn = cache.get((score.fn, static))
+    if fn is None:
+        fn = jax.jit(score.fn, static_argnames=static) if score.jit else score.fn
+        cache[(score.fn, static)] = fn
+    return fn
+
+
+_JIT_CACHE: dict[str, dict] = {}
+
+
+def compute(
+    score: Score,
+    hparams: Mapping[str, Any],
+    logits: Any,
+    features: Any,
+    head: Head,
+    params: Any = None,
+) -> dict[str, np.ndarray]:
+    """``{result key: float32 [N]}`` of an ``"outputs"`` or ``"fitted"`` score.
+
+    A swept hyperparameter's values are evaluated with one ``jax.vmap``; the other
+    hyperparameters are static arguments of the jitted function.
+    """
+    if score.consumes == "images":
+        raise ValueError(f"score {score.name!r} needs images; use the image stage.")
+    lead = (params,) if score.consumes == "fitted" else ()
+    fixed = {k: v for k, v in hparams.items() if k != score.sweep}
+    fn = _jitted(score, tuple(sorted(fixed)))
+    if score.sweep is None:
+        return {score.name: np.asarray(fn(*lead, logits, features, head, **fixed), np.float32)}
+    values = tuple(hparams[score.sweep])
+    swept = jax.vmap(lambda v: fn(*lead, logits, features, head, **fixed, **{score.sweep: v}))(
+        jnp.asarray(values, jnp.float32)
+    )
+    swept = np.asarray(swept, np.float32)
+    return {score.key(v): swept[i] for i, v in enumerate(values)}
+
+
+# --- The scores of ood_jax.scores, registered in the order reports print them. ---
+
+
+def _msp(logits, features, head, *, temperature):
+    return L.msp(logits, temperature=temperature)
+
+
+def _energy(logits, features, head, *, temperature):
+    return L.energy(logits, temperature=temperature)
+
+
+def _max_logit(logits, features, head):
+    return L.max_logit(logits)
+
+
+def _neg_entropy(logits, features, head):
+    return L.neg_entropy(logits)
+
+
+def _feature_norm(logits, features, head):
+    return L.feature_norm(features)
+
+
+def _odin(apply_logits, images, std, *, temperature, epsilon, max_examples):
+    return M.odin(apply_logits, images, temperature=temperature, epsilon=epsilon, std=std)
+
+
+def _gradnorm(logits, features, head, *, temperature):
+    return M.gradnorm(features, head.kernel, head.bias, temperature=temperature)
+
+
+def _fit_mahalanobis(logits, features, labels):
+    return F.fit_mahalanobis(features, labels)
+
+
+def _mahalanobis(params, logits, features, head):
+    return F.mahalanobis_score(params, features)
+
+
+def _fit_knn(logits, features, labels, *, k, max_train, seed):
+    if max_train is not None and len(features) > max_train:
+        keep = np.random.default_rng(seed).choice(len(features), max_train, replace=False)
+        features = features[np.sort(keep)]
+    return F.fit_knn(features)
+
+
+def _knn(params, logits, features, head, *, k, max_train, seed):
+    return F.knn_score(params, features, k=k)
+
+
+def _fit_gmm(logits, features, labels):
+    return F.fit_gmm(features, labels)
+
+
+def _gmm(params, logits, features, head):
+    return F.gmm_score(params, features)
+
+
+def _fit_react(logits, features, labels, *, percentile):
+    return F.fit_react(features, percentile=percentile)
+
+
+def _react(params, logits, features, head, *, percentile):
+    return F.react_score(params, features, head.kernel, head.bias)
+
+
+_T = {"sweep": "temperature", "sweep_label": "T"}
+for _score in (
+    Score("msp", _msp, "outputs", "MSP", {"temperature": 1.0}, **_T),
+    Score("max_logit", _max_logit, "outputs", "MaxLogit"),
+    Score("energy", _energy, "outputs", "Energy", {"temperature": 1.0}, **_T),
+    Score("neg_entropy", _neg_entropy, "outputs", "NegEntropy"),
+    Score("feature_norm", _feature_norm, "outputs", "FeatureNorm"),
+    Score(
+        "odin",
+        _odin,
+        "images",
+        "ODIN",
+        {"temperature": 1000.0, "epsilon": 0.0014, "max_examples": None},
+    ),
+    # Its own jitted function inside (chunked lax.map); the temperature is validated.
+    Score("gradnorm", _gradnorm, "outputs", "GradNorm", {"temperature": 1.0}, jit=False),
+    Score("mahalanobis", _mahalanobis, "fitted", "Mahalanobis", fit=_fit_mahalanobis, jit=False),
+    Score(
+        "knn",
+        _knn,
+        "fitted",
+        "KNN",
+        {"k": 50, "max_train": None, "seed": 0},
+        fit=_fit_knn,
+        jit=False,
+    ),
+    Score("gmm", _gmm, "fitted", "GMM", fit=_fit_gmm, jit=False),
+    Score("react", _react, "fitted", "ReAct", {"percentile": 90.0}, fit=_fit_react, jit=False),
+):
+    register_score(_score)
