@@ -30,15 +30,14 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-from ood_jax.evaluate.sweep import fit_scores, score_outputs
 
 from ood_jax import data as D
-from ood_jax.evaluate import ForwardPass, ModelOutputs, ScoreSettings, make_odin_fn
+from ood_jax.evaluate import ForwardPass, ModelOutputs, fit_scores, score_images, score_outputs
 from ood_jax.evaluate.protocol import evaluate_ood
 from ood_jax.models import create_model
+from ood_jax.scores import Head, available_scores, get_score, resolve_hparams
 
-CHEAP = ("msp", "max_logit", "energy", "neg_entropy", "feature_norm", "gradnorm", "react")
-FITTED = ("mahalanobis", "knn", "gmm", "react")
+TEMPERATURES = (1.0, 10.0, 100.0, 1000.0)
 
 
 def _synthetic_outputs(rng, n, kernel, bias, shift, labelled):
@@ -94,45 +93,45 @@ def main(argv: list[str] | None = None) -> None:
     forward(batches(ds))
     fwd_rate = args.num_forward / (time.perf_counter() - start)
     odin_ds = D.from_arrays(images[: args.num_odin], name="random", num_classes=0)
-    odin_fn = make_odin_fn(ScoreSettings())
-    forward.map_batches(odin_fn, batches(odin_ds))
+    odin = lambda: score_images(
+        resolve_hparams(["odin"]),
+        forward,
+        {"random": odin_ds},
+        batches=batches,
+        std=D.CIFAR10_STD,
+        seed=0,
+    )
+    odin()
     start = time.perf_counter()
-    forward.map_batches(odin_fn, batches(odin_ds))
+    odin()
     odin_rate = args.num_odin / (time.perf_counter() - start)
 
     kernel = np.asarray(model.head.kernel[...], np.float32)
     bias = np.asarray(model.head.bias[...], np.float32)
+    head = Head(kernel, bias)
     train = _synthetic_outputs(rng, args.num_train, kernel, bias, 1.0, True)
     outputs = {"id": _synthetic_outputs(rng, args.num_id, kernel, bias, 1.0, True)}
     for s in range(args.num_ood_sets):
-        outputs[f"ood/{s}"] = _synthetic_outputs(rng, args.num_ood, kernel, bias, 0.5, False)
-    settings = ScoreSettings(temperatures=(1.0, 10.0, 100.0, 1000.0))
+        outputs[f"ood{s}"] = _synthetic_outputs(rng, args.num_ood, kernel, bias, 0.5, False)
+    cached = [n for n in available_scores() if get_score(n).consumes != "images"]
+    sweeps = {n: {"temperature": TEMPERATURES} for n in cached if get_score(n).sweep}
+    hparams = resolve_hparams(cached, sweeps)
     rows = []
     fitted = {}
-    for name in FITTED:
-        start = time.perf_counter()
-        fitted.update(fit_scores([name], train, settings=settings))
-        rows.append((f"fit {name}", time.perf_counter() - start, None))
-    all_scores = ("msp", "max_logit", "energy", "neg_entropy", "feature_norm", "gradnorm")
-    all_scores += ("mahalanobis", "knn", "gmm", "react")
+    for name in cached:
+        if get_score(name).consumes == "fitted":
+            start = time.perf_counter()
+            fitted.update(fit_scores({name: hparams[name]}, train))
+            rows.append((f"fit {name}", time.perf_counter() - start, None))
     scored = {}
-    for name in all_scores:
+    for name in cached:
         run = lambda name=name: scored.update(
-            score_outputs(
-                [name],
-                outputs,
-                head_kernel=kernel,
-                head_bias=bias,
-                settings=settings,
-                fitted=fitted,
-            )
+            score_outputs({name: hparams[name]}, outputs, head=head, fitted=fitted)
         )
         first, best = _time(run, args.repeats)
         rows.append((name, first, best))
     total_examples = args.num_id + args.num_ood_sets * args.num_ood
-    everything = lambda: score_outputs(
-        all_scores, outputs, head_kernel=kernel, head_bias=bias, settings=settings, fitted=fitted
-    )
+    everything = lambda: score_outputs(hparams, outputs, head=head, fitted=fitted)
     first, best = _time(everything, 1)
     rows.append(("all scores, one call", first, best))
     scored = everything()
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Scores from cached outputs: {args.num_id} ID + {args.num_ood_sets} x "
         f"{args.num_ood} OOD = {total_examples} examples; fitted on {args.num_train} "
-        f"training features; MSP and energy swept over T = {settings.temperatures} (vmapped).",
+        f"training features; MSP and energy swept over T = {TEMPERATURES} (vmapped).",
         "",
         "| step | first call, s (with compilation) | best later call, s |",
         "|---|---|---|",

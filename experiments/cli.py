@@ -136,6 +136,22 @@ def apply_overrides(
     return _parse(config, pairs) if pairs else config
 
 
+def config_from_json(values: Any) -> ml_collections.ConfigDict:
+    """A ConfigDict from its JSON form (``config.json``, checkpoint metadata).
+
+    JSON has no tuples: lists become tuples again so that overrides keep working.
+    """
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(fix(v) for v in x)
+        return x
+
+    return ml_collections.ConfigDict(fix(dict(values)))
+
+
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None) -> Any:
     """Runs ``main(argv)``; user errors become one stderr line and exit status 2."""
     from ood_jax.checkpoint import CheckpointError

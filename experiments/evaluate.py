@@ -24,7 +24,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import ml_collections
 import optax
 
 from experiments import cli
@@ -72,7 +71,7 @@ def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, 
                 f"checkpoint {step} in {directory} has no model/config metadata; it was not "
                 "written by the ood_jax training experiments."
             )
-        import_user_modules(ml_collections.ConfigDict(config))
+        import_user_modules(cli.config_from_json(config))
         model = build_model(identity, int(config.get("seed", 0)))
         optim = config["optim"]
         # A schedule (any callable) gives the same optimizer-state layout as training.
@@ -116,7 +115,7 @@ def evaluate_workdir(
             raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
     default_dir = os.path.join(workdir, "eval" if step is None else f"eval_step{step}")
     model, metadata, step = restore_model(workdir, step=step)
-    config = ml_collections.ConfigDict(metadata["config"])
+    config = cli.config_from_json(metadata["config"])
     if data is not None:
         config.data.source = data
     config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)

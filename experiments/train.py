@@ -142,6 +142,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for ok, message in checks:
         if not ok:
             raise cli.UsageError(message + ".")
+    if config.eval.ood:
+        from ood_jax.evaluate import check_ood_set_names
+        from ood_jax.scores import check_score_names
+
+        scores = [s for s in config.eval.scores if s]
+        if scores:
+            check_score_names(scores)
+        check_ood_set_names([s for s in config.eval.ood_sets if s] or None)
 
 
 def load_splits(
@@ -179,6 +187,11 @@ def load_splits(
                     + ("that is a file, not a folder." if path.exists() else "no such folder.")
                 )
             npz = path / f"{name}_{split}.npz"
+            if not npz.is_file() and not (path / split).is_dir():
+                raise cli.UsageError(
+                    f"--data {source!r}: found neither {npz.name} nor a {split}/<class>/ image "
+                    f"folder there; put the {name} files in that folder or choose another."
+                )
             ds = D.load_dataset(name, split, local_path=npz if npz.is_file() else path)
         out.append(D.random_subset(ds, limit, seed=config.seed))
     return out[0], out[1]
@@ -377,7 +390,7 @@ def ood_report(
     experiments.evaluate``: same sets, scores, hyperparameters, budgets and seeds for
     the same config, so both give identical numbers for the same checkpoint.
     """
-    from ood_jax.evaluate import load_ood_sets, run_evaluation
+    from ood_jax.evaluate import check_ood_set_names, load_ood_sets, run_evaluation
 
     spec = D.get_dataset_spec(config.data.dataset)
     e = config.eval
@@ -387,6 +400,7 @@ def ood_report(
             f"config.eval.ood_sets is empty and {config.data.dataset!r} has no default OOD "
             "suite; name the sets, e.g. --config.eval.ood_sets=svhn,gaussian."
         )
+    check_ood_set_names(names)
     print(f"OOD evaluation: loading {len(names)} OOD sets ({', '.join(names)})")
     ood_sets = load_ood_sets(
         names,

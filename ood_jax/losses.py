@@ -22,6 +22,7 @@ their labels first), not by multiplying: ``NaN * 0`` is ``NaN``.
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,18 +64,26 @@ def _as_logits(logits: jax.Array, name: str = "logits") -> jax.Array:
 
 def _check_labels(labels: jax.Array, logits: jax.Array) -> jax.Array:
     labels = jnp.asarray(labels)
+    check_label_array(labels, logits.shape)
+    return labels
+
+
+def check_label_array(labels: Any, logits_shape: tuple[int, ...]) -> None:
+    """Integer labels, one per row of logits of shape ``logits_shape``, else ValueError.
+
+    Shared by the losses (jax arrays) and ``ood_jax.metrics`` (NumPy arrays).
+    """
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(
             f"labels must be integer class indices, got dtype {labels.dtype}; "
             "pass int32 indices (not one-hot vectors or floats)."
         )
-    if labels.shape != logits.shape[:-1]:
+    if labels.shape != tuple(logits_shape[:-1]):
         raise ValueError(
-            f"labels must have shape logits.shape[:-1] = {logits.shape[:-1]}, got "
-            f"{labels.shape} (logits shape {logits.shape}); pass one integer label per "
+            f"labels must have shape logits.shape[:-1] = {tuple(logits_shape[:-1])}, got "
+            f"{labels.shape} (logits shape {tuple(logits_shape)}); pass one integer label per "
             "row of logits."
         )
-    return labels
 
 
 def _check_positive(value: float, name: str) -> None:

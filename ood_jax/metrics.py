@@ -8,7 +8,7 @@ meant to be traced by ``jax.jit``.
 read off the cumulative counts at the distinct score values, so 1,000,000 ID +
 1,000,000 OOD scores take well under a second (``benchmarks/metrics_speed.py``).
 
-Two conventions are in use in the literature (REFERENCE.md, "Metric conventions").
+Two conventions are in use in the literature (docs/metrics.md).
 In both, the input scores are confidences: **higher means more in-distribution**.
 
 ``convention="hendrycks"`` (the LogitNorm, energy and Outlier Exposure code):
@@ -55,6 +55,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ood_jax.losses import check_label_array
+
 __all__ = ["accuracy", "expected_calibration_error", "ood_metrics"]
 
 CONVENTIONS = ("hendrycks", "openood")
@@ -89,15 +91,7 @@ def _to_float64(x: Any, name: str, *, ndim: int) -> np.ndarray:
 
 def _check_labels(labels: Any, num_examples: int, num_classes: int) -> np.ndarray:
     labels = np.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(
-            f"labels must be integer class indices, got dtype {labels.dtype}; "
-            "pass int32 indices (not one-hot vectors or floats)."
-        )
-    if labels.shape != (num_examples,):
-        raise ValueError(
-            f"labels must have shape ({num_examples},) to match logits, got {labels.shape}."
-        )
+    check_label_array(labels, (num_examples, num_classes))
     if np.any((labels < 0) | (labels >= num_classes)):
         raise ValueError(
             f"labels must lie in [0, {num_classes}), got values in "

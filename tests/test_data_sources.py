@@ -167,9 +167,7 @@ def test_normalize_and_inverse(rgb_images):
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(
-        ValueError, match=r"unknown dataset name 'mnist'.*cifar10.*tinyimagenet_crop"
-    ):
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*cifar10.*tinyimagenet_crop"):
         data.load_dataset("mnist", "test")
 
 
@@ -206,3 +204,48 @@ def test_random_subset_is_seeded_sorted_and_bounded():
     _np.testing.assert_array_equal(sub.labels, expected % 5)
     assert "random 10 of 50, seed 3" in sub.source
     assert random_subset(ds, None, seed=0) is ds and random_subset(ds, 80, seed=0) is ds
+
+
+def test_local_labels_are_checked_against_the_dataset_class_count(tmp_path, rgb_images):
+    # A "cifar10" file with labels up to 11 must not silently train a 12-class model.
+    path = tmp_path / "cifar10_train.npz"
+    np.savez(path, images=rgb_images, labels=np.array([0, 3, 11, 2, 1], np.int32))
+    with pytest.raises(ValueError, match=r"label 11 at index 2 is out of range \[0, 10\)"):
+        data.load_dataset("cifar10", "train", local_path=path)
+
+
+def test_registered_dataset_spec_drives_loading_and_normalization(rgb_images):
+    def loader(split, *, limit=None, data_dir=None):
+        return data.from_arrays(rgb_images, np.arange(5) % 2, name="toy", num_classes=2)
+
+    spec = data.DatasetSpec(
+        "toy", "Toy", 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0), loader=loader
+    )
+    data.register_dataset(spec, replace=True)
+    assert "toy" in data.available_datasets() and data.get_dataset_spec("toy") is spec
+    ds = data.load_dataset("toy", "train")
+    batch = next(
+        iter(
+            data.eval_batches(
+                ds, batch_size=5, process_index=0, process_count=1, mean=spec.mean, std=spec.std
+            )
+        )
+    )
+    expected = (rgb_images / 255.0 - 0.5) / np.array([0.25, 0.5, 1.0])
+    np.testing.assert_allclose(batch["image"], expected, rtol=1e-5, atol=1e-5)
+    it = data.train_iterator(
+        ds,
+        batch_size=5,
+        seed=0,
+        augment=False,
+        prefetch=0,
+        process_index=0,
+        process_count=1,
+        mean=spec.mean,
+        std=spec.std,
+    )
+    train_batch = next(it)
+    order = np.random.default_rng([0, 0, 0]).permutation(5)  # the documented epoch order
+    np.testing.assert_allclose(train_batch["image"], expected[order], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already registered"):
+        data.register_dataset(spec)

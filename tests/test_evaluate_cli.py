@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
-from experiments.cifar10_train import train_and_evaluate
 from flax import nnx
 
 from experiments import evaluate as cli
-from experiments.configs import cifar10 as presets
+from experiments.configs import default as presets
+from experiments.train import train_and_evaluate
 from ood_jax.checkpoint import CheckpointError
 from ood_jax.models import create_model
 
@@ -42,6 +42,14 @@ def workdir(tmp_path_factory):
     config.train.batch_size = 32
     config.train.epochs = 1  # 4 steps, one checkpoint
     config.train.progress = False
+    # The end-of-training report, with the settings ARGS gives the CLI below.
+    config.eval.ood = True
+    config.eval.ood_sets = ("gaussian", "blobs")
+    config.eval.num_synthetic = 24
+    config.eval.max_ood = 20
+    config.eval.scores = ("msp", "energy", "mahalanobis", "odin")
+    config.eval.num_draws = 2
+    config.eval.score_hparams = {"odin": {"max_examples": 16}}
     workdir = tmp_path_factory.mktemp("run")
     train_and_evaluate(config, workdir)
     return workdir, data
@@ -51,15 +59,16 @@ ARGS = [
     "--ood_sets=gaussian,blobs",
     "--num_synthetic=24",
     "--max_ood=20",
-    "--odin_max_examples=16",
+    "--config.eval.score_hparams.odin.max_examples=16",
     "--scores=msp,energy,mahalanobis,odin",
     "--num_draws=2",
-    "--batch_size=32",
 ]
 
 
 def test_cli_writes_report_for_latest_checkpoint(workdir):
     run, data = workdir
+    # The end-of-training report of the same checkpoint, through the same path.
+    at_end = json.loads((run / "eval" / "results.json").read_text())
     results = cli.main([f"--workdir={run}", f"--data_dir={data}", *ARGS])
     report = run / "eval"
     on_disk = json.loads((report / "results.json").read_text())
@@ -72,8 +81,11 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
     gaussian = on_disk["data"]["ood"]["gaussian"]
     assert gaussian["num_examples"] == 20 and "random 20 of 24" in gaussian["source"]
     # ODIN on 16-image subsets of every set; its draws are recorded apart.
-    assert on_disk["odin_examples"] == {"id": 16, "ood/gaussian": 16, "ood/blobs": 16}
-    assert on_disk["ood"]["papers"]["odin_draws"]["blobs"]["num_examples"] == 12  # 64 // 5
+    assert on_disk["image_score_examples"] == {"odin": {"cifar10": 16, "gaussian": 16, "blobs": 16}}
+    assert on_disk["ood"]["papers"]["extra_draws"]["odin"]["blobs"]["num_examples"] == 12
+    # Identical numbers to the end-of-training report (same checkpoint, data, settings).
+    for key in ("ood", "classification", "diagnostics", "score_hparams", "data"):
+        assert on_disk[key] == at_end[key], key
     assert "ODIN on seeded random subsets" in (report / "results.md").read_text()
     # The logit-norm curve comes from the training run's metrics.jsonl.
     assert on_disk["diagnostics"]["logit_norm_curve"]["logit_norm"]["step"] == [4.0]
@@ -84,19 +96,27 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
     assert results["classification"]["accuracy"] == pytest.approx(final["test_accuracy"])
 
 
-def test_missing_step(workdir):
+def user_error(capsys, argv):
+    """Runs the CLI expecting a user error: exit status 2 and one stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_missing_step(workdir, capsys):
     run, data = workdir
-    with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
-        cli.main([f"--workdir={run}", f"--data_dir={data}", "--step=7", *ARGS])
+    err = user_error(capsys, [f"--workdir={run}", f"--data_dir={data}", "--step=7", *ARGS])
+    assert "no checkpoint for step 7" in err
     assert not (run / "eval_step7").exists()
 
 
-def test_workdir_without_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match="no checkpoints/ folder"):
-        cli.main([f"--workdir={tmp_path}", *ARGS])
+def test_workdir_without_checkpoint(tmp_path, capsys):
+    assert "no checkpoints/ folder" in user_error(capsys, [f"--workdir={tmp_path}", *ARGS])
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(ValueError, match="holds no checkpoint"):
-        cli.main([f"--workdir={tmp_path}", *ARGS])
+    assert "holds no checkpoint" in user_error(capsys, [f"--workdir={tmp_path}", *ARGS])
     assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
 
 
@@ -112,9 +132,7 @@ def test_model_checkpoint_mismatch(workdir, monkeypatch):
         cli.restore_model(str(run))
 
 
-def test_unknown_ood_set(workdir):
+def test_unknown_ood_set(workdir, capsys):
     run, data = workdir
-    with pytest.raises(ValueError, match="Synthetic sets: gaussian"):
-        cli.main(
-            [f"--workdir={run}", f"--data_dir={data}", "--ood_sets=nonexistent", "--out_dir=x"]
-        )
+    argv = [f"--workdir={run}", f"--data_dir={data}", "--ood_sets=nonexistent", "--out_dir=x"]
+    assert "synthetic sets: gaussian" in user_error(capsys, argv)

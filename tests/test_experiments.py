@@ -1,4 +1,4 @@
-"""The CIFAR-10 experiments: presets, command-line overrides, and the smoke run end to end."""
+"""The experiment runner: presets, overrides, user errors, datasets, outliers, extensions."""
 
 import json
 import os
@@ -7,28 +7,45 @@ import sys
 
 import numpy as np
 import pytest
-from experiments.cifar10_train import apply_overrides, model_identity, train_and_evaluate
 
-from experiments.configs import cifar10 as presets
+from experiments import cli
+from experiments.configs import default as presets
+from experiments.train import (
+    SCHEMA_FIELDS,
+    complete_config,
+    model_identity,
+    train_and_evaluate,
+)
+from experiments.train import main as train_main
 from ood_jax.checkpoint import CheckpointError
 from ood_jax.train.logging import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_CODE = os.path.join(ROOT, "tests", "user_code")
 
 
-def write_easy_cifar(folder, *, seed=0):
-    """cifar10_{train,test}.npz (decoded format) whose class is the image's mean colour."""
+def write_easy_cifar(folder, *, name="cifar10", num_classes=10, seed=0, sizes=(1200, 600)):
+    """<name>_{train,test}.npz (decoded format) whose class is the image's mean colour."""
     rng = np.random.default_rng(seed)
-    palette = rng.integers(30, 226, size=(10, 3))
-    for split, n in (("train", 1200), ("test", 600)):
-        labels = rng.integers(0, 10, n).astype(np.int32)
+    palette = rng.integers(30, 226, size=(num_classes, 3))
+    for split, n in zip(("train", "test"), sizes, strict=True):
+        labels = rng.integers(0, num_classes, n).astype(np.int32)
         noise = rng.integers(-25, 26, size=(n, 32, 32, 3))
         images = np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
-        np.savez(folder / f"cifar10_{split}.npz", images=images, labels=labels)
+        np.savez(folder / f"{name}_{split}.npz", images=images, labels=labels)
+
+
+def parse(overrides, preset="smoke", objective="logitnorm"):
+    return cli.apply_overrides(
+        presets.get_config(preset, objective),
+        overrides,
+        first=SCHEMA_FIELDS,
+        prepare=complete_config,
+    )
 
 
 def test_paper_preset_records_the_papers_hyperparameters():
-    c = presets.get_config("paper", "logitnorm")
+    c = parse([], preset="paper")
     assert (c.model.name, c.model.options.dropout_rate) == ("wrn40_2", 0.3)
     assert (c.train.epochs, c.train.batch_size) == (200, 128)
     assert (c.optim.lr, c.optim.schedule, tuple(c.optim.boundaries_epochs)) == (
@@ -38,35 +55,125 @@ def test_paper_preset_records_the_papers_hyperparameters():
     )
     assert (c.optim.decay_factor, c.optim.weight_decay) == (0.1, 5e-4)
     assert (c.optim.momentum, c.optim.nesterov) == (0.9, True)
-    assert c.objective.hparams.temperature == 0.04
-    assert presets.get_config("paper", "ce").objective.hparams.to_dict() == {}
+    # tau comes from the objective's registration: the paper's 0.04.
+    assert c.objective.hparams.to_dict() == {"temperature": 0.04}
+    assert parse([], preset="paper", objective="ce").objective.hparams.to_dict() == {}
+    assert parse(["--config.objective.name=energy"]).objective.hparams.to_dict() == {
+        "weight": 0.1,
+        "m_in": -23.0,
+        "m_out": -5.0,
+    }
     with pytest.raises(ValueError, match="preset must be one of"):
         presets.get_config("huge")
 
 
-def test_overrides_parse_types_and_reject_unknown_fields():
-    c = presets.get_config("smoke", "logitnorm")
-    apply_overrides(
-        c,
+def test_cifar100_takes_its_own_objective_values():
+    # The dataset spec's values (Liu et al.'s -27/-5; LogitNorm authors' tau for CIFAR-100).
+    c = parse(["--config.data.dataset=cifar100", "--config.objective.name=energy"])
+    assert (c.objective.hparams.m_in, c.objective.hparams.m_out) == (-27.0, -5.0)
+    c = parse(["--config.data.dataset=cifar100"])
+    assert c.objective.hparams.temperature == 0.0085
+    # ... and the user's override still wins.
+    c = parse(["--config.data.dataset=cifar100", "--config.objective.hparams.temperature=0.02"])
+    assert c.objective.hparams.temperature == 0.02
+
+
+def test_overrides_parse_types_lists_and_open_model_options():
+    c = parse(
         [
             "--config.optim.lr=1",
             "--config.train.progress=false",
             "--config.optim.boundaries_epochs=(40, 50)",
             "--config.model.name=resnet18",
             "--config.model.options.width=16",
+            "--config.model.options.spectral_norm=true",
             "--config.objective.hparams.temperature=0.01",
-        ],
+            "--config.eval.ood_sets=gaussian,uniform",
+            "--config.eval.scores=('msp', 'energy')",
+            "--config.eval.score_hparams.knn.k=7",
+            "--config.eval.score_hparams.odin.max_examples=16",
+        ]
     )
     assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
     assert c.train.progress is False
     assert tuple(c.optim.boundaries_epochs) == (40, 50)
     assert c.model.name == "resnet18"
-    assert c.model.options.width == 16
+    assert c.model.options.width == 16 and c.model.options.spectral_norm is True
     assert c.objective.hparams.temperature == 0.01
-    with pytest.raises(ValueError, match="no field 'lrr'"):
-        apply_overrides(c, ["--config.optim.lrr=0.1"])
-    with pytest.raises(ValueError, match="unrecognized argument"):
-        apply_overrides(c, ["--lr=0.1"])
+    assert tuple(c.eval.ood_sets) == ("gaussian", "uniform")
+    assert tuple(c.eval.scores) == ("msp", "energy")
+    assert c.eval.score_hparams.knn.k == 7 and c.eval.score_hparams.odin.max_examples == 16
+    assert c.eval.score_hparams.odin.temperature == 1000.0  # the registered default
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.optim.lrr=0.1"], "unknown config field"),
+        (["--config.optim.lr=fast"], "could not convert string to float"),
+        (["--lr=0.1"], "unrecognized argument"),
+        (["--config.objective.name=focal"], "unknown objective 'focal'"),
+        (["--config.objective.hparams.temprature=0.1"], 'Did you mean "temperature"'),
+        (["--config.data.dataset=mnist2"], "unknown dataset 'mnist2'"),
+        (["--config.eval.scores=msp,bogus", "--config.eval.ood=true"], "unknown score 'bogus'"),
+        (["--config.eval.score_hparams.bogus.k=1"], "unknown config field"),
+        (["--config.train.batch_size=0"], "batch_size must be >= 1"),
+        (["--config.data.train_limit=-5"], "train_limit must be >= 0"),
+        (["--config.data.dataset=cifar100", "--data=local"], "no offline files"),
+        (["--data=/nonexistent/folder"], "no such folder"),
+        ([], "found neither cifar10_train.npz nor a train/<class>/ image folder"),
+        (
+            ["--config.eval.ood=true", "--config.eval.ood_sets=gaussian,svhm"],
+            "unknown OOD set 'svhm'",
+        ),
+        (["--config.imports=no_such_module_xyz"], "cannot import 'no_such_module_xyz'"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    argv = [f"--workdir={tmp_path / 'run'}", "--preset=smoke", *args]
+    if not any(a.startswith("--data=") for a in args):
+        argv.append(f"--data={tmp_path}")  # empty folder: loading would fail later
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert message in err, err
+    assert not (tmp_path / "run").exists()  # nothing written for a rejected run
+
+
+def test_data_file_instead_of_folder_is_a_clear_error(tmp_path, capsys):
+    write_easy_cifar(tmp_path, sizes=(80, 40))
+    argv = [
+        f"--workdir={tmp_path / 'run'}",
+        "--preset=smoke",
+        f"--data={tmp_path}/cifar10_train.npz",
+    ]
+    with pytest.raises(SystemExit):
+        train_main(argv)
+    assert "that is a file, not a folder" in capsys.readouterr().err
+
+
+def test_cli_user_error_has_no_traceback(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.cifar10_ce",
+            f"--workdir={tmp_path}",
+            "--preset=smoke",
+            "--config.eval.ood_sets=gaussian,uniform",
+            "--config.optim.lr=abc",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "config.optim.lr" in done.stderr
 
 
 def test_model_identity_includes_objective_and_precision_options():
@@ -79,6 +186,104 @@ def test_model_identity_includes_objective_and_precision_options():
         "num_classes": 10,
         "options": {"dropout_rate": 0.3, "normalize_features": True, "dtype": "bfloat16"},
     }
+
+
+def _smoke(tmp_path, data, *overrides, dataset="cifar10"):
+    c = parse(
+        [
+            f"--config.data.dataset={dataset}",
+            f"--config.data.source={data}",
+            "--config.data.train_limit=256",
+            "--config.data.test_limit=64",
+            "--config.train.batch_size=32",
+            "--config.train.epochs=1",
+            "--config.train.progress=false",
+            *overrides,
+        ]
+    )
+    return c, train_and_evaluate(c, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_cifar100_from_local_files(tmp_path):
+    write_easy_cifar(tmp_path, name="cifar100", num_classes=100, sizes=(400, 100))
+    c, final = _smoke(tmp_path, tmp_path, dataset="cifar100")
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["data"]["dataset"] == "cifar100" and meta["objective"]["hparams"] == {
+        "temperature": 0.0085
+    }
+    from experiments.evaluate import restore_model
+
+    model, metadata, _ = restore_model(str(tmp_path / "run"))
+    assert metadata["model"]["num_classes"] == 100 and model.head.kernel.shape[-1] == 100
+    assert final["test_examples"] == 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "objective, term", [("energy", "energy_term"), ("outlier_exposure", "outlier_term")]
+)
+def test_outlier_objectives_run_from_the_config(tmp_path, objective, term):
+    write_easy_cifar(tmp_path, sizes=(300, 64))
+    outliers = tmp_path / "outliers.npz"
+    noise = np.random.default_rng(1).integers(0, 256, (200, 32, 32, 3)).astype(np.uint8)
+    np.savez(outliers, images=noise, labels=np.full(200, -1, np.int32))
+    c, final = _smoke(
+        tmp_path,
+        tmp_path,
+        f"--config.objective.name={objective}",
+        f"--config.data.outliers.source={outliers}",
+        "--config.data.outliers.ratio=2",
+    )
+    records = read_metrics(tmp_path / "run")
+    assert np.isfinite(records[-1][f"train_{term}"])
+    assert final["step"] == 256 // 32
+    # The checkpoint records the outlier stream's position (64 outliers per step).
+    from ood_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    aux = ckpt.read_metadata()["aux_data"]
+    ckpt.close()
+    assert aux["step"] == final["step"] and aux["batch_size"] == 64
+
+
+@pytest.mark.slow
+def test_user_objective_score_and_dataset_from_outside_the_package(tmp_path):
+    """The three extension points of docs/architecture.md, each one file, via the CLI."""
+    write_easy_cifar(tmp_path, sizes=(256, 64))
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, USER_CODE])}
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        f"--workdir={workdir}",
+        "--preset=smoke",
+        f"--data={tmp_path}",
+        "--config.imports=my_extensions",
+        "--config.objective.name=scaled_ce",
+        "--config.objective.hparams.scale=0.5",
+        "--config.train.batch_size=32",
+        "--config.train.progress=false",
+        "--config.eval.ood=true",
+        "--config.eval.ood_sets=stripes,gaussian",
+        "--config.eval.num_synthetic=40",
+        "--config.eval.scores=feature_norm,neg_feature_norm",
+        "--config.eval.protocols=full",
+    ]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["objective"] == {"name": "scaled_ce", "hparams": {"scale": 0.5}}
+    assert read_metrics(workdir)[-1]["train_scale"] == 0.5  # the objective's own metric
+    results = json.loads((workdir / "eval" / "results.json").read_text())
+    assert results["data"]["ood"]["stripes"]["num_examples"] == 48
+    metrics = results["ood"]["full"]["metrics"]
+    for name in ("stripes", "gaussian"):
+        # -||z|| ranks every (ID, OOD) pair the other way round (no ties in float32 norms).
+        plain = metrics["feature_norm"][name]["auroc"]["mean"]
+        assert metrics["neg_feature_norm"][name]["auroc"]["mean"] == pytest.approx(1 - plain)
+    assert "-FeatureNorm" in (workdir / "eval" / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -119,9 +324,7 @@ def test_smoke_experiment_end_to_end(tmp_path):
     assert os.listdir(workdir / "checkpoints")
 
     # The same workdir with another model configuration: a clear error, no retraining.
-    other = presets.get_config("smoke", "logitnorm")
-    other.data.source = str(data)
-    other.model.options.width = 16
+    other = parse([f"--config.data.source={data}", "--config.model.options.width=16"])
     other.train.progress = False
     with pytest.raises(CheckpointError, match="of another model"):
         train_and_evaluate(other, workdir)

@@ -17,6 +17,7 @@ from ood_jax.models import (
     WideResNet,
     create_model,
 )
+from ood_jax.train import split_model
 
 
 def _images(batch: int, seed: int = 0) -> jax.Array:
@@ -196,12 +197,16 @@ def test_batchnorm_statistics_update_only_in_train_mode():
 def test_dropout_only_in_train_mode():
     model = WideResNet(depth=10, widen_factor=1, dropout_rate=0.3, num_classes=5, rngs=nnx.Rngs(0))
     forward = nnx.jit(lambda m, x: m(x)[0])
-    forward_key = nnx.jit(lambda m, x, key: m(x, rngs=nnx.Rngs(dropout=key))[0])
     images = _images(2)
     a, b = forward(model, images), forward(model, images)
     assert not np.allclose(a, b)  # BN uses the same batch statistics, so dropout differs
-    key = jax.random.key(3)
-    np.testing.assert_array_equal(forward_key(model, images, key), forward_key(model, images, key))
+    # The train step's mechanism: a model rebuilt with the same step key draws the same mask.
+    model_def, params, stats = split_model(model)
+    keyed = lambda k: model_def.merge(params, stats, train=True, key=k)(images)[0]
+    key = jax.random.key_data(jax.random.key(3))
+    np.testing.assert_array_equal(keyed(key), keyed(key))
+    assert not np.allclose(keyed(key), keyed(jax.random.key_data(jax.random.key(4))))
+    model.train()
     model.eval()
     np.testing.assert_array_equal(forward(model, images), forward(model, images))
     no_dropout = WideResNet(depth=10, widen_factor=1, num_classes=5, rngs=nnx.Rngs(0))

@@ -60,6 +60,8 @@ class DatasetSpec:
         offline files (default: :func:`~ood_jax.data.from_npz`).
       offline_alternative: an offline stand-in's name, suggested when tfds fails.
       local_only: only files the user brings (``local_path=``) can provide it.
+      loader: a custom source, ``loader(split, *, limit, data_dir) -> ImageDataset``
+        (generated data, another file format); used when given.
       ood_suite: default OOD sets when this is the in-distribution set.
       objective_hparams: ``{objective: {hparam: value}}`` where the papers set a
         value for this dataset (e.g. CIFAR-100's energy margins).
@@ -76,6 +78,7 @@ class DatasetSpec:
     offline_loader: Loader | None = None
     offline_alternative: str | None = None
     local_only: bool = False
+    loader: Loader | None = None
     ood_suite: tuple[str, ...] = ()
     objective_hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -159,6 +162,8 @@ def load_dataset(
     if spec is None and name.startswith("lsun_"):
         return _from_tfds(name, f"lsun/{name[5:]}", split, limit=limit, tfds_data_dir=tfds_data_dir)
     spec = get_dataset_spec(name)
+    if spec.loader is not None:
+        return spec.loader(split, limit=limit, data_dir=data_dir)
     if spec.local_only:
         raise ValueError(
             f"load_dataset({name!r}): this set (the ODIN / Outlier Exposure release) is not in "

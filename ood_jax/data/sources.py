@@ -116,10 +116,13 @@ def from_folder(
     root = Path(root)
     split_dir = root / split
     if not split_dir.is_dir():
-        available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if root.is_dir():
+            available = sorted(p.name for p in root.iterdir() if p.is_dir()) or "none"
+        else:
+            available = "none (no such folder)"
         raise ValueError(
             f"from_folder: no split folder {str(split_dir)!r}; splits under {str(root)!r}: "
-            f"{available or 'none (root missing)'}. Expected root/<split>/<class>/*.png|jpg."
+            f"{available}. Expected root/<split>/<class>/*.png|jpg."
         )
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     files, labels = [], []

@@ -18,7 +18,12 @@ A training workdir's checkpoint is evaluated by ``python -m experiments.evaluate
 :func:`run_evaluation`; the training experiments call it at the end of training.
 """
 
-from ood_jax.evaluate.datasets import OFFLINE_OOD_SETS, SYNTHETIC_NAMES, load_ood_sets
+from ood_jax.evaluate.datasets import (
+    OFFLINE_OOD_SETS,
+    SYNTHETIC_NAMES,
+    check_ood_set_names,
+    load_ood_sets,
+)
 from ood_jax.evaluate.diagnostics import (
     feature_geometry,
     logit_norm_curve,
@@ -52,6 +57,7 @@ __all__ = [
     "ForwardPass",
     "ModelOutputs",
     "atomic_directory",
+    "check_ood_set_names",
     "classification_summary",
     "compute_outputs",
     "draw_indices",

@@ -33,6 +33,26 @@ OFFLINE_OOD_SETS: tuple[str, ...] = (
 )
 
 
+_PREFIXES = ("tfds:", "npz:", "folder:", "lsun_")
+
+
+def check_ood_set_names(names: Sequence[str] | None) -> None:
+    """Raises ``ValueError`` for a name that is neither synthetic, registered nor prefixed.
+
+    Cheap (nothing is loaded), so a run can reject a typo before it trains.
+    """
+    for name in names or ():
+        base = name.partition(":")[0] if not name.startswith(_PREFIXES) else name
+        if base in SYNTHETIC_NAMES or name.startswith(_PREFIXES):
+            continue
+        if base not in D.available_datasets():
+            raise ValueError(
+                f"unknown OOD set {name!r}; synthetic sets: {', '.join(SYNTHETIC_NAMES)}; "
+                f"datasets: {', '.join(D.available_datasets())} (or tfds:<name>, npz:<file>, "
+                "folder:<root>)."
+            )
+
+
 def load_ood_set(
     name: str,
     *,

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ood_jax.losses import l2_normalize
 from ood_jax.models.layers import (
     activation_fn,
-    l2_normalize,
     torch_default_bias_init,
     torch_default_init,
 )
@@ -65,7 +65,7 @@ def global_pool(x: jax.Array, pooling: str) -> jax.Array:
 
 
 class Classifier(nnx.Module):
-    """Base class: subclasses implement ``features(images, rngs)`` -> ``[B, D]``.
+    """Base class: subclasses implement ``features(images)`` -> ``[B, D]``.
 
     Options shared by every model (keyword-only, passed through
     ``create_model``):
@@ -137,24 +137,22 @@ class Classifier(nnx.Module):
             dtype=self.dtype,
         )
 
-    def features(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    def features(self, images: jax.Array) -> jax.Array:
         raise NotImplementedError
 
-    def __call__(
-        self, images: jax.Array, *, rngs: nnx.Rngs | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Forward pass.
+
+        Dropout draws from the model's ``dropout`` stream; the train step re-seeds it
+        every step (``ood_jax.train.ModelDef.merge``).
 
         Args:
           images: float ``[B, H, W, 3]`` NHWC, normalized.
-          rngs: optional dropout randomness (``nnx.Rngs(dropout=key)``) that
-            overrides the stream stored at construction; pure train steps pass
-            ``jax.random.fold_in(rng, step)`` here.
 
         Returns:
           ``(logits [B, num_classes] float32, features [B, D] float32)``.
         """
         check_images(images)
-        z = self.features(images.astype(self.dtype), rngs).astype(jnp.float32)
+        z = self.features(images.astype(self.dtype)).astype(jnp.float32)
         head_input = l2_normalize(z) if self.normalize_features and not self.deterministic else z
         return self.head(head_input), z

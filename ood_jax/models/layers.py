@@ -57,12 +57,6 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}.")
 
 
-def l2_normalize(x: jax.Array, *, eps: float = 1e-12) -> jax.Array:
-    """``x / max(||x||_2, eps)`` over the last axis (Haas et al., TMLR 2023)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
-
-
 def batch_norm(num_features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
     """BatchNorm over the channel (last) axis with PyTorch's momentum and epsilon."""
     return nnx.BatchNorm(

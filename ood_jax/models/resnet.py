@@ -134,8 +134,7 @@ class ResNet(Classifier):
                 in_planes = planes * block_cls.expansion
         self.blocks = nnx.List(blocks)
 
-    def features(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        del rngs  # no dropout in the CIFAR ResNets
+    def features(self, images: jax.Array) -> jax.Array:
         x = self.act(self.bn1(self.conv1(images)))
         for block in self.blocks:
             x = block(x)

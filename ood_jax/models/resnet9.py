@@ -72,8 +72,7 @@ class ResNet9(Classifier):
         self.layer3 = ConvBlock(4 * w, 8 * w, pool=True, **block)
         self.res3 = nnx.List([ConvBlock(8 * w, 8 * w, pool=False, **block) for _ in range(2)])
 
-    def features(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        del rngs  # no dropout
+    def features(self, images: jax.Array) -> jax.Array:
         x = self.layer1(self.prep(images))
         x = x + self.res1[1](self.res1[0](x))
         x = self.layer3(self.layer2(x))

@@ -38,7 +38,7 @@ class TinyCNN(Classifier):
         self.bn2 = batch_norm(2 * width, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
-    def features(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    def features(self, images: jax.Array) -> jax.Array:
         x = self.act(self.bn1(self.conv1(images)))
         x = self.act(self.bn2(self.conv2(x)))
-        return global_pool(self.dropout(x, rngs=rngs), self.pooling)
+        return global_pool(self.dropout(x), self.pooling)

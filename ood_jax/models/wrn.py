@@ -41,10 +41,10 @@ class WideBasicBlock(nnx.Module):
             None if self.equal_in_out else conv(in_planes, out_planes, 1, stride=stride, rngs=rngs)
         )
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         pre = self.act(self.bn1(x))
         out = self.act(self.bn2(self.conv1(pre)))
-        out = self.conv2(self.dropout(out, rngs=rngs))
+        out = self.conv2(self.dropout(out))
         residual = x if self.shortcut is None else self.shortcut(pre)
         return out + residual
 
@@ -102,10 +102,10 @@ class WideResNet(Classifier):
         self.blocks = nnx.List(blocks)
         self.bn = batch_norm(widths[-1], dtype=dtype, rngs=rngs)
 
-    def features(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    def features(self, images: jax.Array) -> jax.Array:
         x = self.conv1(images)
         for block in self.blocks:
-            x = block(x, rngs)
+            x = block(x)
         return global_pool(self.act(self.bn(x)), self.pooling)
 
 

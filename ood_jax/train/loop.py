@@ -223,6 +223,10 @@ def _iterator_state(iterator: Any, step: int) -> Any:
     return iterator.get_state() if hasattr(iterator, "get_state") else step
 
 
+# Step metrics every run has; any other key is an objective's own metric.
+_STEP_METRICS = ("loss", "accuracy", "logit_norm", "lr", "grad_norm", "finite")
+
+
 def _epoch_record(
     step: int,
     steps_per_epoch: int,
@@ -241,6 +245,8 @@ def _epoch_record(
         "logit_norm": mean.get("logit_norm"),
         "lr": metrics[-1].get("lr") if metrics else None,
         "images_per_s": steps * batch_size / elapsed if elapsed > 0 else None,
+        # The objective's own metrics (e.g. energy_term), epoch means.
+        **{f"train_{k}": v for k, v in mean.items() if k not in _STEP_METRICS},
     }
 
 
