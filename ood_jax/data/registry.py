@@ -40,6 +40,7 @@ import numpy as np
 from ood_jax.data import decode, tinyimagenet
 from ood_jax.data.dataset import CIFAR10_MEAN, CIFAR10_STD, ImageDataset
 from ood_jax.data.sources import default_data_dir, from_folder, from_npz, from_tfds
+from ood_jax.registry import Registry
 
 Loader = Callable[..., ImageDataset]
 
@@ -83,31 +84,25 @@ class DatasetSpec:
     objective_hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, DatasetSpec] = {}
+_REGISTRY: Registry[DatasetSpec] = Registry(
+    "dataset", "ood_jax.data.register_dataset (or a prefixed name tfds:<name>, lsun_<category>, "
+    "npz:<file>, folder:<root>)"
+)
 
 
 def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec:
     """Add ``spec`` under ``spec.name`` (unique unless ``replace=True``)."""
-    if spec.name in _REGISTRY and not replace:
-        raise ValueError(f"dataset {spec.name!r} is already registered; pass replace=True.")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.add(spec, replace=replace)
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
     """The registered spec of ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown dataset {name!r}; registered: {', '.join(_REGISTRY)} (or a prefixed "
-            "name tfds:<name>, lsun_<category>, npz:<file>, folder:<root>). Register your own "
-            "with ood_jax.data.register_dataset."
-        )
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def available_datasets() -> tuple[str, ...]:
     """Registered dataset names, in registration order."""
-    return tuple(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def load_dataset(
@@ -140,7 +135,7 @@ def load_dataset(
       ValueError: unknown name (the message lists the known ones), bad split, bad file.
       DatasetUnavailableError: a tfds dataset cannot be loaded or downloaded.
     """
-    spec = _REGISTRY.get(name)
+    spec = _REGISTRY.get(name) if name in _REGISTRY else None
     if local_path is not None:
         num_classes = spec.num_classes if spec is not None and spec.num_classes else None
         local = Path(local_path)
@@ -168,7 +163,7 @@ def load_dataset(
         raise ValueError(
             f"load_dataset({name!r}): this set (the ODIN / Outlier Exposure release) is not in "
             "tfds; download it and pass local_path= (a folder <root>/<split>/<class>/*.jpg|png, "
-            "or an .npz file in the shared/data format)."
+            "or an .npz file in a docs/data.md format)."
         )
     if spec.offline is not None:
         return _offline(spec, split, data_dir, limit, cache_dir)
@@ -211,7 +206,7 @@ def _offline(spec: DatasetSpec, split: str, data_dir, limit, cache_dir) -> Image
     if data_dir is None:
         raise ValueError(
             f"load_dataset({spec.name!r}): no offline data folder; set OOD_JAX_DATA_DIR or pass "
-            "data_dir= (the folder holding the shared/data npz files)."
+            "data_dir= (the folder holding the offline npz files)."
         )
     path = data_dir / spec.offline[split]
     if not path.is_file():

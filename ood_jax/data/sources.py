@@ -40,7 +40,7 @@ def from_npz(
     limit: int | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> ImageDataset:
-    """Loads an npz file in either format of ``shared/data/README.md``.
+    """Loads an npz file in either format of docs/data.md.
 
     * encoded: ``encoded`` (uint8, the image files concatenated), ``offsets``
       (int64 ``[N + 1]``), ``labels`` (int32 ``[N]``, -1 = none), ``label_names``;
@@ -90,7 +90,7 @@ def from_npz(
             raise ValueError(
                 f"from_npz: {str(path)!r} has arrays {sorted(files)}; expected either "
                 "'encoded', 'offsets', 'labels' (encoded format) or 'images', 'labels' "
-                "(decoded format), see shared/data/README.md."
+                "(decoded format), see docs/data.md."
             )
     if num_classes is None:
         num_classes = len(names) if len(names) else int(max(labels.max(initial=-1), -1)) + 1
@@ -227,7 +227,7 @@ def _unavailable_message(
         "To use local files instead: on the command line pass --data local (the offline "
         "files) or --data PATH (a folder with <dataset>_{train,test}.npz or "
         "<split>/<class>/ images); from Python pass local_path= (an .npz file in the "
-        "shared/data format, or a folder <root>/<split>/<class>/*.png|jpg) to load_dataset, "
+        "docs/data.md format, or a folder <root>/<split>/<class>/*.png|jpg) to load_dataset, "
         "or use the name 'npz:/path/file.npz' / 'folder:/path/root'; or prepare it with "
         "tfds on a machine with internet and pass tfds_data_dir=.",
     ]

@@ -24,7 +24,7 @@ _SYNTHETIC: dict[str, Callable[..., D.ImageDataset]] = {
     "lowpass_uniform": D.make_lowpass_uniform_noise,
 }
 SYNTHETIC_NAMES: tuple[str, ...] = (*_SYNTHETIC, "permuted_pixels")
-#: The CIFAR-10 OOD sets available offline here (see ../shared/data/README.md).
+#: The CIFAR-10 OOD sets available offline here (docs/data.md).
 OFFLINE_OOD_SETS: tuple[str, ...] = (
     "tinyimagenet_crop",
     "tinyimagenet_resize",

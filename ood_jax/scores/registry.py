@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ood_jax.registry import Registry
 from ood_jax.scores import fitted as F
 from ood_jax.scores import logit as L
 from ood_jax.scores import model as M
@@ -116,7 +117,7 @@ class Score:
         return f"{self.display} ({self.sweep_label}={key[len(self.name) + 2 :]})"
 
 
-_REGISTRY: dict[str, Score] = {}
+_REGISTRY: Registry[Score] = Registry("score", "ood_jax.scores.register_score")
 
 
 def register_score(
@@ -134,13 +135,7 @@ def register_score(
     """Register a score; use as a decorator on ``fn`` or pass a :class:`Score`."""
 
     def add(score: Score) -> Score:
-        if score.name in _REGISTRY and not replace:
-            raise ValueError(
-                f"score {score.name!r} is already registered; pick another name or pass "
-                "replace=True."
-            )
-        _REGISTRY[score.name] = score
-        return score
+        return _REGISTRY.add(score, replace=replace)
 
     if isinstance(name, Score):
         return add(name)
@@ -166,24 +161,19 @@ def register_score(
 
 def get_score(name: str) -> Score:
     """The registered score called ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown score {name!r}; registered: {', '.join(_REGISTRY)}. Register your own "
-            "with ood_jax.scores.register_score."
-        )
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def available_scores() -> tuple[str, ...]:
     """Names of all registered scores, in registration order."""
-    return tuple(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def check_score_names(names: Iterable[str]) -> tuple[str, ...]:
     """Validates score names; returns them without duplicates, in the given order."""
     names = tuple(dict.fromkeys(names))
     if not names:
-        raise ValueError(f"scores: none given; choose from {', '.join(_REGISTRY)}.")
+        raise ValueError(f"scores: none given; choose from {', '.join(_REGISTRY.names())}.")
     for n in names:
         get_score(n)
     return names

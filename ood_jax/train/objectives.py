@@ -6,13 +6,14 @@ An objective is a function
 
 called inside the jitted, differentiated train step:
 
-- ``apply(images, *, update_stats=True) -> (logits, features)`` runs the model
-  in training mode (BatchNorm on batch statistics, dropout on) with the
-  parameters being differentiated; outputs are float32 whatever the compute
-  dtype. The step keeps the BatchNorm statistics of the pass(es) made with
-  ``update_stats=True`` (the last one wins); passes with
-  ``update_stats=False`` (an adversarial attack's forward/backward passes,
-  usually inside a ``jax.lax.fori_loop``) leave the running statistics alone.
+- ``apply(images, *, update_stats=True, train=True) -> (logits, features)``
+  runs the model with the parameters being differentiated; outputs are
+  float32 whatever the compute dtype. In training mode (BatchNorm on batch
+  statistics, dropout on) the step keeps the BatchNorm statistics of the last
+  pass made with ``update_stats=True``; passes with ``update_stats=False``
+  leave the running statistics alone. ``train=False`` runs in evaluation mode
+  (running statistics, no dropout), as an attack inside the step usually does
+  (a ``jax.lax.fori_loop`` of input gradients).
 - ``batch``: the in-distribution batch, ``{"image", "label", "mask"}``. Padded
   rows (``mask`` False) carry label 0 here, and the step leaves them out of the
   mean; BatchNorm still sees them.
@@ -46,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from ood_jax import losses
+from ood_jax.registry import Registry
 
 Batch = Mapping[str, jax.Array]
 ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -91,7 +93,7 @@ class Objective:
     description: str = ""
 
 
-_REGISTRY: dict[str, Objective] = {}
+_REGISTRY: Registry[Objective] = Registry("objective", "ood_jax.train.register_objective")
 
 
 def register_objective(
@@ -111,13 +113,7 @@ def register_objective(
     """
 
     def add(objective: Objective) -> Objective:
-        if objective.name in _REGISTRY and not replace:
-            raise ValueError(
-                f"objective {objective.name!r} is already registered; pick another name "
-                "or pass replace=True."
-            )
-        _REGISTRY[objective.name] = objective
-        return objective
+        return _REGISTRY.add(objective, replace=replace)
 
     if isinstance(name, Objective):
         return add(name)
@@ -140,17 +136,12 @@ def register_objective(
 
 def get_objective(name: str) -> Objective:
     """The registered objective called ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown objective {name!r}; registered: {', '.join(sorted(_REGISTRY))}. "
-            "Register your own with ood_jax.train.register_objective."
-        )
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def available_objectives() -> list[str]:
     """Names of all registered objectives."""
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 def resolve_hparams(name: str, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -57,7 +57,9 @@ def make_train_step(
       learning_rate: the schedule, only to report ``lr`` in the metrics.
 
     The step owns the BatchNorm statistics: it keeps those of the objective's last
-    ``apply(..., update_stats=True)`` pass (unchanged if there was none). Mixed
+    ``apply(..., update_stats=True)`` pass (unchanged if there was none);
+    ``apply(..., train=False)`` runs in evaluation mode (running statistics, no
+    dropout), as the ACET authors run their attack. Mixed
     precision is a model option (``create_model(..., dtype=jnp.bfloat16)``); ``apply``
     returns float32 logits and features whatever the compute dtype.
 
@@ -84,10 +86,10 @@ def make_train_step(
         def compute_loss(params):
             kept: list[Any] = []
 
-            def apply(images: jax.Array, *, update_stats: bool = True):
-                model = model_def.merge(params, state.batch_stats, train=True, key=key)
+            def apply(images: jax.Array, *, update_stats: bool = True, train: bool = True):
+                model = model_def.merge(params, state.batch_stats, train=train, key=key)
                 logits, features = model(images)
-                if update_stats:
+                if update_stats and train:
                     kept.append(_state_after(model))
                 return logits.astype(jnp.float32), features.astype(jnp.float32)
 
