@@ -9,4 +9,4 @@ import sys
 from experiments.train import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:], objective="ce")
+    main(sys.argv[1:], method="ce")

@@ -12,4 +12,4 @@ import sys
 from experiments.train import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:], objective="logitnorm")
+    main(sys.argv[1:], method="logitnorm")

@@ -24,72 +24,25 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import optax
-
 from experiments import cli
 from experiments.train import (
     SCHEMA_FIELDS,
-    build_model,
     complete_config,
     eval_batch_size,
-    import_user_modules,
     load_splits,
     ood_report,
+    restore_workdir,
 )
 from ood_jax import sharding
-from ood_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from ood_jax.train import create_train_state, make_optimizer
 
 
 def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, int]:
     """``(model in eval mode, checkpoint metadata, step)`` from ``workdir/checkpoints``.
 
-    The model is rebuilt from ``metadata["model"]`` and the optimizer state's
-    layout from ``metadata["config"]["optim"]`` (its values are not needed);
-    the checkpoint module checks that every saved array matches the model.
-
-    Raises:
-      ValueError: no checkpoint directory or no checkpoint, a missing step, or
-        a checkpoint that does not match the recorded model.
+    See :func:`experiments.train.restore_workdir`.
     """
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise cli.UsageError(
-            f"--workdir {workdir!r}: no checkpoints/ folder; pass the workdir of a training run "
-            "(python -m experiments.cifar10_logitnorm --workdir DIR)."
-        )
-    checkpointer = Checkpointer(directory)
-    try:
-        if step is None:
-            step = checkpointer.latest_step()
-            if step is None:
-                raise CheckpointError(f"--workdir {workdir!r}: {directory} holds no checkpoint.")
-        metadata = checkpointer.read_metadata(step)
-        identity, config = metadata.get("model"), metadata.get("config")
-        if not identity or not config:
-            raise CheckpointError(
-                f"checkpoint {step} in {directory} has no model/config metadata; it was not "
-                "written by the ood_jax training experiments."
-            )
-        import_user_modules(cli.config_from_json(config))
-        model = build_model(identity, int(config.get("seed", 0)))
-        optim = config["optim"]
-        # A schedule (any callable) gives the same optimizer-state layout as training.
-        tx = make_optimizer(
-            optax.constant_schedule(0.0),
-            momentum=optim["momentum"],
-            nesterov=optim["nesterov"],
-            weight_decay=optim["weight_decay"],
-        )
-        model_def, state = create_train_state(model, tx, seed=0)
-        mesh = sharding.make_mesh()
-        target = abstract_like(state, sharding.replicated(mesh))
-        state, metadata = checkpointer.restore(target, step=step, expected_model=identity)
-    finally:
-        checkpointer.close()
-    params, batch_stats = sharding.fetch((state.params, state.batch_stats))
-    model = model_def.merge(params, batch_stats, train=False, key=None)
-    return model, metadata, int(step)
+    model_def, params, batch_stats, metadata, step = restore_workdir(workdir, step=step)
+    return model_def.merge(params, batch_stats, train=False, key=None), metadata, step
 
 
 def evaluate_workdir(

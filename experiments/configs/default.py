@@ -66,6 +66,9 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
     c.objective.name = objective
     # Filled by the runner from the registration (defaults) and the dataset's spec.
     c.objective.hparams = ml_collections.ConfigDict()
+    # Hyperparameters set from the data before training (energy fine-tuning's margins
+    # m_in / m_out: the initial model's mean energy on in-distribution / outlier data).
+    c.objective.auto = ()
 
     c.data = ml_collections.ConfigDict()
     # In-distribution dataset by registered name (ood_jax.data.available_datasets()).
@@ -105,6 +108,9 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
     c.train.checkpoint_every = 0  # steps; 0 = once per epoch
     c.train.max_to_keep = 3
     c.train.num_devices = 0  # 0 = all devices
+    # A workdir whose newest checkpoint gives the initial weights and BatchNorm
+    # statistics (fine-tuning; a fresh optimizer). "" = train from scratch.
+    c.train.init_from = ""
     c.train.progress = True
 
     c.eval = ml_collections.ConfigDict()

@@ -251,3 +251,94 @@ def energy(apply, batch, aux, key, *, weight: float, m_in: float, m_out: float) 
     term = losses.energy_margin_loss(logits, logits_out, m_in=m_in, m_out=m_out)
     per_example = losses.cross_entropy(logits, batch["label"]) + weight * term
     return Loss(per_example, logits, {"energy_term": term})
+
+
+_OUT_LOSSES = {"max_conf": losses.max_confidence_loss, "uniform": losses.outlier_exposure_loss}
+_NOISE_DEFAULTS = {
+    "weight": 1.0,
+    "noise_fraction": 1.0,
+    "frac_perm": 0.5,
+    "lowpass": True,
+    "out_loss": "max_conf",
+    # The in-distribution set's normalization (the runner fills in the dataset's):
+    # noise is made and attacked in [0, 1] pixel space.
+    "mean": (125.3 / 255, 123.0 / 255, 113.9 / 255),
+    "std": (63.0 / 255, 62.1 / 255, 66.7 / 255),
+}
+
+
+def _noise_objective(
+    apply,
+    batch,
+    aux,
+    key,
+    *,
+    weight: float,
+    noise_fraction: float,
+    frac_perm: float,
+    lowpass: bool,
+    out_loss: str,
+    mean,
+    std,
+    attack_steps: int = 0,
+    attack_eps: float = 0.3,
+    attack_step_size: float = 0.0,
+) -> Loss:
+    # Hein et al. (CVPR 2019). The authors' loss is (sum_in CE + weight * sum_noise term) /
+    # (N_in + N_noise) over one forward pass of both (BatchNorm sees both); written per
+    # in-distribution example here so that the step's masked mean gives that value.
+    from ood_jax import attacks
+
+    if out_loss not in _OUT_LOSSES:
+        raise ValueError(f"out_loss must be one of {sorted(_OUT_LOSSES)}, got {out_loss!r}.")
+    x = batch["image"]
+    n = x.shape[0]
+    num = max(1, int(round(noise_fraction * n)))
+    m = jnp.asarray(mean, jnp.float32)
+    s = jnp.asarray(std, jnp.float32)
+    to_model = lambda u: ((u - m) / s).astype(x.dtype)
+    k_noise, k_attack = jax.random.split(key)
+    noise = attacks.noise_batch(
+        jnp.clip(x * s + m, 0.0, 1.0), k_noise, num=num, frac_perm=frac_perm, lowpass=lowpass
+    )
+    if attack_steps > 0:
+        # ACET: the authors attack with running BatchNorm statistics (evaluation mode).
+        noise = attacks.pgd_confidence(
+            lambda u: apply(to_model(u), train=False)[0],
+            noise,
+            k_attack,
+            eps=attack_eps,
+            steps=int(attack_steps),
+            step_size=attack_step_size or None,
+        )
+    logits_all, _ = apply(jnp.concatenate([x, to_model(noise)], axis=0))
+    logits, logits_noise = logits_all[:n], logits_all[n:]
+    term = jnp.mean(_OUT_LOSSES[out_loss](logits_noise))
+    per_example = (losses.cross_entropy(logits, batch["label"]) + weight * (num / n) * term) * (
+        n / (n + num)
+    )
+    noise_mmc = jnp.mean(jnp.max(jax.nn.softmax(logits_noise), axis=-1))
+    return Loss(per_example, logits, {"noise_term": term, "noise_mmc": noise_mmc})
+
+
+register_objective(
+    Objective(
+        "ceda",
+        _noise_objective,
+        defaults=dict(_NOISE_DEFAULTS),
+        description="CEDA (Hein et al. 2019): CE + low confidence on low-pass noise",
+    )
+)
+register_objective(
+    Objective(
+        "acet",
+        _noise_objective,
+        defaults={
+            **_NOISE_DEFAULTS,
+            "attack_steps": 40,
+            "attack_eps": 0.3,
+            "attack_step_size": 0.0,  # 0 = attack_eps / attack_steps, the authors' choice
+        },
+        description="ACET (Hein et al. 2019): CE + low confidence on noise attacked by PGD",
+    )
+)

@@ -1,0 +1,208 @@
+"""Noise and confidence attacks of ACET/CEDA (Hein et al., CVPR 2019), pure and jittable.
+
+Everything here works on images in ``[0, 1]`` pixel space, NHWC, and takes an
+explicit PRNG key, so it runs inside a jitted train step (the noise is made on
+device from the batch and the step key) as well as in the evaluation.
+
+- :func:`permute_pixels`: each image's pixel positions shuffled (an RGB triplet
+  moves as one), so every image keeps its multiset of pixels;
+- :func:`uniform_noise`: i.i.d. uniform pixels;
+- :func:`gaussian_lowpass`: a Gaussian blur (15x15 kernel, per channel,
+  mirror padding), then each image rescaled to ``[0, 1]`` by its min and max,
+  as the authors' code does;
+- :func:`noise_batch`: the training noise: a fraction of permuted images and
+  the rest uniform noise, both low-pass filtered with one ``sigma ~ U[1, 2.5]``
+  per batch;
+- :func:`pgd_confidence`: L-infinity PGD that *maximizes* the log max-softmax
+  confidence inside a ball of radius ``eps`` around the start, clipped to
+  ``[0, 1]``; random start, sign-gradient steps of ``eps / steps`` by default,
+  and the most confident iterate of each example is kept (the authors'
+  choices). One input gradient per example (``vmap(grad)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+LOWPASS_RADIUS = 7  # the kernel is (2 * 7 + 1)^2 = 15 x 15
+LOWPASS_SIGMA = (1.0, 2.5)
+
+
+def _check_images(x: jax.Array, what: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{what}: expected images [B, H, W, C] in [0, 1], got shape {x.shape}.")
+
+
+def permute_pixels(images: jax.Array, key: jax.Array) -> jax.Array:
+    """Each image with its pixel positions randomly permuted (channels move together)."""
+    _check_images(images, "permute_pixels")
+    b, h, w, c = images.shape
+    flat = images.reshape(b, h * w, c)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, h * w))(jax.random.split(key, b))
+    return jnp.take_along_axis(flat, perms[:, :, None], axis=1).reshape(images.shape)
+
+
+def uniform_noise(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """I.i.d. uniform pixels in ``[0, 1)``."""
+    return jax.random.uniform(key, shape, dtype)
+
+
+def gaussian_kernel(sigma: jax.Array, radius: int = LOWPASS_RADIUS) -> jax.Array:
+    """Normalized 2-D Gaussian ``[2r+1, 2r+1]``: outer product of ``exp(-t^2 / (2 sigma^2))``."""
+    t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    g = jnp.exp(-0.5 * jnp.square(t / sigma))
+    k = jnp.outer(g, g)
+    return k / jnp.sum(k)
+
+
+def gaussian_lowpass(images: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Blur each channel with a 15x15 Gaussian of std ``sigma``, then rescale to ``[0, 1]``.
+
+    Borders are mirror-padded (``numpy.pad(mode="symmetric")``); each image is then
+    mapped to ``[0, 1]`` by its own minimum and maximum (a constant image maps to 0).
+    """
+    _check_images(images, "gaussian_lowpass")
+    r = LOWPASS_RADIUS
+    c = images.shape[-1]
+    padded = jnp.pad(images, ((0, 0), (r, r), (r, r), (0, 0)), mode="symmetric")
+    kernel = jnp.tile(gaussian_kernel(sigma, r)[:, :, None, None], (1, 1, 1, c))
+    blurred = jax.lax.conv_general_dilated(
+        padded.astype(jnp.float32),
+        kernel,
+        window_strides=(1, 1),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    low = jnp.min(blurred, axis=(1, 2, 3), keepdims=True)
+    high = jnp.max(blurred, axis=(1, 2, 3), keepdims=True)
+    return (blurred - low) / jnp.maximum(high - low, 1e-12)
+
+
+def noise_batch(
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    num: int | None = None,
+    frac_perm: float = 0.5,
+    lowpass: bool = True,
+) -> jax.Array:
+    """The CEDA/ACET training noise made from a batch of ``[0, 1]`` images.
+
+    The first ``round(num * frac_perm)`` noise images are pixel-permuted images of the
+    batch (cycling through it when ``num`` exceeds the batch), the rest uniform noise;
+    with ``lowpass`` all of them go through :func:`gaussian_lowpass` with one
+    ``sigma ~ U[1, 2.5]`` for the whole batch.
+
+    Args:
+      images: ``[B, H, W, C]`` in ``[0, 1]``.
+      key: PRNG key (typed or raw).
+      num: noise images to make (default ``B``).
+      frac_perm: fraction of permuted images (0.5 in the authors' runs).
+      lowpass: apply the low-pass filter.
+    """
+    _check_images(images, "noise_batch")
+    b = images.shape[0]
+    num = b if num is None else int(num)
+    if num < 1 or not 0.0 <= frac_perm <= 1.0:
+        raise ValueError(
+            f"noise_batch: need num >= 1 and frac_perm in [0, 1], got {num}, {frac_perm}."
+        )
+    n_perm = int(round(num * frac_perm))
+    k_perm, k_unif, k_sigma = jax.random.split(key, 3)
+    source = jnp.resize(images, (num, *images.shape[1:]))  # repeats the batch cyclically
+    parts = []
+    if n_perm:
+        parts.append(permute_pixels(source[:n_perm], k_perm))
+    if num - n_perm:
+        parts.append(uniform_noise(k_unif, (num - n_perm, *images.shape[1:]), images.dtype))
+    noise = jnp.concatenate(parts, axis=0)
+    if lowpass:
+        sigma = jax.random.uniform(k_sigma, (), minval=LOWPASS_SIGMA[0], maxval=LOWPASS_SIGMA[1])
+        noise = gaussian_lowpass(noise, sigma)
+    return noise.astype(images.dtype)
+
+
+def log_confidence(logits: jax.Array) -> jax.Array:
+    """``log max_k softmax(logits)_k`` per row (the quantity ACET's attack maximizes)."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    return jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def pgd_confidence(
+    apply_logits: Callable[[jax.Array], jax.Array],
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    eps: float = 0.3,
+    steps: int = 40,
+    step_size: float | None = None,
+    random_start: bool = True,
+) -> jax.Array:
+    """L-infinity PGD maximizing each image's confidence; returns the attacked images.
+
+    .. math::
+        x_{t+1} = \\Pi_{[0,1] \\cap B_\\infty(x_0, \\epsilon)}\\big(x_t + \\alpha\\,
+        \\operatorname{sign} \\nabla_x \\log \\max_k \\operatorname{softmax}(f(x_t))_k\\big)
+
+    Args:
+      apply_logits: ``[0, 1]`` images ``[B, H, W, C]`` -> logits ``[B, K]``; must treat
+        examples independently (an eval-mode model), as each gradient is taken for
+        one example (``vmap(grad)``).
+      images: the starting points ``x_0`` in ``[0, 1]``.
+      key: PRNG key of the random start ``x_0 + U(0, 1) * U(-eps, eps)`` (per image
+        scale, per pixel direction), clipped to ``[0, 1]``.
+      eps: radius of the ball (0.3 in the ACET paper).
+      steps: number of steps (``jax.lax.fori_loop``); 0 returns the start.
+      step_size: default ``eps / steps``.
+      random_start: start from a random point of the ball instead of ``x_0``.
+
+    Cost: ``steps`` forward+backward passes and one forward pass over the batch
+    (each iterate's confidence comes with its gradient; only the last needs its
+    own forward pass).
+
+    Returns:
+      ``[B, H, W, C]`` images within ``eps`` of ``images`` and in ``[0, 1]``: per
+      example, the most confident of the start and all iterates.
+    """
+    _check_images(images, "pgd_confidence")
+    x0 = images if jnp.issubdtype(images.dtype, jnp.floating) else images.astype(jnp.float32)
+    alpha = (eps / max(steps, 1)) if step_size is None else step_size
+
+    def project(x):
+        return jnp.clip(jnp.clip(x, x0 - eps, x0 + eps), 0.0, 1.0)
+
+    def one(x):
+        # Confidence and input gradient of one example (a batch of one through the model).
+        return jax.value_and_grad(lambda e: log_confidence(apply_logits(e[None]))[0])(x)
+
+    start = x0
+    if random_start:
+        k_scale, k_dir = jax.random.split(key)
+        scale = jax.random.uniform(k_scale, (x0.shape[0], 1, 1, 1))
+        start = project(x0 + scale * jax.random.uniform(k_dir, x0.shape, minval=-eps, maxval=eps))
+
+    def keep_best(x, conf, best, best_conf):
+        improved = conf > best_conf
+        return jnp.where(improved[:, None, None, None], x, best), jnp.where(
+            improved, conf, best_conf
+        )
+
+    def body(_, carry):
+        x, best, best_conf = carry
+        conf, grad = jax.vmap(one)(x)  # the confidence of x comes with its gradient
+        best, best_conf = keep_best(x, conf, best, best_conf)
+        return project(x + alpha * jnp.sign(grad)), best, best_conf
+
+    init = (
+        start,
+        start,
+        jnp.full((x0.shape[0],), -jnp.inf, jnp.promote_types(x0.dtype, jnp.float32)),
+    )
+    x, best, best_conf = jax.lax.fori_loop(0, steps, body, init)
+    best, _ = keep_best(x, log_confidence(apply_logits(x)), best, best_conf)  # the last iterate
+    return jax.lax.stop_gradient(best).astype(images.dtype)
