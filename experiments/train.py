@@ -593,6 +593,9 @@ def ood_report(
             "dataset": _display(test_ds),
         },
         progress=lambda message: print(f"OOD evaluation: {message}", flush=True),
+        adversarial_noise=e.adversarial_noise,
+        attack_steps=e.attack_steps,
+        attack_eps=e.attack_eps,
     )
 
 

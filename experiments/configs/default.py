@@ -128,6 +128,12 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
     c.eval.max_train = 10000
     # CPU budget: OOD examples per set (0 = all).
     c.eval.max_ood = 0
+    # The ACET paper's adversarial-noise OOD set: this many uniform-noise images
+    # attacked against the evaluated model (0 = none), with an L-inf PGD of
+    # attack_steps steps and radius attack_eps in [0, 1] pixel space.
+    c.eval.adversarial_noise = 2000
+    c.eval.attack_steps = 40
+    c.eval.attack_eps = 0.3
     # {score: {hyperparameter: value}} over the registered defaults; the runner adds
     # every registered score's defaults, so e.g. --config.eval.score_hparams.knn.k=20.
     c.eval.score_hparams = ml_collections.ConfigDict()
@@ -150,6 +156,7 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
         c.eval.ood_sets = CPU_OOD_SETS
         c.eval.max_train = 10000
         c.eval.max_ood = 2000
+        c.eval.adversarial_noise = 1000
         c.eval.score_hparams = ml_collections.ConfigDict(
             {"odin": {"max_examples": 1000}, "knn": {"max_train": 10000}}
         )
@@ -170,4 +177,6 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
         c.eval.ood = False
         c.eval.ood_sets = ("gaussian", "uniform")
         c.eval.max_train = 512
+        c.eval.adversarial_noise = 64
+        c.eval.attack_steps = 5
     return c

@@ -137,6 +137,27 @@ class ForwardPass:
         run = self._run(lambda images: jitted(self.state, images), batches)
         return np.concatenate([out[mask] for out, mask, _ in run])
 
+    def bind(self, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+        """``fn(apply_logits, images, *args)`` jitted with this model bound in.
+
+        Returns ``call(images, *args)``: ``images`` sharded over the batch (its size a
+        multiple of the device count), ``args`` replicated, the output sharded like
+        ``images``. For model-dependent transforms of whole batches (an attack).
+        """
+        graphdef = self.graphdef
+
+        def apply(state, images, *args):
+            return fn(lambda x: nnx.merge(graphdef, state)(x)[0], images, *args)
+
+        jitted = jax.jit(apply, out_shardings=self.batch_sharding)
+
+        def call(images, *args):
+            images = jax.device_put(images, self.batch_sharding)
+            args = jax.device_put(args, self._replicated)
+            return jitted(self.state, images, *args)
+
+        return call
+
     def _run(self, apply, batches):
         """Yields ``(outputs, mask, labels)`` per batch, cut to the batch's own rows.
 

@@ -191,6 +191,11 @@ def markdown_report(results: Mapping) -> str:
         "",
         f"Accuracy {_pct(cls['accuracy'])}%, ECE ({cls['num_bins']} bins) {_pct(cls['ece'])}%.",
     ]
+    if results.get("mmc"):
+        lines += ["", "Mean maximum softmax confidence (MMC) per set:", ""]
+        lines += _table(
+            ["dataset", "MMC"], [[name, f"{value:.4f}"] for name, value in results["mmc"].items()]
+        )
     for result in results["ood"].values():
         lines += ["", f"## {_protocol_heading(result)}", ""] + ood_tables(
             result, display=results.get("score_display")

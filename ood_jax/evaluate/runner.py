@@ -28,6 +28,9 @@ from flax import nnx
 from ood_jax import data as D
 from ood_jax import metrics as M
 from ood_jax.evaluate import diagnostics, plots, report
+from ood_jax.evaluate.adversarial import NAME as ADVERSARIAL_NAME
+from ood_jax.evaluate.adversarial import FloatImages
+from ood_jax.evaluate.adversarial import adversarial_noise as make_adversarial_noise
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
 from ood_jax.evaluate.protocol import PROTOCOLS, evaluate_ood, set_seed
 from ood_jax.evaluate.scoring import fit_scores, score_images, score_outputs
@@ -163,6 +166,9 @@ def run_evaluation(
     make_plots: bool = True,
     plot_scores: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    adversarial_noise: int = 0,
+    attack_steps: int = 40,
+    attack_eps: float = 0.3,
 ) -> dict:
     """Evaluates ``model`` as the papers do; returns the ``results.json`` dict.
 
@@ -197,6 +203,10 @@ def run_evaluation(
       make_plots: write PNG plots with the report.
       plot_scores: score keys that get a histogram and a ROC plot (default: all).
       progress: called with a short message before each stage (e.g. ``print``).
+      adversarial_noise: add the ACET paper's adversarial-noise OOD set of this many
+        uniform-noise images attacked against ``model`` (``attack_steps``-step
+        L-infinity PGD of radius ``attack_eps`` in [0, 1] pixels, maximizing
+        confidence); 0 = none.
 
     Returns:
       The results dict (see ``results.json``).
@@ -221,10 +231,32 @@ def run_evaluation(
     head = head_weights(model)
     forward = ForwardPass(model, mesh=mesh)
 
-    def batches(ds: D.ImageDataset):
+    def batches(ds):
+        if isinstance(ds, FloatImages):
+            return ds.batches(-(-batch_size // forward.num_shards) * forward.num_shards)
         return D.eval_batches(
             ds, batch_size=batch_size, process_index=0, process_count=1, mean=mean, std=std
         )
+
+    if adversarial_noise:
+        if ADVERSARIAL_NAME in ood_sets:
+            raise ValueError(f"ood_sets: {ADVERSARIAL_NAME!r} is made by the evaluation itself.")
+        t0 = time.perf_counter()
+        say(f"attacking {adversarial_noise} noise images ({attack_steps}-step PGD)")
+        ood_sets = {
+            **ood_sets,
+            ADVERSARIAL_NAME: make_adversarial_noise(
+                forward,
+                adversarial_noise,
+                seed=seed,
+                mean=mean,
+                std=std,
+                eps=attack_eps,
+                steps=attack_steps,
+                batch_size=batch_size,
+            ),
+        }
+        timings["attack_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     say(f"forward pass over {1 + len(ood_sets)} datasets")
@@ -300,9 +332,17 @@ def run_evaluation(
             "convention": convention,
             "max_train": max_train,
             "max_ood": max_ood,
+            "adversarial_noise": adversarial_noise,
+            "attack_steps": attack_steps if adversarial_noise else None,
+            "attack_eps": attack_eps if adversarial_noise else None,
         },
         "image_score_examples": image_sizes or None,
         "classification": classification_summary(outputs[id_test.name]),
+        # Mean maximum softmax confidence per set, as the ACET paper reports it.
+        "mmc": {
+            name: float(np.max(_softmax(out.logits), axis=-1).mean())
+            for name, out in outputs.items()
+        },
         "ood": ood_results,
         "diagnostics": {
             "weights": diagnostics.weight_diagnostics(head.kernel, head.bias),

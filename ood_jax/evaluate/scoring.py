@@ -103,7 +103,10 @@ def score_images(
 
         sizes[name] = {}
         for d, ds in datasets.items():
-            subset = D.random_subset(ds, hp.get("max_examples"), seed=set_seed(seed, d))
+            if isinstance(ds, D.ImageDataset):
+                subset = D.random_subset(ds, hp.get("max_examples"), seed=set_seed(seed, d))
+            else:  # FloatImages (i.i.d. attacked noise): its first images
+                subset = ds.head(hp.get("max_examples"))
             scores[d][name] = forward.map_batches(fn, batches(subset)).astype(np.float32)
             sizes[name][d] = len(subset)
     return scores, sizes

@@ -1,0 +1,100 @@
+"""The adversarial-noise OOD set of the ACET paper: uniform noise attacked against the model.
+
+Uniform noise in ``[0, 1]`` is attacked with :func:`ood_jax.attacks.pgd_confidence`
+(L-infinity, radius 0.3, 40 steps by default, maximizing confidence) against
+the model being evaluated, in evaluation mode. The result is float images (an
+attack's small steps would not survive rounding to uint8), kept as
+:class:`FloatImages` and evaluated like any OOD set. The noise and every
+batch's random start are seeded by the evaluation seed and the set's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ood_jax import attacks
+from ood_jax.evaluate.forward import ForwardPass
+from ood_jax.evaluate.protocol import set_seed
+
+NAME = "adversarial_noise"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FloatImages:
+    """An OOD set of normalized float images ``[N, H, W, C]`` (no labels)."""
+
+    images: np.ndarray
+    name: str
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Padded, masked batches in order (the shape ``eval_batches`` yields)."""
+        for lo in range(0, len(self), batch_size):
+            part = self.images[lo : lo + batch_size]
+            real = part.shape[0]
+            image = np.zeros((batch_size, *part.shape[1:]), np.float32)
+            image[:real] = part
+            yield {
+                "image": image,
+                "label": np.full(batch_size, -1, np.int32),
+                "mask": np.arange(batch_size) < real,
+            }
+
+    def head(self, size: int | None) -> FloatImages:
+        """The first ``size`` images (the noise is i.i.d.: a random subset)."""
+        if not size or len(self) <= size:
+            return self
+        return FloatImages(self.images[:size], self.name, f"{self.source} (first {size})")
+
+
+def adversarial_noise(
+    forward: ForwardPass,
+    num: int,
+    *,
+    seed: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    eps: float = 0.3,
+    steps: int = 40,
+    batch_size: int = 256,
+    image_shape: tuple[int, int, int] = (32, 32, 3),
+) -> FloatImages:
+    """``num`` uniform-noise images attacked to maximize ``forward``'s model's confidence."""
+    if num < 1 or steps < 0 or eps < 0:
+        raise ValueError(
+            f"adversarial_noise: need num >= 1, steps >= 0, eps >= 0; got {num}, {steps}, {eps}."
+        )
+    m = jnp.asarray(mean, jnp.float32)
+    s = jnp.asarray(std, jnp.float32)
+
+    def attack(apply_logits, images01, key):
+        attacked = attacks.pgd_confidence(
+            lambda u: apply_logits((u - m) / s), images01, key, eps=eps, steps=steps
+        )
+        return (attacked - m) / s
+
+    call = forward.bind(attack)
+    rng = np.random.default_rng(set_seed(seed, NAME))
+    noise = rng.uniform(0.0, 1.0, (num, *image_shape)).astype(np.float32)
+    b = -(-min(batch_size, num) // forward.num_shards) * forward.num_shards
+    root = jax.random.key(int(rng.integers(2**31)))
+    out = []
+    for i, lo in enumerate(range(0, num, b)):
+        part = noise[lo : lo + b]
+        padded = np.zeros((b, *image_shape), np.float32)
+        padded[: len(part)] = part
+        key = jax.random.key_data(jax.random.fold_in(root, i))
+        out.append(np.asarray(call(padded, key))[: len(part)])
+    source = (
+        f"uniform noise attacked against this model: L-inf PGD eps {eps}, {steps} steps, "
+        f"maximizing confidence (seed {set_seed(seed, NAME)})"
+    )
+    return FloatImages(np.concatenate(out), NAME, source)
