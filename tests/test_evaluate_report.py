@@ -207,3 +207,40 @@ def test_importing_and_plotting_leave_matplotlib_backend_alone(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "svg"
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mmc_and_the_adversarial_noise_set(trained):
+    from ood_jax.evaluate import ForwardPass
+    from ood_jax.evaluate.adversarial import NAME, adversarial_noise
+    from ood_jax.evaluate.protocol import set_seed
+
+    model, _ = trained
+    mean, std = np.asarray(D.CIFAR10_MEAN), np.asarray(D.CIFAR10_STD)
+    attacked = adversarial_noise(
+        ForwardPass(model), 12, seed=3, mean=mean, std=std, eps=0.05, steps=4, batch_size=8
+    )
+    # The documented start: uniform noise from default_rng([seed, crc32(name)]).
+    start = np.random.default_rng(set_seed(3, NAME)).uniform(0, 1, (12, 32, 32, 3))
+    pixels = attacked.images * std + mean
+    assert np.abs(pixels - start).max() <= 0.05 + 1e-5
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    conf = lambda x: _softmax(np.asarray(model(x.astype(np.float32))[0], np.float64)).max(1)
+    assert conf(attacked.images).mean() > conf((start - mean) / std).mean()
+
+    id_test = _colored(40, seed=9)
+    results = run_evaluation(
+        model,
+        id_test=id_test,
+        ood_sets={"gaussian": D.make_gaussian_noise(20, seed=6)},
+        scores=["msp"],
+        protocols=["full"],
+        seed=3,
+        adversarial_noise=12,
+        attack_steps=4,
+        attack_eps=0.05,
+        batch_size=8,
+    )
+    assert results["mmc"][NAME] == pytest.approx(conf(attacked.images).mean(), rel=1e-5)
+    assert results["mmc"]["colors"] == pytest.approx(conf(D.normalize(id_test.images)).mean())
+    assert results["data"]["ood"][NAME]["num_examples"] == 12
+    assert "attacked" in results["data"]["ood"][NAME]["source"]

@@ -12,8 +12,10 @@ called inside the jitted, differentiated train step:
   statistics, dropout on) the step keeps the BatchNorm statistics of the last
   pass made with ``update_stats=True``; passes with ``update_stats=False``
   leave the running statistics alone. ``train=False`` runs in evaluation mode
-  (running statistics, no dropout), as an attack inside the step usually does
-  (a ``jax.lax.fori_loop`` of input gradients).
+  (running statistics, no dropout), and ``frozen=True`` holds the parameters
+  constant (no gradient flows back through that pass), as an attack inside the
+  step (a ``jax.lax.fori_loop`` of input gradients) wants: it then costs its
+  own forward/backward passes and nothing more.
 - ``batch``: the in-distribution batch, ``{"image", "label", "mask"}``. Padded
   rows (``mask`` False) carry label 0 here, and the step leaves them out of the
   mean; BatchNorm still sees them.
@@ -304,7 +306,7 @@ def _noise_objective(
     if attack_steps > 0:
         # ACET: the authors attack with running BatchNorm statistics (evaluation mode).
         noise = attacks.pgd_confidence(
-            lambda u: apply(to_model(u), train=False)[0],
+            lambda u: apply(to_model(u), train=False, frozen=True)[0],
             noise,
             k_attack,
             eps=attack_eps,

@@ -86,8 +86,17 @@ def make_train_step(
         def compute_loss(params):
             kept: list[Any] = []
 
-            def apply(images: jax.Array, *, update_stats: bool = True, train: bool = True):
-                model = model_def.merge(params, state.batch_stats, train=train, key=key)
+            def apply(
+                images: jax.Array,
+                *,
+                update_stats: bool = True,
+                train: bool = True,
+                frozen: bool = False,
+            ):
+                # frozen: parameters held constant, so no gradient flows back through
+                # this pass (an attack's): JAX then need not linearize it at all.
+                p = jax.lax.stop_gradient(params) if frozen else params
+                model = model_def.merge(p, state.batch_stats, train=train, key=key)
                 logits, features = model(images)
                 if update_stats and train:
                     kept.append(_state_after(model))
