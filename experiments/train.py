@@ -56,6 +56,8 @@ from ood_jax.train import (
 )
 from ood_jax.train.loop import evaluate, fit
 
+# Auxiliary outlier set -> OOD test sets that share its classes.
+NEAR_AUXILIARY = {"tinyimagenet_train": ("tinyimagenet_crop", "tinyimagenet_resize")}
 # Overrides applied before the rest: they decide which other fields exist.
 SCHEMA_FIELDS = ("imports", "objective.name", "data.dataset")
 
@@ -529,6 +531,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return summary
 
 
+def near_auxiliary_notes(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict:
+    """``{set: "near-auxiliary"}`` for OOD sets whose classes the training outliers share.
+
+    Training with the Tiny ImageNet train subset as auxiliary outliers puts
+    TinyImageNet-crop/resize's classes into training; the report must say so.
+    """
+    if not get_objective(config.objective.name).uses_outliers:
+        return {}
+    overlap = NEAR_AUXILIARY.get(Path(config.data.outliers.source).stem, ())
+    return {n: "near-auxiliary" for n in names if n.partition(":")[0] in overlap}
+
+
 def ood_report(
     config: ml_collections.ConfigDict,
     model: nnx.Module,
@@ -559,6 +573,7 @@ def ood_report(
             "suite; name the sets, e.g. --config.eval.ood_sets=svhn,gaussian."
         )
     check_ood_set_names(names)
+    notes = near_auxiliary_notes(config, names)
     print(f"OOD evaluation: loading {len(names)} OOD sets ({', '.join(names)})")
     ood_sets = load_ood_sets(
         names,
@@ -591,6 +606,7 @@ def ood_report(
             "model": {"name": config.model.name, "options": config.model.options.to_dict()},
             "config": config.to_dict(),
             "dataset": _display(test_ds),
+            "set_notes": notes,
         },
         progress=lambda message: print(f"OOD evaluation: {message}", flush=True),
         adversarial_noise=e.adversarial_noise,

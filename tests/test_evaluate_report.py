@@ -13,8 +13,8 @@ from flax import nnx
 from sklearn.metrics import roc_auc_score
 
 from ood_jax import data as D
+from ood_jax.evaluate import markdown_report, run_evaluation
 from ood_jax.evaluate import plots as plots_module
-from ood_jax.evaluate import run_evaluation
 from ood_jax.models import create_model
 
 K = 3
@@ -151,6 +151,8 @@ def test_report_files_are_complete_and_consistent(report):
     cells = [f"{100 * avg[m]['mean']:.2f}" for m in ("fpr95", "auroc", "aupr_in")]
     assert "| Energy | " + " | ".join(cells) in md  # the summary row
     assert "| **Average** |" in md and "cos(z, w_pred)" in md
+    noted = markdown_report({**results, "set_notes": {"blobs": "near-auxiliary"}})
+    assert "| blobs (near-auxiliary) |" in noted and "| gaussian |" in noted
     assert not [p for p in os.listdir(out_dir.parent) if p.startswith(".eval.")]
 
 

@@ -61,6 +61,20 @@ def test_presets_record_each_papers_recipe():
     assert tuple(config_of("ceda").objective.hparams.std) == pytest.approx(D.CIFAR10_STD)
 
 
+def test_outlier_runs_label_overlapping_sets_near_auxiliary():
+    from experiments.train import near_auxiliary_notes
+
+    sets = ["tinyimagenet_crop", "tinyimagenet_resize", "textures_partial", "gaussian"]
+    oe = config_of("oe")
+    assert near_auxiliary_notes(oe, sets) == {
+        "tinyimagenet_crop": "near-auxiliary",
+        "tinyimagenet_resize": "near-auxiliary",
+    }
+    assert near_auxiliary_notes(config_of("ce"), sets) == {}  # no outliers in training
+    other = config_of("oe", overrides=["--config.data.outliers.source=npz:/x/other.npz"])
+    assert near_auxiliary_notes(other, sets) == {}
+
+
 def test_energy_ft_requires_init_from(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_main([f"--workdir={tmp_path}", "--preset=smoke"], method="energy_ft")

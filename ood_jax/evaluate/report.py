@@ -102,6 +102,7 @@ def ood_tables(
     protocol_result: Mapping,
     *,
     display: Mapping[str, str] | None = None,
+    set_notes: Mapping[str, str] | None = None,
     scores_per_table: int = 4,
 ) -> list[str]:
     """Markdown lines for one protocol's results.
@@ -116,6 +117,12 @@ def ood_tables(
     metrics = protocol_result["metrics"]
     scores = list(metrics)
     display = dict(display or {})
+    notes = dict(set_notes or {})
+
+    def row_name(s: str) -> str:
+        if s == "average":
+            return "**Average**"
+        return f"{s} ({notes[s]})" if s in notes else s
 
     def display_name(key: str) -> str:
         return display.get(key, key)
@@ -132,16 +139,14 @@ def ood_tables(
         group = scores[start : start + scores_per_table]
         header = ["OOD set"] + [f"{display_name(k)} {h}" for k in group for _, h in MAIN_COLUMNS]
         rows = [
-            ["**Average**" if s == "average" else s]
-            + [_pct(metrics[k][s][m]["mean"]) for k in group for m, _ in MAIN_COLUMNS]
+            [row_name(s)] + [_pct(metrics[k][s][m]["mean"]) for k in group for m, _ in MAIN_COLUMNS]
             for s in sets
         ]
         lines += [""] + _table(header, rows)
     for k in scores:
         lines += ["", f"#### {display_name(k)}", ""]
         detail = [
-            ["**Average**" if s == "average" else s]
-            + [_pct_std(metrics[k][s][m], with_std) for m, _ in DETAIL_COLUMNS]
+            [row_name(s)] + [_pct_std(metrics[k][s][m], with_std) for m, _ in DETAIL_COLUMNS]
             for s in sets
         ]
         lines += _table(["OOD set"] + [h for _, h in DETAIL_COLUMNS], detail)
@@ -169,7 +174,11 @@ def markdown_report(results: Mapping) -> str:
         f"images; {data['id']['source']})",
     ]
     for name, info in data["ood"].items():
-        lines.append(f"- OOD set {name}: {info['num_examples']} images ({info['source']})")
+        note = (results.get("set_notes") or {}).get(name)
+        lines.append(
+            f"- OOD set {name}: {info['num_examples']} images ({info['source']})"
+            + (f"; **{note}**: the training outliers share its classes" if note else "")
+        )
     if data.get("train"):
         lines.append(
             f"- training set for fitted scores: {data['train']['name']} "
@@ -198,7 +207,7 @@ def markdown_report(results: Mapping) -> str:
         )
     for result in results["ood"].values():
         lines += ["", f"## {_protocol_heading(result)}", ""] + ood_tables(
-            result, display=results.get("score_display")
+            result, display=results.get("score_display"), set_notes=results.get("set_notes")
         )
     diag = results["diagnostics"]
     w = diag["weights"]
