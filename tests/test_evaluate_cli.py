@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import experiments.checkpoints
 from experiments import evaluate as cli
 from experiments.configs import default as presets
 from experiments.train import train_and_evaluate
@@ -50,6 +51,8 @@ def workdir(tmp_path_factory):
     config.eval.scores = ("msp", "energy", "mahalanobis", "odin")
     config.eval.num_draws = 2
     config.eval.score_hparams = {"odin": {"max_examples": 16}}
+    config.eval.adversarial_noise = 16
+    config.eval.attack_steps = 2
     workdir = tmp_path_factory.mktemp("run")
     train_and_evaluate(config, workdir)
     return workdir, data
@@ -76,15 +79,18 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
     assert on_disk["model"]["name"] == "tiny" and on_disk["config"]["preset"] == "smoke"
     assert on_disk["command"].startswith("python -m experiments.evaluate --workdir=")
     assert list(on_disk["ood"]) == ["papers", "full"]
-    assert set(on_disk["ood"]["full"]["metrics"]["odin"]) == {"gaussian", "blobs", "average"}
+    sets = {"gaussian", "blobs", "adversarial_noise"}
+    assert set(on_disk["ood"]["full"]["metrics"]["odin"]) == sets | {"average"}
     assert on_disk["data"]["id"]["num_examples"] == 64
     gaussian = on_disk["data"]["ood"]["gaussian"]
     assert gaussian["num_examples"] == 20 and "random 20 of 24" in gaussian["source"]
     # ODIN on 16-image subsets of every set; its draws are recorded apart.
-    assert on_disk["image_score_examples"] == {"odin": {"cifar10": 16, "gaussian": 16, "blobs": 16}}
+    assert on_disk["image_score_examples"] == {
+        "odin": {"cifar10": 16, "gaussian": 16, "blobs": 16, "adversarial_noise": 16}
+    }
     assert on_disk["ood"]["papers"]["extra_draws"]["odin"]["blobs"]["num_examples"] == 12
     # Identical numbers to the end-of-training report (same checkpoint, data, settings).
-    for key in ("ood", "classification", "diagnostics", "score_hparams", "data"):
+    for key in ("ood", "classification", "diagnostics", "score_hparams", "data", "mmc"):
         assert on_disk[key] == at_end[key], key
     assert "ODIN on seeded random subsets" in (report / "results.md").read_text()
     # The logit-norm curve comes from the training run's metrics.jsonl.
@@ -127,7 +133,7 @@ def test_model_checkpoint_mismatch(workdir, monkeypatch):
         options = {**identity["options"], "width": 6}
         return create_model("tiny", num_classes=10, rngs=nnx.Rngs(0), **options)
 
-    monkeypatch.setattr(cli, "build_model", other_model)
+    monkeypatch.setattr(experiments.checkpoints, "build_model", other_model)
     with pytest.raises(CheckpointError, match="does not match"):
         cli.restore_model(str(run))
 

@@ -274,7 +274,7 @@ def test_user_objective_score_and_dataset_from_outside_the_package(tmp_path):
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((workdir / "config.json").read_text())
-    assert config["objective"] == {"name": "scaled_ce", "hparams": {"scale": 0.5}}
+    assert config["objective"] == {"name": "scaled_ce", "hparams": {"scale": 0.5}, "auto": []}
     assert read_metrics(workdir)[-1]["train_scale"] == 0.5  # the objective's own metric
     results = json.loads((workdir / "eval" / "results.json").read_text())
     assert results["data"]["ood"]["stripes"]["num_examples"] == 48
@@ -320,7 +320,11 @@ def test_smoke_experiment_end_to_end(tmp_path):
     assert all(r["logit_norm"] > 0 and r["test_accuracy"] is not None for r in records)
     assert records[-1]["test_accuracy"] == pytest.approx(final["test_accuracy"])
     config = json.loads((workdir / "config.json").read_text())
-    assert config["objective"] == {"name": "logitnorm", "hparams": {"temperature": 0.04}}
+    assert config["objective"] == {
+        "name": "logitnorm",
+        "hparams": {"temperature": 0.04},
+        "auto": [],
+    }
     assert os.listdir(workdir / "checkpoints")
 
     # The same workdir with another model configuration: a clear error, no retraining.

@@ -1,0 +1,188 @@
+"""Models of a run: identity, building, restoring a workdir, fine-tuning initialization."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from experiments import cli
+from experiments.run_config import import_user_modules
+from ood_jax import data as D
+from ood_jax import sharding
+from ood_jax.checkpoint import Checkpointer
+from ood_jax.models import create_model
+from ood_jax.train import create_train_state, get_objective, make_optimizer
+
+
+def model_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    """What must match between a checkpoint and the model restoring it."""
+    options = dict(config.model.options.to_dict())
+    options.update(get_objective(config.objective.name).model_options)
+    if config.model.mixed_precision:
+        options["dtype"] = "bfloat16"
+    return {"name": config.model.name, "num_classes": num_classes, "options": options}
+
+
+def build_model(identity: dict[str, Any], seed: int) -> nnx.Module:
+    """The model described by ``identity`` (see :func:`model_identity`)."""
+    options = dict(identity["options"])
+    if options.get("dtype") == "bfloat16":
+        options["dtype"] = jnp.bfloat16
+    return create_model(
+        identity["name"], num_classes=identity["num_classes"], rngs=nnx.Rngs(seed), **options
+    )
+
+
+def restore_workdir(workdir: str, *, step: int | None = None):
+    """``(model_def, params, batch_stats, metadata, step)`` of a workdir's checkpoint.
+
+    The newest checkpoint unless ``step`` is given. The model is rebuilt from
+    ``metadata["model"]`` and the optimizer state's layout from
+    ``metadata["config"]["optim"]`` (its values are not needed); the checkpoint
+    module checks that every saved array matches the model.
+
+    Raises:
+      UsageError: no checkpoint directory.
+      CheckpointError: no checkpoint, a missing step, or a checkpoint that does not
+        match the recorded model.
+    """
+    import optax
+
+    from ood_jax.checkpoint import CheckpointError, abstract_like
+
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise cli.UsageError(
+            f"{workdir!r}: no checkpoints/ folder; pass the workdir of a training run "
+            "(python -m experiments.cifar10_logitnorm --workdir DIR)."
+        )
+    checkpointer = Checkpointer(directory)
+    try:
+        if step is None:
+            step = checkpointer.latest_step()
+            if step is None:
+                raise CheckpointError(f"{workdir!r}: {directory} holds no checkpoint.")
+        metadata = checkpointer.read_metadata(step)
+        identity, config = metadata.get("model"), metadata.get("config")
+        if not identity or not config:
+            raise CheckpointError(
+                f"checkpoint {step} in {directory} has no model/config metadata; it was not "
+                "written by the ood_jax training experiments."
+            )
+        import_user_modules(cli.config_from_json(config))
+        model = build_model(identity, int(config.get("seed", 0)))
+        optim = config["optim"]
+        # A schedule (any callable) gives the same optimizer-state layout as training.
+        tx = make_optimizer(
+            optax.constant_schedule(0.0),
+            momentum=optim["momentum"],
+            nesterov=optim["nesterov"],
+            weight_decay=optim["weight_decay"],
+        )
+        model_def, state = create_train_state(model, tx, seed=0)
+        target = abstract_like(state, sharding.replicated(sharding.make_mesh()))
+        state, metadata = checkpointer.restore(target, step=step, expected_model=identity)
+    finally:
+        checkpointer.close()
+    params, batch_stats = sharding.fetch((state.params, state.batch_stats))
+    return model_def, params, batch_stats, metadata, int(step)
+
+
+def initial_weights(source: str, identity: dict[str, Any]) -> tuple[Any, Any, int]:
+    """``(params, batch_stats, step)`` of ``source``'s newest checkpoint, for fine-tuning.
+
+    The source model must be the one this run builds (architecture, class count,
+    options); anything else is a clear error.
+    """
+    model_def, params, batch_stats, metadata, step = restore_workdir(source)
+    theirs = metadata["model"]
+    if json.loads(json.dumps(theirs)) != json.loads(json.dumps(identity)):
+        raise cli.UsageError(
+            f"--init_from {source!r}: its checkpoint (step {step}) holds {theirs['name']} with "
+            f"{theirs['num_classes']} classes and options {theirs['options']}, but this run "
+            f"builds {identity['name']} with {identity['num_classes']} classes and options "
+            f"{identity['options']}; initialize from a run of the same model and dataset."
+        )
+    return params, batch_stats, step
+
+
+def mean_energy(model_def, params, batch_stats, dataset, *, mean, std, batch_size, mesh) -> float:
+    """Mean free energy ``-logsumexp(logits)`` of the model (eval mode) over ``dataset``."""
+    from ood_jax.evaluate import ForwardPass
+
+    model = model_def.merge(params, batch_stats, train=False, key=None)
+    outputs = ForwardPass(model, mesh=mesh)(
+        D.eval_batches(dataset, batch_size=batch_size, mean=mean, std=std)
+    )
+    logits = outputs.logits.astype("float64")
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return float(-lse.mean())
+
+
+AUTO_HPARAMS = ("m_in", "m_out")
+_AUTO_EXAMPLES = 10000
+
+
+def set_auto_hparams(config, model_def, state, train_ds, outliers, *, workdir, mesh, mean, std):
+    """Sets ``config.objective.auto`` hyperparameters from the initial model, in place.
+
+    ``m_in`` / ``m_out``: the model's mean free energy on (a seeded subset of at most
+    10,000 of) the in-distribution training images and the auxiliary outliers: the
+    energy authors' advice for choosing the margins. A resumed run reuses the values
+    its own checkpoint recorded.
+    """
+    unknown = sorted(set(config.objective.auto) - set(AUTO_HPARAMS))
+    if unknown or not set(config.objective.auto) <= set(config.objective.hparams):
+        raise cli.UsageError(
+            f"config.objective.auto: can set {AUTO_HPARAMS} of an objective that has them, "
+            f"got {tuple(config.objective.auto)} for {config.objective.name!r}."
+        )
+    if not config.train.init_from:
+        raise cli.UsageError(
+            "automatic margins are measured on the model being fine-tuned: pass --init_from."
+        )
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        own = ckpt.latest_step() if os.path.isdir(ckpt.directory) else None
+        recorded = ckpt.read_metadata(own)["config"]["objective"]["hparams"] if own else None
+    finally:
+        ckpt.close()
+    sets = {"m_in": train_ds, "m_out": outliers}
+    values = {}
+    for name in config.objective.auto:
+        if recorded is not None:
+            values[name] = float(recorded[name])
+            continue
+        if sets[name] is None:
+            raise cli.UsageError(f"{name}=auto needs the auxiliary outliers of the objective.")
+        subset = D.random_subset(sets[name], _AUTO_EXAMPLES, seed=config.seed)
+        values[name] = mean_energy(
+            model_def,
+            *sharding.fetch((state.params, state.batch_stats)),
+            subset,
+            mean=mean,
+            std=std,
+            batch_size=eval_batch_size(config, mesh),
+            mesh=mesh,
+        )
+    for name, value in values.items():
+        config.objective.hparams[name] = value
+    print(
+        "automatic margins from the initial model's mean energies: "
+        + ", ".join(f"{k} = {v:.4f}" for k, v in values.items())
+    )
+
+
+def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
+    """The one eval batch size (training's test pass and the report): a multiple of the
+    device count, last batch padded and masked."""
+    size = config.data.eval_batch_size
+    devices = mesh.devices.size
+    return max(size - size % devices, devices)

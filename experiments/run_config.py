@@ -1,0 +1,121 @@
+"""Resolving a run's config: user imports, registry-implied fields, validation.
+
+Only the experiments read configs. Before anything is built, a config is
+completed from the registries (the objective's hyperparameter defaults, the
+dataset spec's values, every score's defaults) and its values are checked, so a
+bad value is one clear error before any data is loaded or file written.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from experiments import cli
+from ood_jax import data as D
+from ood_jax.train import get_objective
+
+# Overrides applied before the rest: they decide which other fields exist.
+SCHEMA_FIELDS = ("imports", "objective.name", "data.dataset")
+
+
+def import_user_modules(config: ml_collections.ConfigDict) -> None:
+    """Imports ``config.imports`` (user modules that register objectives/scores/datasets)."""
+    for name in config.get("imports", ()) or ():
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise cli.UsageError(
+                f"config.imports: cannot import {name!r} ({err}); put its folder on PYTHONPATH."
+            ) from None
+
+
+def complete_config(config: ml_collections.ConfigDict) -> None:
+    """Fills the fields implied by the registries, in place.
+
+    - ``objective.hparams``: the objective's registered defaults, updated by the
+      in-distribution dataset spec's values for that objective, updated by what the
+      config already holds (the user's overrides);
+    - ``eval.score_hparams``: every registered score's defaults, updated likewise.
+    """
+    import_user_modules(config)
+    objective = get_objective(config.objective.name)
+    spec = D.get_dataset_spec(config.data.dataset)
+    given = config.objective.hparams.to_dict()
+    unknown = sorted(set(given) - set(objective.defaults))
+    if unknown:
+        raise cli.UsageError(
+            f"objective {objective.name!r} takes hyperparameters "
+            f"{sorted(objective.defaults) or 'none'}, got unknown {unknown}."
+        )
+    # Hyperparameters named mean/std are the in-distribution normalization (ACET/CEDA
+    # make their noise in pixel space).
+    norm = {k: v for k, v in (("mean", spec.mean), ("std", spec.std)) if k in objective.defaults}
+    hparams = {
+        **objective.defaults,
+        **norm,
+        **spec.objective_hparams.get(objective.name, {}),
+        **given,
+    }
+    with config.unlocked():
+        config.objective.hparams = ml_collections.ConfigDict(hparams)
+        config.eval.score_hparams = _score_hparams(config.eval.score_hparams.to_dict())
+
+
+def _score_hparams(given: dict) -> ml_collections.ConfigDict:
+    from ood_jax.scores import available_scores, get_score
+
+    out = ml_collections.ConfigDict()
+    for name in available_scores():
+        values = {**get_score(name).defaults, **given.pop(name, {})}
+        node = ml_collections.ConfigDict()
+        for key, value in values.items():
+            if value is None:  # an unset budget: typed placeholder so it can be overridden
+                value = ml_collections.config_dict.placeholder(int)
+            elif isinstance(value, list):
+                value = tuple(value)
+            node[key] = value
+        out[name] = node
+    if given:
+        raise cli.UsageError(
+            f"config.eval.score_hparams: unknown scores {sorted(given)}; registered: "
+            f"{', '.join(available_scores())}."
+        )
+    return out
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks values that would fail late or silently, before any data is loaded."""
+    t, d = config.train, config.data
+    checks = [
+        (t.batch_size >= 1, f"config.train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.epochs > 0 or t.num_steps > 0, f"config.train.epochs must be > 0, got {t.epochs}"),
+        (t.num_steps >= 0, f"config.train.num_steps must be >= 0, got {t.num_steps}"),
+        (d.train_limit >= 0, f"config.data.train_limit must be >= 0, got {d.train_limit}"),
+        (d.test_limit >= 0, f"config.data.test_limit must be >= 0, got {d.test_limit}"),
+        (
+            d.eval_batch_size >= 1,
+            f"config.data.eval_batch_size must be >= 1, got {d.eval_batch_size}",
+        ),
+        (d.outliers.ratio >= 1, f"config.data.outliers.ratio must be >= 1, got {d.outliers.ratio}"),
+        (
+            t.checkpoint_every >= 0,
+            f"config.train.checkpoint_every must be >= 0, got {t.checkpoint_every}",
+        ),
+        (t.log_every >= 1, f"config.train.log_every must be >= 1, got {t.log_every}"),
+        (config.seed >= 0, f"config.seed must be >= 0, got {config.seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise cli.UsageError(message + ".")
+    if config.eval.ood:
+        from ood_jax.evaluate import check_ood_set_names
+        from ood_jax.scores import check_score_names
+
+        scores = [s for s in config.eval.scores if s]
+        if scores:
+            check_score_names(scores)
+        check_ood_set_names([s for s in config.eval.ood_sets if s] or None)
