@@ -186,3 +186,83 @@ def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
     size = config.data.eval_batch_size
     devices = mesh.devices.size
     return max(size - size % devices, devices)
+
+
+# Config fields that define what a run computes: a resume that changes any of them
+# would silently train another run (eval, logging and data-location fields may change).
+RUN_FIELDS = (
+    "seed",
+    "model.",
+    "objective.",
+    "data.dataset",
+    "data.train_limit",
+    "data.augment",
+    "data.outliers.",
+    "optim.",
+    "train.epochs",
+    "train.num_steps",
+    "train.batch_size",
+    "train.init_from",
+)
+CHANGES_FILE = "changes.jsonl"
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict):
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(values) if isinstance(values, tuple) else values}
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, identity: dict) -> None:
+    """Before anything is written: is ``workdir``'s newest checkpoint this run's?
+
+    A checkpoint of another model is a ``CheckpointError``; a change of any
+    :data:`RUN_FIELDS` (learning rate, epochs, loss temperature, ...) is a
+    ``UsageError`` listing the changed fields, unless ``config.train.allow_changes``:
+    then each change is recorded with the step it takes effect in
+    ``workdir/changes.jsonl``. Nothing happens for a fresh workdir.
+    """
+    from ood_jax.checkpoint import CheckpointError
+
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return
+    ckpt = Checkpointer(directory)
+    try:
+        step = ckpt.latest_step()
+        metadata = ckpt.read_metadata(step) if step is not None else None
+    finally:
+        ckpt.close()
+    if metadata is None:
+        return
+    saved_model = metadata.get("model")
+    if saved_model is not None and json.loads(json.dumps(saved_model)) != json.loads(
+        json.dumps(identity)
+    ):
+        raise CheckpointError(
+            f"checkpoint {step} in {directory} is of another model: saved {saved_model}, "
+            f"this run builds {identity}; use another --workdir or the saved settings."
+        )
+    saved = _flatten(json.loads(json.dumps(metadata.get("config", {}), default=str)))
+    now = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    changed = {
+        key: (saved.get(key), now.get(key))
+        for key in sorted(set(saved) | set(now))
+        if key.startswith(RUN_FIELDS) or key in RUN_FIELDS
+        if saved.get(key) != now.get(key)
+    }
+    if not changed:
+        return
+    listing = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    if not config.train.get("allow_changes", False):
+        raise cli.UsageError(
+            f"resuming {workdir!r} (checkpoint step {step}) with changed settings: {listing}. "
+            "Use the saved settings (config.json), another --workdir, or "
+            "--config.train.allow_changes=true to apply the change from this step on."
+        )
+    with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+        f.write(json.dumps({"step": step, "changes": changed}) + "\n")
+    print(f"resuming at step {step} with changed settings (recorded in {CHANGES_FILE}): {listing}")

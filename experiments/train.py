@@ -36,6 +36,7 @@ from flax import nnx
 from experiments import cli
 from experiments.checkpoints import (
     build_model,
+    check_resume,
     eval_batch_size,
     initial_weights,
     model_identity,
@@ -125,6 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     eval_step = compile_eval_step(make_eval_step(model_def), mesh)
     eval_batch = eval_batch_size(config, mesh)
 
+    check_resume(config, workdir, identity)  # before anything in the workdir is written
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -249,3 +249,15 @@ def test_registered_dataset_spec_drives_loading_and_normalization(rgb_images):
     np.testing.assert_allclose(train_batch["image"], expected[order], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="already registered"):
         data.register_dataset(spec)
+
+
+def test_corrupt_npz_files_name_the_file(tmp_path, rgb_images):
+    good = tmp_path / "good.npz"
+    np.savez(good, images=rgb_images, labels=np.arange(5, dtype=np.int32))
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    noise = tmp_path / "noise.npz"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    for path in (truncated, noise):
+        with pytest.raises(ValueError, match=rf"{path.name}' is not a readable .npz.*corrupt"):
+            data.from_npz(path)

@@ -246,3 +246,22 @@ def test_mmc_and_the_adversarial_noise_set(trained):
     assert results["mmc"]["colors"] == pytest.approx(conf(D.normalize(id_test.images)).mean())
     assert results["data"]["ood"][NAME]["num_examples"] == 12
     assert "attacked" in results["data"]["ood"][NAME]["source"]
+
+
+def test_a_killed_evaluations_temporary_folder_is_removed_by_the_next(tmp_path):
+    from ood_jax.evaluate import atomic_directory
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / f".eval.tmp-{int(dead.stdout)}-abc"
+    stale.mkdir()
+    (stale / "results.json").write_text("{}")
+    live = tmp_path / f".eval.tmp-{os.getpid()}-xyz"  # a running writer's: kept
+    live.mkdir()
+    with atomic_directory(str(tmp_path / "eval")) as tmp:
+        (tmp_path / "marker").write_text(tmp)
+    assert not stale.exists() and live.exists() and (tmp_path / "eval").is_dir()

@@ -327,8 +327,41 @@ def test_smoke_experiment_end_to_end(tmp_path):
     }
     assert os.listdir(workdir / "checkpoints")
 
-    # The same workdir with another model configuration: a clear error, no retraining.
+    # The same workdir with another model configuration: a clear error, no retraining,
+    # and config.json still describes the model that was trained.
+    saved_config = (workdir / "config.json").read_text()
     other = parse([f"--config.data.source={data}", "--config.model.options.width=16"])
     other.train.progress = False
     with pytest.raises(CheckpointError, match="of another model"):
         train_and_evaluate(other, workdir)
+    assert (workdir / "config.json").read_text() == saved_config
+
+
+@pytest.mark.slow
+def test_resume_rejects_changed_settings_and_repairs_a_torn_log(tmp_path, capsys):
+    write_easy_cifar(tmp_path, sizes=(256, 64))
+    run = tmp_path / "run"
+    base = [f"--workdir={run}", "--preset=smoke", f"--data={tmp_path}"]
+    base += ["--config.train.batch_size=32", "--config.train.progress=false"]
+    train_main([*base, "--config.train.epochs=1"])
+    saved_config = (run / "config.json").read_text()
+    # A changed learning rate on resume: one line naming the field, nothing written.
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*base, "--config.train.epochs=1", "--config.optim.lr=0.5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.05 -> 0.5" in err and "allow_changes" in err
+    assert (run / "config.json").read_text() == saved_config
+    # A torn last line (a crash mid-write) is skipped with a warning and repaired.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 16, "epo')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:2: torn last line"):
+        records = read_metrics(run)
+    assert [r["step"] for r in records] == [8]
+    # Opting in: two more epochs, the change recorded with the step it took effect.
+    with pytest.warns(UserWarning, match="torn last line"):
+        final = train_main([*base, "--config.train.epochs=2", "--config.train.allow_changes=true"])
+    assert final["step"] == 16
+    changes = [json.loads(line) for line in (run / "changes.jsonl").read_text().splitlines()]
+    assert changes == [{"step": 8, "changes": {"train.epochs": [1, 2]}}]
+    assert [r["step"] for r in read_metrics(run)] == [8, 16]  # the torn line is gone

@@ -111,6 +111,9 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
     # A workdir whose newest checkpoint gives the initial weights and BatchNorm
     # statistics (fine-tuning; a fresh optimizer). "" = train from scratch.
     c.train.init_from = ""
+    # Resuming with changed run settings (lr, epochs, loss hyperparameters, ...) is an
+    # error unless this is true; the change is then recorded in changes.jsonl.
+    c.train.allow_changes = False
     c.train.progress = True
 
     c.eval = ml_collections.ConfigDict()

@@ -39,7 +39,7 @@ import numpy as np
 
 from ood_jax.data import decode, tinyimagenet
 from ood_jax.data.dataset import CIFAR10_MEAN, CIFAR10_STD, ImageDataset
-from ood_jax.data.sources import default_data_dir, from_folder, from_npz, from_tfds
+from ood_jax.data.sources import default_data_dir, from_folder, from_npz, from_tfds, open_npz
 from ood_jax.registry import Registry
 
 Loader = Callable[..., ImageDataset]
@@ -85,8 +85,9 @@ class DatasetSpec:
 
 
 _REGISTRY: Registry[DatasetSpec] = Registry(
-    "dataset", "ood_jax.data.register_dataset (or a prefixed name tfds:<name>, lsun_<category>, "
-    "npz:<file>, folder:<root>)"
+    "dataset",
+    "ood_jax.data.register_dataset (or a prefixed name tfds:<name>, lsun_<category>, "
+    "npz:<file>, folder:<root>)",
 )
 
 
@@ -225,7 +226,7 @@ def _tiny_imagenet(view: str) -> Loader:
     """Loader of the Tiny ImageNet files: 64x64 JPEGs -> ``crop`` / ``resize`` / ``train``."""
 
     def load(path: Path, split: str, *, name: str, limit, cache_dir) -> ImageDataset:
-        with np.load(path) as data:
+        with open_npz(path) as data:
             offsets, encoded = data["offsets"], data["encoded"]
             count = offsets.size - 1 if limit is None else min(limit, offsets.size - 1)
             labels = data["labels"][:count].astype(np.int32)

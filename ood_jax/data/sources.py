@@ -8,6 +8,7 @@ serves a dataset name is decided by its entry in :mod:`ood_jax.data.registry`.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,25 @@ def default_data_dir() -> Path | None:
         return Path(env)
     shared = Path(__file__).resolve().parents[2].parent / "shared" / "data"
     return shared if shared.is_dir() else None
+
+
+def open_npz(path: str | os.PathLike):
+    """``np.load(path)`` of an .npz archive, with a clear error for a corrupt file.
+
+    A truncated download or a file of other bytes otherwise fails deep in zipfile
+    (``BadZipFile``) or with NumPy's advice about ``allow_pickle``.
+    """
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{str(path)!r} is not a readable .npz archive ({type(err).__name__}); the file "
+            "is corrupt or truncated: download or write it again."
+        ) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{str(path)!r} holds a single array, not an .npz archive of arrays.")
+    return data
 
 
 def from_npz(
@@ -59,7 +79,7 @@ def from_npz(
     name = name or path.stem
     if not path.is_file():
         raise ValueError(f"from_npz: `path` {str(path)!r} does not exist or is not a file.")
-    with np.load(path) as data:
+    with open_npz(path) as data:
         files = set(data.files)
         if {"encoded", "offsets", "labels"} <= files:
             offsets = data["offsets"]

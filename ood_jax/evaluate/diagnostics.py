@@ -14,7 +14,6 @@ Plus the logit norm over training, read from the workdir's ``metrics.jsonl``
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -101,21 +100,14 @@ def feature_geometry(
 
 
 def read_metrics_log(workdir: str, *, filename: str = "metrics.jsonl") -> list[dict]:
-    """Rows of ``workdir/metrics.jsonl`` (one JSON object per line); [] if absent."""
+    """Rows of ``workdir/metrics.jsonl`` (one JSON object per line); [] if absent.
+
+    A torn last line (an interrupted write) is skipped with a warning.
+    """
+    from ood_jax.train.logging import read_records
+
     path = os.path.join(workdir, filename)
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not a JSON object ({err}).") from err
-    return rows
+    return read_records(path)[0] if os.path.exists(path) else []
 
 
 def logit_norm_curve(rows: list[dict]) -> dict[str, dict[str, list[float]]]:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,10 +38,9 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records, torn = read_records(self.path)
         kept = [r for r in records if r.get("step", 0) <= step]
-        if len(kept) != len(records):
+        if torn or len(kept) != len(records):
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
 
@@ -56,10 +56,35 @@ class MetricsLog:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of ``<workdir>/metrics.jsonl``, in order."""
-    path = os.path.join(os.fspath(workdir), METRICS_FILE)
+    """All records of ``<workdir>/metrics.jsonl``, in order (a torn last line skipped)."""
+    return read_records(os.path.join(os.fspath(workdir), METRICS_FILE))[0]
+
+
+def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], bool]:
+    """``(records, torn)`` of a JSON-lines file.
+
+    A crash or a full disk in the middle of a write leaves a torn last line: it is
+    skipped with a warning naming the file and line (the next resume rewrites the
+    file without it). An unreadable line before the last is corruption: ValueError.
+    """
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records: list[dict[str, Any]] = []
+    for i, (line_no, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i + 1 < len(lines):
+                raise ValueError(
+                    f"{path}:{line_no}: not a JSON record ({err}); the log is corrupt before "
+                    "its last line: fix or delete that line."
+                ) from None
+            warnings.warn(
+                f"{path}:{line_no}: torn last line (a write was interrupted); skipping it.",
+                stacklevel=2,
+            )
+            return records, True
+    return records, False
 
 
 def _json_value(value: Any) -> Any:
