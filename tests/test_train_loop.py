@@ -93,6 +93,9 @@ def test_fit_logs_epochs_evaluates_and_resumes(tmp_path):
     # Asking for more steps in the same workdir resumes from step 10 (no re-training).
     _, more = fit(state, num_steps=12, **common)
     assert [r["step"] for r in more] == [12]
+    # Epoch 3 (steps 9-12) was resumed at step 10: its record averages 2 of its 4 steps.
+    assert more[0]["partial"] is True and more[0]["steps_averaged"] == 2
+    assert not any("partial" in r for r in records)
     assert [r["step"] for r in read_metrics(tmp_path)] == [4, 8, 10, 12]
 
 

@@ -5,8 +5,11 @@ final partial epoch): ``step``, ``epoch``, ``train_loss``, ``train_accuracy``,
 ``logit_norm`` (mean L2 norm of the training logits, the quantity LogitNorm
 controls), ``lr``, ``test_accuracy``, ``test_loss``, ``test_logit_norm`` (when a
 test set is given), ``images_per_s`` and ``time`` (seconds since the run
-started, or resumed). Only process 0 writes. On resume, records after the
-restored step are dropped so the file describes exactly one run.
+started, or resumed), the objective's own terms as ``train_<name>``, and
+``partial: true`` with ``steps_averaged`` for an epoch that a resume entered in
+the middle (its means cover only the steps after the resume). Only process 0
+writes. On resume, records after the restored step are dropped so the file
+describes exactly one run.
 """
 
 from __future__ import annotations

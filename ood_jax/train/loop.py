@@ -237,6 +237,9 @@ def _epoch_record(
     elapsed = time.perf_counter() - epoch_start[0]
     steps = step - epoch_start[1]
     mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]} if metrics else {}
+    # A run resumed inside an epoch averages only the steps after the resume: say so.
+    in_epoch = step - ((step - 1) // steps_per_epoch) * steps_per_epoch
+    partial = {"partial": True, "steps_averaged": steps} if steps < in_epoch else {}
     return {
         "step": step,
         "epoch": step / steps_per_epoch,
@@ -247,6 +250,7 @@ def _epoch_record(
         "images_per_s": steps * batch_size / elapsed if elapsed > 0 else None,
         # The objective's own metrics (e.g. energy_term), epoch means.
         **{f"train_{k}": v for k, v in mean.items() if k not in _STEP_METRICS},
+        **partial,
     }
 
 
