@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -266,3 +270,39 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, identity: dict
     with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
         f.write(json.dumps({"step": step, "changes": changed}) + "\n")
     print(f"resuming at step {step} with changed settings (recorded in {CHANGES_FILE}): {listing}")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds ``workdir/.lock`` for the whole run: a second run on the workdir refuses.
+
+    An advisory ``flock`` on an open file: the operating system releases it when the
+    process ends in any way (crash, kill -9), so a crashed run never leaves a stale
+    lock. Process 0 takes it (one lock per run, also on several hosts).
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise cli.UsageError(
+                f"another run (process {holder}) is using {workdir!r}; wait for it to finish "
+                "or choose another --workdir."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

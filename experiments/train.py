@@ -22,6 +22,7 @@ uninterrupted run). Outputs in ``DIR``: ``config.json``, ``metrics.jsonl``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -42,6 +43,7 @@ from experiments.checkpoints import (
     model_identity,
     restore_workdir,
     set_auto_hparams,
+    workdir_lock,
 )
 from experiments.configs import methods
 from experiments.data import display_name, load_outliers, load_splits, near_auxiliary_notes
@@ -72,8 +74,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Train (or resume) per ``config`` in ``workdir``, then run the final evaluation.
 
     Returns the final evaluation summary (also written to ``workdir/final.json``).
+    A second run on the same workdir refuses to start (``workdir/.lock``).
     """
     workdir = os.fspath(workdir)
+    with contextlib.ExitStack() as stack:
+        return _train_and_evaluate(config, workdir, stack)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack
+) -> dict:
     config = ml_collections.ConfigDict(config.to_dict())
     complete_config(config)
     validate_config(config)
@@ -126,7 +136,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     eval_step = compile_eval_step(make_eval_step(model_def), mesh)
     eval_batch = eval_batch_size(config, mesh)
 
-    check_resume(config, workdir, identity)  # before anything in the workdir is written
+    # Everything so far only read: a rejected run leaves no trace. From here on, one run
+    # at a time per workdir, and the checkpoint must be this run's before anything is
+    # written.
+    stack.enter_context(workdir_lock(workdir))
+    check_resume(config, workdir, identity)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

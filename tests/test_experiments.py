@@ -365,3 +365,17 @@ def test_resume_rejects_changed_settings_and_repairs_a_torn_log(tmp_path, capsys
     changes = [json.loads(line) for line in (run / "changes.jsonl").read_text().splitlines()]
     assert changes == [{"step": 8, "changes": {"train.epochs": [1, 2]}}]
     assert [r["step"] for r in read_metrics(run)] == [8, 16]  # the torn line is gone
+
+    # A second run on the workdir while one holds it: refused at start, one line.
+    import fcntl
+
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("12345")
+        held.flush()
+        with pytest.raises(SystemExit) as exit_info:
+            train_main([*base, "--config.train.epochs=2"])
+        assert exit_info.value.code == 2
+        assert "another run (process" in capsys.readouterr().err
+    # Released (as a crashed run's lock is, by the OS): the next run goes ahead.
+    assert train_main([*base, "--config.train.epochs=2"])["step"] == 16
