@@ -15,7 +15,9 @@ wrong type or an unknown field is an error. On top of it:
 A user error (:class:`UsageError`, or the ``ValueError`` / ``CheckpointError``
 / ``DatasetUnavailableError`` the library raises on bad input) ends the
 command with one line on stderr and exit status 2 (:func:`run_main`); set
-``OOD_JAX_DEBUG=1`` to see the traceback. Anything else keeps its traceback.
+``OOD_JAX_DEBUG=1`` to see the traceback. Ctrl-C or SIGTERM during training saves
+a checkpoint at the next step boundary and ends with one line saying how to
+resume, exit status 130 / 143. Anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -156,9 +158,13 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     """Runs ``main(argv)``; user errors become one stderr line and exit status 2."""
     from ood_jax.checkpoint import CheckpointError
     from ood_jax.data import DatasetUnavailableError
+    from ood_jax.train.loop import TrainingInterrupted
 
     try:
         return main(argv)
+    except TrainingInterrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     except (ValueError, CheckpointError, DatasetUnavailableError) as err:
         if os.environ.get("OOD_JAX_DEBUG"):
             raise

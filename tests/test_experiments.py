@@ -379,3 +379,49 @@ def test_resume_rejects_changed_settings_and_repairs_a_torn_log(tmp_path, capsys
         assert "another run (process" in capsys.readouterr().err
     # Released (as a crashed run's lock is, by the OS): the next run goes ahead.
     assert train_main([*base, "--config.train.epochs=2"])["step"] == 16
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    import signal
+    import time
+
+    write_easy_cifar(tmp_path, sizes=(256, 64))
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.cifar10_ce",
+        f"--workdir={run}",
+        "--preset=smoke",
+        f"--data={tmp_path}",
+        "--config.train.batch_size=32",
+        "--config.train.progress=false",
+        "--config.train.epochs=400",  # far longer than the test waits
+    ]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)  # the first epoch is done: compiled and training
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: SIGTERM at step ") and "run the same command" in last
+    assert "Traceback" not in err
+    step = int(last.split("at step ")[1].split(":")[0])
+    from ood_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(run / "checkpoints"))
+    assert ckpt.latest_step() == step
+    ckpt.close()
+    # The saved state resumes (here to two more steps).
+    final = train_main(
+        [
+            *command[3:],
+            f"--config.train.num_steps={step + 2}",
+            "--config.train.allow_changes=true",
+        ]
+    )
+    assert final["step"] == step + 2

@@ -14,6 +14,8 @@ check, so a NaN state is never saved.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -34,6 +36,52 @@ IteratorFactory = Callable[[Any], Iterator[Mapping[str, np.ndarray]]]
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss (or gradient) became NaN or infinite."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training at a step boundary, after a checkpoint.
+
+    Attributes:
+      signum: the signal (``signal.SIGINT`` or ``signal.SIGTERM``).
+      step: the completed step that was saved.
+      directory: the checkpoint directory (None when training without checkpoints).
+    """
+
+    def __init__(self, signum: int, step: int, directory: str | None) -> None:
+        self.signum, self.step, self.directory = signum, step, directory
+        name = signal.Signals(signum).name
+        where = f"checkpoint step {step} saved in {directory}" if directory else "not saved"
+        super().__init__(f"{name} at step {step}: {where}; run the same command to resume.")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention: 128 + signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + int(self.signum)
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag that the loop checks at each step boundary.
+
+    What a preempted TPU VM or a cluster scheduler sends is SIGTERM; the step in
+    flight finishes, a checkpoint is written, and :class:`TrainingInterrupted` is
+    raised. Only in the main thread (where Python delivers signals); the previous
+    handlers come back when training ends.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 def restore_or_initialize(
@@ -177,6 +225,7 @@ def fit(
             bar.update(pending[-1][0], epoch_metrics[-1])
         pending.clear()
 
+    signals = _StopSignals()
     try:
         for step in range(first, num_steps):
             batch = sharding.global_batch(next(train_iter), mesh)
@@ -185,8 +234,9 @@ def fit(
             done = step + 1
             pending.append((done, step_metrics))
             epoch_end = done % steps_per_epoch == 0 or done == num_steps
+            stopping = signals.received is not None
             save = checkpointer is not None and (
-                done == num_steps or (checkpoint_every and done % checkpoint_every == 0)
+                done == num_steps or (checkpoint_every and done % checkpoint_every == 0) or stopping
             )
             if epoch_end or save or done % log_every == 0:
                 flush()
@@ -211,7 +261,12 @@ def fit(
                 checkpointer.save(done, state, meta)
             if on_step is not None:
                 on_step(done)
+            if stopping and done < num_steps:
+                raise TrainingInterrupted(
+                    signals.received, done, checkpointer.directory if checkpointer else None
+                )
     finally:
+        signals.restore()
         bar.close()
         for it in (train_iter, aux_iter):
             if hasattr(it, "close"):
