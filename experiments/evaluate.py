@@ -18,11 +18,14 @@ checkpoint gives the same numbers; flags change the config's ``eval`` fields::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import ml_collections
 
 from experiments import cli
 from experiments.train import (
@@ -43,6 +46,32 @@ def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, 
     """
     model_def, params, batch_stats, metadata, step = restore_workdir(workdir, step=step)
     return model_def.merge(params, batch_stats, train=False, key=None), metadata, step
+
+
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved config on top of today's defaults for its method and preset.
+
+    A workdir written by an older version lacks newer fields (e.g. the
+    adversarial-noise set); they take today's defaults, the saved values win.
+    """
+    from experiments.configs import methods
+
+    method = saved.get("method") or "logitnorm"
+    preset = saved.get("preset", "paper")
+    try:
+        base = methods.get_config(method, preset).to_dict()
+    except ValueError:
+        base = {}
+
+    def merge(into: dict, values: dict) -> dict:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+        return into
+
+    return cli.config_from_json(merge(base, json.loads(json.dumps(saved))))
 
 
 def evaluate_workdir(
@@ -68,7 +97,7 @@ def evaluate_workdir(
             raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
     default_dir = os.path.join(workdir, "eval" if step is None else f"eval_step{step}")
     model, metadata, step = restore_model(workdir, step=step)
-    config = cli.config_from_json(metadata["config"])
+    config = saved_config(metadata["config"])
     if data is not None:
         config.data.source = data
     config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,18 @@ def test_unknown_ood_set(workdir, capsys):
     run, data = workdir
     argv = [f"--workdir={run}", f"--data_dir={data}", "--ood_sets=nonexistent", "--out_dir=x"]
     assert "synthetic sets: gaussian" in user_error(capsys, argv)
+
+
+def test_an_older_runs_config_gets_todays_new_fields():
+    # results/cpu_logitnorm was written before the adversarial-noise set and
+    # objective.auto existed; its own values must survive, the new fields default.
+    saved = json.loads(
+        (Path(__file__).parents[1] / "results" / "cpu_logitnorm" / "results.json").read_text()
+    )["config"]
+    assert "adversarial_noise" not in saved["eval"]
+    config = cli.saved_config(saved)
+    assert config.eval.adversarial_noise == 1000 and tuple(config.objective.auto) == ()
+    assert (
+        config.optim.lr == saved["optim"]["lr"] and config.train.epochs == saved["train"]["epochs"]
+    )
+    assert tuple(config.eval.ood_sets) == tuple(saved["eval"]["ood_sets"])
