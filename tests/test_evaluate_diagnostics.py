@@ -73,6 +73,10 @@ def test_logit_norm_curve_from_metrics_log(tmp_path):
         "test_logit_norm": {"step": [10.0], "value": [2.5]},
     }
     assert read_metrics_log(str(tmp_path / "missing")) == []
-    (tmp_path / "metrics.jsonl").write_text("{not json\n")
+    # An unreadable line before the last is corruption; a torn last line is skipped.
+    (tmp_path / "metrics.jsonl").write_text('{not json\n{"step": 1}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:1"):
         read_metrics_log(str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
+    with pytest.warns(UserWarning, match="metrics.jsonl:2: torn last line"):
+        assert read_metrics_log(str(tmp_path)) == [{"step": 1}]
