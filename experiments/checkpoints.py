@@ -58,7 +58,7 @@ def restore_workdir(workdir: str, *, step: int | None = None):
     """
     import optax
 
-    from ood_jax.checkpoint import CheckpointError, abstract_like
+    from ood_jax.checkpoint import CheckpointError, CorruptCheckpointError, abstract_like
 
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
@@ -91,7 +91,12 @@ def restore_workdir(workdir: str, *, step: int | None = None):
         )
         model_def, state = create_train_state(model, tx, seed=0)
         target = abstract_like(state, sharding.replicated(sharding.make_mesh()))
-        state, metadata = checkpointer.restore(target, step=step, expected_model=identity)
+        try:
+            state, metadata = checkpointer.restore(target, step=step, expected_model=identity)
+        except CorruptCheckpointError as err:
+            older = [s for s in checkpointer.all_steps() if s < step]
+            hint = f" Choose an older one with --step ({older})." if older else ""
+            raise CorruptCheckpointError(f"{err}{hint}", step) from err
     finally:
         checkpointer.close()
     params, batch_stats = sharding.fetch((state.params, state.batch_stats))
@@ -154,8 +159,8 @@ def set_auto_hparams(config, model_def, state, train_ds, outliers, *, workdir, m
         )
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
-        own = ckpt.latest_step() if os.path.isdir(ckpt.directory) else None
-        recorded = ckpt.read_metadata(own)["config"]["objective"]["hparams"] if own else None
+        _, own = ckpt.newest_readable_metadata() if os.path.isdir(ckpt.directory) else (0, None)
+        recorded = own["config"]["objective"]["hparams"] if own else None
     finally:
         ckpt.close()
     sets = {"m_in": train_ds, "m_out": outliers}
@@ -236,8 +241,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, identity: dict
         return
     ckpt = Checkpointer(directory)
     try:
-        step = ckpt.latest_step()
-        metadata = ckpt.read_metadata(step) if step is not None else None
+        ckpt.latest_step()  # a folder of files but no checkpoint is an error
+        step, metadata = ckpt.newest_readable_metadata()
     finally:
         ckpt.close()
     if metadata is None:

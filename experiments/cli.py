@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import ast
 import copy
+import errno
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -156,10 +158,11 @@ def config_from_json(values: Any) -> ml_collections.ConfigDict:
 
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None) -> Any:
     """Runs ``main(argv)``; user errors become one stderr line and exit status 2."""
-    from ood_jax.checkpoint import CheckpointError
+    from ood_jax.checkpoint import CheckpointError, DiskFullError
     from ood_jax.data import DatasetUnavailableError
     from ood_jax.train.loop import TrainingInterrupted
 
+    warnings.formatwarning = _one_line_warning
     try:
         return main(argv)
     except TrainingInterrupted as stop:
@@ -171,3 +174,33 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC or os.environ.get("OOD_JAX_DEBUG"):
+            raise
+        if isinstance(err, DiskFullError):
+            message = str(err)
+        else:
+            where = f" writing {err.filename}" if err.filename else ""
+            message = (
+                f"no space left on device{where}. Free some space and run the same command "
+                "again: it resumes from the newest checkpoint."
+            )
+        print(f"error: {message}", file=sys.stderr)
+        sys.stderr.flush()
+        _silence_stderr()  # orbax's threads report the same failure again at shutdown
+        raise SystemExit(2) from None
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings of a command (a skipped corrupt checkpoint, a repaired log) as one line."""
+    if issubclass(category, UserWarning) and not os.environ.get("OOD_JAX_DEBUG"):
+        return f"warning: {' '.join(str(message).split())}\n"
+    return _FORMAT_WARNING(message, category, filename, lineno, line)
+
+
+_FORMAT_WARNING = warnings.formatwarning
+
+
+def _silence_stderr() -> None:
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)

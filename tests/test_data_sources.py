@@ -137,6 +137,28 @@ def test_folder_bad_files(tmp_path, rgb_images):
         data.from_folder(tmp_path / "r", "test")
 
 
+def test_folders_by_name_or_path_resize_as_the_readme_says(tmp_path):
+    # The README: npz files and data.from_folder (default) reject other sizes; folders
+    # given by name or path are resized, shorter side to 32 (bilinear), centre crop.
+    rng = np.random.default_rng(3)
+    big = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)  # H=48, W=64
+    for split in ("train", "test"):
+        folder = tmp_path / "root" / split / "cat"
+        folder.mkdir(parents=True)
+        Image.fromarray(big).save(folder / "wide.png")
+    with pytest.raises(ValueError, match=r"wide\.png \(index 0\): image is 64x48"):
+        data.from_folder(tmp_path / "root", "test")
+    # By hand: 64x48 -> 43x32 (factor 2/3, width rounded), then columns 5..37.
+    expected = np.asarray(
+        Image.fromarray(big).resize((43, 32), Image.Resampling.BILINEAR).crop((5, 0, 37, 32))
+    )
+    by_name = data.load_dataset("folder:" + str(tmp_path / "root"), "test")
+    by_path = data.load_dataset("my_set", "test", local_path=tmp_path / "root")
+    for ds in (by_name, by_path):
+        assert ds.images.shape == (1, 32, 32, 3)
+        np.testing.assert_array_equal(ds.images[0], expected)
+
+
 def test_from_arrays_and_validation(rgb_images):
     gray = rgb_images[..., 0]
     ds = data.from_arrays(gray, [1, 0, 1, 0, 1], name="g")

@@ -425,3 +425,51 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
         ]
     )
     assert final["step"] == step + 2
+
+
+FULL_DISK_RUN = """
+import shutil, sys
+from collections import namedtuple
+
+usage, real, calls = namedtuple("usage", "total used free"), shutil.disk_usage, []
+
+def disk_usage(path):  # the disk fills up after the first checkpoint
+    calls.append(path)
+    return real(path) if len(calls) == 1 else usage(10**9, 10**9 - 1000, 1000)
+
+shutil.disk_usage = disk_usage
+from experiments import cli, train
+cli.run_main(lambda argv: train.main(argv, method="ce"), sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_the_rerun_resumes(tmp_path):
+    write_easy_cifar(tmp_path, sizes=(256, 64))
+    run_dir = tmp_path / "run"
+    args = [f"--workdir={run_dir}", "--preset=smoke", f"--data={tmp_path}"]
+    args += ["--config.train.batch_size=32", "--config.train.progress=false"]
+    args += ["--config.train.checkpoint_every=4", "--config.train.num_steps=12"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+
+    def run(*command):
+        return subprocess.run(
+            [sys.executable, *command, *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    done = run("-c", FULL_DISK_RUN)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: no space left on device for checkpoint step 8 in {run_dir}/checkpoints (it "
+        "needs "
+        + done.stderr.split("(it needs ")[1].split(")")[0]
+        + "); checkpoint step 4 is intact. Free some space and run the same command again."
+    ]
+    rerun = run("-m", "experiments.cifar10_ce")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed from checkpoint step 4" in rerun.stdout + rerun.stderr

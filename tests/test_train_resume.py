@@ -95,3 +95,19 @@ def test_sigkill_at_any_moment_leaves_a_restorable_checkpoint(tmp_path, straight
     assert metadata["data"]["step"] == latest
     resumed, _ = run_training(str(tmp_path), num_steps=NUM_STEPS, checkpoint_every=1)
     assert_bitwise_equal(jax.tree.map(np.asarray, resumed), straight)
+
+
+def test_resume_after_a_corrupt_newest_checkpoint_is_bitwise_exact(tmp_path, straight):
+    # Checkpoints at 2, 4, 6; the newest is truncated (a crash of the disk, a bad copy).
+    run_training(str(tmp_path), num_steps=6, checkpoint_every=2)
+    step_dir = tmp_path / "checkpoints" / "6"
+    for root, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            if os.path.basename(root) == "d":
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(10)
+    with pytest.warns(UserWarning, match=r"skipping corrupt checkpoint step 6: .* truncated"):
+        resumed, _ = run_training(str(tmp_path), num_steps=NUM_STEPS, checkpoint_every=2)
+    assert_bitwise_equal(jax.tree.map(np.asarray, resumed), straight)
+    assert os.listdir(tmp_path / "checkpoints.corrupt") == ["6"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [8, 10]

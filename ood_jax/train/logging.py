@@ -14,12 +14,13 @@ describes exactly one run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -44,18 +45,37 @@ class MetricsLog:
         records, torn = read_records(self.path)
         kept = [r for r in records if r.get("step", 0) <= step]
         if torn or len(kept) != len(records):
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            # Written aside and renamed: a full disk leaves the old file whole.
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with _naming(self.path):
+                try:
+                    with open(tmp, "w") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in kept)
+                    os.replace(tmp, self.path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
 
     def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append ``record``; returns it as written (non-finite floats become null, as
         JSON has no NaN)."""
         clean = {k: _json_value(v) for k, v in record.items()}
         if self.enabled:
-            with open(self.path, "a") as f:
+            with _naming(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(clean) + "\n")
                 f.flush()
         return clean
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """OSErrors (a full disk) name the file being written."""
+    try:
+        yield
+    except OSError as err:
+        if not err.filename:
+            err.filename = path
+        raise
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:

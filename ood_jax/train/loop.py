@@ -94,13 +94,15 @@ def restore_or_initialize(
     """Place ``state`` on ``mesh``, or replace it by the newest checkpoint if there is one.
 
     Returns ``(state, metadata)`` with ``metadata`` None when starting from scratch.
-    Corrupt checkpoints or checkpoints of another model raise
-    ``ood_jax.checkpoint.CheckpointError``; they never fall back to a fresh start.
+    A corrupt newest checkpoint (unreadable, or arrays that differ from their saved
+    hashes) is set aside with a warning naming its step, and the newest intact one
+    is restored. A checkpoint of another model, or no intact checkpoint at all,
+    raises ``ood_jax.checkpoint.CheckpointError``: never a silent fresh start.
     """
     if checkpointer is None or checkpointer.latest_step() is None:
         return sharding.replicate(state, mesh), None
     target = abstract_like(state, sharding.replicated(mesh))
-    return checkpointer.restore(target, expected_model=expected_model)
+    return checkpointer.restore_newest_intact(target, expected_model=expected_model)
 
 
 def evaluate(
