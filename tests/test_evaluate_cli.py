@@ -127,6 +127,24 @@ def test_workdir_without_checkpoint(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
 
 
+def test_corrupt_checkpoint_is_one_line_naming_the_step(workdir, tmp_path, capsys):
+    import shutil
+
+    run, data = workdir
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (step,) = [n for n in os.listdir(copy / "checkpoints") if n.isdigit()]
+    files = [os.path.join(d, f) for d, _, fs in os.walk(copy / "checkpoints" / step) for f in fs]
+    target = next(f for f in files if f"{os.sep}d{os.sep}" in f)
+    with open(target, "r+b") as f:
+        f.truncate(5)
+    err = user_error(capsys, [f"--workdir={copy}", f"--data_dir={data}", *ARGS])
+    assert f"checkpoint {step} in {copy}/checkpoints is corrupt" in err
+    assert not (copy / "eval").exists() or sorted(os.listdir(copy / "eval")) == sorted(
+        os.listdir(run / "eval")
+    )
+
+
 def test_model_checkpoint_mismatch(workdir, monkeypatch):
     run, data = workdir
 
