@@ -35,11 +35,14 @@ def test_papers_protocol_draws_are_recorded_and_reproducible():
     result = evaluate_ood(ID, OOD, protocol="papers", num_draws=4, seed=7)
     assert result["num_ood"] == 100  # len(ID) // 5, as the papers' code
     assert result["draws"]["near"]["num_examples"] == 100
-    assert result["draws"]["far"]["num_examples"] == 80  # smaller set: all of it
+    # A set no larger than a draw is used whole, once: not 4 identical draws (std 0).
+    assert result["draws"]["far"]["num_examples"] == 80
+    assert result["draws"]["far"]["num_draws"] == 1 and result["draws"]["near"]["num_draws"] == 4
     for set_name in OOD:
         seeds = result["draws"][set_name]["seeds"]
         # Seeded by the set's name (CRC32), not its position among the sets.
-        assert seeds == [[7, zlib.crc32(set_name.encode()), d] for d in range(4)]
+        count = 4 if len(OOD[set_name]["s"]) > 100 else 1
+        assert seeds == [[7, zlib.crc32(set_name.encode()), d] for d in range(count)]
         for key in ID:
             cell = result["metrics"][key][set_name]
             per_draw = []
@@ -100,3 +103,14 @@ def test_bad_input_raises():
         evaluate_ood(ID, {"x": {"s": np.zeros(3)}})
     with pytest.raises(ValueError, match="protocol"):
         evaluate_ood(ID, OOD, protocol="paper")
+
+
+def test_report_says_which_sets_were_used_whole_and_shows_no_std_for_them():
+    from ood_jax.evaluate.report import ood_tables
+
+    text = "\n".join(ood_tables(evaluate_ood(ID, OOD, protocol="papers", num_draws=4)))
+    far_rows = [line for line in text.splitlines() if line.startswith("| far")]
+    near_rows = [line for line in text.splitlines() if line.startswith("| near")]
+    assert far_rows and all("(all 80, one draw)" in row for row in far_rows)
+    assert all("±" not in row for row in far_rows)
+    assert any("±" in row for row in near_rows)

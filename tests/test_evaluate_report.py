@@ -30,6 +30,8 @@ BUILTIN_SCORES = (
     "knn",
     "gmm",
     "react",
+    "mahalanobis_l2",
+    "gmm_l2",
 )
 COLORS = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220]], np.float64)
 
@@ -130,6 +132,12 @@ def test_full_protocol_auroc_matches_sklearn(trained, report):
         y = np.r_[np.ones(len(id_test)), np.zeros(len(ds))]
         got = results["ood"]["full"]["metrics"]["msp"][name]["auroc"]["mean"]
         assert got == pytest.approx(roc_auc_score(y, s), abs=1e-4)
+    # Every example's scores are saved next to the report.
+    saved = np.load(report[1] / "scores.npz")
+    np.testing.assert_allclose(saved["id/msp"], id_msp, rtol=1e-5)
+    for name, ds in ood.items():
+        np.testing.assert_allclose(saved[f"ood/{name}/msp"], msp(ds), rtol=1e-5)
+    np.testing.assert_array_equal(saved["id/labels"], id_test.labels)
     assert results["ood"]["papers"]["num_ood"] == 24  # 120 // 5
     assert results["ood"]["papers"]["draws"]["blobs"]["seeds"][2] == [0, zlib.crc32(b"blobs"), 2]
 
@@ -140,6 +148,7 @@ def test_report_files_are_complete_and_consistent(report):
     assert on_disk["complete"] is True and on_disk["checkpoint"]["step"] == 40
     expected = {"msp", "msp_T100", "energy", "energy_T100", "max_logit", "neg_entropy"}
     expected |= {"feature_norm", "odin", "gradnorm", "mahalanobis", "knn", "gmm", "react"}
+    expected |= {"mahalanobis_l2", "gmm_l2"}
     assert set(on_disk["scores"]) == expected
     for rel in on_disk["plots"]:
         assert (out_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel

@@ -237,3 +237,29 @@ def test_bad_input_raises_clear_errors():
         scores.react_score(scores.fit_react(x), x, np.ones((5, 3)))
     with pytest.raises(ValueError, match="head_bias"):
         scores.react_score(scores.fit_react(x), x, np.ones((4, 3)), np.ones(2))
+
+
+def test_normalized_feature_variants_are_the_plain_scores_on_unit_features():
+    # Registered as their own scores: Mahalanobis and GMM on z / ||z||.
+    from ood_jax.scores import registry
+
+    x, y, _ = _clusters(seed=7, per_class=30)
+    x = x + 3.0  # away from the origin, so normalizing changes the geometry
+    test = np.random.default_rng(8).normal(scale=4.0, size=(7, 4))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    tn = test / np.linalg.norm(test, axis=1, keepdims=True)
+    # Mahalanobis, by hand on the unit features (tied covariance, MLE, the default ridge).
+    means = np.stack([xn[y == c].mean(0) for c in range(3)])
+    residual = xn - means[y]
+    precision = np.linalg.inv(_ridge(residual.T @ residual / len(xn), 1e-6))
+    maha = -np.min([[(t - m) @ precision @ (t - m) for m in means] for t in tn], axis=1)
+    logits = np.zeros((len(x), 3), np.float32)
+    head = registry.Head(kernel=np.zeros((4, 3), np.float32), bias=np.zeros(3, np.float32))
+    for name, expected in (
+        ("mahalanobis_l2", maha),
+        ("gmm_l2", scores.gmm_score(scores.fit_gmm(xn, y), tn)),
+    ):
+        score = registry.get_score(name)
+        params = score.fit(logits, x.astype(np.float32), y)
+        got = registry.compute(score, {}, logits[:7], test.astype(np.float32), head, params)
+        np.testing.assert_allclose(got[name], expected, rtol=1e-3, atol=1e-3)

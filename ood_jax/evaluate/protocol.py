@@ -10,6 +10,11 @@ set called ``name`` uses ``numpy.random.default_rng([seed, crc32(name), d])``
 sets are evaluated or in what order. The seeds are recorded in the results so
 every draw can be repeated. All scores of one draw share the same OOD indices.
 
+A set with at most ``num_ood`` examples is used whole, in one draw (its
+``draws[set]["num_draws"]`` is 1 and the report says so): drawing it ten times
+would give ten copies of the same subset and a standard deviation of 0 that
+looks measured.
+
 Full-set protocol: every OOD example once (one draw, standard deviation 0).
 
 The average row is the mean over OOD sets of the per-set means, as the papers
@@ -71,7 +76,7 @@ def evaluate_ood(
     Returns:
       ``{"protocol", "convention", "num_ood", "num_draws", "seed", "draws",
       "metrics"}`` where ``draws[set] = {"seeds": [[seed, crc32(set), d], ...],
-      "num_examples": n, "population": N_set}`` (draw ``d`` is
+      "num_examples": n, "population": N_set, "num_draws": d_set}`` (draw ``d`` is
       ``draw_indices(N_set, n, seed=[seed, crc32(set), d])``) and
       ``metrics[score][set or "average"][metric] = {"mean", "std", "values"}``
       with metric values as fractions in [0, 1]; the average row's std is the
@@ -102,6 +107,10 @@ def evaluate_ood(
             )
         if protocol == "full":
             seeds, index_sets = [], [np.arange(n_set)]
+        elif n_set <= num_ood:
+            # Every draw would be the whole set: one draw, not num_draws copies of it
+            # (whose standard deviation of 0 would look like a measured one).
+            seeds, index_sets = [[*set_seed(seed, set_name), 0]], [np.arange(n_set)]
         else:
             seeds = [[*set_seed(seed, set_name), d] for d in range(num_draws)]
             index_sets = [draw_indices(n_set, num_ood, seed=sd) for sd in seeds]
@@ -109,6 +118,7 @@ def evaluate_ood(
             "seeds": seeds,
             "num_examples": int(len(index_sets[0])),
             "population": int(n_set),
+            "num_draws": len(index_sets),
         }
         for k in keys:
             values: dict[str, list[float]] = {m: [] for m in METRIC_NAMES}

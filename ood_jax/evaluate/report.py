@@ -145,16 +145,22 @@ def ood_tables(
     display = dict(display or {})
     notes = dict(set_notes or {})
 
+    with_std = protocol_result["protocol"] == "papers"
+    draws = protocol_result.get("draws", {})
+    whole = {s for s, d in draws.items() if with_std and d.get("num_draws") == 1}
+
     def row_name(s: str) -> str:
         if s == "average":
             return "**Average**"
-        return f"{s} ({notes[s]})" if s in notes else s
+        extra = [notes[s]] if s in notes else []
+        if s in whole:
+            extra.append(f"all {draws[s]['population']}, one draw")
+        return f"{s} ({'; '.join(extra)})" if extra else s
 
     def display_name(key: str) -> str:
         return display.get(key, key)
 
     sets = [s for s in next(iter(metrics.values())) if s != "average"] + ["average"]
-    with_std = protocol_result["protocol"] == "papers"
     summary = [
         [display_name(k)] + [_pct(metrics[k]["average"][m]["mean"]) for m, _ in DETAIL_COLUMNS]
         for k in scores
@@ -172,7 +178,8 @@ def ood_tables(
     for k in scores:
         lines += ["", f"#### {display_name(k)}", ""]
         detail = [
-            [row_name(s)] + [_pct_std(metrics[k][s][m], with_std) for m, _ in DETAIL_COLUMNS]
+            [row_name(s)]
+            + [_pct_std(metrics[k][s][m], with_std and s not in whole) for m, _ in DETAIL_COLUMNS]
             for s in sets
         ]
         lines += _table(["OOD set"] + [h for _, h in DETAIL_COLUMNS], detail)

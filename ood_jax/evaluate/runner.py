@@ -373,6 +373,25 @@ def run_evaluation(
     return results
 
 
+SCORES_FILE = "scores.npz"
+
+
+def _save_scores(path, *, id_scores, ood_scores, geometry, id_name, id_outputs) -> None:
+    """Every example's scores next to the report (float32), for plots and studies that
+    compare runs: ``id/<score>``, ``ood/<set>/<score>``, ``geometry/<set>/<quantity>``
+    (``feature_norm``, ``cos_pred``, ...) and ``id/labels``, ``id/predictions``."""
+    arrays = {f"id/{k}": np.asarray(v, np.float32) for k, v in id_scores.items()}
+    for name, per_score in ood_scores.items():
+        arrays.update({f"ood/{name}/{k}": np.asarray(v, np.float32) for k, v in per_score.items()})
+    for name, fields in geometry.items():
+        where = "id" if name == id_name else name
+        for k, v in fields.items():
+            arrays[f"geometry/{where}/{k}"] = np.asarray(v, np.float32)
+    arrays["id/labels"] = np.asarray(id_outputs.labels, np.int32)
+    arrays["id/predictions"] = np.argmax(id_outputs.logits, axis=-1).astype(np.int32)
+    np.savez_compressed(path, **arrays)
+
+
 def _base(key: str, names: Sequence[str]) -> str:
     """The registered score a result key belongs to (``msp_T1000`` -> ``msp``)."""
     if key in names:
@@ -451,6 +470,14 @@ def write_report(
             curves = results["diagnostics"]["logit_norm_curve"]
             if curves:
                 plots.logit_norm_plot(curves, path("logit_norm.png"))
+        _save_scores(
+            os.path.join(tmp, SCORES_FILE),
+            id_scores=id_scores,
+            ood_scores=ood_scores,
+            geometry=geometry,
+            id_name=id_name,
+            id_outputs=id_outputs,
+        )
         results["plots"] = written
         results["complete"] = True
         report.write_json(results, os.path.join(tmp, "results.json"))

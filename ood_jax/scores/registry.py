@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ood_jax.losses import l2_normalize
 from ood_jax.registry import Registry
 from ood_jax.scores import fitted as F
 from ood_jax.scores import logit as L
@@ -291,6 +292,22 @@ def _mahalanobis(params, logits, features, head):
     return F.mahalanobis_score(params, features)
 
 
+def _fit_mahalanobis_l2(logits, features, labels):
+    return F.fit_mahalanobis(l2_normalize(features), labels)
+
+
+def _mahalanobis_l2(params, logits, features, head):
+    return F.mahalanobis_score(params, l2_normalize(features))
+
+
+def _fit_gmm_l2(logits, features, labels):
+    return F.fit_gmm(l2_normalize(features), labels)
+
+
+def _gmm_l2(params, logits, features, head):
+    return F.gmm_score(params, l2_normalize(features))
+
+
 def _fit_knn(logits, features, labels, *, k, max_train, seed):
     if max_train is not None and len(features) > max_train:
         keep = np.random.default_rng(seed).choice(len(features), max_train, replace=False)
@@ -345,6 +362,17 @@ for _score in (
         jit=False,
     ),
     Score("gmm", _gmm, "fitted", "GMM", fit=_fit_gmm, jit=False),
+    # The density scores on unit-length features z / ||z||: the class-conditional
+    # Gaussians then model directions only, not the feature norm.
+    Score(
+        "mahalanobis_l2",
+        _mahalanobis_l2,
+        "fitted",
+        "Mahalanobis (L2)",
+        fit=_fit_mahalanobis_l2,
+        jit=False,
+    ),
+    Score("gmm_l2", _gmm_l2, "fitted", "GMM (L2)", fit=_fit_gmm_l2, jit=False),
     Score("react", _react, "fitted", "ReAct", {"percentile": 90.0}, fit=_fit_react, jit=False),
 ):
     register_score(_score)

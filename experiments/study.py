@@ -1,0 +1,234 @@
+"""The CPU reproduction study: every method on one model and one dataset, one protocol.
+
+    python -m experiments.study --workdir runs/study            # run or resume, then report
+    python -m experiments.study --workdir runs/study --plan     # list the runs and their state
+    python -m experiments.study --workdir runs/study --report_only --report_dir results/cpu_study
+
+Every run is the ``cpu`` preset's model (ResNet-9, width 16) on CIFAR-10 (JPEG)
+from the offline files, trained by the same runner a user calls
+(``python -m experiments.cifar10_<method>``) in its own process, in its own
+workdir ``<workdir>/<run name>``. A run that has its report is skipped; one that
+was stopped resumes from its newest checkpoint (bit-exactly), so the study can
+be stopped at any moment (Ctrl-C, a closed session) and continued later by the
+same command. Runs go in waves: seed 0 of every method first, so a partial
+study already compares all methods.
+
+The runs (:func:`plan`):
+
+- from scratch, ``EPOCHS`` epochs each (the same schedule for every method):
+  CE, LogitNorm and L2 feature normalization with 3 seeds, CEDA and ACET with 2;
+- fine-tuned from the CE runs of the same seed: outlier exposure and energy
+  fine-tuning, 2 seeds (the ``cpu`` preset's fine-tuning epochs);
+- the sweep that checks whether LogitNorm needs a longer schedule or another
+  temperature: CE and LogitNorm at twice the epochs, LogitNorm at tau 0.01 and
+  0.2 (seed 0).
+
+The evaluation is the ``cpu`` preset's: every registered score on the full
+offline OOD sets, the synthetic sets and the adversarial-noise set, both
+protocols. The report (``--report_dir``) is written from the runs' workdirs by
+:mod:`experiments.study_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from experiments import cli
+
+# From-scratch epochs of every method: what fits the study's budget of about six
+# hours of a 2-core CPU (benchmarks/results/acet_cost.md gives each objective's cost).
+EPOCHS = 5
+# ACET's PGD steps during training (the paper's 40 and the cpu preset's 5 do not fit).
+ACET_TRAIN_STEPS = 2
+SEEDS = {
+    "ce": 3,
+    "logitnorm": 3,
+    "l2norm": 3,
+    "ceda": 2,
+    "acet": 2,
+    "oe": 2,
+    "energy_ft": 2,
+}
+# Checkpoint every this many steps (about a quarter of an epoch at batch 256): a
+# stopped study loses at most that much work.
+CHECKPOINT_EVERY = 50
+LOG_FILE = "study.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the study.
+
+    Attributes:
+      name: its workdir below the study's (``ce/seed0``, ``sweep/logitnorm_tau0.2/seed0``).
+      method: the entry point (``experiments.cifar10_<method>``).
+      seed: the run's seed.
+      args: further command-line arguments (config overrides).
+      init_from: the name of the run it fine-tunes, if any.
+      group: ``"main"`` or ``"sweep"``.
+    """
+
+    name: str
+    method: str
+    seed: int
+    args: tuple[str, ...] = ()
+    init_from: str | None = None
+    group: str = "main"
+
+
+def plan(epochs: int = EPOCHS) -> list[Run]:
+    """The study's runs in the order they are run (seed 0 of every method first)."""
+    scratch = ("ce", "logitnorm", "l2norm", "ceda", "acet")
+    waves: list[list[Run]] = []
+    for seed in range(max(SEEDS.values())):
+        wave = []
+        for method in scratch:
+            if seed < SEEDS[method]:
+                args = [f"--config.train.epochs={epochs}"]
+                if method == "acet":
+                    args.append(f"--config.objective.hparams.attack_steps={ACET_TRAIN_STEPS}")
+                wave.append(Run(f"{method}/seed{seed}", method, seed, tuple(args)))
+        for method in ("oe", "energy_ft"):
+            if seed < SEEDS[method]:
+                wave.append(Run(f"{method}/seed{seed}", method, seed, init_from=f"ce/seed{seed}"))
+        waves.append(wave)
+    sweep = [
+        Run("sweep/ce_epochs2x/seed0", "ce", 0, (f"--config.train.epochs={2 * epochs}",)),
+        Run(
+            "sweep/logitnorm_epochs2x/seed0",
+            "logitnorm",
+            0,
+            (f"--config.train.epochs={2 * epochs}",),
+        ),
+        Run(
+            "sweep/logitnorm_tau0.01/seed0",
+            "logitnorm",
+            0,
+            (f"--config.train.epochs={epochs}", "--config.objective.hparams.temperature=0.01"),
+        ),
+        Run(
+            "sweep/logitnorm_tau0.2/seed0",
+            "logitnorm",
+            0,
+            (f"--config.train.epochs={epochs}", "--config.objective.hparams.temperature=0.2"),
+        ),
+    ]
+    runs = [r for wave in waves for r in wave]
+    return runs + [dataclasses.replace(r, group="sweep") for r in sweep]
+
+
+def command(run: Run, root: str, data: str) -> list[str]:
+    """The command line that trains and evaluates ``run`` (what a user would type)."""
+    argv = [
+        sys.executable,
+        "-m",
+        f"experiments.cifar10_{run.method}",
+        f"--workdir={os.path.join(root, run.name)}",
+        "--preset=cpu",
+        f"--data={data}",
+        f"--config.seed={run.seed}",
+        f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
+    ]
+    if run.init_from is not None:
+        argv.append(f"--init_from={os.path.join(root, run.init_from)}")
+    return argv + list(run.args)
+
+
+def state_of(run: Run, root: str) -> str:
+    """``done`` (report written), ``started`` (checkpoints, no report) or ``todo``."""
+    workdir = os.path.join(root, run.name)
+    if os.path.exists(os.path.join(workdir, "eval", "results.json")):
+        return "done"
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return "started"
+    return "todo"
+
+
+def _log(root: str, record: dict) -> None:
+    with open(os.path.join(root, LOG_FILE), "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def run_study(root: str, *, data: str, only: Sequence[str] = (), epochs: int = EPOCHS) -> bool:
+    """Runs every unfinished run of the plan (or those named in ``only``), in order.
+
+    Returns True when every planned run is done. A run that fails stops the study
+    with its exit status; its workdir keeps what it saved.
+    """
+    os.makedirs(root, exist_ok=True)
+    runs = [r for r in plan(epochs) if not only or r.name in only or r.method in only]
+    todo = [r for r in runs if state_of(r, root) != "done"]
+    print(f"study in {root}: {len(runs) - len(todo)} of {len(runs)} runs done, {len(todo)} to go")
+    durations = []
+    for i, run in enumerate(todo, 1):
+        if run.init_from and state_of(Run(run.init_from, "", 0), root) != "done":
+            print(f"[{i}/{len(todo)}] {run.name}: waits for {run.init_from}; skipped this time")
+            continue
+        eta = ""
+        if durations:
+            eta = f", about {_minutes(sum(durations) / len(durations) * (len(todo) - i + 1))} left"
+        print(f"[{i}/{len(todo)}] {run.name} ({state_of(run, root)}{eta})", flush=True)
+        argv = command(run, root, data)
+        _log(root, {"run": run.name, "event": "start", "command": " ".join(argv[1:])})
+        start = time.perf_counter()
+        done = subprocess.run(argv, check=False)
+        elapsed = time.perf_counter() - start
+        _log(root, {"run": run.name, "event": "end", "rc": done.returncode, "seconds": elapsed})
+        if done.returncode != 0:
+            raise SystemExit(done.returncode)
+        durations.append(elapsed)
+        print(f"[{i}/{len(todo)}] {run.name}: done in {_minutes(elapsed)}", flush=True)
+    return all(state_of(r, root) == "done" for r in runs)
+
+
+def print_plan(root: str, epochs: int) -> None:
+    for run in plan(epochs):
+        source = [f"--init_from {run.init_from}"] if run.init_from else []
+        print(
+            f"{state_of(run, root):8s} {run.group:6s} {run.name:34s} "
+            + " ".join([*source, *run.args])
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="the study's runs go in sub-folders")
+    parser.add_argument("--data", default="local", help="local (offline files) or a folder")
+    parser.add_argument("--report_dir", default=None, help="default: <workdir>/report")
+    parser.add_argument("--only", default="", help="comma-separated run or method names")
+    parser.add_argument("--plan", action="store_true", help="list the runs and their state")
+    parser.add_argument("--report_only", action="store_true", help="write the report only")
+    parser.add_argument(
+        "--epochs", type=int, default=EPOCHS, help="from-scratch epochs (the study's: 5)"
+    )
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        raise cli.UsageError(f"--epochs must be >= 1, got {args.epochs}.")
+    root = os.path.abspath(args.workdir)
+    if args.plan:
+        print_plan(root, args.epochs)
+        return
+    complete = True
+    if not args.report_only:
+        only = [s for s in args.only.split(",") if s]
+        complete = run_study(root, data=args.data, only=only, epochs=args.epochs)
+    from experiments import study_report
+
+    report_dir = args.report_dir or os.path.join(root, "report")
+    study_report.write(root, report_dir, plan(args.epochs), complete=complete)
+    print(f"report: {os.path.join(report_dir, 'results.md')}")
+
+
+if __name__ == "__main__":
+    cli.run_main(main, sys.argv[1:])
