@@ -57,6 +57,7 @@ def test_feature_geometry_matches_loop():
         assert g["feature_norm"][i] == pytest.approx(np.sqrt(np.sum(z[i] ** 2)))
         cos = z[i] @ w[:, k] / (np.linalg.norm(z[i]) * np.linalg.norm(w[:, k]))
         assert g["cos_pred"][i] == pytest.approx(cos)
+        assert g["mean_logit"][i] == pytest.approx(sum(logits[i]) / len(logits[i]))
     with pytest.raises(ValueError, match="dims"):
         feature_geometry(logits, z[:, :4], w)
 

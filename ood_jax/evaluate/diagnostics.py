@@ -78,13 +78,18 @@ def weight_diagnostics(head_kernel: np.ndarray, head_bias: np.ndarray | None) ->
 def feature_geometry(
     logits: np.ndarray, features: np.ndarray, head_kernel: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Per-example ``||z||`` and ``cos(z, w_pred)`` with ``pred = argmax(logits)``.
+    """Per-example ``||z||``, ``cos(z, w_pred)`` with ``pred = argmax(logits)``, and the
+    mean logit.
+
+    The mean logit ``mean_k f_k(x)`` is the part every class's logit shares (the
+    head's mean weight vector times ``z``, plus the mean bias): softmax scores
+    ignore it, energy and max-logit do not.
 
     Args:
       logits: ``[N, K]``; features: ``[N, D]``; head_kernel: ``[D, K]``.
 
     Returns:
-      ``{"feature_norm": [N], "cos_pred": [N]}`` (float64).
+      ``{"feature_norm": [N], "cos_pred": [N], "mean_logit": [N]}`` (float64).
     """
     z = np.asarray(features, np.float64)
     w = np.asarray(head_kernel, np.float64)
@@ -96,7 +101,8 @@ def feature_geometry(
     w_pred = w[:, np.argmax(logits, axis=-1)].T
     z_norm = np.linalg.norm(z, axis=-1)
     cos = np.sum(z * w_pred, axis=-1) / np.maximum(z_norm * np.linalg.norm(w_pred, axis=-1), 1e-12)
-    return {"feature_norm": z_norm, "cos_pred": cos}
+    mean_logit = np.asarray(logits, np.float64).mean(axis=-1)
+    return {"feature_norm": z_norm, "cos_pred": cos, "mean_logit": mean_logit}
 
 
 def read_metrics_log(workdir: str, *, filename: str = "metrics.jsonl") -> list[dict]:
