@@ -274,3 +274,20 @@ def test_a_killed_evaluations_temporary_folder_is_removed_by_the_next(tmp_path):
     with atomic_directory(str(tmp_path / "eval")) as tmp:
         (tmp_path / "marker").write_text(tmp)
     assert not stale.exists() and live.exists() and (tmp_path / "eval").is_dir()
+
+
+def test_histogram_ranges_ignore_a_few_extreme_values():
+    # 1,000 Mahalanobis-like scores near -50 and three at -1500: the bins must cover
+    # the bulk, not stretch to -1500 (which left the bulk in two or three bins).
+    rng = np.random.default_rng(0)
+    bulk = rng.normal(-50.0, 5.0, 1000)
+    values = np.r_[bulk, [-1500.0, -1400.0, -1300.0]]
+    edges = plots_module.robust_edges(values, bins=40)
+    pooled = np.sort(values)
+    lo, hi = np.quantile(pooled, [0.005, 0.995])  # the central 99%, by NumPy directly
+    assert edges[0] == pytest.approx(lo) and edges[-1] == pytest.approx(hi)
+    counts, _ = np.histogram(np.clip(bulk, lo, hi), bins=edges)
+    assert (counts > 0).sum() >= 30  # the bulk spreads over most bins
+    shown, outside = plots_module.clipped(values, edges)
+    assert outside == int(np.sum((values < lo) | (values > hi))) and outside >= 3
+    assert shown.min() == pytest.approx(lo)

@@ -58,6 +58,34 @@ def _grid(n: int) -> tuple[Figure, np.ndarray]:
     return fig, axes.flat
 
 
+TAIL = 0.005
+
+
+def robust_edges(*arrays: np.ndarray, bins: int = 50, tail: float = TAIL) -> np.ndarray:
+    """Histogram bin edges over the central ``1 - 2 * tail`` of the pooled finite values.
+
+    A few extreme values (Mahalanobis scores of -1500 among values near -50) would
+    otherwise squeeze the bulk into two or three bins; values beyond the edges are
+    drawn in the outermost bins (see :func:`clipped`).
+    """
+    pooled = np.concatenate([np.ravel(a) for a in arrays]).astype(np.float64)
+    pooled = pooled[np.isfinite(pooled)]
+    if pooled.size == 0:
+        return np.linspace(0.0, 1.0, bins + 1)
+    lo, hi = np.quantile(pooled, [tail, 1.0 - tail])
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
+def clipped(values: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, int]:
+    """``values`` clipped into ``[edges[0], edges[-1]]`` and how many were outside."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    outside = int(np.sum((values < edges[0]) | (values > edges[-1])))
+    return np.clip(values, edges[0], edges[-1]), outside
+
+
 def distribution_plot(
     id_values: np.ndarray,
     ood_values: Mapping[str, np.ndarray],
@@ -66,18 +94,25 @@ def distribution_plot(
     title: str,
     id_name: str = "ID",
     bins: int = 50,
+    xlabel: str | None = None,
 ) -> None:
-    """Histograms (densities) of ID values against each OOD set, one panel per set."""
+    """Histograms (densities) of ID values against each OOD set, one panel per set.
+
+    The range covers the central 99% of each panel's values (:func:`robust_edges`);
+    the few beyond it are counted in the outermost bins and in the panel's title.
+    """
     fig, axes = _grid(len(ood_values))
     for ax, (name, values) in zip(axes, ood_values.items(), strict=False):
-        both = np.concatenate([id_values, values])
-        edges = np.histogram_bin_edges(both[np.isfinite(both)], bins=bins)
-        ax.hist(
-            id_values, bins=edges, density=True, alpha=0.5, label=id_name, histtype="stepfilled"
-        )
-        ax.hist(values, bins=edges, density=True, alpha=0.5, label=name, histtype="stepfilled")
-        ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7)
+        edges = robust_edges(id_values, values, bins=bins)
+        shown_id, out_id = clipped(id_values, edges)
+        shown, out = clipped(values, edges)
+        ax.hist(shown_id, bins=edges, density=True, alpha=0.5, label=id_name, histtype="stepfilled")
+        ax.hist(shown, bins=edges, density=True, alpha=0.5, label=name, histtype="stepfilled")
+        beyond = f" ({out_id + out} beyond the range, in the end bins)" if out_id + out else ""
+        ax.set_title(f"{name}{beyond}", fontsize=8)
+        ax.set_xlabel(xlabel or title.split(":")[0], fontsize=8)
+        ax.set_ylabel("density", fontsize=8)
+        ax.legend(fontsize=7, loc="best", framealpha=0.6)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
 
