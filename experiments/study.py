@@ -124,17 +124,18 @@ def plan(epochs: int = EPOCHS) -> list[Run]:
     return runs + [dataclasses.replace(r, group="sweep") for r in sweep]
 
 
-def command(run: Run, root: str, data: str) -> list[str]:
+def command(run: Run, root: str, data: str, preset: str = "cpu") -> list[str]:
     """The command line that trains and evaluates ``run`` (what a user would type)."""
     argv = [
         sys.executable,
         "-m",
         f"experiments.cifar10_{run.method}",
         f"--workdir={os.path.join(root, run.name)}",
-        "--preset=cpu",
+        f"--preset={preset}",
         f"--data={data}",
         f"--config.seed={run.seed}",
         f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
+        "--config.eval.ood=true",
     ]
     if run.init_from is not None:
         argv.append(f"--init_from={os.path.join(root, run.init_from)}")
@@ -160,7 +161,14 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def run_study(root: str, *, data: str, only: Sequence[str] = (), epochs: int = EPOCHS) -> bool:
+def run_study(
+    root: str,
+    *,
+    data: str,
+    only: Sequence[str] = (),
+    epochs: int = EPOCHS,
+    preset: str = "cpu",
+) -> bool:
     """Runs every unfinished run of the plan (or those named in ``only``), in order.
 
     Returns True when every planned run is done. A run that fails stops the study
@@ -179,7 +187,7 @@ def run_study(root: str, *, data: str, only: Sequence[str] = (), epochs: int = E
         if durations:
             eta = f", about {_minutes(sum(durations) / len(durations) * (len(todo) - i + 1))} left"
         print(f"[{i}/{len(todo)}] {run.name} ({state_of(run, root)}{eta})", flush=True)
-        argv = command(run, root, data)
+        argv = command(run, root, data, preset)
         _log(root, {"run": run.name, "event": "start", "command": " ".join(argv[1:])})
         start = time.perf_counter()
         done = subprocess.run(argv, check=False)
@@ -189,7 +197,7 @@ def run_study(root: str, *, data: str, only: Sequence[str] = (), epochs: int = E
             raise SystemExit(done.returncode)
         durations.append(elapsed)
         print(f"[{i}/{len(todo)}] {run.name}: done in {_minutes(elapsed)}", flush=True)
-    return all(state_of(r, root) == "done" for r in runs)
+    return all(state_of(r, root) == "done" for r in plan(epochs))
 
 
 def print_plan(root: str, epochs: int) -> None:
@@ -212,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--epochs", type=int, default=EPOCHS, help="from-scratch epochs (the study's: 5)"
     )
+    parser.add_argument(
+        "--preset", default="cpu", choices=("cpu", "smoke"), help="smoke: a quick trial"
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         raise cli.UsageError(f"--epochs must be >= 1, got {args.epochs}.")
@@ -222,11 +233,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     complete = True
     if not args.report_only:
         only = [s for s in args.only.split(",") if s]
-        complete = run_study(root, data=args.data, only=only, epochs=args.epochs)
+        complete = run_study(
+            root, data=args.data, only=only, epochs=args.epochs, preset=args.preset
+        )
     from experiments import study_report
 
     report_dir = args.report_dir or os.path.join(root, "report")
-    study_report.write(root, report_dir, plan(args.epochs), complete=complete)
+    command = " ".join(["python -m experiments.study", *(argv or [])])
+    study_report.write(root, report_dir, plan(args.epochs), complete=complete, command=command)
     print(f"report: {os.path.join(report_dir, 'results.md')}")
 
 

@@ -1,0 +1,85 @@
+"""The reproduction study's command: runs, resumes, skips finished runs, writes the report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import study
+from experiments.study_report import mean_std, set_metric
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plan_matches_the_issue():
+    runs = study.plan()
+    main = [r for r in runs if r.group == "main"]
+    seeds = {m: sorted(r.seed for r in main if r.method == m) for m in study.SEEDS}
+    assert seeds == {m: list(range(n)) for m, n in study.SEEDS.items()}
+    assert all(n >= 3 for m, n in study.SEEDS.items() if m in ("ce", "logitnorm", "l2norm"))
+    # Every from-scratch method gets the same epochs; fine-tuning starts from CE's run.
+    scratch = [r for r in main if r.init_from is None]
+    assert {a for r in scratch for a in r.args if "epochs" in a} == {"--config.train.epochs=5"}
+    assert all(r.init_from == f"ce/seed{r.seed}" for r in main if r.init_from)
+    # Seed 0 of every method comes before any seed 1.
+    order = [r.seed for r in main]
+    assert order.index(1) > max(i for i, s in enumerate(order) if s == 0)
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_group_averages_and_spread_by_hand():
+    results = {
+        "ood": {
+            "papers": {
+                "metrics": {
+                    "msp": {
+                        "a": {"auroc": {"mean": 0.9}},
+                        "b": {"auroc": {"mean": 0.7}},
+                    }
+                }
+            }
+        }
+    }
+    assert set_metric(results, "msp", ["a", "b", "absent"], "auroc") == pytest.approx(0.8)
+    assert np.isnan(set_metric(results, "msp", ["absent"], "auroc"))
+    cell = mean_std([0.8, 0.6, float("nan")])
+    assert cell["n"] == 2 and cell["mean"] == pytest.approx(0.7)
+    assert cell["std"] == pytest.approx(0.1)  # population std of (0.8, 0.6)
+
+
+@pytest.mark.slow
+def test_study_command_runs_resumes_and_reports(tmp_path):
+    from test_experiments import write_easy_cifar
+
+    write_easy_cifar(tmp_path, sizes=(256, 120))
+    work = tmp_path / "study"
+    argv = [sys.executable, "-m", "experiments.study", f"--workdir={work}"]
+    argv += ["--preset=smoke", f"--data={tmp_path}", "--epochs=1"]
+    argv += ["--only=ce/seed0,logitnorm/seed0,oe/seed0"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("ce/seed0", "logitnorm/seed0", "oe/seed0"):
+        assert (work / name / "eval" / "results.json").exists(), name
+    report = json.loads((work / "report" / "results.json").read_text())
+    assert report["runs"] == ["ce/seed0", "logitnorm/seed0", "oe/seed0"]
+    assert "l2norm/seed0" in report["missing"] and report["complete"] is False
+    md = (work / "report" / "results.md").read_text()
+    assert "| Cross-entropy (msp) | 1 |" in md and "| LogitNorm (msp) | 1 |" in md
+    assert "Outlier exposure (FT) (msp) †" in md
+    ce = json.loads((work / "ce" / "seed0" / "eval" / "results.json").read_text())
+    acc = ce["classification"]["accuracy"]
+    assert report["rows"]["ce"]["accuracy"]["mean"] == pytest.approx(acc)
+    # The report's synthetic average is the mean of the run's per-set means.
+    per_set = ce["ood"]["papers"]["metrics"]["msp"]
+    expected = np.mean([per_set[s]["auroc"]["mean"] for s in ("gaussian", "uniform")])
+    assert report["rows"]["ce"]["synthetic/auroc"]["mean"] == pytest.approx(expected)
+    assert any(c["paper"].startswith("LogitNorm") for c in report["claims"])
+    assert "plots/logit_norm_ce_vs_logitnorm.png" in report["plots"]
+    # Again: nothing to train, the finished runs are skipped.
+    again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "3 of 3 runs done, 0 to go" in again.stdout  # of the --only runs
