@@ -1,5 +1,7 @@
 """Evaluate a training workdir's checkpoint: ``python -m experiments.evaluate --workdir DIR``.
 
+(``--pretrained NAME`` evaluates a published checkpoint instead, see ``ood_jax.pretrained``.)
+
 Restores the newest checkpoint of ``DIR/checkpoints`` (or ``--step N``) with
 the model and configuration recorded in its metadata, and writes the OOD report
 (``results.json``, ``results.md``, ``plots/``) to ``DIR/eval``
@@ -75,8 +77,9 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
 
 
 def evaluate_workdir(
-    workdir: str,
+    workdir: str | None,
     *,
+    published: str | None = None,
     step: int | None = None,
     data: str | None = None,
     data_dir: str | None = None,
@@ -90,13 +93,25 @@ def evaluate_workdir(
     The run's own config (from the checkpoint) decides the sets, scores, budgets and
     seeds, exactly as at the end of training; ``overrides`` (``--config.eval.x=y``)
     change them, ``data`` replaces the run's data source and ``data_dir`` the offline
-    data folder.
+    data folder. ``published`` (a name of ``ood_jax.pretrained.available()``)
+    evaluates a published checkpoint instead of a workdir (report in
+    ``runs/pretrained/<name>/eval`` unless ``out_dir``).
     """
     if data_dir is not None:
         if not os.path.isdir(data_dir):
             raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
-    default_dir = os.path.join(workdir, "eval" if step is None else f"eval_step{step}")
-    model, metadata, step = restore_model(workdir, step=step)
+    checkpoint = None
+    if published is not None:
+        from ood_jax import pretrained
+
+        entry = pretrained.info(published)
+        model, metadata, step = pretrained.load(published), entry, entry["step"]
+        default_dir = os.path.join("runs", "pretrained", *published.split("/"), "eval")
+        checkpoint = {"published": published, "sha256": entry["sha256"], "step": step}
+        workdir = None
+    else:
+        default_dir = os.path.join(workdir, "eval" if step is None else f"eval_step{step}")
+        model, metadata, step = restore_model(workdir, step=step)
     config = saved_config(metadata["config"])
     if data is not None:
         config.data.source = data
@@ -115,6 +130,7 @@ def evaluate_workdir(
         command=command,
         batch_size=batch_size or eval_batch_size(config, mesh),
         data_dir=data_dir,
+        checkpoint=checkpoint,
     )
 
 
@@ -143,7 +159,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _main(argv: Sequence[str] | None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="a training run's workdir")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a training run's workdir")
+    source.add_argument(
+        "--pretrained",
+        help="a published checkpoint (ood_jax.pretrained.available()), e.g. "
+        "cifar10_jpeg/resnet9/logitnorm/seed0",
+    )
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--data", default=None, help="replace the run's data source (tfds|local|DIR)")
     p.add_argument("--data_dir", default=None, help="folder of the offline npz files")
@@ -174,8 +196,11 @@ def _main(argv: Sequence[str] | None) -> dict:
         for name in available_scores():
             if get_score(name).sweep == "temperature":
                 overrides.append(f"--config.eval.score_hparams.{name}.temperature=({temps},)")
+    if args.pretrained is not None and args.step is not None:
+        raise cli.UsageError("--step applies to a --workdir; a published checkpoint has one step.")
     results = evaluate_workdir(
         args.workdir,
+        published=args.pretrained,
         step=args.step,
         data=args.data,
         data_dir=args.data_dir,

@@ -200,6 +200,59 @@ def run_study(
     return all(state_of(r, root) == "done" for r in plan(epochs))
 
 
+def published_name(run: Run, results: dict) -> str:
+    """``<dataset>/<model>/<run>``: ``cifar10_jpeg/resnet9/logitnorm/seed0`` (sweep runs:
+    ``cifar10_jpeg/resnet9/sweep/<variant>/seed0``)."""
+    return f"{results['config']['data']['dataset']}/{results['model']['name']}/{run.name}"
+
+
+def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
+    """Exports each finished run's final weights to ``folder`` (``ood_jax.pretrained``
+    format, with ``manifest.json``); runs already published at their final step are
+    left as they are. Returns the names published now."""
+    from experiments.checkpoints import restore_workdir
+    from ood_jax import pretrained
+
+    try:
+        have = {n: pretrained.info(n, folder) for n in pretrained.available(folder)}
+    except pretrained.PretrainedError:
+        have = {}
+    done = []
+    for run in runs:
+        workdir = os.path.join(root, run.name)
+        results_path = os.path.join(workdir, "eval", "results.json")
+        if not os.path.exists(results_path):
+            continue
+        with open(results_path) as f:
+            results = json.load(f)
+        step = results["checkpoint"]["step"]
+        name = published_name(run, results)
+        if name in have and have[name]["step"] == step:
+            continue
+        _, params, batch_stats, metadata, step = restore_workdir(workdir, step=step)
+        pretrained.export(
+            folder,
+            name,
+            params=params,
+            batch_stats=batch_stats,
+            entry={
+                "model": metadata["model"],
+                "dataset": metadata["config"]["data"]["dataset"],
+                "normalization": results["data"]["normalization"],
+                "method": run.method,
+                "seed": run.seed,
+                "step": step,
+                "test_accuracy": results["classification"]["accuracy"],
+                "test_examples": results["data"]["id"]["num_examples"],
+                "eval_batch_size": metadata["config"]["data"]["eval_batch_size"],
+                "run": run.name,
+                "config": metadata["config"],
+            },
+        )
+        done.append(name)
+    return done
+
+
 def print_plan(root: str, epochs: int) -> None:
     for run in plan(epochs):
         source = [f"--init_from {run.init_from}"] if run.init_from else []
@@ -213,7 +266,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="the study's runs go in sub-folders")
     parser.add_argument("--data", default="local", help="local (offline files) or a folder")
-    parser.add_argument("--report_dir", default=None, help="default: <workdir>/report")
+    parser.add_argument(
+        "--report_dir",
+        default=os.path.join("results", "cpu_study"),
+        help="the report and the published checkpoints (default: results/cpu_study)",
+    )
     parser.add_argument("--only", default="", help="comma-separated run or method names")
     parser.add_argument("--plan", action="store_true", help="list the runs and their state")
     parser.add_argument("--report_only", action="store_true", help="write the report only")
@@ -238,7 +295,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     from experiments import study_report
 
-    report_dir = args.report_dir or os.path.join(root, "report")
+    report_dir = args.report_dir
+    published = publish(root, os.path.join(report_dir, "checkpoints"), plan(args.epochs))
+    if published:
+        print(f"published {len(published)} checkpoints in {report_dir}/checkpoints")
     command = " ".join(["python -m experiments.study", *(argv or [])])
     study_report.write(root, report_dir, plan(args.epochs), complete=complete, command=command)
     print(f"report: {os.path.join(report_dir, 'results.md')}")

@@ -236,18 +236,21 @@ def ood_report(
     *,
     train_ds: D.ImageDataset,
     test_ds: D.ImageDataset,
-    workdir: str,
+    workdir: str | None,
     step: int,
     out_dir: str,
     command: str,
     batch_size: int,
     data_dir: str | None = None,
+    checkpoint: dict | None = None,
 ) -> dict:
     """The OOD report of a trained model, as ``config.eval`` describes it.
 
     The one path behind both the end-of-training report and ``python -m
     experiments.evaluate``: same sets, scores, hyperparameters, budgets and seeds for
     the same config, so both give identical numbers for the same checkpoint.
+    ``workdir`` None (a published checkpoint) reads no training log; ``checkpoint``
+    then says where the model came from.
     """
     from ood_jax.evaluate import check_ood_set_names, load_ood_sets, run_evaluation
 
@@ -289,7 +292,7 @@ def ood_report(
         metrics_log_dir=workdir,
         metadata={
             "command": command,
-            "checkpoint": {"workdir": os.path.abspath(workdir), "step": step},
+            "checkpoint": checkpoint or {"workdir": os.path.abspath(workdir), "step": step},
             "model": {"name": config.model.name, "options": config.model.options.to_dict()},
             "config": config.to_dict(),
             "dataset": display_name(test_ds),

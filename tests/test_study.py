@@ -58,7 +58,7 @@ def test_study_command_runs_resumes_and_reports(tmp_path):
     work = tmp_path / "study"
     argv = [sys.executable, "-m", "experiments.study", f"--workdir={work}"]
     argv += ["--preset=smoke", f"--data={tmp_path}", "--epochs=1"]
-    argv += ["--only=ce/seed0,logitnorm/seed0,oe/seed0"]
+    argv += ["--only=ce/seed0,logitnorm/seed0,oe/seed0", f"--report_dir={work / 'report'}"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,6 +79,30 @@ def test_study_command_runs_resumes_and_reports(tmp_path):
     assert report["rows"]["ce"]["synthetic/auroc"]["mean"] == pytest.approx(expected)
     assert any(c["paper"].startswith("LogitNorm") for c in report["claims"])
     assert "plots/logit_norm_ce_vs_logitnorm.png" in report["plots"]
+    # Each finished run is published: loaded by name, its file hash-checked, and
+    # evaluated by name with the run's own settings.
+    from ood_jax import pretrained
+
+    published = work / "report" / "checkpoints"
+    names = pretrained.available(published)
+    assert names == [f"cifar10/tiny/{n}" for n in ("ce/seed0", "logitnorm/seed0", "oe/seed0")]
+    assert pretrained.info(names[0], published)["test_accuracy"] == acc
+    out = tmp_path / "published_eval"
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", f"--pretrained={names[0]}"]
+        + [f"--out_dir={out}", f"--data={tmp_path}"],
+        cwd=ROOT,
+        env={**env, "OOD_JAX_PRETRAINED": str(published)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again_results = json.loads((out / "results.json").read_text())
+    assert again_results["classification"]["accuracy"] == acc
+    assert again_results["checkpoint"]["published"] == names[0]
+    msp = again_results["ood"]["papers"]["metrics"]["msp"]["gaussian"]["auroc"]["mean"]
+    assert msp == ce["ood"]["papers"]["metrics"]["msp"]["gaussian"]["auroc"]["mean"]
     # Again: nothing to train, the finished runs are skipped.
     again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]

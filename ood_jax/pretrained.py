@@ -1,0 +1,200 @@
+"""Published checkpoints: trained models loaded by name, checked against SHA-256 hashes.
+
+    from ood_jax import pretrained
+    pretrained.available()                     # ['cifar10_jpeg/resnet9/ce/seed0', ...]
+    model = pretrained.load("cifar10_jpeg/resnet9/logitnorm/seed0")   # eval mode
+    logits, features = model(images)           # images normalized with info(name)["normalization"]
+    pretrained.info("cifar10_jpeg/resnet9/logitnorm/seed0")["test_accuracy"]
+
+A published checkpoint is one ``.npz`` file (the model's parameters and BatchNorm
+statistics, float32, keyed ``params/<path>`` and ``batch_stats/<path>``) listed
+in ``manifest.json`` beside it with its SHA-256, the model (architecture, class
+count, options), the dataset and its normalization, the training config and the
+test accuracy measured when it was published. :func:`load` refuses a file whose
+hash differs from the manifest's, an unknown name, and a file whose arrays do not
+fit the model.
+
+The checkpoints live in the repository (``results/cpu_study/checkpoints``, the
+reproduction study's runs); from a checkout or an editable install they are
+found there. Elsewhere pass ``root=`` (a folder with ``manifest.json``) or set
+``OOD_JAX_PRETRAINED``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MANIFEST = "manifest.json"
+ENV = "OOD_JAX_PRETRAINED"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SUBDIR = Path("results") / "cpu_study" / "checkpoints"
+
+
+class PretrainedError(ValueError):
+    """A published checkpoint that cannot be found or used."""
+
+
+def default_root() -> Path:
+    """``$OOD_JAX_PRETRAINED``, else the repository's ``results/cpu_study/checkpoints``."""
+    return Path(os.environ.get(ENV) or _REPO_ROOT / DEFAULT_SUBDIR)
+
+
+def _manifest(root: str | os.PathLike | None) -> tuple[Path, dict[str, dict]]:
+    folder = Path(root) if root is not None else default_root()
+    path = folder / MANIFEST
+    if not path.exists():
+        raise PretrainedError(
+            f"no published checkpoints at {folder} ({MANIFEST} missing). Use a checkout of the "
+            f"ood_jax repository, or pass root= / set {ENV} to a folder with {MANIFEST}."
+        )
+    with open(path) as f:
+        return folder, json.load(f)
+
+
+def available(root: str | os.PathLike | None = None) -> list[str]:
+    """Names of the published checkpoints."""
+    return sorted(_manifest(root)[1])
+
+
+def info(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The manifest entry of ``name``: file, sha256, model, dataset, normalization,
+    method, seed, step, test_accuracy, config."""
+    _, entries = _manifest(root)
+    if name not in entries:
+        close = difflib.get_close_matches(name, entries, n=3, cutoff=0.5)
+        hint = f" Did you mean {close}?" if close else f" Published: {sorted(entries)[:8]} ..."
+        raise PretrainedError(f"unknown published checkpoint {name!r}.{hint}")
+    return dict(entries[name])
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _flatten(tree: Mapping, prefix: str) -> dict[str, np.ndarray]:
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        flat["/".join([prefix, *keys])] = np.asarray(leaf)
+    return flat
+
+
+def _unflatten_like(like: Any, flat: Mapping[str, np.ndarray], prefix: str, where: str) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    out = []
+    for path, leaf in leaves:
+        key = "/".join([prefix, *[str(getattr(k, "key", getattr(k, "idx", k))) for k in path]])
+        if key not in flat:
+            raise ValueError(f"{where}: no array {key!r}; the file does not fit this model.")
+        value = flat[key]
+        if value.shape != tuple(leaf.shape):
+            raise ValueError(
+                f"{where}: {key} has shape {value.shape}, the model expects {tuple(leaf.shape)}."
+            )
+        out.append(jnp.asarray(value, dtype=leaf.dtype))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), out) if out else like
+
+
+def build(identity: Mapping[str, Any], seed: int = 0) -> nnx.Module:
+    """The (freshly initialized) model described by a manifest ``model`` entry."""
+    from ood_jax.models import create_model
+
+    options = dict(identity.get("options", {}))
+    if options.get("dtype") == "bfloat16":
+        options["dtype"] = jnp.bfloat16
+    return create_model(
+        identity["name"], num_classes=int(identity["num_classes"]), rngs=nnx.Rngs(seed), **options
+    )
+
+
+def load(name: str, *, root: str | os.PathLike | None = None) -> nnx.Module:
+    """The published model ``name`` in evaluation mode, its file checked against the
+    manifest's SHA-256.
+
+    Raises:
+      PretrainedError (a ValueError): no manifest (see the module docstring), an
+        unknown name, a missing file, or a file whose hash differs from the manifest.
+      ValueError: arrays that do not fit the model.
+    """
+    from ood_jax.train.state import split_model
+
+    folder, _ = _manifest(root)
+    entry = info(name, root)
+    path = folder / entry["file"]
+    if not path.exists():
+        raise PretrainedError(f"published checkpoint {name!r}: {path} is missing.")
+    actual = sha256_file(path)
+    if actual != entry["sha256"]:
+        raise PretrainedError(
+            f"published checkpoint {name!r}: {path} has SHA-256 {actual}, the manifest says "
+            f"{entry['sha256']}; the file is corrupt or was changed (restore it from git)."
+        )
+    with np.load(path) as saved:
+        flat = {k: saved[k] for k in saved.files}
+    model_def, params, batch_stats = split_model(build(entry["model"]))
+    params = _unflatten_like(params, flat, "params", str(path))
+    batch_stats = _unflatten_like(batch_stats, flat, "batch_stats", str(path))
+    expected = len(jax.tree.leaves(params)) + len(jax.tree.leaves(batch_stats))
+    if expected != len(flat):
+        extra = sorted(
+            set(flat) - set(_flatten(params, "params")) - set(_flatten(batch_stats, "batch_stats"))
+        )
+        raise ValueError(f"{path}: arrays the model does not have: {extra[:5]}.")
+    return model_def.merge(params, batch_stats, train=False, key=None)
+
+
+def export(
+    folder: str | os.PathLike,
+    name: str,
+    *,
+    params: Any,
+    batch_stats: Any,
+    entry: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Writes ``name``'s ``.npz`` under ``folder`` and its entry into ``manifest.json``.
+
+    ``entry`` gives the model identity (``model``), dataset, normalization and
+    whatever else describes the run; the file, its SHA-256 and size are added.
+    Returns the entry as written.
+    """
+    folder = Path(folder)
+    rel = Path(*name.split("/")).with_suffix(".npz")
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {**_flatten(params, "params"), **_flatten(batch_stats, "batch_stats")}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+    os.replace(tmp, path)
+    written = {
+        **dict(entry),
+        "file": rel.as_posix(),
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+    }
+    manifest_path = folder / MANIFEST
+    manifest = {}
+    if manifest_path.exists():
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    manifest[name] = written
+    tmp_manifest = manifest_path.with_suffix(".json.tmp")
+    with open(tmp_manifest, "w") as f:
+        json.dump(dict(sorted(manifest.items())), f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp_manifest, manifest_path)
+    return written
