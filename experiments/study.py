@@ -211,6 +211,7 @@ def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
     format, with ``manifest.json``); runs already published at their final step are
     left as they are. Returns the names published now."""
     from experiments.checkpoints import restore_workdir
+    from experiments.study_report import load_runs
     from ood_jax import pretrained
 
     try:
@@ -218,13 +219,9 @@ def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
     except pretrained.PretrainedError:
         have = {}
     done = []
-    for run in runs:
+    for entry in load_runs(root, runs).values():
+        run, results = entry["run"], entry["results"]
         workdir = os.path.join(root, run.name)
-        results_path = os.path.join(workdir, "eval", "results.json")
-        if not os.path.exists(results_path):
-            continue
-        with open(results_path) as f:
-            results = json.load(f)
         step = results["checkpoint"]["step"]
         name = published_name(run, results)
         if name in have and have[name]["step"] == step:
