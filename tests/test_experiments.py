@@ -382,7 +382,7 @@ def test_resume_rejects_changed_settings_and_repairs_a_torn_log(tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_143_and_a_second_run_is_refused(tmp_path):
     import signal
     import time
 
@@ -404,6 +404,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     deadline = time.time() + 240
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.5)  # the first epoch is done: compiled and training
+    # A second run on the workdir while that process trains: refused at once.
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert second.stderr.strip() == (
+        f"error: another run (process {proc.pid}) is using {str(run)!r}; wait for it to "
+        "finish or choose another --workdir."
+    )
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
