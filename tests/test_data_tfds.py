@@ -55,7 +55,10 @@ def test_shard_bounds_equal_tfds_even_splits(num, count):
 class _OfflineBuilder:
     """Stands in for a tfds builder on a machine without internet."""
 
-    def download_and_prepare(self):
+    def is_prepared(self):
+        return False
+
+    def download_and_prepare(self, **kwargs):
         raise ConnectionError("Failed to reach http://ufldl.stanford.edu/housenumbers/\nretries")
 
 
@@ -91,11 +94,12 @@ def test_name_and_split_mapping(monkeypatch, name, split, limit, expected):
     class Builder:
         def __init__(self, tfds_name):
             self.tfds_name = tfds_name
+            self.info = type("Info", (), {"file_format": "array_record"})()
 
-        def download_and_prepare(self):
-            pass
+        def is_prepared(self):
+            return True
 
-        def as_dataset(self, split, shuffle_files):
+        def as_data_source(self, split):
             seen.append((self.tfds_name, split))
             raise RuntimeError("stop after recording the request")
 

@@ -13,6 +13,7 @@ local files instead (the check itself still runs).
 import functools
 import http.server
 import io
+import os
 import tarfile
 import threading
 
@@ -128,3 +129,51 @@ def test_cifar10_and_svhn_from_tfds_builders(tmp_path, local_internet):
     ood = data.load_dataset("svhn", "test", tfds_data_dir=data_dir)
     assert ood.num_classes == 10
     assert as_pairs(ood.images, ood.labels) == as_pairs(*mats["test"])
+
+
+NO_TENSORFLOW = """
+import importlib.abc, importlib.util, sys
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):  # as if TensorFlow were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTensorFlow())
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] == "tensorflow" else _find_spec(name, package)
+)
+import numpy as np
+from ood_jax import data
+
+ds = data.load_dataset("cifar10", "test", tfds_data_dir=sys.argv[1])
+np.savez(sys.argv[2], images=ds.images, labels=ds.labels)
+print(ds.source, "tensorflow" in sys.modules)
+"""
+
+
+def test_a_prepared_dataset_is_read_without_tensorflow(tmp_path, local_internet):
+    import subprocess
+    import sys
+
+    serve, register = local_internet
+    archive = cifar_archive(serve, np.random.default_rng(1))
+    register(cifar.Cifar10, [CIFAR_URL])
+    data_dir = tmp_path / "tfds"
+    prepared = data.load_dataset("cifar10", "test", tfds_data_dir=data_dir)  # with TensorFlow
+    assert prepared.source.endswith("(array_record)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TENSORFLOW, str(data_dir), str(tmp_path / "read.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "False"  # TensorFlow never imported
+    read = np.load(tmp_path / "read.npz")
+    np.testing.assert_array_equal(read["images"], prepared.images)
+    np.testing.assert_array_equal(read["labels"], prepared.labels)
+    assert as_pairs(read["images"], read["labels"]) == as_pairs(*archive["test_batch.bin"])

@@ -2,8 +2,8 @@
 
 Design: the datasets of the papers are CIFAR-scale (at most a few hundred
 thousand 32x32 images, 150 MB per 50,000), so every source -- tfds
-(``tfds.load`` / ``tfds.as_numpy``), the offline npz files, image folders, NumPy
-arrays, synthetic noise -- is materialized once as an in-memory
+(prepared as ``array_record`` and read through ``tfds.data_source``), the offline
+npz files, image folders, NumPy arrays, synthetic noise -- is materialized once as an in-memory
 :class:`ImageDataset` (uint8 ``[N, 32, 32, 3]`` + int32 labels). The pipeline is
 then vectorized NumPy on those arrays (one gather per batch for crop + flip, one
 multiply-add to normalize) with a background prefetch thread, instead of
@@ -16,7 +16,9 @@ tf.data or grain:
 * determinism and exact resumption are simple: the batch at global step ``s`` is a
   pure function of ``(seed, s)`` (:mod:`ood_jax.data.pipeline`), so a checkpoint
   stores one integer, and the global batch does not depend on the process count;
-* TensorFlow is imported only when a tfds source is loaded.
+* TensorFlow is not needed to read data: only tfds's builders need it, once, to
+  prepare a tfds dataset (``pip install 'ood_jax[prepare]'``); a TPU runtime
+  without TensorFlow reads prepared tfds datasets and the offline files.
 
 Batches are ``{"image": float32 [b, 32, 32, 3], "label": int32 [b], "mask": bool [b]}``
 per process, normalized with the dataset's constants (:data:`CIFAR10_MEAN` /

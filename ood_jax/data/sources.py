@@ -184,56 +184,78 @@ def from_tfds(
 ) -> ImageDataset:
     """Materializes a tfds split as an :class:`ImageDataset`.
 
-    32x32 datasets are read in batches of 1,024 through tf.data; others are
-    converted per image (resize shorter side to 32 bilinear, centre crop,
-    grayscale -> RGB), once. Labels come from the ``label`` feature (-1 if absent).
+    A dataset that is not prepared yet is downloaded and prepared in tfds's
+    ``array_record`` format, which is then read through ``tfds.data_source``: random
+    access, images decoded with PIL, **no TensorFlow**. Preparing runs tfds's
+    builders, which need TensorFlow (``pip install tensorflow-cpu``); a dataset
+    prepared before in the ``tfrecord`` format is read through TensorFlow. Grain is
+    not needed: the split is read once into memory (CIFAR-sized data), and the
+    project's own pipeline shards, shuffles and resumes it.
+
+    32x32 images are kept as they are; others are converted (resize shorter side to
+    32 bilinear, centre crop, grayscale -> RGB). Labels come from the ``label``
+    feature (-1 if absent).
 
     Raises:
-      DatasetUnavailableError: the dataset is not prepared and cannot be downloaded;
-        the message says how to use local files instead.
+      DatasetUnavailableError: the dataset is not prepared and cannot be downloaded
+        or prepared; the message says how to use local files instead.
     """
-    import tensorflow_datasets as tfds  # Lazy: importing TensorFlow costs seconds.
+    import tensorflow_datasets as tfds
 
     name = name or tfds_name
     try:
         builder = tfds.builder(tfds_name, data_dir=data_dir)
-        if download:
-            builder.download_and_prepare()
-        ds = builder.as_dataset(split=split, shuffle_files=False)
+        if download and not builder.is_prepared():
+            builder.download_and_prepare(file_format="array_record")
+        array_record = str(builder.info.file_format).lower().endswith("array_record")
+        if array_record:
+            source = builder.as_data_source(split=split)
+            examples = _data_source_examples(source)
+        else:
+            examples = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+        features = builder.info.features
+        label_feature = features["label"] if "label" in features.keys() else None
+        images, labels = [], []
+        for i, ex in enumerate(examples):
+            images.append(_to_32x32(ex["image"], where=f"tfds {tfds_name} {split}, example {i}"))
+            labels.append(int(ex["label"]) if label_feature else -1)
+    except DatasetUnavailableError:
+        raise
     except Exception as err:  # tfds raises many types (network, missing module, manual dir).
         raise DatasetUnavailableError(
             _unavailable_message(name, tfds_name, split, err, offline)
         ) from None
-    features = builder.info.features
-    label_feature = features["label"] if "label" in features.keys() else None
     if num_classes is None:
         num_classes = int(getattr(label_feature, "num_classes", 0) or 0)
-    image_shape = tuple(ds.element_spec["image"].shape)
-    images, labels = [], []
-    if image_shape == (IMAGE_SIZE, IMAGE_SIZE, 3):
-        for batch in tfds.as_numpy(ds.batch(1024)):
-            images.append(batch["image"])
-            labels.append(batch["label"] if label_feature else np.full(len(batch["image"]), -1))
-        images = np.concatenate(images) if images else np.zeros((0, 32, 32, 3), np.uint8)
-    else:
-        from PIL import Image
-
-        out = []
-        for i, ex in enumerate(tfds.as_numpy(ds)):
-            pixels = ex["image"][..., 0] if ex["image"].shape[-1] == 1 else ex["image"]
-            out.append(
-                decode.convert_image(
-                    Image.fromarray(pixels),
-                    size=(IMAGE_SIZE, IMAGE_SIZE),
-                    resize="shorter_side_crop",
-                    where=f"tfds {tfds_name} {split}, example {i}",
-                )
-            )
-            labels.append(np.asarray([ex["label"] if label_feature else -1]))
-        images = np.stack(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
-    labels = np.concatenate(labels).astype(np.int32) if labels else np.zeros((0,), np.int32)
     return ImageDataset(
-        images, labels, name=name, num_classes=num_classes, source=f"tfds {builder.info.full_name}"
+        np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
+        np.asarray(labels, np.int32),
+        name=name,
+        num_classes=num_classes,
+        source=f"tfds {builder.info.full_name}" + (" (array_record)" if array_record else ""),
+    )
+
+
+def _data_source_examples(source, chunk: int = 1024):
+    """Every example of a ``tfds.data_source``, in order, fetched ``chunk`` at a time."""
+    for start in range(0, len(source), chunk):
+        indices = list(range(start, min(start + chunk, len(source))))
+        yield from source.__getitems__(indices)
+
+
+def _to_32x32(pixels: np.ndarray, *, where: str) -> np.ndarray:
+    pixels = np.asarray(pixels)
+    if pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3):
+        return pixels.astype(np.uint8, copy=False)
+    from PIL import Image
+
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    return decode.convert_image(
+        Image.fromarray(pixels),
+        size=(IMAGE_SIZE, IMAGE_SIZE),
+        resize="shorter_side_crop",
+        where=where,
     )
 
 
@@ -251,6 +273,13 @@ def _unavailable_message(
         "or use the name 'npz:/path/file.npz' / 'folder:/path/root'; or prepare it with "
         "tfds on a machine with internet and pass tfds_data_dir=.",
     ]
+    if "tensorflow" in str(err).lower() and isinstance(err, ImportError):
+        lines.insert(
+            1,
+            "Preparing a tfds dataset runs tfds's builders, which need TensorFlow: "
+            "pip install 'ood_jax[prepare]' (or tensorflow-cpu) once; reading a prepared "
+            "dataset does not.",
+        )
     if offline:
         lines.append(
             f"An offline stand-in exists: load_dataset({offline!r}, ...) reads it from "
