@@ -230,6 +230,17 @@ def _train_and_evaluate(
     return summary
 
 
+def ood_set_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The OOD sets of a run: ``config.eval.ood_sets``, else the dataset's suite, taken
+    from its offline stand-in when the data is not from tfds (the tfds suite would
+    download)."""
+    spec = D.get_dataset_spec(config.data.dataset)
+    suite = spec.ood_suite
+    if config.data.source != "tfds" and spec.offline_alternative:
+        suite = D.get_dataset_spec(spec.offline_alternative).ood_suite or suite
+    return [n for n in (config.eval.ood_sets or suite) if n]
+
+
 def ood_report(
     config: ml_collections.ConfigDict,
     model: nnx.Module,
@@ -256,7 +267,7 @@ def ood_report(
 
     spec = D.get_dataset_spec(config.data.dataset)
     e = config.eval
-    names = [n for n in (e.ood_sets or spec.ood_suite) if n]
+    names = ood_set_names(config)
     if not names:
         raise cli.UsageError(
             f"config.eval.ood_sets is empty and {config.data.dataset!r} has no default OOD "

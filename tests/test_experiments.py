@@ -67,6 +67,25 @@ def test_paper_preset_records_the_papers_hyperparameters():
         presets.get_config("huge")
 
 
+def test_paper_preset_evaluates_on_sets_its_data_source_can_provide():
+    from experiments.train import ood_set_names
+    from ood_jax import data as D
+
+    # From tfds: only sets tfds downloads by itself (no offline files, no manual step).
+    names = ood_set_names(parse([], preset="paper"))
+    assert names == ["svhn", "textures"]
+    for name in names:
+        spec = D.get_dataset_spec(name)
+        assert spec.tfds_name and not spec.local_only and not spec.offline, name
+    # From the offline files: the offline sets, never a download.
+    offline = ood_set_names(parse(["--config.data.source=local"], preset="paper"))
+    assert offline == ["tinyimagenet_crop", "tinyimagenet_resize", "textures_partial"]
+    assert all(D.get_dataset_spec(n).offline for n in offline)
+    # Named sets win.
+    named = parse(["--config.eval.ood_sets=gaussian"], preset="paper")
+    assert ood_set_names(named) == ["gaussian"]
+
+
 def test_cifar100_takes_its_own_objective_values():
     # The dataset spec's values (Liu et al.'s -27/-5; LogitNorm authors' tau for CIFAR-100).
     c = parse(["--config.data.dataset=cifar100", "--config.objective.name=energy"])
