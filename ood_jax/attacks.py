@@ -24,6 +24,7 @@ device from the batch and the step key) as well as in the evaluation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,84 @@ def log_confidence(logits: jax.Array) -> jax.Array:
     return jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
+class PGDState(NamedTuple):
+    """An attack in progress: the start ``x0``, the iterate ``x``, and per example the
+    most confident point so far and its log-confidence."""
+
+    x0: jax.Array
+    x: jax.Array
+    best: jax.Array
+    best_conf: jax.Array
+
+
+def pgd_start(
+    images: jax.Array, key: jax.Array, *, eps: float, random_start: bool = True
+) -> PGDState:
+    """The :class:`PGDState` before the first step of :func:`pgd_confidence`."""
+    _check_images(images, "pgd_confidence")
+    x0 = images if jnp.issubdtype(images.dtype, jnp.floating) else images.astype(jnp.float32)
+    start = x0
+    if random_start:
+        k_scale, k_dir = jax.random.split(key)
+        scale = jax.random.uniform(k_scale, (x0.shape[0], 1, 1, 1))
+        offset = scale * jax.random.uniform(k_dir, x0.shape, minval=-eps, maxval=eps)
+        start = _project(x0 + offset, x0, eps)
+    conf = jnp.full((x0.shape[0],), -jnp.inf, jnp.promote_types(x0.dtype, jnp.float32))
+    return PGDState(x0, start, start, conf)
+
+
+def pgd_advance(
+    apply_logits: Callable[[jax.Array], jax.Array],
+    state: PGDState,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    unroll: bool | None = None,
+) -> PGDState:
+    """``steps`` steps of :func:`pgd_confidence` from ``state`` (see there)."""
+
+    def confidences_and_grads(x):
+        # The gradient of the summed confidences: for a model that treats examples
+        # independently (evaluation mode), row i is example i's own input gradient, at
+        # the cost of one batched backward pass.
+        conf, vjp = jax.vjp(lambda e: log_confidence(apply_logits(e)), x)
+        return conf, vjp(jnp.ones_like(conf))[0]
+
+    def body(_, carry):
+        x, best, best_conf = carry
+        conf, grad = confidences_and_grads(x)  # x's confidence comes with its gradient
+        best, best_conf = _keep_best(x, conf, best, best_conf)
+        return _project(x + step_size * jnp.sign(grad), state.x0, eps), best, best_conf
+
+    carry = (state.x, state.best, state.best_conf)
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu"
+    if unroll:  # what fori_loop(..., unroll=True) means, also for a single step
+        for i in range(steps):
+            carry = body(i, carry)
+    else:
+        carry = jax.lax.fori_loop(0, steps, body, carry)
+    return PGDState(state.x0, *carry)
+
+
+def pgd_finish(apply_logits: Callable[[jax.Array], jax.Array], state: PGDState) -> jax.Array:
+    """The attacked images: per example the most confident of all points visited, the
+    last iterate included (its one extra forward pass)."""
+    last = log_confidence(apply_logits(state.x))
+    best, _ = _keep_best(state.x, last, state.best, state.best_conf)
+    return jax.lax.stop_gradient(best).astype(state.x0.dtype)
+
+
+def _project(x: jax.Array, x0: jax.Array, eps: float) -> jax.Array:
+    return jnp.clip(jnp.clip(x, x0 - eps, x0 + eps), 0.0, 1.0)
+
+
+def _keep_best(x, conf, best, best_conf):
+    improved = conf > best_conf
+    return jnp.where(improved[:, None, None, None], x, best), jnp.where(improved, conf, best_conf)
+
+
 def pgd_confidence(
     apply_logits: Callable[[jax.Array], jax.Array],
     images: jax.Array,
@@ -171,8 +250,12 @@ def pgd_confidence(
       random_start: start from a random point of the ball instead of ``x_0``.
       unroll: unroll the ``fori_loop`` (default: on the CPU backend only, where XLA
         runs convolutions inside a rolled loop about 3x slower: 1.0 s against
-        0.31 s per step for ResNet-9 at batch 128, benchmarks/results/acet_cost.md;
-        unrolling costs compile time, a few seconds per step).
+        0.31 s per step for ResNet-9 at batch 128, benchmarks/results/acet_cost.md).
+        Unrolling costs compile time (a few seconds per step) and memory: every
+        step's buffers stay allocated (about 1.2 MB per image per step for ResNet-9
+        width 16). A long attack on CPU is better run in chunks of steps, each its
+        own call of :func:`pgd_advance` between :func:`pgd_start` and
+        :func:`pgd_finish`, as the evaluation's adversarial-noise set does.
 
     Cost: ``steps`` forward+backward passes and one forward pass over the batch
     (each iterate's confidence comes with its gradient; only the last needs its
@@ -182,51 +265,7 @@ def pgd_confidence(
       ``[B, H, W, C]`` images within ``eps`` of ``images`` and in ``[0, 1]``: per
       example, the most confident of the start and all iterates.
     """
-    _check_images(images, "pgd_confidence")
-    x0 = images if jnp.issubdtype(images.dtype, jnp.floating) else images.astype(jnp.float32)
     alpha = (eps / max(steps, 1)) if step_size is None else step_size
-
-    def project(x):
-        return jnp.clip(jnp.clip(x, x0 - eps, x0 + eps), 0.0, 1.0)
-
-    def confidences_and_grads(x):
-        # The gradient of the summed confidences: for a model that treats examples
-        # independently (evaluation mode), row i is example i's own input gradient, at
-        # the cost of one batched backward pass.
-        conf, vjp = jax.vjp(lambda e: log_confidence(apply_logits(e)), x)
-        return conf, vjp(jnp.ones_like(conf))[0]
-
-    start = x0
-    if random_start:
-        k_scale, k_dir = jax.random.split(key)
-        scale = jax.random.uniform(k_scale, (x0.shape[0], 1, 1, 1))
-        start = project(x0 + scale * jax.random.uniform(k_dir, x0.shape, minval=-eps, maxval=eps))
-
-    def keep_best(x, conf, best, best_conf):
-        improved = conf > best_conf
-        return jnp.where(improved[:, None, None, None], x, best), jnp.where(
-            improved, conf, best_conf
-        )
-
-    def body(_, carry):
-        x, best, best_conf = carry
-        conf, grad = confidences_and_grads(x)  # x's confidence comes with its gradient
-        best, best_conf = keep_best(x, conf, best, best_conf)
-        return project(x + alpha * jnp.sign(grad)), best, best_conf
-
-    init = (
-        start,
-        start,
-        jnp.full((x0.shape[0],), -jnp.inf, jnp.promote_types(x0.dtype, jnp.float32)),
-    )
-    if unroll is None:
-        unroll = jax.default_backend() == "cpu"
-    if unroll:  # what fori_loop(..., unroll=True) means, also for a single step
-        carry = init
-        for i in range(steps):
-            carry = body(i, carry)
-        x, best, best_conf = carry
-    else:
-        x, best, best_conf = jax.lax.fori_loop(0, steps, body, init)
-    best, _ = keep_best(x, log_confidence(apply_logits(x)), best, best_conf)  # the last iterate
-    return jax.lax.stop_gradient(best).astype(images.dtype)
+    state = pgd_start(images, key, eps=eps, random_start=random_start)
+    state = pgd_advance(apply_logits, state, eps=eps, step_size=alpha, steps=steps, unroll=unroll)
+    return pgd_finish(apply_logits, state).astype(images.dtype)

@@ -13,6 +13,7 @@ from flax import nnx
 from sklearn.metrics import roc_auc_score
 
 from ood_jax import data as D
+from ood_jax import sharding
 from ood_jax.evaluate import markdown_report, run_evaluation
 from ood_jax.evaluate import plots as plots_module
 from ood_jax.models import create_model
@@ -255,6 +256,37 @@ def test_mmc_and_the_adversarial_noise_set(trained):
     assert results["mmc"]["colors"] == pytest.approx(conf(D.normalize(id_test.images)).mean())
     assert results["data"]["ood"][NAME]["num_examples"] == 12
     assert "attacked" in results["data"]["ood"][NAME]["source"]
+
+
+def test_the_chunked_attack_equals_one_call_of_pgd(trained, monkeypatch):
+    # The adversarial-noise set runs PGD in chunks of steps (memory); the result must
+    # be the attack of one pgd_confidence call on the same batch and key.
+    import jax
+
+    from ood_jax import attacks
+    from ood_jax.evaluate import ForwardPass
+    from ood_jax.evaluate import adversarial as A
+
+    model, _ = trained
+    mean, std = np.asarray(D.CIFAR10_MEAN, np.float32), np.asarray(D.CIFAR10_STD, np.float32)
+    monkeypatch.setattr(A, "CHUNK_STEPS", 3)  # 7 steps = 3 + 3 + 1
+    chunked = A.adversarial_noise(
+        ForwardPass(model, mesh=sharding.make_mesh(1)),
+        8,
+        seed=5,
+        mean=mean,
+        std=std,
+        eps=0.1,
+        steps=7,
+        batch_size=8,
+    )
+    rng = np.random.default_rng(A.set_seed(5, A.NAME))
+    noise = rng.uniform(0.0, 1.0, (8, 32, 32, 3)).astype(np.float32)
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(int(rng.integers(2**31))), 0))
+    whole = attacks.pgd_confidence(
+        lambda u: model((u - mean) / std)[0], noise, key, eps=0.1, steps=7
+    )
+    np.testing.assert_allclose(chunked.images, (np.asarray(whole) - mean) / std, atol=1e-5)
 
 
 def test_a_killed_evaluations_temporary_folder_is_removed_by_the_next(tmp_path):

@@ -22,6 +22,10 @@ from ood_jax.evaluate.forward import ForwardPass
 from ood_jax.evaluate.protocol import set_seed
 
 NAME = "adversarial_noise"
+# PGD steps per call, and images per attacked batch: memory grows with both
+# (unrolled steps keep their buffers), time per image does not.
+CHUNK_STEPS = 8
+ATTACK_BATCH = 128
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,17 +78,29 @@ def adversarial_noise(
         )
     m = jnp.asarray(mean, jnp.float32)
     s = jnp.asarray(std, jnp.float32)
+    alpha = eps / max(steps, 1)
 
-    def attack(apply_logits, images01, key):
-        attacked = attacks.pgd_confidence(
-            lambda u: apply_logits((u - m) / s), images01, key, eps=eps, steps=steps
+    def logits_01(apply_logits):
+        return lambda u: apply_logits((u - m) / s)
+
+    # The attack runs in chunks of at most CHUNK_STEPS unrolled steps, each its own
+    # call: unrolled steps are fast on CPU but keep every step's buffers, so 40 steps
+    # in one call of a batch of 500 need about 24 GB.
+    start = forward.bind(lambda apply, images01, key: attacks.pgd_start(images01, key, eps=eps))
+    advance = {
+        n: forward.bind(
+            lambda apply, state, n=n: attacks.pgd_advance(
+                logits_01(apply), state, eps=eps, step_size=alpha, steps=n
+            )
         )
-        return (attacked - m) / s
-
-    call = forward.bind(attack)
+        for n in {min(CHUNK_STEPS, steps), steps % CHUNK_STEPS} - {0}
+    }
+    finish = forward.bind(
+        lambda apply, state: (attacks.pgd_finish(logits_01(apply), state) - m) / s
+    )
     rng = np.random.default_rng(set_seed(seed, NAME))
     noise = rng.uniform(0.0, 1.0, (num, *image_shape)).astype(np.float32)
-    b = -(-min(batch_size, num) // forward.num_shards) * forward.num_shards
+    b = -(-min(batch_size, ATTACK_BATCH, num) // forward.num_shards) * forward.num_shards
     root = jax.random.key(int(rng.integers(2**31)))
     out = []
     for i, lo in enumerate(range(0, num, b)):
@@ -92,7 +108,10 @@ def adversarial_noise(
         padded = np.zeros((b, *image_shape), np.float32)
         padded[: len(part)] = part
         key = jax.random.key_data(jax.random.fold_in(root, i))
-        out.append(np.asarray(call(padded, key))[: len(part)])
+        state = start(padded, key)
+        for done in range(0, steps, CHUNK_STEPS):
+            state = advance[min(CHUNK_STEPS, steps - done)](state)
+        out.append(np.asarray(finish(state))[: len(part)])
     source = (
         f"uniform noise attacked against this model: L-inf PGD eps {eps}, {steps} steps, "
         f"maximizing confidence (seed {set_seed(seed, NAME)})"
