@@ -194,7 +194,18 @@ def run_study(
         elapsed = time.perf_counter() - start
         _log(root, {"run": run.name, "event": "end", "rc": done.returncode, "seconds": elapsed})
         if done.returncode != 0:
-            raise SystemExit(done.returncode)
+            how = (
+                f"was killed by signal {-done.returncode}"
+                + (" (SIGKILL: out of memory?)" if done.returncode == -9 else "")
+                if done.returncode < 0
+                else f"exited with status {done.returncode}"
+            )
+            print(
+                f"[{i}/{len(todo)}] {run.name} {how}; the study stops here. Its workdir keeps "
+                "its checkpoints: run the same command again to resume.",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
         durations.append(elapsed)
         print(f"[{i}/{len(todo)}] {run.name}: done in {_minutes(elapsed)}", flush=True)
     return all(state_of(r, root) == "done" for r in plan(epochs))
