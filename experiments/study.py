@@ -211,10 +211,21 @@ def run_study(
     return all(state_of(r, root) == "done" for r in plan(epochs))
 
 
+def data_name(config: dict) -> str:
+    """The dataset a run actually trained on: ``cifar10`` from the offline files is
+    ``cifar10_jpeg`` (their images went through JPEG)."""
+    from ood_jax import data as D
+
+    spec = D.get_dataset_spec(config["data"]["dataset"])
+    if config["data"]["source"] == "local" and spec.offline_alternative:
+        return spec.offline_alternative
+    return spec.name
+
+
 def published_name(run: Run, results: dict) -> str:
     """``<dataset>/<model>/<run>``: ``cifar10_jpeg/resnet9/logitnorm/seed0`` (sweep runs:
     ``cifar10_jpeg/resnet9/sweep/<variant>/seed0``)."""
-    return f"{results['config']['data']['dataset']}/{results['model']['name']}/{run.name}"
+    return f"{data_name(results['config'])}/{results['model']['name']}/{run.name}"
 
 
 def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
@@ -245,7 +256,7 @@ def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
             batch_stats=batch_stats,
             entry={
                 "model": metadata["model"],
-                "dataset": metadata["config"]["data"]["dataset"],
+                "dataset": data_name(metadata["config"]),
                 "normalization": results["data"]["normalization"],
                 "method": run.method,
                 "seed": run.seed,

@@ -353,7 +353,7 @@ def plot_feature_norms(main: Mapping[str, list[dict]], path: str) -> bool:
         ax.set_xlabel("feature norm ||z||")
         ax.set_ylabel("density")
         ax.set_title(f"{METHOD_NAMES[method]} (seed {main[method][0]['run'].seed})", fontsize=9)
-        ax.legend(fontsize=7, loc="best", framealpha=0.7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     P._save(fig, path)
     return True
 
@@ -370,13 +370,14 @@ def plot_score_histograms(main: Mapping[str, list[dict]], path: str) -> bool:
         sets = real_sets(_saved_sets(saved, score))
         ood = np.concatenate([saved[f"ood/{s}/{score}"] for s in sets])
         edges = P.robust_edges(id_values, ood)
-        for name, values in (("ID test", id_values), ("OOD: " + ", ".join(sets), ood)):
+        ood_label = "real OOD sets" if sets == [x for x in REAL if x in sets] else "OOD sets"
+        for name, values in (("ID test", id_values), (ood_label, ood)):
             shown, _ = P.clipped(values, edges)
             ax.hist(shown, bins=edges, density=True, alpha=0.5, histtype="stepfilled", label=name)
         ax.set_xlabel(f"{score} (higher = more in-distribution)", fontsize=8)
         ax.set_ylabel("density", fontsize=8)
         ax.set_title(f"{METHOD_NAMES[method]}", fontsize=9)
-        ax.legend(fontsize=7, loc="best", framealpha=0.7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.suptitle("Each method's own score: ID vs the real OOD sets (seed 0)", fontsize=10)
     P._save(fig, path)
     return True
