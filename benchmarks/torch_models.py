@@ -5,6 +5,8 @@ an ood_jax dependency: ``pip install torch==2.13.0``).
   conv stride 1, no max-pool; BasicBlock; PyTorch default initialization).
 - ``WideResNet``: hendrycks/outlier-exposure ``CIFAR/models/wrn.py`` (the
   LogitNorm / energy repositories' WRN; pre-activation blocks, dropout).
+- ``ResNet9``: the DAWNBench ResNet-9 as ``ood_jax.models.ResNet9`` builds it for
+  the ``cpu`` preset (width 16, global max pooling, head with bias).
 """
 
 import math
@@ -125,7 +127,32 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
-MODELS = {"resnet18": ResNet18, "wrn40_2": WideResNet}
+def _conv_bn(cin, cout, pool):
+    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+
+class ResNet9(nn.Module):
+    def __init__(self, num_classes=10, width=16):
+        super().__init__()
+        w = width
+        self.prep = _conv_bn(3, w, False)
+        self.layer1 = _conv_bn(w, 2 * w, True)
+        self.res1 = nn.Sequential(_conv_bn(2 * w, 2 * w, False), _conv_bn(2 * w, 2 * w, False))
+        self.layer2 = _conv_bn(2 * w, 4 * w, True)
+        self.layer3 = _conv_bn(4 * w, 8 * w, True)
+        self.res3 = nn.Sequential(_conv_bn(8 * w, 8 * w, False), _conv_bn(8 * w, 8 * w, False))
+        self.fc = nn.Linear(8 * w, num_classes)
+
+    def forward(self, x):
+        x = self.layer1(self.prep(x))
+        x = x + self.res1(x)
+        x = self.layer3(self.layer2(x))
+        x = x + self.res3(x)
+        return self.fc(F.adaptive_max_pool2d(x, 1).flatten(1))
+
+
+MODELS = {"resnet18": ResNet18, "wrn40_2": WideResNet, "resnet9": ResNet9}
 
 
 def num_params(model: nn.Module) -> int:

@@ -1,234 +1,374 @@
-"""Train-step throughput: ood_jax (JAX/Flax NNX) vs PyTorch on CPU, same run.
-
-Times one optimizer step (forward, backward, SGD momentum 0.9 Nesterov with
-weight decay 5e-4, cross-entropy or LogitNorm loss) for WRN-40-2 and ResNet-18
-at batch 128, float32, and prints images/s (median over rounds after
-compilation/warm-up) with the ratio JAX / PyTorch. JAX and PyTorch rounds are
-interleaved so that load from other processes hits both alike.
+"""Train-step throughput, ood_jax (JAX/Flax NNX) against PyTorch on CPU, measured fairly.
 
     pip install torch==2.13.0   # benchmark only; not an ood_jax dependency
-    python benchmarks/train_throughput.py --models wrn40_2,resnet18 --steps 2 --rounds 3
+    python benchmarks/train_throughput.py --models resnet18,wrn40_2,resnet9 \\
+        --objectives ce,logitnorm,oe,acet --steps 3 --rounds 5
+
+One optimizer step: forward, backward, SGD (momentum 0.9, Nesterov, weight
+decay 5e-4), batch 128, float32, 32x32x3 inputs. Objectives: ``ce``;
+``logitnorm`` (tau 0.04); ``oe`` (128 images + 256 outliers in one forward
+pass, outlier-exposure term weight 0.5: the cost of OE and energy fine-tuning);
+``acet`` (128 noise images attacked by ``--acet-steps`` PGD steps in evaluation
+mode, then one forward-backward pass over the 256 images).
+
+How it measures:
+
+- each framework runs in its **own process** (a worker), so one framework's
+  idle thread pool cannot take CPU from the other; the driver sends the workers
+  "run N steps" in turn, alternating them round by round, with a pause between;
+- thread counts are pinned (``--threads``: ``torch.set_num_threads`` and
+  ``OMP_NUM_THREADS``; XLA's CPU pool has one thread per core);
+- the machine must be quiet: the load average and the CPU time taken by other
+  processes are recorded before, during (per round) and after. If the 1-minute
+  load is 1 or more at the start, or other processes took more than 10% of the
+  CPU during the timed rounds, the table is marked INVALID (``--require-quiet``
+  refuses to start instead);
+- per framework: median images/s over rounds and the spread (min-max); the
+  ratio is the median of the per-round ratios (same-run ratio).
 
 The JAX step is ``ood_jax.train.make_train_step`` jitted by
-``ood_jax.train.compile_train_step`` (state donated) on a one-device mesh.
-``--xla-flags`` replaces the tuned default XLA flags (see
-benchmarks/results/train_throughput.md for what each flag gave).
+``compile_train_step`` (state donated) on a one-device mesh, with the XLA flag
+the experiments use (``experiments/__init__.py``). PyTorch runs the reference
+models of ``benchmarks/torch_models.py`` in NCHW; parameter counts are checked
+equal.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-# Tuned on the 2-core CPU benchmark machine; see the "attempts" table in
-# benchmarks/results/train_throughput.md.
-# YNNPACK fusions for dots, elementwise ops and reductions: XLA:CPU then runs the
-# convolution weight gradients (the slowest part of the step) about twice as fast.
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+MODELS = ("resnet18", "wrn40_2", "resnet9")
+OBJECTIVES = ("ce", "logitnorm", "oe", "acet")
+OTHERS_LIMIT = 0.10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="wrn40_2,resnet18", help="comma-separated")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved JAX/torch rounds")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads")
-    parser.add_argument("--loss", choices=("ce", "logitnorm"), default="ce")
-    parser.add_argument("--frameworks", default="jax,torch", help="jax and/or torch")
-    parser.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this run")
-    parser.add_argument("--output", type=Path, default=None, help="write the table here")
-    args = parser.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
-    args.frameworks = [f for f in args.frameworks.split(",") if f]
-    for name in args.models:
-        if name not in ("wrn40_2", "resnet18"):
-            parser.error(f"--models: unknown model {name!r}; choose from wrn40_2, resnet18")
-    for name in args.frameworks:
-        if name not in ("jax", "torch"):
-            parser.error(f"--frameworks: unknown framework {name!r}; choose from jax, torch")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet18,wrn40_2,resnet9")
+    p.add_argument("--objectives", default="ce")
+    p.add_argument("--frameworks", default="jax,torch")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per framework")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--acet-steps", type=int, default=5, help="PGD steps of the acet objective")
+    p.add_argument("--pause", type=float, default=1.0, help="seconds between timed rounds")
+    p.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS)
+    p.add_argument("--require-quiet", action="store_true", help="refuse to run on a busy machine")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="first wait up to this many seconds for load < 1 and others' CPU < 10%%",
+    )
+    p.add_argument("--output", type=Path, default=None, help="also write the table here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--objective", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for field, allowed in (
+        ("models", MODELS),
+        ("objectives", OBJECTIVES),
+        ("frameworks", ("jax", "torch")),
+    ):
+        values = [v for v in getattr(args, field).split(",") if v]
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            p.error(f"--{field}: unknown {unknown}; choose from {', '.join(allowed)}")
+        setattr(args, field, values)
     if min(args.batch_size, args.steps, args.rounds, args.threads) < 1:
-        parser.error("--batch-size, --steps, --rounds and --threads must be >= 1")
+        p.error("--batch-size, --steps, --rounds and --threads must be >= 1")
     return args
 
 
-def configure_threads(args: argparse.Namespace) -> None:
-    """Set thread counts and XLA flags; must run before jax/torch are imported."""
-    flags = DEFAULT_XLA_FLAGS if args.xla_flags is None else args.xla_flags
-    os.environ["XLA_FLAGS"] = " ".join(
-        [f for f in (os.environ.get("XLA_FLAGS", ""), flags) if f]
-    ).strip()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# -- workers: build one step, then answer "run N" with the elapsed seconds --------------------
 
 
-# -- JAX ------------------------------------------------------------------------------------
-
-
-def build_jax_step(name: str, batch_size: int, loss: str):
-    """Return ``run(n)`` that performs ``n`` train steps and blocks on the result."""
+def jax_step(name: str, objective: str, args: argparse.Namespace):
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from ood_jax import models, sharding
     from ood_jax import train as train_lib
 
-    model = models.create_model(name, num_classes=10, rngs=nnx.Rngs(0))
+    options = {"width": 16, "pooling": "max"} if name == "resnet9" else {}
+    model = models.create_model(name, num_classes=10, rngs=nnx.Rngs(0), **options)
     tx = train_lib.make_optimizer(0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model_def, state = train_lib.create_train_state(model, tx, seed=0)
-    objective = {"ce": ("ce", {}), "logitnorm": ("logitnorm", {"temperature": 0.04})}[loss]
-    step = train_lib.make_train_step(
-        model_def, tx, train_lib.bind_objective(objective[0], **objective[1])
-    )
+    hparams = {
+        "ce": {},
+        "logitnorm": {"temperature": 0.04},
+        "oe": {"weight": 0.5},
+        "acet": {"attack_steps": args.acet_steps},
+    }[objective]
+    registered = {"oe": "outlier_exposure"}.get(objective, objective)
+    step = train_lib.make_train_step(model_def, tx, train_lib.bind_objective(registered, **hparams))
     mesh = sharding.make_mesh(1)
     compiled = train_lib.compile_train_step(step, mesh)
     rng = np.random.default_rng(0)
-    batch = sharding.global_batch(
-        {
-            "image": rng.standard_normal((batch_size, 32, 32, 3), np.float32),
-            "label": rng.integers(0, 10, batch_size).astype(np.int32),
-            "mask": np.ones(batch_size, bool),
-        },
-        mesh,
-    )
+    b = args.batch_size
+
+    def batch(n):
+        return sharding.global_batch(
+            {
+                "image": rng.standard_normal((n, 32, 32, 3), np.float32),
+                "label": rng.integers(0, 10, n).astype(np.int32),
+                "mask": np.ones(n, bool),
+            },
+            mesh,
+        )
+
+    data = batch(b)
+    aux = batch(2 * b) if objective == "oe" else None
     box = {"state": sharding.replicate(state, mesh)}
 
     def run(n: int) -> None:
         state, metrics = box["state"], None
         for _ in range(n):
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, data, aux)
         jax.block_until_ready((state, metrics))
         box["state"] = state
-        if not bool(jnp.isfinite(metrics["loss"])):
-            raise FloatingPointError(f"JAX {name}: non-finite loss")
 
     return run, train_lib.state.count_params(box["state"])
 
 
-# -- PyTorch --------------------------------------------------------------------------------
-
-
-def build_torch_step(name: str, batch_size: int, loss: str, threads: int):
+def torch_step(name: str, objective: str, args: argparse.Namespace):
     import torch
     import torch.nn.functional as F
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch_models
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = torch_models.MODELS[name](num_classes=10)
-    model.train()
     optimizer = torch.optim.SGD(
         model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
-    images = torch.randn(batch_size, 3, 32, 32)  # PyTorch's native NCHW
-    labels = torch.randint(0, 10, (batch_size,))
+    b = args.batch_size
+    images = torch.randn(b, 3, 32, 32)
+    labels = torch.randint(0, 10, (b,))
+    outliers = torch.randn(2 * b, 3, 32, 32)
 
-    def compute_loss(logits):
-        if loss == "logitnorm":
-            logits = logits / (0.04 * (logits.norm(dim=-1, keepdim=True) + 1e-7))
-        return F.cross_entropy(logits, labels)
+    def attack(noise):
+        # ACET's PGD in evaluation mode: k forward-backward passes w.r.t. the input.
+        model.eval()
+        x = noise.clone()
+        for _ in range(args.acet_steps):
+            x.requires_grad_(True)
+            conf = F.log_softmax(model(x), dim=-1).max(dim=-1).values.sum()
+            (grad,) = torch.autograd.grad(conf, x)
+            x = (x.detach() + 0.3 / args.acet_steps * grad.sign()).clamp(0, 1)
+        model.train()
+        return x.detach()
+
+    def loss_fn():
+        if objective == "ce":
+            return F.cross_entropy(model(images), labels)
+        if objective == "logitnorm":
+            logits = model(images)
+            return F.cross_entropy(
+                logits / (0.04 * (logits.norm(dim=-1, keepdim=True) + 1e-7)), labels
+            )
+        if objective == "oe":
+            logits = model(torch.cat([images, outliers]))
+            out = logits[b:]
+            return F.cross_entropy(logits[:b], labels) + 0.5 * (
+                -(out.mean(1) - torch.logsumexp(out, dim=1)).mean()
+            )
+        noise = attack(torch.rand(b, 3, 32, 32))
+        logits = model(torch.cat([images, noise]))
+        term = F.log_softmax(logits[b:], dim=-1).max(dim=-1).values.mean()
+        return (F.cross_entropy(logits[:b], labels, reduction="sum") + b * term) / (2 * b)
 
     def run(n: int) -> None:
+        model.train()
         for _ in range(n):
             optimizer.zero_grad(set_to_none=True)
-            value = compute_loss(model(images))
-            value.backward()
+            loss = loss_fn()
+            loss.backward()
             optimizer.step()
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"torch {name}: non-finite loss")
 
     return run, torch_models.num_params(model)
+
+
+def worker(args: argparse.Namespace) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if args.worker == "jax":
+        os.environ["XLA_FLAGS"] = args.xla_flags
+        os.environ["OOD_JAX_DEFAULT_XLA_FLAGS"] = "0"
+        sys.path.insert(0, str(ROOT))
+    build = jax_step if args.worker == "jax" else torch_step
+    start = time.perf_counter()
+    run, params = build(args.model, args.objective, args)
+    run(1)  # compile (JAX) or allocate (PyTorch)
+    setup = time.perf_counter() - start
+    run(args.warmup)
+    versions = {"jax": _version("jax"), "torch": _version("torch")}[args.worker]
+    print(
+        json.dumps({"ready": True, "params": params, "setup_s": setup, "version": versions}),
+        flush=True,
+    )
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            return
+        n = int(line.split()[1])
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        run(n)
+        elapsed = time.perf_counter() - t0
+        print(json.dumps({"seconds": elapsed, "cpu_s": time.process_time() - cpu0}), flush=True)
+
+
+def _version(module: str) -> str:
+    return __import__(module).__version__
 
 
 # -- driver ---------------------------------------------------------------------------------
 
 
-def timed(run, steps: int) -> float:
-    start = time.perf_counter()
-    run(steps)
-    return time.perf_counter() - start
+def busy_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine since boot (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
 
 
-def benchmark_model(name: str, args: argparse.Namespace) -> dict:
-    runners, counts, compile_s = {}, {}, {}
-    if "jax" in args.frameworks:
-        start = time.perf_counter()
-        runners["jax"], counts["jax"] = build_jax_step(name, args.batch_size, args.loss)
-        runners["jax"](1)  # compile
-        compile_s["jax"] = time.perf_counter() - start
-    if "torch" in args.frameworks:
-        runners["torch"], counts["torch"] = build_torch_step(
-            name, args.batch_size, args.loss, args.threads
+def others_share(seconds: float = 3.0) -> float:
+    """Fraction of the machine's CPU that processes took over ``seconds`` (us idle)."""
+    b0, t0 = busy_jiffies()
+    time.sleep(seconds)
+    b1, t1 = busy_jiffies()
+    return (b1 - b0) / max(t1 - t0, 1)
+
+
+class Worker:
+    def __init__(self, framework: str, model: str, objective: str, args: argparse.Namespace):
+        argv = [
+            sys.executable,
+            __file__,
+            f"--worker={framework}",
+            f"--model={model}",
+            f"--objective={objective}",
+            f"--threads={args.threads}",
+            f"--batch-size={args.batch_size}",
+            f"--warmup={args.warmup}",
+            f"--acet-steps={args.acet_steps}",
+            f"--xla-flags={args.xla_flags}",
+        ]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
-    if len(set(counts.values())) > 1:
-        raise AssertionError(f"{name}: parameter counts differ between frameworks: {counts}")
-    for run in runners.values():
-        run(args.warmup)
-    rates: dict[str, list[float]] = {fw: [] for fw in runners}
-    for _ in range(args.rounds):
-        for fw, run in runners.items():
-            rates[fw].append(args.steps * args.batch_size / timed(run, args.steps))
-    result = {"model": name, "params": next(iter(counts.values())), "compile_s": compile_s}
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.proc.args[2]} died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, steps: int) -> dict:
+        self.proc.stdin.write(f"run {steps}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait()
+
+
+def measure(model: str, objective: str, args: argparse.Namespace) -> dict:
+    workers = {fw: Worker(fw, model, objective, args) for fw in args.frameworks}
+    try:
+        params = {fw: w.info["params"] for fw, w in workers.items()}
+        if len(set(params.values())) > 1:
+            raise AssertionError(f"{model}: parameter counts differ: {params}")
+        rates = {fw: [] for fw in workers}
+        others = []
+        for _ in range(args.rounds):
+            for fw, w in workers.items():
+                time.sleep(args.pause)
+                b0, t0 = busy_jiffies()
+                result = w.run(args.steps)
+                b1, t1 = busy_jiffies()
+                hz = os.sysconf("SC_CLK_TCK")
+                # The machine's busy CPU during the round minus the worker's own.
+                other = (b1 - b0) / hz - result["cpu_s"]
+                others.append(max(other, 0.0) / max((t1 - t0) / hz, 1e-9))
+                images = args.steps * args.batch_size
+                rates[fw].append(images / result["seconds"])
+    finally:
+        for w in workers.values():
+            w.close()
+    row = {
+        "model": model,
+        "objective": objective,
+        "params": next(iter(params.values())),
+        "others": statistics.median(others),
+        "versions": {fw: w.info["version"] for fw, w in workers.items()},
+    }
     for fw, values in rates.items():
-        result[fw] = statistics.median(values)
-        print(f"{name} {fw}: " + " ".join(f"{v:.1f}" for v in values) + " img/s", flush=True)
+        row[fw] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "values": values,
+        }
     if len(rates) == 2:
-        # Rounds are interleaved, so the ratio within a round cancels most of the
-        # load from other processes; report its median too.
-        result["paired"] = statistics.median(
+        row["ratio"] = statistics.median(
             j / t for j, t in zip(rates["jax"], rates["torch"], strict=True)
         )
-    return result
+    print(json.dumps(row), flush=True)
+    return row
 
 
-def format_table(results: list[dict], args: argparse.Namespace) -> str:
-    import jax
-
+def table(rows: list[dict], args: argparse.Namespace, loads: dict, argv: list[str]) -> str:
+    valid = loads["before"] < 1.0 and all(r["others"] <= OTHERS_LIMIT for r in rows)
+    versions = {k: v for r in rows for k, v in r["versions"].items()}
     lines = [
+        "" if valid else "**INVALID: the machine was not quiet (see load and others' CPU).**",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.node()} {_cpu_name()}, {os.cpu_count()} CPUs, "
-        f"threads {args.threads}",
-        f"- jax {jax.__version__}" + (f", torch {_torch_version()}" if _has("torch") else ""),
-        f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`",
-        f"- command: `python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}`",
-        f"- batch {args.batch_size}, float32, loss {args.loss}, SGD momentum 0.9 Nesterov, "
-        f"wd 5e-4; median of {args.rounds} rounds x {args.steps} steps",
+        f"- machine: {_cpu_name()}, {os.cpu_count()} CPUs; threads {args.threads}",
+        f"- load average (1 min): {loads['before']:.2f} before, {loads['after']:.2f} after; "
+        f"other processes' CPU share before start: {100 * loads['others_before']:.1f}%",
+        "- "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f"; XLA_FLAGS `{args.xla_flags}`",
+        f"- command: `python benchmarks/train_throughput.py {' '.join(argv)}`",
+        f"- batch {args.batch_size}, float32, SGD momentum 0.9 Nesterov, wd 5e-4; "
+        f"{args.rounds} alternating rounds x {args.steps} steps per framework, each in its "
+        f"own process; acet: {args.acet_steps} PGD steps",
         "",
-        "| model | params | JAX img/s | PyTorch img/s | JAX / PyTorch | per-round ratio |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | objective | params | JAX img/s (min-max) | PyTorch img/s (min-max) "
+        "| JAX / PyTorch | others' CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in results:
-        jax_rate, torch_rate = r.get("jax"), r.get("torch")
-        ratio = f"{jax_rate / torch_rate:.2f}x" if jax_rate and torch_rate else "-"
-        paired = f"{r['paired']:.2f}x" if "paired" in r else "-"
+    for r in rows:
+        cells = []
+        for fw in ("jax", "torch"):
+            c = r.get(fw)
+            cells.append(f"{c['median']:.1f} ({c['min']:.1f}-{c['max']:.1f})" if c else "-")
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
         lines.append(
-            f"| {r['model']} | {r['params']:,} | {_fmt(jax_rate)} | {_fmt(torch_rate)} "
-            f"| {ratio} | {paired} |"
+            f"| {r['model']} | {r['objective']} | {r['params']:,} | {cells[0]} | "
+            f"{cells[1]} | {ratio} | {100 * r['others']:.1f}% |"
         )
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _has(module: str) -> bool:
-    return module in sys.modules
-
-
-def _torch_version() -> str:
-    return sys.modules["torch"].__version__
+    return "\n".join(lines).lstrip("\n")
 
 
 def _cpu_name() -> str:
@@ -242,15 +382,31 @@ def _cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    configure_threads(args)
-    # Runnable from a checkout without installing ood_jax.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    results = [benchmark_model(name, args) for name in args.models]
-    table = format_table(results, args)
-    print(table)
+    if args.worker:
+        worker(args)
+        return
+    deadline = time.monotonic() + args.wait_quiet
+    while True:
+        loads = {"before": os.getloadavg()[0], "others_before": others_share()}
+        quiet = loads["before"] < 1.0 and loads["others_before"] <= OTHERS_LIMIT
+        if quiet or time.monotonic() >= deadline:
+            break
+        time.sleep(10)
+    if args.require_quiet and not quiet:
+        print(
+            f"error: the machine is busy (load {loads['before']:.2f}, other processes "
+            f"{100 * loads['others_before']:.0f}% of the CPU); stop them and rerun.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    rows = [measure(m, o, args) for m in args.models for o in args.objectives]
+    loads["after"] = os.getloadavg()[0]
+    text = table(rows, args, loads, argv)
+    print(text)
     if args.output:
-        args.output.write_text(table + "\n")
+        args.output.write_text(text + "\n")
 
 
 if __name__ == "__main__":
