@@ -59,9 +59,99 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def batch_norm(num_features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
     """BatchNorm over the channel (last) axis with PyTorch's momentum and epsilon."""
-    return nnx.BatchNorm(
-        num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs
-    )
+    return BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm over every axis but the last: ``(y, batch mean, batch var)``.
+
+    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with the biased batch
+    variance ``E[x^2] - E[x]^2`` (clipped at 0), as ``nnx.BatchNorm`` computes
+    it. The backward pass is the closed form (two per-channel sums over ``g``
+    and ``g * x_hat``, then one elementwise pass), as cuDNN and oneDNN compute
+    it, instead of the transposed graph of the forward computation.
+    """
+    return _bn_forward(x, scale, bias, epsilon)[0]
+
+
+def _bn_forward(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.maximum(0.0, (x * x).mean(axes) - mean * mean)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (rstd * scale) + bias
+    return (y, mean, var), (x, mean, var, rstd, scale)
+
+
+def _bn_backward(epsilon, residuals, cotangents):
+    del epsilon
+    x, mean, var, rstd, scale = residuals
+    g, g_mean, g_var = cotangents
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    centered = x - mean
+    x_hat = centered * rstd
+    g_bias = g.sum(axes)
+    g_scale = (g * x_hat).sum(axes)
+    # dy/dx through the batch statistics, plus the statistics' own cotangents
+    # (zero in training, where they only feed the stop-gradient running averages).
+    g_var = jnp.where(var > 0, g_var, 0.0)
+    g_x = (scale * rstd) * (g - (g_bias + x_hat * g_scale) / count)
+    g_x = g_x + (g_mean + 2.0 * g_var * centered) / count
+    return g_x, g_scale, g_bias
+
+
+batch_norm_train.defvjp(_bn_forward, _bn_backward)
+
+
+class BatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` whose training-mode pass uses ``batch_norm_train``.
+
+    Same parameters, statistics and results as ``nnx.BatchNorm`` (so checkpoints
+    are interchangeable); only the gradient is computed in closed form, which
+    XLA:CPU runs faster than the autodiff graph. Anything but float32 input with
+    scale and bias over the last axis falls back to ``nnx.BatchNorm``.
+    """
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None):
+        training = not (
+            self.use_running_average if use_running_average is None else use_running_average
+        )
+        fast = (
+            training
+            and mask is None
+            and self.axis_name is None
+            and self.axis in (-1, x.ndim - 1)
+            and self.scale is not None
+            and self.bias is not None
+            and self.use_fast_variance
+            and x.dtype == jnp.float32
+            and self.dtype in (None, jnp.float32)
+            and self.param_dtype == jnp.float32
+        )
+        if not fast:
+            return super().__call__(x, use_running_average, mask=mask)
+        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        momentum = self.momentum
+        self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
+        self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
+        return y
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool with stride 2 (``VALID``: an odd last row/column is dropped), NHWC.
+
+    A reshape and a max over the two window axes. Its gradient (to the maximum
+    of each window; shared equally on exact ties) is elementwise, where the
+    gradient of ``lax.reduce_window`` lowers on XLA:CPU to a select-and-scatter
+    with four index arrays the size of the input.
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class SpectralNormConv(nnx.Module):

@@ -25,7 +25,7 @@ import jax
 from flax import nnx
 
 from ood_jax.models.classifier import Classifier, global_pool
-from ood_jax.models.layers import batch_norm
+from ood_jax.models.layers import batch_norm, max_pool_2x2
 
 
 class ConvBlock(nnx.Module):
@@ -39,7 +39,7 @@ class ConvBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.act(self.bn(self.conv(x)))
-        return nnx.max_pool(x, (2, 2), strides=(2, 2)) if self.pool else x
+        return max_pool_2x2(x) if self.pool else x
 
 
 class ResNet9(Classifier):
