@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 
 
 def layers(model: str) -> list[dict]:

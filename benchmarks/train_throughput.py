@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+DEFAULT_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 MODELS = ("resnet18", "wrn40_2", "resnet9")
 OBJECTIVES = ("ce", "logitnorm", "oe", "acet")
 OTHERS_LIMIT = 0.10
