@@ -107,3 +107,18 @@ def test_study_command_runs_resumes_and_reports(tmp_path):
     again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 of 3 runs done, 0 to go" in again.stdout  # of the --only runs
+
+
+def test_a_claim_needs_more_than_the_spread_and_one_point():
+    from experiments.study_report import _verdict
+
+    def stat(mean, std=0.0, n=1):
+        return {"mean": mean, "std": std, "n": n}
+
+    # One seed each (spread 0): 0.1 point is not "better"; 1.5 points is.
+    assert _verdict((stat(0.796), stat(0.797))) == "does not hold"
+    assert _verdict((stat(0.780), stat(0.795))) == "holds"
+    # Three seeds: the difference must also exceed the combined standard deviations.
+    assert _verdict((stat(0.70, 0.02, 3), stat(0.73, 0.02, 3))) == "does not hold"
+    assert _verdict((stat(0.70, 0.005, 3), stat(0.73, 0.005, 3))) == "holds"
+    assert _verdict((stat(0.70, n=0), stat(0.73))) == "not measured"
