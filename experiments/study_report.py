@@ -199,8 +199,38 @@ def _verdict(*pairs: tuple[Mapping, Mapping]) -> str:
     return "holds" if all(_separated(a, b) for a, b in pairs) else "does not hold"
 
 
-def claims(main: Mapping[str, list[dict]], rows: Mapping[str, dict]) -> list[dict]:
-    """Each paper's claim beside what was measured: holds / does not hold / not comparable."""
+def _lr(entry: Mapping) -> float:
+    return float(entry["results"]["config"]["optim"]["lr"])
+
+
+def _baseline_at_lr(
+    main: Mapping[str, list[dict]], sweep: Mapping[str, dict], entries: Sequence[dict]
+) -> tuple[str, list[dict]]:
+    """The CE runs to compare ``entries`` with: the main ones, or a sweep CE run at the
+    same peak lr when the main ones used another (CEDA/ACET train at a lower lr)."""
+    lr = _lr(entries[0])
+    if all(_lr(e) == lr for e in main["ce"]):
+        return "CE", main["ce"]
+    same = [e for e in sweep.values() if e["run"].method == "ce" and _lr(e) == lr]
+    if same and all(
+        e["results"]["config"]["train"]["epochs"]
+        == entries[0]["results"]["config"]["train"]["epochs"]
+        for e in same
+    ):
+        return f"CE at lr {lr:g} ({', '.join(e['run'].name for e in same)})", same
+    return f"CE (lr {_lr(main['ce'][0]):g}; no CE run at lr {lr:g} yet)", main["ce"]
+
+
+def claims(
+    main: Mapping[str, list[dict]],
+    rows: Mapping[str, dict],
+    sweep: Mapping[str, dict] | None = None,
+) -> list[dict]:
+    """Each paper's claim beside what was measured: holds / does not hold / not comparable.
+
+    ``sweep``: the finished sweep runs by name; CEDA/ACET are compared with a CE run at
+    their learning rate when one is there.
+    """
     out = []
 
     def add(paper, claim, verdict, evidence):
@@ -263,12 +293,13 @@ def claims(main: Mapping[str, list[dict]], rows: Mapping[str, dict]) -> list[dic
             )
     for method in ("ceda", "acet"):
         if "ce" in main and method in main:
-            ce, mine = summarize(main["ce"], "msp"), summarize(main[method], "msp")
+            base_name, base_entries = _baseline_at_lr(main, sweep or {}, main[method])
+            ce, mine = summarize(base_entries, "msp"), summarize(main[method], "msp")
             k = main[method][0]["results"]["diagnostics"]["weights"]["num_classes"]
             parts, pairs = [], []
             for s in ("uniform", "gaussian") + ((ADVERSARIAL,) if method == "acet" else ()):
                 a, b = mine["mmc"].get(s, mean_std([])), ce["mmc"].get(s, mean_std([]))
-                parts.append(f"{s}: {_fmt(a)} vs CE {_fmt(b)}")
+                parts.append(f"{s}: {_fmt(a)} vs {_fmt(b)}")
                 pairs.append((a, b))
             target = " and adversarial noise" if method == "acet" else ""
             add(
@@ -276,7 +307,9 @@ def claims(main: Mapping[str, list[dict]], rows: Mapping[str, dict]) -> list[dic
                 f"{METHOD_NAMES[method]} lowers the mean max confidence on noise{target} towards "
                 f"1/K = {100 / k:.0f}%",
                 _verdict(*pairs),
-                "MMC (%) " + "; ".join(parts),
+                f"MMC (%) {METHOD_NAMES[method]} vs {base_name}: "
+                + "; ".join(parts)
+                + f"; accuracy {_fmt(mine['accuracy'])} vs {_fmt(ce['accuracy'])}",
             )
     if main:
         parts, near = [], []
@@ -558,13 +591,13 @@ def near_far_table(rows: Mapping[str, dict]) -> list[str]:
 
 
 def sweep_table(loaded: Mapping[str, dict], main: Mapping[str, list[dict]]) -> list[str]:
-    body = []
     entries = [
-        (f"{m} (main, {len(main[m])} seeds)", main[m]) for m in ("ce", "logitnorm") if m in main
+        (f"{m} (main, {len(main[m])} seed{'s' if len(main[m]) > 1 else ''})", main[m])
+        for m in ("ce", "logitnorm", "ceda")
+        if m in main
     ]
-    entries += [
-        (e["run"].name.split("/")[1], [e]) for e in loaded.values() if e["run"].group == "sweep"
-    ]
+    entries += [(e["run"].name.split("/")[1], [e]) for e in _sweep(loaded).values()]
+    body = []
     for name, es in entries:
         row = summarize(es, "msp")
         cfg = es[0]["results"]["config"]
@@ -573,15 +606,50 @@ def sweep_table(loaded: Mapping[str, dict], main: Mapping[str, list[dict]]) -> l
             [
                 name,
                 str(cfg["train"]["epochs"]),
+                f"{cfg['optim']['lr']:g}",
                 str(tau),
                 _fmt(row["accuracy"]),
                 _fmt(row["real/fpr95"]),
                 _fmt(row["real/auroc"]),
+                _fmt(row["mmc"].get("uniform", mean_std([]))),
             ]
         )
     return R._table(
-        ["run", "epochs", "tau", "accuracy", "MSP real FPR95↓", "MSP real AUROC↑"], body
+        [
+            "run",
+            "epochs",
+            "peak lr",
+            "tau",
+            "accuracy",
+            "MSP real FPR95↓",
+            "MSP real AUROC↑",
+            "MMC uniform noise",
+        ],
+        body,
     )
+
+
+def _lr_notes(main: Mapping[str, list[dict]]) -> str:
+    """A sentence naming the from-scratch methods trained at another peak lr than CE."""
+    if "ce" not in main:
+        return ""
+    ce_lr = _lr(main["ce"][0])
+    other = {
+        m: _lr(es[0])
+        for m, es in main.items()
+        if m not in NEAR_AUXILIARY_METHODS and m != "ce" and _lr(es[0]) != ce_lr
+    }
+    if not other:
+        return ""
+    names = ", ".join(f"{METHOD_NAMES[m]} at {lr:g}" for m, lr in other.items())
+    return (
+        f"Peak learning rate {ce_lr:g} for the from-scratch methods except {names} "
+        "(see the sweeps)."
+    )
+
+
+def _sweep(loaded: Mapping[str, dict]) -> dict[str, dict]:
+    return {k: e for k, e in loaded.items() if e["run"].group == "sweep"}
 
 
 def write(
@@ -598,7 +666,7 @@ def write(
     main = by_method(loaded)
     rows = {m: summarize(es, HEADLINE[m]) for m, es in main.items()}
     ce_rows = {f"{m}:energy": summarize(es, "energy") for m, es in main.items() if m == "ce"}
-    found = claims(main, rows)
+    found = claims(main, rows, _sweep(loaded))
     os.makedirs(os.path.join(report_dir, "plots"), exist_ok=True)
     num_classes = (
         next(iter(loaded.values()))["results"]["diagnostics"]["weights"]["num_classes"]
@@ -639,6 +707,9 @@ def write(
         "",
         *main_table(rows),
     ]
+    other_lr = _lr_notes(main)
+    if other_lr:
+        lines += ["", other_lr]
     if ce_rows:
         ce_energy = ce_rows["ce:energy"]
         lines += [
@@ -667,7 +738,18 @@ def write(
         ["paper", "claim", "here", "evidence"],
         [[c["paper"], c["claim"], f"**{c['verdict']}**", c["evidence"]] for c in found],
     )
-    lines += ["", "## LogitNorm: schedule and temperature", "", *sweep_table(loaded, main)]
+    lines += [
+        "",
+        "## Sweeps: schedule, temperature, learning rate",
+        "",
+        "Seed 0 unless marked; MSP on the real sets, MMC (%) on uniform noise. The LogitNorm "
+        "rows check whether it needs a longer schedule or another temperature to reach CE's "
+        "accuracy; the lr rows are CEDA at the peak lr of the other from-scratch methods "
+        "(the main CEDA and ACET runs use the authors' lower one) and CE at CEDA and "
+        "ACET's lr, the baseline of their claims.",
+        "",
+        *sweep_table(loaded, main),
+    ]
     lines += [
         "",
         "## Density scores (Mahalanobis, GMM) on these models",

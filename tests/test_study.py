@@ -30,6 +30,40 @@ def test_plan_matches_the_issue():
     assert len({r.name for r in runs}) == len(runs)
 
 
+def test_noise_methods_train_at_the_authors_lr_with_a_ce_baseline_there():
+    from experiments.configs.methods import get_config
+
+    # CEDA diverged at the cpu preset's lr 0.4; CEDA/ACET use the authors' 0.1.
+    lrs = {m: get_config(m, "cpu").optim.lr for m in ("ce", "logitnorm", "l2norm", "ceda", "acet")}
+    assert lrs == {"ce": 0.4, "logitnorm": 0.4, "l2norm": 0.4, "ceda": 0.1, "acet": 0.1}
+    assert get_config("ceda", "paper").optim.lr == 0.1
+    sweep = {r.name: r for r in study.plan() if r.group == "sweep"}
+    assert "--config.optim.lr=0.1" in sweep["sweep/ce_lr0.1/seed0"].args
+    assert "--config.optim.lr=0.4" in sweep["sweep/ceda_lr0.4/seed0"].args
+
+
+def test_noise_claims_compare_with_ce_at_the_same_lr():
+    from experiments.study_report import _baseline_at_lr
+
+    def entry(name, method, lr, epochs=5):
+        run = study.Run(name, method, 0, group="sweep" if "sweep" in name else "main")
+        cfg = {"optim": {"lr": lr}, "train": {"epochs": epochs}}
+        return {"run": run, "results": {"config": cfg}}
+
+    main = {"ce": [entry("ce/seed0", "ce", 0.4)], "ceda": [entry("ceda/seed0", "ceda", 0.1)]}
+    name, base = _baseline_at_lr(main, {}, main["ceda"])
+    assert base == main["ce"] and "no CE run at lr 0.1" in name
+    other = {
+        "sweep/ce_epochs2x/seed0": entry("sweep/ce_epochs2x/seed0", "ce", 0.4, 10),
+        "sweep/ce_lr0.1/seed0": entry("sweep/ce_lr0.1/seed0", "ce", 0.1),
+    }
+    name, base = _baseline_at_lr(main, other, main["ceda"])
+    assert [e["run"].name for e in base] == ["sweep/ce_lr0.1/seed0"]
+    # Same lr as the main CE runs: those are the baseline.
+    name, base = _baseline_at_lr(main, other, main["ce"])
+    assert name == "CE" and base == main["ce"]
+
+
 def test_group_averages_and_spread_by_hand():
     results = {
         "ood": {
