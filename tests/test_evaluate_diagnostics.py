@@ -81,3 +81,75 @@ def test_logit_norm_curve_from_metrics_log(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
     with pytest.warns(UserWarning, match="metrics.jsonl:2: torn last line"):
         assert read_metrics_log(str(tmp_path)) == [{"step": 1}]
+
+
+def _clusters(rng, n=600, k=4, d=6, separation=3.0):
+    labels = np.arange(n) % k
+    means = separation * rng.normal(size=(k, d))
+    spread = np.diag(np.linspace(0.05, 2.0, d))  # very unequal variances per direction
+    return means[labels] + rng.normal(size=(n, d)) @ spread, labels
+
+
+def test_mahalanobis_split_matches_a_slow_loop_and_the_score():
+    from ood_jax.evaluate import mahalanobis_split
+    from ood_jax.scores import fit_mahalanobis, mahalanobis_score
+
+    rng = np.random.default_rng(0)
+    x, y = _clusters(rng)
+    z = rng.normal(size=(50, 6)) * 2.0
+    got = mahalanobis_split(x, y, {"z": z}, num_top=2, chunk=7)["z"]
+    # Slow loop: the covariance from its SVD, a solve per example and class.
+    means = np.stack([x[y == c].mean(0) for c in range(4)])
+    centered = (x - means[y]) / np.sqrt(len(x))
+    _, s, vt = np.linalg.svd(centered, full_matrices=False)
+    cov = centered.T @ centered
+    ridge = 1e-6 * np.trace(cov) / 6
+    order = np.argsort(s)[::-1]
+    top_dirs, top_vars = vt[order[:2]], s[order[:2]] ** 2 + ridge
+    for i, zi in enumerate(z):
+        dists = [(zi - m) @ np.linalg.solve(cov + ridge * np.eye(6), zi - m) for m in means]
+        c = int(np.argmin(dists))
+        assert got["nearest"][i] == c
+        assert got["total"][i] == pytest.approx(dists[c], rel=1e-9)
+        top = np.sum((top_dirs @ (zi - means[c])) ** 2 / top_vars)
+        assert got["top"][i] == pytest.approx(top, rel=1e-9)
+    np.testing.assert_allclose(got["top"] + got["rest"], got["total"], rtol=1e-12)
+    # The total is the Mahalanobis score's distance (computed through a Cholesky whitener).
+    score = np.asarray(mahalanobis_score(fit_mahalanobis(x, y), z))
+    np.testing.assert_allclose(got["total"], -score, rtol=2e-4)
+
+
+def test_mahalanobis_split_sees_an_offset_along_a_low_variance_direction():
+    from ood_jax.evaluate import mahalanobis_split
+
+    rng = np.random.default_rng(1)
+    x, y = _clusters(rng, separation=30.0)  # far apart: the nearest class stays the same
+    means = np.stack([x[y == c].mean(0) for c in range(4)])
+    low = np.zeros(6)
+    low[0] = 1.0  # the direction of least variance (0.05)
+    high = np.zeros(6)
+    high[-1] = 1.0  # the direction of most variance (2.0)
+    out = mahalanobis_split(x, y, {"low": means + 0.5 * low, "high": means + 0.5 * high}, num_top=1)
+    # 0.5 along std 0.05 costs ~100 and lands in "rest"; along std 2 it costs ~0.06 in "top".
+    assert np.all(out["low"]["nearest"] == np.arange(4))
+    np.testing.assert_allclose(out["low"]["rest"], 0.25 / 0.05**2, rtol=0.15)
+    assert np.all(out["low"]["top"] < 1e-2)
+    np.testing.assert_allclose(out["high"]["top"], 0.25 / 2.0**2, rtol=0.15)
+
+
+def test_mahalanobis_split_normalizes_and_checks_its_input():
+    from ood_jax.evaluate import mahalanobis_split
+
+    rng = np.random.default_rng(2)
+    x, y = _clusters(rng)
+    z = rng.normal(size=(20, 6))
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+    a = mahalanobis_split(x, y, {"z": z}, normalize=True)["z"]["total"]
+    b = mahalanobis_split(unit(x), y, {"z": unit(z)})["z"]["total"]
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"must be \[M, 6\]"):
+        mahalanobis_split(x, y, {"z": z[:, :5]})
+    with pytest.raises(ValueError, match="every class"):
+        mahalanobis_split(x, np.where(y == 2, 3, y), {"z": z})
+    with pytest.raises(ValueError, match="num_top"):
+        mahalanobis_split(x, y, {"z": z}, num_top=7)

@@ -161,6 +161,18 @@ def test_report_files_are_complete_and_consistent(report):
     cells = [f"{100 * avg[m]['mean']:.2f}" for m in ("fpr95", "auroc", "aupr_in")]
     assert "| Energy | " + " | ".join(cells) in md  # the summary row
     assert "| **Average** |" in md and "cos(z, w_pred)" in md
+    # The distance split's total (float64) is the Mahalanobis score's distance (float32
+    # through a whitener of an ill-conditioned covariance), per set.
+    saved = np.load(out_dir / "scores.npz")
+    split = on_disk["diagnostics"]["mahalanobis_split"]
+    for name, key in (("colors", "id/mahalanobis"), ("gaussian", "ood/gaussian/mahalanobis")):
+        median = np.median(-saved[key])
+        assert split["raw"][name]["total"]["q50"] == pytest.approx(median, rel=5e-3), name
+    for name, key in (("colors", "id/mahalanobis_l2"), ("blobs", "ood/blobs/mahalanobis_l2")):
+        median = np.median(-saved[key])
+        assert split["l2"][name]["total"]["q50"] == pytest.approx(median, rel=5e-3), name
+    assert set(split["raw"]) == {"train", "colors", "gaussian", "blobs"}
+    assert "raw total" in md
     noted = markdown_report({**results, "set_notes": {"blobs": "near-auxiliary"}})
     assert "| blobs (near-auxiliary) |" in noted and "| gaussian |" in noted
     assert not [p for p in os.listdir(out_dir.parent) if p.startswith(".eval.")]

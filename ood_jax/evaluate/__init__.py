@@ -27,6 +27,7 @@ from ood_jax.evaluate.datasets import (
 from ood_jax.evaluate.diagnostics import (
     feature_geometry,
     logit_norm_curve,
+    mahalanobis_split,
     read_metrics_log,
     weight_diagnostics,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "head_weights",
     "load_ood_sets",
     "logit_norm_curve",
+    "mahalanobis_split",
     "markdown_report",
     "read_metrics_log",
     "run_evaluation",

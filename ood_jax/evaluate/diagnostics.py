@@ -9,12 +9,15 @@ two implicit biases, which these functions measure:
   between ``z`` and the predicted class's weight vector.
 
 Plus the logit norm over training, read from the workdir's ``metrics.jsonl``
-(LogitNorm's argument: cross-entropy keeps growing ``||f||``).
+(LogitNorm's argument: cross-entropy keeps growing ``||f||``), and where a
+set's features fall relative to the class means in the Mahalanobis metric
+(:func:`mahalanobis_split`: which directions a squared distance comes from).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -132,3 +135,88 @@ def logit_norm_curve(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
                 curve["step"].append(float(x))
                 curve["value"].append(float(value))
     return curves
+
+
+def mahalanobis_split(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    features: Mapping[str, np.ndarray],
+    *,
+    num_top: int | None = None,
+    shrinkage: float = 1e-6,
+    normalize: bool = False,
+    chunk: int = 2048,
+) -> dict[str, dict[str, np.ndarray]]:
+    r"""Each example's squared Mahalanobis distance to its nearest class mean, split by
+    the directions it comes from.
+
+    With the tied covariance of :func:`ood_jax.scores.fit_mahalanobis` (class-centered
+    training features, ridge ``shrinkage * trace / D``) written as
+    ``Sigma = sum_i lambda_i u_i u_i^T``, the squared distance to class ``c`` is
+    ``sum_i <z - mu_c, u_i>^2 / lambda_i``: whitening divides each direction's
+    squared offset by its variance. ``top`` sums the ``num_top`` directions of
+    largest variance (default ``K - 1``, as many as the class means span), ``rest``
+    the others, which whitening amplifies most. ``total = top + rest`` equals
+    ``-mahalanobis_score``.
+
+    Args:
+      train_features: ``[N, D]``; train_labels: ``[N]`` in ``[0, K)``, every class present.
+      features: set name -> ``[M, D]`` features to place.
+      num_top: how many largest-variance directions go into ``top``.
+      shrinkage: the covariance ridge (the score's default).
+      normalize: L2-normalize every feature first (the ``mahalanobis_l2`` score's space).
+      chunk: examples per block (memory ``chunk * K * D`` float64).
+
+    Returns:
+      ``{name: {"total", "top", "rest": [M] float64, "nearest": [M] int}}``.
+    """
+
+    def prep(z):
+        z = np.asarray(z, np.float64)
+        if normalize:
+            z = z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+        return z
+
+    x = prep(train_features)
+    labels = np.asarray(train_labels)
+    if x.ndim != 2 or labels.shape != (x.shape[0],):
+        raise ValueError(
+            f"train_features must be [N, D] and train_labels [N], got {x.shape} and {labels.shape}."
+        )
+    num_classes = int(labels.max()) + 1
+    if labels.min() < 0 or len(np.unique(labels)) != num_classes:
+        raise ValueError(
+            f"train_labels must cover every class in [0, {num_classes}) with no negatives."
+        )
+    dim = x.shape[1]
+    num_top = num_classes - 1 if num_top is None else int(num_top)
+    if not 0 <= num_top <= dim:
+        raise ValueError(f"num_top must be in [0, {dim}], got {num_top}.")
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(num_classes)])
+    centered = x - means[labels]
+    cov = centered.T @ centered / x.shape[0]
+    mean_eig = float(np.trace(cov)) / dim
+    eigvals, eigvecs = np.linalg.eigh(cov)  # ascending
+    eigvals = np.clip(eigvals, 0.0, None) + (shrinkage * mean_eig if mean_eig > 0 else shrinkage)
+    scale = eigvecs / np.sqrt(eigvals)  # whitening in the eigenbasis
+    white_means = means @ scale
+    is_top = np.arange(dim) >= dim - num_top
+    out = {}
+    for name, z in features.items():
+        z = prep(z)
+        if z.ndim != 2 or z.shape[1] != dim:
+            raise ValueError(f"features[{name!r}] must be [M, {dim}], got {z.shape}.")
+        parts = {k: np.empty(len(z)) for k in ("total", "top", "rest")}
+        nearest = np.empty(len(z), np.int64)
+        for start in range(0, len(z), chunk):
+            w = z[start : start + chunk] @ scale
+            sq = np.square(w[:, None, :] - white_means[None])  # [m, K, D]
+            best = np.argmin(sq.sum(axis=-1), axis=1)
+            at = sq[np.arange(len(w)), best]  # [m, D]
+            sl = slice(start, start + len(w))
+            parts["top"][sl] = at[:, is_top].sum(axis=1)
+            parts["rest"][sl] = at[:, ~is_top].sum(axis=1)
+            parts["total"][sl] = parts["top"][sl] + parts["rest"][sl]
+            nearest[sl] = best
+        out[name] = {**parts, "nearest": nearest}
+    return out

@@ -271,6 +271,29 @@ def markdown_report(results: Mapping) -> str:
     ]
     header = ["dataset", "mean ‖z‖", "median ‖z‖", "mean cos(z, w_pred)", "median cos"]
     lines += _table(header, rows)
+    split = diag.get("mahalanobis_split")
+    if split:
+        lines += [
+            "",
+            "Median squared Mahalanobis distance to the nearest class mean (tied covariance "
+            "of the training features), split into the K - 1 directions of largest "
+            "variance and the rest, which whitening amplifies; raw and L2-normalized "
+            "features:",
+            "",
+        ]
+        header = ["dataset"] + [
+            f"{v} {part}" for v in ("raw", "L2") for part in ("total", "top", "rest")
+        ]
+        rows = [
+            [name]
+            + [
+                f"{split[v][name][part]['q50']:.4g}"
+                for v in ("raw", "l2")
+                for part in ("total", "top", "rest")
+            ]
+            for name in split["raw"]
+        ]
+        lines += _table(header, rows)
     if results.get("plots"):
         lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in results["plots"]]
     return "\n".join(lines) + "\n"

@@ -262,7 +262,7 @@ def run_evaluation(
     say(f"forward pass over {1 + len(ood_sets)} datasets")
     outputs = compute_outputs(forward, {id_test.name: id_test, **ood_sets}, batches=batches)
     timings["forward_s"] = time.perf_counter() - t0
-    train_used, fitted = None, {}
+    train_used, fitted, train_outputs = None, {}, None
     if fitted_names:
         t0 = time.perf_counter()
         train_used = D.random_subset(train, max_train, seed=seed)
@@ -311,6 +311,20 @@ def run_evaluation(
         name: diagnostics.feature_geometry(out.logits, out.features, head.kernel)
         for name, out in outputs.items()
     }
+    split = {}
+    if train_outputs is not None:
+        # Where each set's features fall relative to the class means, in the metric of
+        # the Mahalanobis score (raw and L2-normalized features): see the report's
+        # density section.
+        sets = {"train": train_outputs.features, **{n: o.features for n, o in outputs.items()}}
+        for variant, normalize in (("raw", False), ("l2", True)):
+            parts = diagnostics.mahalanobis_split(
+                train_outputs.features, train_outputs.labels, sets, normalize=normalize
+            )
+            split[variant] = {
+                name: {k: diagnostics.summarize(v) for k, v in p.items() if k != "nearest"}
+                for name, p in parts.items()
+            }
     curves = diagnostics.logit_norm_curve(
         diagnostics.read_metrics_log(os.fspath(metrics_log_dir)) if metrics_log_dir else []
     )
@@ -351,6 +365,7 @@ def run_evaluation(
                 for name, g in geometry.items()
             },
             "logit_norm_curve": curves,
+            "mahalanobis_split": split,
         },
         "timings": timings,
     }
