@@ -515,6 +515,70 @@ def density_summary(main: Mapping[str, list[dict]]) -> list[str]:
     return lines
 
 
+def _split_medians(results: Mapping, variant: str, part: str, sets: Sequence[str]):
+    """(ID test median, mean over ``sets`` of the OOD medians) of a distance part, or None."""
+    split = results["diagnostics"].get("mahalanobis_split", {}).get(variant)
+    if not split or any(s not in split for s in sets):
+        return None
+    return (
+        split[_id(results)][part]["q50"],
+        float(np.mean([split[s][part]["q50"] for s in sets])),
+    )
+
+
+def density_split(main: Mapping[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """Per method, ID test vs real-OOD medians of each part of the squared distance
+    (mean ± std over the seeds that recorded it)."""
+    out = {}
+    for method, entries in main.items():
+        res = [e["results"] for e in entries]
+        sets = real_sets(res[0]["ood"][PROTOCOL]["metrics"]["msp"])
+        row = {}
+        for variant in ("raw", "l2"):
+            for part in ("total", "top", "rest"):
+                pairs = [_split_medians(r, variant, part, sets) for r in res]
+                pairs = [p for p in pairs if p is not None]
+                row[f"{variant}/{part}"] = (
+                    mean_std([p[0] for p in pairs]),
+                    mean_std([p[1] for p in pairs]),
+                )
+        if row["raw/total"][0]["n"]:
+            out[method] = row
+    return out
+
+
+def density_split_rows(split: Mapping[str, dict]) -> list[list[str]]:
+    def pair(cell):
+        return f"{_fmt(cell[0], 1, 0)} vs {_fmt(cell[1], 1, 0)}"
+
+    return [
+        [METHOD_NAMES[m]]
+        + [pair(row[f"{v}/{p}"]) for v in ("raw", "l2") for p in ("total", "top", "rest")]
+        for m, row in split.items()
+    ]
+
+
+def density_split_summary(split: Mapping[str, dict]) -> list[str]:
+    """Sentences computed from the split (which part of the distance separates OOD)."""
+    lines = []
+    for method, row in split.items():
+        (id_rest, ood_rest), (id_top, ood_top) = row["raw/rest"], row["raw/top"]
+        (id_total, _), (l2_id_rest, l2_ood_rest) = row["raw/total"], row["l2/rest"]
+        share = id_rest["mean"] / id_total["mean"]
+        lines.append(
+            f"- {METHOD_NAMES[method]}: on the raw features the low-variance directions "
+            f"carry {100 * share:.0f}% of an ID test image's squared distance; there real "
+            f"OOD images sit at {ood_rest['mean']:.0f} against ID's {id_rest['mean']:.0f} "
+            f"(ratio {ood_rest['mean'] / id_rest['mean']:.2f}), while along the K - 1 "
+            f"largest-variance directions they sit at {ood_top['mean']:.1f} against "
+            f"{id_top['mean']:.1f} (ratio {ood_top['mean'] / id_top['mean']:.2f}). On "
+            f"L2-normalized features the low-variance part is {l2_ood_rest['mean']:.0f} "
+            f"against {l2_id_rest['mean']:.0f} (ratio "
+            f"{l2_ood_rest['mean'] / l2_id_rest['mean']:.2f})."
+        )
+    return lines
+
+
 def logit_shift_rows(main: Mapping[str, list[dict]]) -> list[list[str]]:
     """Per method: the median mean logit (the shift every class shares) of ID and real
     OOD inputs, and how energy and max-logit fare against MSP (AUROC, real sets)."""
@@ -774,6 +838,24 @@ def write(
         ),
     ]
     lines += ["", *density_summary(main)]
+    split = density_split(main)
+    if split:
+        lines += [
+            "",
+            "Where the distance comes from. Whitening by the tied covariance divides each "
+            "direction's squared offset from the nearest class mean by that direction's "
+            "variance, so the directions of least variance weigh most. Median squared "
+            "distance of ID test vs real OOD images (mean over the sets), in total, along "
+            "the K - 1 directions of largest variance (top) and along the others (rest), "
+            "on raw and on L2-normalized features:",
+            "",
+            *R._table(
+                ["method"] + [f"{v} {p}" for v in ("raw", "L2") for p in ("total", "top", "rest")],
+                density_split_rows(split),
+            ),
+            "",
+            *density_split_summary(split),
+        ]
     lines += [
         "",
         "## The logit shift every class shares",
@@ -796,6 +878,7 @@ def write(
         "complete": complete and not missing,
         "rows": rows,
         "claims": found,
+        "density_split": density_split(main),
         "plots": written,
     }
     R.write_json(summary, os.path.join(report_dir, "results.json"))

@@ -156,3 +156,37 @@ def test_a_claim_needs_more_than_the_spread_and_one_point():
     assert _verdict((stat(0.70, 0.02, 3), stat(0.73, 0.02, 3))) == "does not hold"
     assert _verdict((stat(0.70, 0.005, 3), stat(0.73, 0.005, 3))) == "holds"
     assert _verdict((stat(0.70, n=0), stat(0.73))) == "not measured"
+
+
+def test_density_split_averages_the_real_sets_then_the_seeds():
+    from experiments.study_report import REAL, density_split, density_split_summary
+
+    def results(seed, id_rest, ood_rest):
+        split = {}
+        for variant in ("raw", "l2"):
+            split[variant] = {"cifar": {p: {"q50": 10.0} for p in ("total", "top", "rest")}}
+            split[variant]["cifar"]["rest"] = {"q50": id_rest}
+            for i, s in enumerate(REAL):
+                split[variant][s] = {p: {"q50": 1.0} for p in ("total", "top")}
+                split[variant][s]["rest"] = {"q50": ood_rest + i}
+        metrics = {"msp": {s: {} for s in REAL}}
+        return {
+            "run": study.Run(f"ce/seed{seed}", "ce", seed),
+            "results": {
+                "data": {"id": {"name": "cifar"}},
+                "ood": {"papers": {"metrics": metrics}},
+                "diagnostics": {"mahalanobis_split": split},
+            },
+        }
+
+    main = {"ce": [results(0, 4.0, 5.0), results(1, 6.0, 7.0)]}
+    row = density_split(main)["ce"]
+    id_rest, ood_rest = row["raw/rest"]
+    # OOD: per seed the mean over the three sets (5+6+7)/3 = 6 and (7+8+9)/3 = 8.
+    assert ood_rest["values"] == [6.0, 8.0] and ood_rest["std"] == 1.0
+    assert id_rest["mean"] == 5.0
+    text = density_split_summary({"ce": row})[0]
+    assert "carry 50%" in text and "ratio 1.40" in text  # 5/10 of the total; 7/5
+    # A run evaluated before the split existed is left out, not counted as zero.
+    del main["ce"][1]["results"]["diagnostics"]["mahalanobis_split"]
+    assert density_split(main)["ce"]["raw/rest"][0]["n"] == 1
