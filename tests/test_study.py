@@ -175,7 +175,13 @@ def test_density_split_averages_the_real_sets_then_the_seeds():
             "results": {
                 "data": {"id": {"name": "cifar"}},
                 "ood": {"papers": {"metrics": metrics}},
-                "diagnostics": {"mahalanobis_split": split},
+                "diagnostics": {
+                    "mahalanobis_split": split,
+                    "features": {
+                        n: {"feature_norm": {"q50": 2.0 if n in REAL else 3.0}}
+                        for n in ("cifar", *REAL)
+                    },
+                },
             },
         }
 
@@ -187,6 +193,7 @@ def test_density_split_averages_the_real_sets_then_the_seeds():
     assert id_rest["mean"] == 5.0
     text = density_split_summary({"ce": row})[0]
     assert "carry 50%" in text and "ratio 1.40" in text  # 5/10 of the total; 7/5
+    assert density_split(main)["ce"]["norm"][1]["mean"] == 2.0
     # A run evaluated before the split existed is left out, not counted as zero.
     del main["ce"][1]["results"]["diagnostics"]["mahalanobis_split"]
     assert density_split(main)["ce"]["raw/rest"][0]["n"] == 1
