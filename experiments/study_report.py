@@ -612,6 +612,53 @@ def density_split_summary(split: Mapping[str, dict]) -> list[str]:
     return lines
 
 
+def openood_rows(main: Mapping[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """Each method's headline score in the OpenOOD convention (OOD positive, FPR at the
+    first threshold reaching 95% OOD recall, trapezoid AUPR), recomputed from the saved
+    per-example scores with the run's own draws (same seed, same examples)."""
+    from ood_jax.evaluate.protocol import evaluate_ood
+
+    out = {}
+    for method, entries in main.items():
+        score, per_seed = HEADLINE[method], []
+        for e in entries:
+            saved = _load_scores(e)
+            if saved is None or f"id/{score}" not in saved:
+                continue
+            options = e["results"]["protocol_options"]
+            sets = [s for s in (*REAL, *SYNTHETIC) if f"ood/{s}/{score}" in saved]
+            result = evaluate_ood(
+                {score: saved[f"id/{score}"]},
+                {s: {score: saved[f"ood/{s}/{score}"]} for s in sets},
+                protocol=PROTOCOL,
+                num_ood=options["num_ood"],
+                num_draws=options["num_draws"],
+                seed=options["seed"],
+                convention="openood",
+            )
+            per_seed.append({"ood": {PROTOCOL: result}})
+        if per_seed:
+            row = {"score": score, "seeds": len(per_seed)}
+            for group, sets in (("real", REAL), ("synthetic", SYNTHETIC)):
+                for metric in ("fpr95", "auroc", "aupr_in", "aupr_out"):
+                    row[f"{group}/{metric}"] = mean_std(
+                        [set_metric(r, score, sets, metric) for r in per_seed]
+                    )
+            out[method] = row
+    return out
+
+
+def openood_table(rows: Mapping[str, dict]) -> list[str]:
+    metrics = (("fpr95", "FPR95↓"), ("auroc", "AUROC↑"), ("aupr_out", "AUPR-Out↑"))
+    header = ["method (score)"] + [f"{g} {h}" for g in ("real", "synthetic") for _, h in metrics]
+    body = [
+        [f"{METHOD_NAMES[m]} ({r['score']})"]
+        + [_fmt(r[f"{g}/{k}"]) for g in ("real", "synthetic") for k, _ in metrics]
+        for m, r in rows.items()
+    ]
+    return R._table(header, body)
+
+
 def logit_shift_rows(main: Mapping[str, list[dict]]) -> list[list[str]]:
     """Per method: the median mean logit (the shift every class shares) of ID and real
     OOD inputs, and how energy and max-logit fare against MSP (AUROC, real sets)."""
@@ -814,6 +861,16 @@ def write(
             f"Cross-entropy with the energy score: real FPR95 "
             f"{_fmt(ce_energy['real/fpr95'])}, AUROC {_fmt(ce_energy['real/auroc'])}.",
         ]
+    openood = openood_rows(main)
+    if openood:
+        lines += [
+            "",
+            "The same runs in the OpenOOD convention (OOD is the positive class: FPR95 is "
+            "the share of ID test images flagged once 95% of the OOD images are, AUPR "
+            "the trapezoid area), recomputed from the saved scores on the same draws:",
+            "",
+            *openood_table(openood),
+        ]
     lines += [
         "",
         "## Per set",
@@ -913,6 +970,7 @@ def write(
         "rows": rows,
         "claims": found,
         "density_split": density_split(main),
+        "openood_convention": openood,
         "plots": written,
     }
     R.write_json(summary, os.path.join(report_dir, "results.json"))

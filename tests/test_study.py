@@ -112,6 +112,9 @@ def test_study_command_runs_resumes_and_reports(tmp_path):
     expected = np.mean([per_set[s]["auroc"]["mean"] for s in ("gaussian", "uniform")])
     assert report["rows"]["ce"]["synthetic/auroc"]["mean"] == pytest.approx(expected)
     assert any(c["paper"].startswith("LogitNorm") for c in report["claims"])
+    # The OpenOOD-convention table uses the same draws: AUROC agrees with the main one.
+    openood = report["openood_convention"]["ce"]["synthetic/auroc"]["mean"]
+    assert openood == pytest.approx(report["rows"]["ce"]["synthetic/auroc"]["mean"], abs=1e-6)
     assert "plots/logit_norm_ce_vs_logitnorm.png" in report["plots"]
     # Each finished run is published: loaded by name, its file hash-checked, and
     # evaluated by name with the run's own settings.
@@ -197,3 +200,27 @@ def test_density_split_averages_the_real_sets_then_the_seeds():
     # A run evaluated before the split existed is left out, not counted as zero.
     del main["ce"][1]["results"]["diagnostics"]["mahalanobis_split"]
     assert density_split(main)["ce"]["raw/rest"][0]["n"] == 1
+
+
+def test_openood_rows_recompute_the_saved_scores_by_hand(tmp_path):
+    from experiments.study_report import openood_rows
+
+    rng = np.random.default_rng(0)
+    id_s = rng.normal(1.0, 1.0, 100)
+    ood_s = rng.normal(0.0, 1.0, 20)  # 20 = 100 // 5: the set is used whole, once
+    path = tmp_path / "scores.npz"
+    np.savez(path, **{"id/msp": id_s, "ood/textures_partial/msp": ood_s})
+    options = {"num_ood": None, "num_draws": 10, "seed": 0}
+    entry = {
+        "run": study.Run("ce/seed0", "ce", 0),
+        "results": {"protocol_options": options},
+        "scores_path": str(path),
+    }
+    row = openood_rows({"ce": [entry]})["ce"]
+    # OOD positive, ranked by -score: the first threshold with 19 of 20 OOD flagged.
+    t = np.sort(-ood_s)[::-1][18]
+    fpr = np.mean(-id_s >= t)
+    assert row["real/fpr95"]["mean"] == pytest.approx(fpr)
+    auroc = np.mean([(i > o) + 0.5 * (i == o) for i in id_s for o in ood_s])
+    assert row["real/auroc"]["mean"] == pytest.approx(auroc)
+    assert row["synthetic/auroc"]["n"] == 0  # no synthetic set saved
