@@ -10,8 +10,9 @@ from the offline files, trained by the same runner a user calls
 workdir ``<workdir>/<run name>``. A run that has its report is skipped; one that
 was stopped resumes from its newest checkpoint (bit-exactly), so the study can
 be stopped at any moment (Ctrl-C, a closed session) and continued later by the
-same command. Runs go in waves: seed 0 of every method first, so a partial
-study already compares all methods.
+same command. Runs go in waves: seed 0 of every method first (then CE at the
+noise methods' lr, their baseline), so a partial study already compares all
+methods.
 
 The runs (:func:`plan`):
 
@@ -140,8 +141,12 @@ def plan(epochs: int = EPOCHS) -> list[Run]:
             (f"--config.train.epochs={epochs}", f"--config.optim.lr={SCRATCH_CPU_LR}"),
         ),
     ]
-    runs = [r for wave in waves for r in wave]
-    return runs + [dataclasses.replace(r, group="sweep") for r in sweep]
+    sweep = [dataclasses.replace(r, group="sweep") for r in sweep]
+    # CE at the noise methods' lr is their claims' baseline: it runs right after the
+    # seed-0 wave, so that a partial study already compares CEDA/ACET fairly.
+    baseline = [r for r in sweep if r.name == "sweep/ce_lr0.1/seed0"]
+    rest = [r for r in sweep if r not in baseline]
+    return waves[0] + baseline + [r for wave in waves[1:] for r in wave] + rest
 
 
 def command(run: Run, root: str, data: str, preset: str = "cpu") -> list[str]:
