@@ -289,6 +289,13 @@ def claims(
                 f"{_fmt(mine['real/fpr95'])} vs {_fmt(base['real/fpr95'])} (Tiny ImageNet is "
                 "near-auxiliary for the fine-tuned model)"
             )
+            if HEADLINE[method] != "energy":
+                own = summarize(ce_entries, HEADLINE[method])
+                evidence += (
+                    f"; against the CE start's own {HEADLINE[method]} (the {paper.split(' (')[0]}"
+                    f" paper's baseline) on textures: {_fmt(mine['textures_partial/fpr95'])} vs "
+                    f"{_fmt(own['textures_partial/fpr95'])}"
+                )
             add(
                 paper,
                 f"{METHOD_NAMES[method]} beats the energy score of the CE model it starts from",
