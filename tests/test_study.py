@@ -224,3 +224,34 @@ def test_openood_rows_recompute_the_saved_scores_by_hand(tmp_path):
     auroc = np.mean([(i > o) + 0.5 * (i == o) for i in id_s for o in ood_s])
     assert row["real/auroc"]["mean"] == pytest.approx(auroc)
     assert row["synthetic/auroc"]["n"] == 0  # no synthetic set saved
+
+
+def test_logitnorm_claim_names_the_seeds_at_ce_accuracy():
+    from experiments.study_report import claims
+
+    def entry(method, seed, acc, fpr):
+        run = study.Run(f"{method}/seed{seed}", method, seed)
+        cells = {"fpr95": fpr, "auroc": 0.7, "aupr_in": 0.9}
+        sets = {"textures_partial": {k: {"mean": v} for k, v in cells.items()}}
+        results = {
+            "classification": {"accuracy": acc, "ece": 0.02},
+            "ood": {"papers": {"metrics": {"msp": sets}}},
+            "data": {"id": {"name": "cifar10"}},
+            "mmc": {"cifar10": 0.9},
+            "diagnostics": {  # read by the Pearce et al. claims
+                "weights": {"cosine": {"mean": -0.11}, "optimal_cosine": -1 / 9},
+                "features": {"cifar10": {"feature_norm": {"q50": 5.0}}},
+            },
+        }
+        return {"run": run, "results": results}
+
+    main = {
+        "ce": [entry("ce", 0, 0.79, 0.78), entry("ce", 1, 0.79, 0.78)],
+        "logitnorm": [entry("logitnorm", 0, 0.67, 0.90), entry("logitnorm", 1, 0.795, 0.83)],
+    }
+    (claim,) = [c for c in claims(main, {}) if c["paper"].startswith("LogitNorm")]
+    assert claim["verdict"] == "not comparable"  # mean accuracy 73.25 vs 79.0
+    ev = claim["evidence"]
+    assert "seed 0 67.0% / 90.0, seed 1 79.5% / 83.0" in ev
+    # Only seed 1 is within 2 points of CE's 79.0%: 83.0 - 78.0 = +5.0.
+    assert "differs from CE's mean by seed 1 +5.0 points" in ev
