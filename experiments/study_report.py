@@ -246,6 +246,15 @@ def _logitnorm_seeds(entries: Sequence[dict], ce: Mapping[str, Any]) -> str:
     return text
 
 
+def _id_confidence(mine: Mapping[str, Any], ce: Mapping[str, Any]) -> str:
+    """MMC on the ID test images of a noise-trained method and its CE baseline, per seed:
+    a model that is unsure of everything also has a low MMC on noise, so the noise
+    numbers mean most where the ID MMC stays near CE's."""
+    a, b = mine["mmc"]["id"], ce["mmc"]["id"]
+    seeds = ", ".join(f"{100 * v:.1f}" for v in a["values"])
+    return f"MMC on the ID test images {_fmt(a)} (per seed {seeds}) vs {_fmt(b)}"
+
+
 def claims(
     main: Mapping[str, list[dict]],
     rows: Mapping[str, dict],
@@ -346,7 +355,8 @@ def claims(
                 + "; ".join(parts)
                 + f" (the verdict uses {', '.join(claimed)}; {' and '.join(OTHER_NOISE)} are "
                 "noise of another kind than the training noise); "
-                + f"accuracy {_fmt(mine['accuracy'])} vs {_fmt(ce['accuracy'])}",
+                + f"accuracy {_fmt(mine['accuracy'])} vs {_fmt(ce['accuracy'])}; "
+                + _id_confidence(mine, ce),
             )
     if main:
         parts, near = [], []

@@ -226,28 +226,34 @@ def test_openood_rows_recompute_the_saved_scores_by_hand(tmp_path):
     assert row["synthetic/auroc"]["n"] == 0  # no synthetic set saved
 
 
+def _fake_run(method, seed, acc, fpr=0.8, mmc=0.9, lr=0.4):
+    """The parts of a run's results.json that ``study_report.claims`` reads."""
+    run = study.Run(f"{method}/seed{seed}", method, seed)
+    cells = {"fpr95": fpr, "auroc": 0.7, "aupr_in": 0.9}
+    sets = {"textures_partial": {k: {"mean": v} for k, v in cells.items()}}
+    results = {
+        "classification": {"accuracy": acc, "ece": 0.02},
+        "ood": {"papers": {"metrics": {"msp": sets}}},
+        "data": {"id": {"name": "cifar10"}},
+        "mmc": {"cifar10": mmc, "lowpass_uniform": 0.4, "permuted_pixels": 0.6},
+        "config": {"optim": {"lr": lr}, "train": {"epochs": 5}},
+        "diagnostics": {  # read by the Pearce et al. claims
+            "weights": {"cosine": {"mean": -0.11}, "optimal_cosine": -1 / 9, "num_classes": 10},
+            "features": {"cifar10": {"feature_norm": {"q50": 5.0}}},
+        },
+    }
+    return {"run": run, "results": results}
+
+
 def test_logitnorm_claim_names_the_seeds_at_ce_accuracy():
     from experiments.study_report import claims
 
-    def entry(method, seed, acc, fpr):
-        run = study.Run(f"{method}/seed{seed}", method, seed)
-        cells = {"fpr95": fpr, "auroc": 0.7, "aupr_in": 0.9}
-        sets = {"textures_partial": {k: {"mean": v} for k, v in cells.items()}}
-        results = {
-            "classification": {"accuracy": acc, "ece": 0.02},
-            "ood": {"papers": {"metrics": {"msp": sets}}},
-            "data": {"id": {"name": "cifar10"}},
-            "mmc": {"cifar10": 0.9},
-            "diagnostics": {  # read by the Pearce et al. claims
-                "weights": {"cosine": {"mean": -0.11}, "optimal_cosine": -1 / 9},
-                "features": {"cifar10": {"feature_norm": {"q50": 5.0}}},
-            },
-        }
-        return {"run": run, "results": results}
-
     main = {
-        "ce": [entry("ce", 0, 0.79, 0.78), entry("ce", 1, 0.79, 0.78)],
-        "logitnorm": [entry("logitnorm", 0, 0.67, 0.90), entry("logitnorm", 1, 0.795, 0.83)],
+        "ce": [_fake_run("ce", 0, 0.79, 0.78), _fake_run("ce", 1, 0.79, 0.78)],
+        "logitnorm": [
+            _fake_run("logitnorm", 0, 0.67, 0.90),
+            _fake_run("logitnorm", 1, 0.795, 0.83),
+        ],
     }
     (claim,) = [c for c in claims(main, {}) if c["paper"].startswith("LogitNorm")]
     assert claim["verdict"] == "not comparable"  # mean accuracy 73.25 vs 79.0
@@ -255,3 +261,17 @@ def test_logitnorm_claim_names_the_seeds_at_ce_accuracy():
     assert "seed 0 67.0% / 90.0, seed 1 79.5% / 83.0" in ev
     # Only seed 1 is within 2 points of CE's 79.0%: 83.0 - 78.0 = +5.0.
     assert "differs from CE's mean by seed 1 +5.0 points" in ev
+
+
+def test_noise_claims_show_the_id_confidence_per_seed():
+    from experiments.study_report import claims
+
+    main = {
+        "ce": [_fake_run("ce", 0, 0.79, mmc=0.81)],
+        "ceda": [_fake_run("ceda", 0, 0.71, mmc=0.726), _fake_run("ceda", 1, 0.38, mmc=0.274)],
+    }
+    (claim,) = [c for c in claims(main, {}) if c["claim"].startswith("CEDA")]
+    # (72.6 + 27.4) / 2 = 50.0; population std 22.6.
+    assert (
+        "MMC on the ID test images 50.0 ± 22.6 (per seed 72.6, 27.4) vs 81.0" in claim["evidence"]
+    )
