@@ -246,6 +246,52 @@ def _logitnorm_seeds(entries: Sequence[dict], ce: Mapping[str, Any]) -> str:
     return text
 
 
+def _epochs(entry: Mapping) -> int:
+    return int(entry["results"]["config"]["train"]["epochs"])
+
+
+def _logitnorm_sweep(
+    main: Mapping[str, list[dict]], sweep: Mapping[str, dict], ce: Mapping[str, Any]
+) -> str:
+    """Each finished LogitNorm sweep run (longer schedule, other temperature) beside CE
+    at the same epochs and peak lr: a sweep CE run where there is one, else the main CE
+    runs when their budget matches. Tells whether a longer schedule or another
+    temperature brings LogitNorm to CE's accuracy, and what its FPR95 is there."""
+    parts = []
+    for e in sweep.values():
+        if e["run"].method != "logitnorm":
+            continue
+        budget = (_epochs(e), _lr(e))
+        same = [
+            c for c in sweep.values() if c["run"].method == "ce" and (_epochs(c), _lr(c)) == budget
+        ]
+        if same:
+            base = summarize(same, "msp")
+            base_name = ", ".join(c["run"].name for c in same)
+        elif all((_epochs(c), _lr(c)) == budget for c in main["ce"]):
+            base, base_name = ce, "the main CE runs"
+        else:
+            parts.append(f"{e['run'].name}: no CE run at {budget[0]} epochs, lr {budget[1]:g}")
+            continue
+        acc = e["results"]["classification"]["accuracy"]
+        fpr = set_metric(e["results"], "msp", REAL, "fpr95")
+        b_acc, b_fpr = base["accuracy"]["mean"], base["real/fpr95"]["mean"]
+        tau = e["results"]["config"].get("objective", {}).get("hparams", {}).get("temperature")
+        parts.append(
+            f"{e['run'].name} ({budget[0]} epochs, tau {tau}): {100 * acc:.1f}% / "
+            f"{100 * fpr:.1f} vs {base_name} {100 * b_acc:.1f}% / {100 * b_fpr:.1f} "
+            f"(FPR95 {100 * (fpr - b_fpr):+.1f} points"
+            + (
+                ", accuracy within 2 points)"
+                if abs(acc - b_acc) <= 0.02
+                else ", accuracy differs by more than 2 points)"
+            )
+        )
+    if not parts:
+        return ""
+    return "; sweep, accuracy / MSP FPR95 over the real sets: " + "; ".join(parts)
+
+
 def _id_confidence(mine: Mapping[str, Any], ce: Mapping[str, Any]) -> str:
     """MMC on the ID test images of a noise-trained method and its CE baseline, per seed:
     a model that is unsure of everything also has a low MMC on noise, so the noise
@@ -284,6 +330,7 @@ def claims(
             verdict = "not comparable"
             evidence += "; the accuracies differ by more than 2 points (see the sweep)"
             evidence += _logitnorm_seeds(main["logitnorm"], ce)
+        evidence += _logitnorm_sweep(main, sweep or {}, ce)
         add(
             "LogitNorm (Wei et al. 2022)",
             "LogitNorm lowers MSP's FPR95 at about CE's accuracy",

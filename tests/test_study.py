@@ -226,9 +226,13 @@ def test_openood_rows_recompute_the_saved_scores_by_hand(tmp_path):
     assert row["synthetic/auroc"]["n"] == 0  # no synthetic set saved
 
 
-def _fake_run(method, seed, acc, fpr=0.8, mmc=0.9, lr=0.4):
-    """The parts of a run's results.json that ``study_report.claims`` reads."""
-    run = study.Run(f"{method}/seed{seed}", method, seed)
+def _fake_run(method, seed, acc, fpr=0.8, mmc=0.9, lr=0.4, epochs=5, sweep=None, tau=None):
+    """The parts of a run's results.json that ``study_report.claims`` reads; ``sweep``
+    names a sweep run (``sweep/<sweep>/seed<seed>``)."""
+    if sweep:
+        run = study.Run(f"sweep/{sweep}/seed{seed}", method, seed, group="sweep")
+    else:
+        run = study.Run(f"{method}/seed{seed}", method, seed)
     cells = {"fpr95": fpr, "auroc": 0.7, "aupr_in": 0.9}
     sets = {"textures_partial": {k: {"mean": v} for k, v in cells.items()}}
     results = {
@@ -236,7 +240,11 @@ def _fake_run(method, seed, acc, fpr=0.8, mmc=0.9, lr=0.4):
         "ood": {"papers": {"metrics": {"msp": sets}}},
         "data": {"id": {"name": "cifar10"}},
         "mmc": {"cifar10": mmc, "lowpass_uniform": 0.4, "permuted_pixels": 0.6},
-        "config": {"optim": {"lr": lr}, "train": {"epochs": 5}},
+        "config": {
+            "optim": {"lr": lr},
+            "train": {"epochs": epochs},
+            "objective": {"hparams": {} if tau is None else {"temperature": tau}},
+        },
         "diagnostics": {  # read by the Pearce et al. claims
             "weights": {"cosine": {"mean": -0.11}, "optimal_cosine": -1 / 9, "num_classes": 10},
             "features": {"cifar10": {"feature_norm": {"q50": 5.0}}},
@@ -261,6 +269,35 @@ def test_logitnorm_claim_names_the_seeds_at_ce_accuracy():
     assert "seed 0 67.0% / 90.0, seed 1 79.5% / 83.0" in ev
     # Only seed 1 is within 2 points of CE's 79.0%: 83.0 - 78.0 = +5.0.
     assert "differs from CE's mean by seed 1 +5.0 points" in ev
+
+
+def test_logitnorm_claim_reads_the_sweep_against_ce_at_the_same_budget():
+    from experiments.study_report import claims
+
+    main = {
+        "ce": [_fake_run("ce", 0, 0.79, 0.78)],
+        "logitnorm": [_fake_run("logitnorm", 0, 0.67, 0.90, tau=0.04)],
+    }
+    runs = [
+        _fake_run("ce", 0, 0.84, 0.75, epochs=10, sweep="ce_epochs2x"),
+        _fake_run("logitnorm", 0, 0.83, 0.70, epochs=10, sweep="logitnorm_epochs2x", tau=0.04),
+        _fake_run("logitnorm", 0, 0.70, 0.85, sweep="logitnorm_tau0.2", tau=0.2),
+        _fake_run("logitnorm", 0, 0.80, 0.80, lr=0.1, sweep="logitnorm_lr0.1", tau=0.04),
+    ]
+    sweep = {e["run"].name: e for e in runs}
+    (claim,) = [c for c in claims(main, {}, sweep) if c["paper"].startswith("LogitNorm")]
+    ev = claim["evidence"]
+    # 10 epochs: against the 10-epoch CE run, 70 - 75 = -5.0, 83 vs 84 within 2 points.
+    assert (
+        "sweep/logitnorm_epochs2x/seed0 (10 epochs, tau 0.04): 83.0% / 70.0 vs "
+        "sweep/ce_epochs2x/seed0 84.0% / 75.0 (FPR95 -5.0 points, accuracy within 2 points)"
+    ) in ev
+    # 5 epochs at lr 0.4: against the main CE runs, 85 - 78 = +7.0, 70 vs 79 not close.
+    assert (
+        "sweep/logitnorm_tau0.2/seed0 (5 epochs, tau 0.2): 70.0% / 85.0 vs the main CE runs "
+        "79.0% / 78.0 (FPR95 +7.0 points, accuracy differs by more than 2 points)"
+    ) in ev
+    assert "sweep/logitnorm_lr0.1/seed0: no CE run at 5 epochs, lr 0.1" in ev
 
 
 def test_noise_claims_show_the_id_confidence_per_seed():
