@@ -1,0 +1,175 @@
+"""The regime study: do LogitNorm and L2 feature normalization hold once CE is overconfident?
+
+The 5-epoch study's cross-entropy models end well calibrated (ECE 1.7%), a regime
+the LogitNorm and L2 papers never describe. This study first finds, with a pilot
+of cross-entropy alone, a schedule at which CE has become overconfident, by the
+rule in :data:`RULE` (declared before any main run); then it trains every method
+of the comparison with that one schedule.
+
+    python -m experiments.regime pilot --workdir runs/regime      # train/resume the pilot
+    python -m experiments.regime measure --workdir runs/regime/pilot/ce_e30
+
+``measure`` reads every kept checkpoint of a run (the pilot keeps one per epoch)
+and writes ``regime.jsonl`` beside it: per epoch, accuracy, loss and mean logit
+norm on a fixed seeded subset of the *un-augmented* training images (what the
+model has fitted, not the augmented stream the training log averages), and on the
+test set accuracy, ECE (15 bins) and mean MSP. Steps already measured are kept,
+so it resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from experiments import cli
+
+# The regime rule, fixed before the main runs (it is copied into the report). The
+# 5-epoch study's CE models: test ECE 1.7 ± 0.3%, train accuracy (augmented stream) 79%.
+RULE = {
+    "train_clean_accuracy_min": 0.97,
+    "test_ece_min": 2 * 0.017,
+    "text": (
+        "CE is overconfident when, at the end of training, its accuracy on un-augmented "
+        "training images is at least 97%, its test ECE at least 3.4% (twice the 5-epoch "
+        "study's 1.7%), and its mean test MSP above its test accuracy (the calibration gap "
+        "is over-, not under-confidence)."
+    ),
+}
+# Un-augmented training images measured per checkpoint (a seeded subset).
+TRAIN_SUBSET = 10000
+REGIME_FILE = "regime.jsonl"
+PILOT_EPOCHS = 30
+
+
+def pilot_command(root: str, *, epochs: int = PILOT_EPOCHS, seed: int = 0) -> list[str]:
+    """The pilot's training command: CE, the ``cpu`` preset, a checkpoint every epoch,
+    all kept (each is measured afterwards)."""
+    return [
+        sys.executable,
+        "-m",
+        "experiments.cifar10_ce",
+        f"--workdir={os.path.join(root, 'pilot', f'ce_e{epochs}')}",
+        "--preset=cpu",
+        "--data=local",
+        f"--config.seed={seed}",
+        f"--config.train.epochs={epochs}",
+        "--config.train.checkpoint_every=0",
+        f"--config.train.max_to_keep={epochs + 1}",
+        "--config.eval.ood=true",
+    ]
+
+
+def softmax_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, mean cross-entropy, mean MSP and mean logit L2 norm, in float64."""
+    z = logits.astype(np.float64)
+    top = z.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+    log_p = z - log_norm[:, None]
+    return {
+        "accuracy": float((z.argmax(axis=1) == labels).mean()),
+        "loss": float(-log_p[np.arange(len(labels)), labels].mean()),
+        "msp": float(np.exp(log_p.max(axis=1)).mean()),
+        "logit_norm": float(np.linalg.norm(z, axis=1).mean()),
+    }
+
+
+def measure_step(workdir: str, step: int, cache: dict) -> dict:
+    """The regime record of ``workdir``'s checkpoint ``step``."""
+    from experiments.data import load_splits
+    from experiments.evaluate import restore_model
+    from ood_jax import data as D
+    from ood_jax.evaluate import ForwardPass
+    from ood_jax.metrics import expected_calibration_error
+
+    model, metadata, step = restore_model(workdir, step=step)
+    if "data" not in cache:
+        config = cli.config_from_json(metadata["config"])
+        train, test = load_splits(config)
+        spec = D.get_dataset_spec(config.data.dataset)
+        cache["data"] = (D.random_subset(train, TRAIN_SUBSET, seed=config.seed), test)
+        cache["norm"] = {"mean": spec.mean, "std": spec.std}
+        cache["batch"] = config.data.eval_batch_size
+        cache["steps_per_epoch"] = len(train) // config.train.batch_size
+    forward = ForwardPass(model)
+    record: dict = {"step": step, "epoch": step / cache["steps_per_epoch"]}
+    for name, ds in zip(("train_clean", "test"), cache["data"], strict=True):
+        out = forward(D.eval_batches(ds, batch_size=cache["batch"], **cache["norm"]))
+        record.update({f"{name}_{k}": v for k, v in softmax_stats(out.logits, out.labels).items()})
+        if name == "test":
+            record["test_ece"] = expected_calibration_error(out.logits, out.labels)
+    return record
+
+
+def measure(workdir: str) -> list[dict]:
+    """Measures every kept checkpoint of ``workdir`` not yet in its ``regime.jsonl``."""
+    from ood_jax.checkpoint import Checkpointer
+
+    path = os.path.join(workdir, REGIME_FILE)
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            done = {r["step"]: r for r in map(json.loads, f) if r}
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        steps = ckpt.all_steps()
+    finally:
+        ckpt.close()
+    cache: dict = {}
+    for step in steps:
+        if step in done:
+            continue
+        record = measure_step(workdir, step, cache)
+        done[step] = record
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(
+            f"step {step} (epoch {record['epoch']:.0f}): train (clean) acc "
+            f"{record['train_clean_accuracy']:.4f}, test acc {record['test_accuracy']:.4f}, "
+            f"ECE {record['test_ece']:.4f}, test MSP {record['test_msp']:.4f}",
+            flush=True,
+        )
+    return [done[s] for s in sorted(done)]
+
+
+def meets_rule(record: dict) -> bool:
+    """Whether a run's final regime record shows the overconfident regime (:data:`RULE`)."""
+    return (
+        record["train_clean_accuracy"] >= RULE["train_clean_accuracy_min"]
+        and record["test_ece"] >= RULE["test_ece_min"]
+        and record["test_msp"] > record["test_accuracy"]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("pilot", "measure"))
+    parser.add_argument("--workdir", required=True, help="the study's root (pilot) or a run")
+    parser.add_argument("--epochs", type=int, default=PILOT_EPOCHS, help="the pilot's epochs")
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        raise cli.UsageError(f"--epochs must be >= 1, got {args.epochs}.")
+    if args.action == "pilot":
+        argv = pilot_command(os.path.abspath(args.workdir), epochs=args.epochs)
+        rc = subprocess.run(argv, check=False).returncode
+        if rc != 0:
+            raise SystemExit(rc)
+        run = os.path.join(args.workdir, "pilot", f"ce_e{args.epochs}")
+    else:
+        run = args.workdir
+    if not os.path.isdir(os.path.join(run, "checkpoints")):
+        raise cli.UsageError(f"{run!r}: no checkpoints/ folder; train the run first.")
+    records = measure(run)
+    if records:
+        verdict = "meets" if meets_rule(records[-1]) else "does not meet"
+        print(f"{run}: the final checkpoint {verdict} the regime rule: {RULE['text']}")
+
+
+if __name__ == "__main__":
+    cli.run_main(main, sys.argv[1:])
