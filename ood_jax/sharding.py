@@ -10,7 +10,7 @@ every process only ever hands over its own slice of the batch and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,13 +20,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
+def make_mesh(num_devices: int | None = None, *, devices: Sequence[Any] | None = None) -> Mesh:
     """A 1-D mesh ``("data",)`` over the first ``num_devices`` devices (all if None).
 
     With several processes ``num_devices`` must be None: every process has to
-    take part in the mesh.
+    take part in the mesh. ``devices``: the devices to choose from (default
+    ``jax.devices()``), e.g. compile-only TPU devices from
+    ``jax.experimental.topologies``.
     """
-    devices = jax.devices()
+    devices = jax.devices() if devices is None else list(devices)
     if num_devices is None:
         num_devices = len(devices)
     if not 1 <= num_devices <= len(devices):

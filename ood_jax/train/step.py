@@ -166,8 +166,9 @@ def compile_train_step(step: StepFn, mesh: Mesh) -> StepFn:
     """``jax.jit`` the train step over ``mesh``: batch sharded on ``data``, state replicated
     and donated (updated in place), metrics replicated.
 
-    The returned callable has the same signature as ``step``. Batches must be global
-    arrays (see ``ood_jax.sharding.global_batch``).
+    The returned callable has the same signature as ``step``; its ``jitted`` attribute
+    is the ``jax.jit`` object (``train_step.jitted.lower(state, batch, aux)``). Batches
+    must be global arrays (see ``ood_jax.sharding.global_batch``).
     """
     rep = sharding.replicated(mesh)
     data = sharding.batch_sharding(mesh)
@@ -181,6 +182,8 @@ def compile_train_step(step: StepFn, mesh: Mesh) -> StepFn:
     def train_step(state: TrainState, batch: Batch, aux_batch: Batch | None = None):
         return jitted(state, batch, aux_batch)
 
+    # The jit object itself, for ahead-of-time lowering (the compile-only TPU planner).
+    train_step.jitted = jitted
     return train_step
 
 

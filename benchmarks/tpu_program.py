@@ -1,0 +1,126 @@
+"""What a compiled TPU program says: memory, cost, collectives, and the design's promises.
+
+Helpers of :mod:`benchmarks.tpu_plan`, on the ``jax.stages.Compiled`` object of a
+train step compiled for compile-only TPU devices.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+# Published per-chip figures (Google Cloud TPU documentation, "System architecture"
+# pages of v4, v5e and v6e): peak bf16 FLOP/s, HBM bytes, HBM bytes/s.
+CHIPS = {
+    "v4": {"peak_flops": 275e12, "hbm_bytes": 32 * 2**30, "hbm_bw": 1200e9},
+    "v5e": {"peak_flops": 197e12, "hbm_bytes": 16e9, "hbm_bw": 819e9},
+    "v6e": {"peak_flops": 918e12, "hbm_bytes": 32e9, "hbm_bw": 1640e9},
+}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+
+
+class PlanError(ValueError):
+    """A preset that cannot run as planned on a topology (one line: what to change)."""
+
+
+def collectives(hlo: str) -> list[dict]:
+    """The collectives of a compiled HLO module: op, count and bytes of their results."""
+    found: dict[str, dict] = {}
+    for line in hlo.splitlines():
+        match = re.search(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        if not match or "-done(" in line:
+            continue
+        shapes = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))
+        sizes = [
+            (dtype, int(np.prod([int(d) for d in dims.split(",") if d]))) for dtype, dims in shapes
+        ]
+        entry = found.setdefault(
+            match.group(2), {"op": match.group(2), "count": 0, "elements": 0, "bytes": 0}
+        )
+        entry["count"] += 1
+        entry["elements"] += sum(n for _, n in sizes)
+        entry["bytes"] += sum(_DTYPE_BYTES.get(dtype, 4) * n for dtype, n in sizes)
+    return list(found.values())
+
+
+def _nbytes(tree: Any) -> int:
+    return int(
+        sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    )
+
+
+def check_program(compiled, state, *, bn_channels: int, name: str) -> dict:
+    """What the design promises, read from the compiled train step; a broken promise is
+    a :class:`PlanError`. Returns the facts checked."""
+    (state_in, batch_in, _), _ = compiled.input_shardings
+    for leaf in jax.tree.leaves(batch_in):
+        if tuple(leaf.spec)[:1] != ("data",):
+            raise PlanError(f"{name}: the batch is not sharded over 'data' (got {leaf.spec}).")
+    for leaf in jax.tree.leaves(state_in):
+        if not leaf.is_fully_replicated:
+            raise PlanError(
+                f"{name}: the train state must be replicated, found a leaf sharded as "
+                f"{leaf.spec}; shard only the batch (ood_jax.sharding.replicated for the state)."
+            )
+    num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
+    # Elements, not bytes: with bf16 compute XLA may all-reduce the gradients in bf16.
+    reduced = sum(c["elements"] for c in collectives(compiled.as_text()) if c["op"] == "all-reduce")
+    if reduced < num_params:
+        raise PlanError(f"{name}: no gradient all-reduce ({reduced} < {num_params} elements).")
+    if reduced >= 2 * num_params:
+        raise PlanError(
+            f"{name}: the gradients are all-reduced more than once ({reduced} elements)."
+        )
+    # BatchNorm over the global batch: at least a mean and a variance per channel.
+    if reduced - num_params < 2 * bn_channels:
+        raise PlanError(f"{name}: BatchNorm statistics are not reduced across devices.")
+    memory = compiled.memory_analysis()
+    params_bytes = _nbytes(state.params)
+    if memory.alias_size_in_bytes < params_bytes:
+        raise PlanError(
+            f"{name}: the train state is not donated (aliased {memory.alias_size_in_bytes})."
+        )
+    return {
+        "batch_sharded": True,
+        "state_replicated": True,
+        "all_reduced_elements": reduced,
+        "params": num_params,
+        "donated_bytes": memory.alias_size_in_bytes,
+    }
+
+
+def bn_channels(batch_stats: Any) -> int:
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(batch_stats)) // 2
+
+
+def compiled_memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    return {
+        "argument_bytes": m.argument_size_in_bytes,
+        "output_bytes": m.output_size_in_bytes,
+        "temp_bytes": m.temp_size_in_bytes,
+        "alias_bytes": m.alias_size_in_bytes,
+        "peak_bytes": m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes,
+    }
+
+
+def compiled_cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return {
+        "flops": float(cost.get("flops", 0.0)),
+        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+    }
+
+
+def roofline(cost: dict, chip: str) -> float:
+    """Estimated seconds per step per device: max(compute-bound, memory-bound)."""
+    spec = CHIPS[chip]
+    return max(cost["flops"] / spec["peak_flops"], cost["bytes_accessed"] / spec["hbm_bw"])

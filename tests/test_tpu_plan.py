@@ -1,0 +1,165 @@
+"""The compile-only TPU planner (benchmarks.tpu_plan): parsing, checks, and one real TPU compile.
+
+The checks are exercised on programs compiled for the 8 virtual CPU devices (a
+correct step, and the same step with its state deliberately sharded); the real
+path compiles the ``cpu`` preset's train and eval step for a v5e-4 slice with
+XLA's TPU compiler (libtpu, installed by ``.ci/run`` into ``.ci/libtpu``; see
+``LIBTPU_DIR``), in a subprocess so that libtpu never loads into this one.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import tpu_plan, tpu_program
+from ood_jax import sharding
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where .ci/run installs libtpu (pip install --target): kept off this process's path.
+LIBTPU_DIR = Path(os.environ.get("OOD_JAX_LIBTPU_DIR", ROOT / ".ci" / "libtpu"))
+
+HLO = """
+  %all-reduce-start.1 = (f32[3,3,16,16]{3,2,1,0}, bf16[16]{0}) all-reduce-start(%a, %b)
+  %all-reduce-done.1 = (f32[3,3,16,16]{3,2,1,0}, bf16[16]{0}) all-reduce-done(%all-reduce-start.1)
+  %all-reduce.7 = f32[10]{0} all-reduce(%c), to_apply=%add
+  %all-gather.2 = s32[8,4]{1,0} all-gather(%d), dimensions={0}
+  %fusion.3 = f32[16]{0} fusion(%e), kind=kLoop
+"""
+
+
+def test_collectives_counts_ops_elements_and_bytes_by_hand():
+    found = {c["op"]: c for c in tpu_program.collectives(HLO)}
+    assert set(found) == {"all-reduce", "all-gather"}
+    # start/done pairs count once: 3*3*16*16 + 16 elements, then 10.
+    assert found["all-reduce"]["count"] == 2
+    assert found["all-reduce"]["elements"] == 2304 + 16 + 10
+    assert found["all-reduce"]["bytes"] == 2304 * 4 + 16 * 2 + 10 * 4
+    assert found["all-gather"] == {"op": "all-gather", "count": 1, "elements": 32, "bytes": 128}
+
+
+def test_roofline_is_the_slower_of_compute_and_memory():
+    chip = tpu_program.CHIPS["v5e"]
+    compute_bound = {"flops": 197e12, "bytes_accessed": 1e9}
+    assert tpu_program.roofline(compute_bound, "v5e") == pytest.approx(1.0)
+    memory_bound = {"flops": 1e9, "bytes_accessed": 2 * chip["hbm_bw"]}
+    assert tpu_program.roofline(memory_bound, "v5e") == pytest.approx(2.0)
+
+
+class _Device:
+    def __init__(self, i, process):
+        self.coords, self.process_index, self.slice_index = (i, 0, 0), process, 0
+
+
+def test_a_batch_that_does_not_divide_is_one_line_naming_the_fix():
+    config = tpu_plan.preset_config("ce", "cpu", "float32")
+    config.train.batch_size = 250
+    tpu = tpu_plan.Slice("v5e:2x2", "v5e", tuple(_Device(i, 0) for i in range(4)), 1)
+    with pytest.raises(tpu_program.PlanError) as err:
+        tpu_plan.check_batch(config, tpu)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "batch_size 250 does not divide over the 4 devices" in message
+    assert "--config.train.batch_size=248" in message
+
+
+def test_per_process_batch_on_a_multi_host_slice():
+    config = tpu_plan.preset_config("logitnorm", "paper", "bfloat16")
+    tpu = tpu_plan.Slice("v5e:4x4", "v5e", tuple(_Device(i, i // 4) for i in range(16)), 4)
+    assert tpu_plan.check_batch(config, tpu) == config.train.batch_size // 4
+
+
+def _compiled_step(state_sharded: bool):
+    """The runner's own cpu-preset CE step compiled for the 8 CPU devices; with
+    ``state_sharded`` the state's first axis is split over ``data`` where it divides."""
+    from experiments.checkpoints import build_model, model_identity
+    from experiments.steps import make_run_optimizer, make_run_steps
+    from ood_jax.train import create_train_state
+
+    config = tpu_plan.preset_config("ce", "smoke", "float32")
+    mesh = sharding.make_mesh()
+    optimizer = make_run_optimizer(config, 10)
+    model_def, state = create_train_state(
+        build_model(model_identity(config, 10), 0), optimizer.tx, seed=0
+    )
+    train_step, _ = make_run_steps(config, model_def, optimizer, mesh)
+    rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+    def placed(x):
+        split = state_sharded and np.ndim(x) and np.shape(x)[0] % 8 == 0
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=data if split else rep)
+
+    state_abs = jax.tree.map(placed, state)
+    batch = {
+        "image": jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32, sharding=data),
+        "label": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=data),
+        "mask": jax.ShapeDtypeStruct((16,), jnp.bool_, sharding=data),
+    }
+    if state_sharded:
+        # The runner's jit pins the state replicated; a broken step shards it.
+        jitted = jax.jit(
+            train_step.jitted.__wrapped__,
+            in_shardings=(jax.tree.map(lambda s: s.sharding, state_abs), data, data),
+            donate_argnums=0,
+        )
+        return jitted.lower(state_abs, batch, None).compile(), state
+    return train_step.jitted.lower(state_abs, batch, None).compile(), state
+
+
+def test_the_runners_step_keeps_the_designs_promises_on_8_devices():
+    compiled, state = _compiled_step(state_sharded=False)
+    facts = tpu_program.check_program(
+        compiled, state, bn_channels=tpu_program.bn_channels(state.batch_stats), name="ce/smoke"
+    )
+    num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
+    assert facts["params"] == num_params
+    assert num_params <= facts["all_reduced_elements"] < 2 * num_params
+    assert facts["donated_bytes"] >= 4 * num_params
+
+
+def test_a_state_sharded_over_data_is_caught_in_one_line():
+    compiled, state = _compiled_step(state_sharded=True)
+    with pytest.raises(tpu_program.PlanError) as err:
+        tpu_program.check_program(compiled, state, bn_channels=0, name="broken")
+    assert "\n" not in str(err.value)
+    assert "the train state must be replicated" in str(err.value)
+
+
+@pytest.mark.slow
+def test_cpu_preset_compiles_for_a_v5e_slice_with_the_tpu_compiler(tmp_path):
+    if not (LIBTPU_DIR / "libtpu").is_dir():
+        pytest.fail(
+            f"libtpu is not in {LIBTPU_DIR}: pip install --target {LIBTPU_DIR} --no-deps "
+            "libtpu==0.0.42.1 (what .ci/run does), or set OOD_JAX_LIBTPU_DIR."
+        )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(LIBTPU_DIR), str(ROOT)]),
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = tmp_path / "plan"
+    argv = ["--method", "ce", "--preset", "cpu", "--topology", "v5e:2x2", "--output", str(out)]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tpu_plan", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert row["devices"] == 4 and row["processes"] == 1
+    assert row["checks"]["batch_sharded"] and row["checks"]["state_replicated"]
+    assert row["checks"]["all_reduced_elements"] >= row["checks"]["params"] > 400_000
+    assert row["checks"]["donated_bytes"] > 0
+    assert 0 < row["memory"]["peak_bytes"] < row["hbm_per_device"]
+    assert row["cost"]["flops"] > 1e9 and row["eval"]["cost"]["flops"] > 1e9
+    assert row["estimate"]["images_per_s"] > 0
+    assert "| ce | cpu | v5e:2x2 |" in out.with_suffix(".md").read_text()
