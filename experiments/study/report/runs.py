@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,7 @@ def load_scores(entry: Mapping) -> Mapping[str, np.ndarray] | None:
     return np.load(entry["scores_path"]) if entry["scores_path"] else None
 
 
-def real_sets(available) -> list[str]:
+def real_sets(available: Iterable[str]) -> list[str]:
     """The real OOD sets among ``available``; all of ``available`` when none is real (a
     trial on synthetic sets only)."""
     available = [a for a in available if a not in (ADVERSARIAL, "average")]
