@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import study
-from experiments.study.report.runs import mean_std, set_metric
+from experiments.study.report.runs import format_cell, mean_std, set_metric
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +82,11 @@ def test_group_averages_and_spread_by_hand():
     cell = mean_std([0.8, 0.6, float("nan")])
     assert cell["n"] == 2 and cell["mean"] == pytest.approx(0.7)
     assert cell["std"] == pytest.approx(0.1)  # population std of (0.8, 0.6)
+    # In %, one decimal: 70.0 ± 10.0; one value has no spread; none is a dash.
+    assert format_cell(cell) == "70.0 ± 10.0"
+    assert format_cell(mean_std([0.1234])) == "12.3"
+    assert format_cell(mean_std([])) == "–"
+    assert format_cell(mean_std([1.5, 2.5]), 1, 2) == "2.00 ± 0.50"
 
 
 @pytest.mark.slow
