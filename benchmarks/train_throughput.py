@@ -39,12 +39,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine_load import busy_jiffies, cpu_name, others_share
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
@@ -240,21 +241,6 @@ def _version(module: str) -> str:
 # -- driver ---------------------------------------------------------------------------------
 
 
-def busy_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU jiffies of the whole machine since boot (/proc/stat)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def others_share(seconds: float = 3.0) -> float:
-    """Fraction of the machine's CPU that processes took over ``seconds`` (us idle)."""
-    b0, t0 = busy_jiffies()
-    time.sleep(seconds)
-    b1, t1 = busy_jiffies()
-    return (b1 - b0) / max(t1 - t0, 1)
-
-
 class Worker:
     def __init__(self, framework: str, model: str, objective: str, args: argparse.Namespace):
         argv = [
@@ -343,7 +329,7 @@ def table(rows: list[dict], args: argparse.Namespace, loads: dict, argv: list[st
     lines = [
         "" if valid else "**INVALID: the machine was not quiet (see load and others' CPU).**",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {_cpu_name()}, {os.cpu_count()} CPUs; threads {args.threads}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} CPUs; threads {args.threads}",
         f"- load average (1 min): {loads['before']:.2f} before, {loads['after']:.2f} after; "
         f"other processes' CPU share before start: {100 * loads['others_before']:.1f}%",
         "- "
@@ -369,16 +355,6 @@ def table(rows: list[dict], args: argparse.Namespace, loads: dict, argv: list[st
             f"{cells[1]} | {ratio} | {100 * r['others']:.1f}% |"
         )
     return "\n".join(lines).lstrip("\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import study
-from experiments.study_report import mean_std, set_metric
+from experiments.study.report.runs import format_cell, mean_std, set_metric
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def test_noise_methods_train_at_the_authors_lr_with_a_ce_baseline_there():
 
 
 def test_noise_claims_compare_with_ce_at_the_same_lr():
-    from experiments.study_report import _baseline_at_lr
+    from experiments.study.report.claims import _baseline_at_lr
 
     def entry(name, method, lr, epochs=5):
         run = study.Run(name, method, 0, group="sweep" if "sweep" in name else "main")
@@ -82,6 +82,11 @@ def test_group_averages_and_spread_by_hand():
     cell = mean_std([0.8, 0.6, float("nan")])
     assert cell["n"] == 2 and cell["mean"] == pytest.approx(0.7)
     assert cell["std"] == pytest.approx(0.1)  # population std of (0.8, 0.6)
+    # In %, one decimal: 70.0 ± 10.0; one value has no spread; none is a dash.
+    assert format_cell(cell) == "70.0 ± 10.0"
+    assert format_cell(mean_std([0.1234])) == "12.3"
+    assert format_cell(mean_std([])) == "–"
+    assert format_cell(mean_std([1.5, 2.5]), 1, 2) == "2.00 ± 0.50"
 
 
 @pytest.mark.slow
@@ -147,7 +152,7 @@ def test_study_command_runs_resumes_and_reports(tmp_path):
 
 
 def test_a_claim_needs_more_than_the_spread_and_one_point():
-    from experiments.study_report import _verdict
+    from experiments.study.report.claims import _verdict
 
     def stat(mean, std=0.0, n=1):
         return {"mean": mean, "std": std, "n": n}
@@ -162,7 +167,8 @@ def test_a_claim_needs_more_than_the_spread_and_one_point():
 
 
 def test_density_split_averages_the_real_sets_then_the_seeds():
-    from experiments.study_report import REAL, density_split, density_split_summary
+    from experiments.study.report.density import density_split, density_split_summary
+    from experiments.study.report.runs import REAL
 
     def results(seed, id_rest, ood_rest):
         split = {}
@@ -203,7 +209,7 @@ def test_density_split_averages_the_real_sets_then_the_seeds():
 
 
 def test_openood_rows_recompute_the_saved_scores_by_hand(tmp_path):
-    from experiments.study_report import openood_rows
+    from experiments.study.report.tables import openood_rows
 
     rng = np.random.default_rng(0)
     id_s = rng.normal(1.0, 1.0, 100)
@@ -227,7 +233,7 @@ def test_openood_rows_recompute_the_saved_scores_by_hand(tmp_path):
 
 
 def _fake_run(method, seed, acc, fpr=0.8, mmc=0.9, lr=0.4, epochs=5, sweep=None, tau=None):
-    """The parts of a run's results.json that ``study_report.claims`` reads; ``sweep``
+    """The parts of a run's results.json that ``study.report.claims`` reads; ``sweep``
     names a sweep run (``sweep/<sweep>/seed<seed>``)."""
     if sweep:
         run = study.Run(f"sweep/{sweep}/seed{seed}", method, seed, group="sweep")
@@ -254,7 +260,7 @@ def _fake_run(method, seed, acc, fpr=0.8, mmc=0.9, lr=0.4, epochs=5, sweep=None,
 
 
 def test_logitnorm_claim_names_the_seeds_at_ce_accuracy():
-    from experiments.study_report import claims
+    from experiments.study.report.claims import claims
 
     main = {
         "ce": [_fake_run("ce", 0, 0.79, 0.78), _fake_run("ce", 1, 0.79, 0.78)],
@@ -263,7 +269,7 @@ def test_logitnorm_claim_names_the_seeds_at_ce_accuracy():
             _fake_run("logitnorm", 1, 0.795, 0.83),
         ],
     }
-    (claim,) = [c for c in claims(main, {}) if c["paper"].startswith("LogitNorm")]
+    (claim,) = [c for c in claims(main) if c["paper"].startswith("LogitNorm")]
     assert claim["verdict"] == "not comparable"  # mean accuracy 73.25 vs 79.0
     ev = claim["evidence"]
     assert "seed 0 67.0% / 90.0, seed 1 79.5% / 83.0" in ev
@@ -272,7 +278,7 @@ def test_logitnorm_claim_names_the_seeds_at_ce_accuracy():
 
 
 def test_logitnorm_claim_reads_the_sweep_against_ce_at_the_same_budget():
-    from experiments.study_report import claims
+    from experiments.study.report.claims import claims
 
     main = {
         "ce": [_fake_run("ce", 0, 0.79, 0.78)],
@@ -285,7 +291,7 @@ def test_logitnorm_claim_reads_the_sweep_against_ce_at_the_same_budget():
         _fake_run("logitnorm", 0, 0.80, 0.80, lr=0.1, sweep="logitnorm_lr0.1", tau=0.04),
     ]
     sweep = {e["run"].name: e for e in runs}
-    (claim,) = [c for c in claims(main, {}, sweep) if c["paper"].startswith("LogitNorm")]
+    (claim,) = [c for c in claims(main, sweep) if c["paper"].startswith("LogitNorm")]
     ev = claim["evidence"]
     # 10 epochs: against the 10-epoch CE run, 70 - 75 = -5.0, 83 vs 84 within 2 points.
     assert (
@@ -301,13 +307,13 @@ def test_logitnorm_claim_reads_the_sweep_against_ce_at_the_same_budget():
 
 
 def test_noise_claims_show_the_id_confidence_per_seed():
-    from experiments.study_report import claims
+    from experiments.study.report.claims import claims
 
     main = {
         "ce": [_fake_run("ce", 0, 0.79, mmc=0.81)],
         "ceda": [_fake_run("ceda", 0, 0.71, mmc=0.726), _fake_run("ceda", 1, 0.38, mmc=0.274)],
     }
-    (claim,) = [c for c in claims(main, {}) if c["claim"].startswith("CEDA")]
+    (claim,) = [c for c in claims(main) if c["claim"].startswith("CEDA")]
     # (72.6 + 27.4) / 2 = 50.0; population std 22.6.
     assert (
         "MMC on the ID test images 50.0 ± 22.6 (per seed 72.6, 27.4) vs 81.0" in claim["evidence"]

@@ -34,7 +34,8 @@ def roc_curve(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray
     return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
 
 
-def _save(fig: Figure, path: str) -> None:
+def save_figure(fig: Figure, path: str) -> None:
+    """Lays ``fig`` out tightly and writes it to ``path`` (PNG, 100 dpi)."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)  # a bare Figure saves through its own Agg canvas
 
@@ -49,7 +50,9 @@ def _one(*, figsize: tuple[float, float]):
     return fig, axes[0, 0]
 
 
-def _grid(n: int) -> tuple[Figure, np.ndarray]:
+def figure_grid(n: int) -> tuple[Figure, np.ndarray]:
+    """A figure with ``n`` panels, at most 3 per row, and its axes in order (flat); the
+    unused panels of the last row are hidden."""
     cols = min(n, 3)
     rows = -(-n // cols)
     fig, axes = _figure(rows, cols, figsize=(4.2 * cols, 3.2 * rows))
@@ -101,7 +104,7 @@ def distribution_plot(
     The range covers the central 99% of each panel's values (:func:`robust_edges`);
     the few beyond it are counted in the outermost bins and in the panel's title.
     """
-    fig, axes = _grid(len(ood_values))
+    fig, axes = figure_grid(len(ood_values))
     for ax, (name, values) in zip(axes, ood_values.items(), strict=False):
         edges = robust_edges(id_values, values, bins=bins)
         shown_id, out_id = clipped(id_values, edges)
@@ -114,7 +117,7 @@ def distribution_plot(
         ax.set_ylabel("density", fontsize=8)
         ax.legend(fontsize=7, loc="best", framealpha=0.6)
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def score_histograms(
@@ -151,7 +154,7 @@ def roc_curves(
     ax.set_ylabel("TPR (ID recall)")
     ax.set_title(f"ROC: {score_name}", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def reliability_bins(
@@ -209,7 +212,7 @@ def reliability_diagram(
     ax.set_ylabel("accuracy")
     ax.set_title(f"Reliability ({num_bins} bins), ECE {100 * ece:.2f}%", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def logit_norm_plot(curves: Mapping[str, Mapping[str, list[float]]], path: str) -> None:
@@ -221,4 +224,4 @@ def logit_norm_plot(curves: Mapping[str, Mapping[str, list[float]]], path: str) 
     ax.set_ylabel("mean ||f(x)||")
     ax.set_title("Logit norm over training", fontsize=10)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -118,7 +118,7 @@ def _pct_std(cell: Mapping[str, float], with_std: bool) -> str:
     return f"{text} ± {_pct(cell['std'])}" if with_std else text
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
@@ -166,7 +166,7 @@ def ood_tables(
         for k in scores
     ]
     lines = ["Average over OOD sets:", ""]
-    lines += _table(["score"] + [h for _, h in DETAIL_COLUMNS], summary)
+    lines += markdown_table(["score"] + [h for _, h in DETAIL_COLUMNS], summary)
     for start in range(0, len(scores), scores_per_table):
         group = scores[start : start + scores_per_table]
         header = ["OOD set"] + [f"{display_name(k)} {h}" for k in group for _, h in MAIN_COLUMNS]
@@ -174,7 +174,7 @@ def ood_tables(
             [row_name(s)] + [_pct(metrics[k][s][m]["mean"]) for k in group for m, _ in MAIN_COLUMNS]
             for s in sets
         ]
-        lines += [""] + _table(header, rows)
+        lines += [""] + markdown_table(header, rows)
     for k in scores:
         lines += ["", f"#### {display_name(k)}", ""]
         detail = [
@@ -182,7 +182,7 @@ def ood_tables(
             + [_pct_std(metrics[k][s][m], with_std and s not in whole) for m, _ in DETAIL_COLUMNS]
             for s in sets
         ]
-        lines += _table(["OOD set"] + [h for _, h in DETAIL_COLUMNS], detail)
+        lines += markdown_table(["OOD set"] + [h for _, h in DETAIL_COLUMNS], detail)
     return lines
 
 
@@ -235,7 +235,7 @@ def markdown_report(results: Mapping) -> str:
     ]
     if results.get("mmc"):
         lines += ["", "Mean maximum softmax confidence (MMC) per set:", ""]
-        lines += _table(
+        lines += markdown_table(
             ["dataset", "MMC"], [[name, f"{value:.4f}"] for name, value in results["mmc"].items()]
         )
     for result in results["ood"].values():
@@ -270,7 +270,7 @@ def markdown_report(results: Mapping) -> str:
         for name, d in diag["features"].items()
     ]
     header = ["dataset", "mean ‖z‖", "median ‖z‖", "mean cos(z, w_pred)", "median cos"]
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     split = diag.get("mahalanobis_split")
     if split:
         lines += [
@@ -293,7 +293,7 @@ def markdown_report(results: Mapping) -> str:
             ]
             for name in split["raw"]
         ]
-        lines += _table(header, rows)
+        lines += markdown_table(header, rows)
     if results.get("plots"):
         lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in results["plots"]]
     return "\n".join(lines) + "\n"

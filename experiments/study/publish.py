@@ -1,0 +1,69 @@
+"""Publishing the study's finished runs as ``ood_jax.pretrained`` checkpoints."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from experiments.study.plan import Run
+
+
+def data_name(config: dict) -> str:
+    """The dataset a run actually trained on: ``cifar10`` from the offline files is
+    ``cifar10_jpeg`` (their images went through JPEG)."""
+    from ood_jax import data as D
+
+    spec = D.get_dataset_spec(config["data"]["dataset"])
+    if config["data"]["source"] == "local" and spec.offline_alternative:
+        return spec.offline_alternative
+    return spec.name
+
+
+def published_name(run: Run, results: dict) -> str:
+    """``<dataset>/<model>/<run>``: ``cifar10_jpeg/resnet9/logitnorm/seed0`` (sweep runs:
+    ``cifar10_jpeg/resnet9/sweep/<variant>/seed0``)."""
+    return f"{data_name(results['config'])}/{results['model']['name']}/{run.name}"
+
+
+def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
+    """Exports each finished run's final weights to ``folder`` (``ood_jax.pretrained``
+    format, with ``manifest.json``); runs already published at their final step are
+    left as they are. Returns the names published now."""
+    from experiments.checkpoints import restore_workdir
+    from experiments.study.report import load_runs
+    from ood_jax import pretrained
+
+    try:
+        have = {n: pretrained.info(n, folder) for n in pretrained.available(folder)}
+    except pretrained.PretrainedError:
+        have = {}
+    done = []
+    for entry in load_runs(root, runs).values():
+        run, results = entry["run"], entry["results"]
+        workdir = os.path.join(root, run.name)
+        step = results["checkpoint"]["step"]
+        name = published_name(run, results)
+        if name in have and have[name]["step"] == step:
+            continue
+        _, params, batch_stats, metadata, step = restore_workdir(workdir, step=step)
+        pretrained.export(
+            folder,
+            name,
+            params=params,
+            batch_stats=batch_stats,
+            entry={
+                "model": metadata["model"],
+                "dataset": data_name(metadata["config"]),
+                "normalization": results["data"]["normalization"],
+                "method": run.method,
+                "seed": run.seed,
+                "step": step,
+                "test_accuracy": results["classification"]["accuracy"],
+                "test_examples": results["data"]["id"]["num_examples"],
+                "eval_batch_size": metadata["config"]["data"]["eval_batch_size"],
+                "run": run.name,
+                "config": metadata["config"],
+            },
+        )
+        done.append(name)
+    return done
