@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -278,8 +279,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 f"--preset {args.preset!r}: {args.method} has {methods.presets_of(args.method)}."
             )
         jobs = [(args.method, args.preset, args.topology, args.precision)]
+    done = _previous_rows(args.output)
     rows = []
     for method, preset, topology, precision in jobs:
+        if (method, preset, topology, precision) in done:
+            rows.append(done[method, preset, topology, precision])
+            continue
         try:
             rows.append(plan(method, preset, topology, precision))
         except PlanError as err:
@@ -295,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 }
             )
         print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
+        if args.output:  # after every row: a long --all run resumes where it stopped
+            _write_json(args.output, {"rows": rows})
     header = {
         "command": "python -m benchmarks.tpu_plan " + " ".join(argv or sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -305,9 +312,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.output:
         with open(f"{args.output}.md", "w") as f:
             f.write(text)
-        with open(f"{args.output}.json", "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1, default=str)
+        _write_json(args.output, {"header": header, "rows": rows})
     return rows
+
+
+def _previous_rows(output: str) -> dict:
+    """Rows of an earlier run with the same ``--output`` (kept, not compiled again)."""
+    if not output or not os.path.exists(f"{output}.json"):
+        return {}
+    with open(f"{output}.json") as f:
+        rows = json.load(f)["rows"]
+    return {(r["method"], r["preset"], r["topology"], r["precision"]): r for r in rows}
+
+
+def _write_json(output: str, payload: dict) -> None:
+    tmp = f"{output}.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, f"{output}.json")
 
 
 def _libtpu_version() -> str:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from experiments.study.plan import EPOCHS, Run, command, plan, state_of
 
@@ -44,8 +44,15 @@ def run_study(
     Returns True when every planned run is done. A run that fails stops the study
     with its exit status; its workdir keeps what it saved.
     """
-    os.makedirs(root, exist_ok=True)
     runs = [r for r in plan(epochs) if not only or r.name in only or r.method in only]
+    execute(root, runs, lambda run: command(run, root, data, preset))
+    return all(state_of(r, root) == "done" for r in plan(epochs))
+
+
+def execute(root: str, runs: Sequence[Run], argv_of: Callable[[Run], list[str]]) -> None:
+    """Runs each unfinished run of ``runs`` in order, each ``argv_of(run)`` in its own
+    process; a run that fails stops here (``SystemExit(1)``), its workdir kept."""
+    os.makedirs(root, exist_ok=True)
     todo = [r for r in runs if state_of(r, root) != "done"]
     print(f"study in {root}: {len(runs) - len(todo)} of {len(runs)} runs done, {len(todo)} to go")
     durations = []
@@ -57,7 +64,7 @@ def run_study(
         if durations:
             eta = f", about {_minutes(sum(durations) / len(durations) * (len(todo) - i + 1))} left"
         print(f"[{i}/{len(todo)}] {run.name} ({state_of(run, root)}{eta})", flush=True)
-        argv = command(run, root, data, preset)
+        argv = argv_of(run)
         _log(root, {"run": run.name, "event": "start", "command": " ".join(argv[1:])})
         start = time.perf_counter()
         done = subprocess.run(argv, check=False)
@@ -73,4 +80,3 @@ def run_study(
             raise SystemExit(1)
         durations.append(elapsed)
         print(f"[{i}/{len(todo)}] {run.name}: done in {_minutes(elapsed)}", flush=True)
-    return all(state_of(r, root) == "done" for r in plan(epochs))

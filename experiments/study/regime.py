@@ -6,8 +6,10 @@ of cross-entropy alone, a schedule at which CE has become overconfident, by the
 rule in :data:`RULE` (declared before any main run); then it trains every method
 of the comparison with that one schedule.
 
-    python -m experiments.regime pilot --workdir runs/regime      # train/resume the pilot
-    python -m experiments.regime measure --workdir runs/regime/pilot/ce_e30
+    python -m experiments.study.regime pilot --workdir runs/regime   # train/resume the pilot
+    python -m experiments.study.regime measure --workdir runs/regime/pilot/ce_e30
+    python -m experiments.study.regime run --workdir runs/regime --epochs E   # main runs
+    python -m experiments.study.regime plan --workdir runs/regime --epochs E
 
 ``measure`` reads every kept checkpoint of a run (the pilot keeps one per epoch)
 and writes ``regime.jsonl`` beside it: per epoch, accuracy, loss and mean logit
@@ -15,6 +17,14 @@ norm on a fixed seeded subset of the *un-augmented* training images (what the
 model has fitted, not the augmented stream the training log averages), and on the
 test set accuracy, ECE (15 bins) and mean MSP. Steps already measured are kept,
 so it resumes.
+
+The main runs (:func:`plan`), all from scratch with the pilot's ``cpu`` preset and
+one schedule: cross-entropy; LogitNorm at the paper's tau 0.04 and at 0.2 (what the
+5-epoch sweep favoured); L2 feature normalization (spectral norm, leaky ReLU,
+average pooling); and cross-entropy with the same three architecture options (the
+L2 paper's "No L2" baseline). Seeds go in waves (seed 0 of every run first). Every
+run keeps one checkpoint per epoch, measured afterwards like the pilot; the pilot
+itself is CE seed 0 when the chosen schedule is the pilot's.
 """
 
 from __future__ import annotations
@@ -22,13 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
 from experiments import cli
+from experiments.study.execute import execute
+from experiments.study.plan import Run, state_of
 
 # The regime rule, fixed before the main runs (it is copied into the report). The
 # 5-epoch study's CE models: test ECE 1.7 ± 0.3%, train accuracy (augmented stream) 79%.
@@ -42,27 +53,64 @@ RULE = {
         "is over-, not under-confidence)."
     ),
 }
+# name -> (entry point, config overrides) of the main runs.
+RUNS = {
+    "ce": ("ce", ()),
+    "logitnorm": ("logitnorm", ()),
+    "logitnorm_tau0.2": ("logitnorm", ("--config.objective.hparams.temperature=0.2",)),
+    "l2norm": ("l2norm", ()),
+    "ce_l2arch": (
+        "ce",
+        (
+            "--config.model.options.spectral_norm=true",
+            "--config.model.options.activation=leaky_relu",
+            "--config.model.options.pooling=avg",
+        ),
+    ),
+}
+SEEDS = 3
 # Un-augmented training images measured per checkpoint (a seeded subset).
 TRAIN_SUBSET = 10000
 REGIME_FILE = "regime.jsonl"
 PILOT_EPOCHS = 30
 
 
-def pilot_command(root: str, *, epochs: int = PILOT_EPOCHS, seed: int = 0) -> list[str]:
-    """The pilot's training command: CE, the ``cpu`` preset, a checkpoint every epoch,
-    all kept (each is measured afterwards)."""
+def pilot_run(epochs: int = PILOT_EPOCHS) -> Run:
+    """The pilot: CE alone, seed 0, ``epochs`` epochs."""
+    return Run(f"pilot/ce_e{epochs}", "ce", 0, (f"--config.train.epochs={epochs}",), group="pilot")
+
+
+def plan(epochs: int, seeds: int = SEEDS) -> list[Run]:
+    """The main runs, seed 0 of every run first; CE seed 0 is the pilot's run when
+    ``epochs`` is the pilot's."""
+    runs = []
+    for seed in range(seeds):
+        for name, (method, args) in RUNS.items():
+            if name == "ce" and seed == 0 and epochs == PILOT_EPOCHS:
+                runs.append(pilot_run(epochs))
+                continue
+            runs.append(
+                Run(f"{name}/seed{seed}", method, seed, (f"--config.train.epochs={epochs}", *args))
+            )
+    return runs
+
+
+def command(run: Run, root: str) -> list[str]:
+    """The training command of ``run``: the ``cpu`` preset on the offline files, a
+    checkpoint every epoch, every one kept (each is measured), then the OOD report."""
+    epochs = int(next(a for a in run.args if a.startswith("--config.train.epochs=")).split("=")[1])
     return [
         sys.executable,
         "-m",
-        "experiments.cifar10_ce",
-        f"--workdir={os.path.join(root, 'pilot', f'ce_e{epochs}')}",
+        f"experiments.cifar10_{run.method}",
+        f"--workdir={os.path.join(root, run.name)}",
         "--preset=cpu",
         "--data=local",
-        f"--config.seed={seed}",
-        f"--config.train.epochs={epochs}",
+        f"--config.seed={run.seed}",
         "--config.train.checkpoint_every=0",
         f"--config.train.max_to_keep={epochs + 1}",
         "--config.eval.ood=true",
+        *run.args,
     ]
 
 
@@ -148,21 +196,31 @@ def meets_rule(record: dict) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=("pilot", "measure"))
-    parser.add_argument("--workdir", required=True, help="the study's root (pilot) or a run")
-    parser.add_argument("--epochs", type=int, default=PILOT_EPOCHS, help="the pilot's epochs")
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.study.regime", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("action", choices=("pilot", "measure", "plan", "run"))
+    parser.add_argument("--workdir", required=True, help="the study's root (a run: measure)")
+    parser.add_argument("--epochs", type=int, default=PILOT_EPOCHS, help="epochs of every run")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds of each main run")
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        raise cli.UsageError(f"--epochs must be >= 1, got {args.epochs}.")
-    if args.action == "pilot":
-        argv = pilot_command(os.path.abspath(args.workdir), epochs=args.epochs)
-        rc = subprocess.run(argv, check=False).returncode
-        if rc != 0:
-            raise SystemExit(rc)
-        run = os.path.join(args.workdir, "pilot", f"ce_e{args.epochs}")
-    else:
-        run = args.workdir
+    if args.epochs < 1 or args.seeds < 1:
+        raise cli.UsageError(f"--epochs and --seeds must be >= 1, got {args.epochs}, {args.seeds}.")
+    root = os.path.abspath(args.workdir)
+    if args.action == "measure":
+        _measure_and_judge(root)
+        return
+    runs = [pilot_run(args.epochs)] if args.action == "pilot" else plan(args.epochs, args.seeds)
+    if args.action == "plan":
+        for run in runs:
+            print(f"{state_of(run, root):8s} {run.name:28s} " + " ".join(run.args))
+        return
+    execute(root, runs, lambda run: command(run, root))
+    for run in runs:
+        _measure_and_judge(os.path.join(root, run.name))
+
+
+def _measure_and_judge(run: str) -> None:
     if not os.path.isdir(os.path.join(run, "checkpoints")):
         raise cli.UsageError(f"{run!r}: no checkpoints/ folder; train the run first.")
     records = measure(run)

@@ -1,0 +1,58 @@
+"""The regime study's plan, rule and per-checkpoint measurements (experiments.study.regime)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from experiments.study import regime
+
+
+def test_softmax_stats_by_hand():
+    # Two examples, two classes: logits (0, ln 3) -> p = (1/4, 3/4); (ln 2, 0) -> (2/3, 1/3).
+    logits = np.array([[0.0, math.log(3.0)], [math.log(2.0), 0.0]], np.float32)
+    labels = np.array([1, 1])
+    stats = regime.softmax_stats(logits, labels)
+    assert stats["accuracy"] == 0.5
+    assert stats["loss"] == pytest.approx(-(math.log(3 / 4) + math.log(1 / 3)) / 2, rel=1e-6)
+    assert stats["msp"] == pytest.approx((3 / 4 + 2 / 3) / 2, rel=1e-6)
+    assert stats["logit_norm"] == pytest.approx((math.log(3.0) + math.log(2.0)) / 2, rel=1e-6)
+
+
+def _record(train_acc, ece, msp, acc):
+    return {
+        "train_clean_accuracy": train_acc,
+        "test_ece": ece,
+        "test_msp": msp,
+        "test_accuracy": acc,
+    }
+
+
+def test_the_rule_needs_fit_training_data_and_overconfidence():
+    assert regime.meets_rule(_record(0.98, 0.05, 0.90, 0.85))
+    assert not regime.meets_rule(_record(0.96, 0.05, 0.90, 0.85))  # not fitted
+    assert not regime.meets_rule(_record(0.98, 0.03, 0.88, 0.85))  # calibrated enough
+    # A large gap the other way (underconfidence) is not the regime.
+    assert not regime.meets_rule(_record(0.98, 0.10, 0.75, 0.85))
+
+
+def test_plan_runs_every_comparison_with_one_schedule_and_the_pilot_as_ce_seed0():
+    runs = regime.plan(regime.PILOT_EPOCHS, seeds=2)
+    assert len(runs) == 2 * len(regime.RUNS)
+    assert runs[0] == regime.pilot_run()
+    assert {r.seed for r in runs[: len(regime.RUNS)]} == {0}
+    assert all(f"--config.train.epochs={regime.PILOT_EPOCHS}" in r.args for r in runs)
+    l2arch = [r for r in runs if r.name.startswith("ce_l2arch/")]
+    assert all(r.method == "ce" for r in l2arch)
+    assert "--config.model.options.spectral_norm=true" in l2arch[0].args
+    other = regime.plan(regime.PILOT_EPOCHS + 10, seeds=1)
+    assert other[0].name == "ce/seed0"
+
+
+def test_command_keeps_one_checkpoint_per_epoch():
+    run = regime.plan(12, seeds=1)[1]
+    argv = regime.command(run, "/r")
+    assert argv[2] == "experiments.cifar10_logitnorm"
+    assert "--workdir=/r/logitnorm/seed0" in argv
+    assert "--config.train.checkpoint_every=0" in argv
+    assert "--config.train.max_to_keep=13" in argv
