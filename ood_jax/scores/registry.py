@@ -53,7 +53,7 @@ import numpy as np
 
 from ood_jax.losses import l2_normalize
 from ood_jax.registry import Registry
-from ood_jax.scores import fitted as F
+from ood_jax.scores import gaussian, knn, react
 from ood_jax.scores import logit as L
 from ood_jax.scores import model as M
 
@@ -285,54 +285,54 @@ def _gradnorm(logits, features, head, *, temperature):
 
 
 def _fit_mahalanobis(logits, features, labels):
-    return F.fit_mahalanobis(features, labels)
+    return gaussian.fit_mahalanobis(features, labels)
 
 
 def _mahalanobis(params, logits, features, head):
-    return F.mahalanobis_score(params, features)
+    return gaussian.mahalanobis_score(params, features)
 
 
 def _fit_mahalanobis_l2(logits, features, labels):
-    return F.fit_mahalanobis(l2_normalize(features), labels)
+    return gaussian.fit_mahalanobis(l2_normalize(features), labels)
 
 
 def _mahalanobis_l2(params, logits, features, head):
-    return F.mahalanobis_score(params, l2_normalize(features))
+    return gaussian.mahalanobis_score(params, l2_normalize(features))
 
 
 def _fit_gmm_l2(logits, features, labels):
-    return F.fit_gmm(l2_normalize(features), labels)
+    return gaussian.fit_gmm(l2_normalize(features), labels)
 
 
 def _gmm_l2(params, logits, features, head):
-    return F.gmm_score(params, l2_normalize(features))
+    return gaussian.gmm_score(params, l2_normalize(features))
 
 
 def _fit_knn(logits, features, labels, *, k, max_train, seed):
     if max_train is not None and len(features) > max_train:
         keep = np.random.default_rng(seed).choice(len(features), max_train, replace=False)
         features = features[np.sort(keep)]
-    return F.fit_knn(features)
+    return knn.fit_knn(features)
 
 
 def _knn(params, logits, features, head, *, k, max_train, seed):
-    return F.knn_score(params, features, k=k)
+    return knn.knn_score(params, features, k=k)
 
 
 def _fit_gmm(logits, features, labels):
-    return F.fit_gmm(features, labels)
+    return gaussian.fit_gmm(features, labels)
 
 
 def _gmm(params, logits, features, head):
-    return F.gmm_score(params, features)
+    return gaussian.gmm_score(params, features)
 
 
 def _fit_react(logits, features, labels, *, percentile):
-    return F.fit_react(features, percentile=percentile)
+    return react.fit_react(features, percentile=percentile)
 
 
 def _react(params, logits, features, head, *, percentile):
-    return F.react_score(params, features, head.kernel, head.bias)
+    return react.react_score(params, features, head.kernel, head.bias)
 
 
 _T = {"sweep": "temperature", "sweep_label": "T"}
