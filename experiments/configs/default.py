@@ -24,18 +24,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from ood_jax import data as D
+
 PRESETS = ("paper", "cpu", "smoke")
-# The offline OOD sets plus the synthetic sets of the papers.
+# CIFAR-10's OOD suite without tfds (its spec's) plus the synthetic sets of the papers.
 CPU_OOD_SETS = (
-    "tinyimagenet_crop",
-    "tinyimagenet_resize",
-    "textures_partial",
-    "gaussian",
-    "uniform",
-    "rademacher",
-    "blobs",
-    "lowpass_uniform",
-    "permuted_pixels",
+    *D.get_dataset_spec("cifar10").default_ood_sets("local"),
+    *D.SYNTHETIC_OOD_SETS,
 )
 
 

@@ -28,6 +28,7 @@ from ood_jax.scores.registry import (
     available_scores,
     check_score_names,
     get_score,
+    merge_hparams,
     register_score,
     resolve_hparams,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "available_scores",
     "check_score_names",
     "get_score",
+    "merge_hparams",
     "register_score",
     "resolve_hparams",
     "energy",

@@ -180,20 +180,22 @@ def check_score_names(names: Iterable[str]) -> tuple[str, ...]:
     return names
 
 
-def resolve_hparams(
-    names: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None
+def merge_hparams(
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``{score: defaults updated by overrides[score]}`` for ``names``.
+    """``{score: defaults updated by overrides[score]}`` for ``names`` (default: every score).
 
-    Overrides for a score that is not among ``names`` are ignored (a CLI default may
-    set ODIN's budget while ``--scores`` drops ODIN); unknown hyperparameters of a
-    chosen score are an error.
+    Values are kept as given (:func:`resolve_hparams` also normalizes the swept one).
+    Overrides for a registered score that is not among ``names`` are ignored (a CLI
+    default may set ODIN's budget while ``--scores`` drops ODIN); an unknown score, or
+    an unknown hyperparameter of a chosen score, is an error.
     """
     overrides = dict(overrides or {})
     for name in overrides:
         get_score(name)
-    resolved = {}
-    for name in names:
+    merged = {}
+    for name in available_scores() if names is None else names:
         score = get_score(name)
         given = dict(overrides.get(name, {}) or {})
         unknown = sorted(set(given) - set(score.defaults))
@@ -202,14 +204,23 @@ def resolve_hparams(
                 f"score {name!r} takes hyperparameters {sorted(score.defaults) or 'none'}, "
                 f"got unknown {unknown}."
             )
-        values = {**score.defaults, **given}
+        merged[name] = {**score.defaults, **given}
+    return merged
+
+
+def resolve_hparams(
+    names: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """:func:`merge_hparams` for ``names``, the swept hyperparameter as a tuple of floats."""
+    resolved = merge_hparams(overrides, names)
+    for name, values in resolved.items():
+        score = get_score(name)
         if score.sweep is not None:
             swept = values[score.sweep]
             swept = tuple(swept) if isinstance(swept, list | tuple) else (swept,)
             if not swept:
                 raise ValueError(f"score {name!r}: {score.sweep} needs at least one value.")
             values[score.sweep] = tuple(float(v) for v in swept)
-        resolved[name] = values
     return resolved
 
 
