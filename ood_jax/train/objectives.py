@@ -270,6 +270,8 @@ _NOISE_DEFAULTS = {
 }
 
 
+# The objective contract passes every registered hyperparameter as a keyword (ten here:
+# CEDA's seven, ACET's three attack settings), so the registration checks each by name.
 def _noise_objective(
     apply,
     batch,
