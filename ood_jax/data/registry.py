@@ -2,10 +2,11 @@
 
 A spec says where a dataset comes from (tfds, offline files in the data folder,
 or only files the user brings), its class count and normalization, and, for an
-in-distribution dataset, its default OOD suite and the objective
-hyperparameters the papers set differently for it. Adding a dataset is one
-:func:`register_dataset` call; the experiments, the evaluation and the CLI find
-it by name (``--config.data.dataset=NAME``, ``--ood_sets NAME``).
+in-distribution dataset, its default OOD suites (from tfds and without it) and the
+objective hyperparameters the papers set differently for it. :func:`spec_for_source`
+says which spec's data a run reads (offline, ``cifar10`` is read as ``cifar10_jpeg``).
+Adding a dataset is one :func:`register_dataset` call; the experiments, the
+evaluation and the CLI find it by name (``--config.data.dataset=NAME``, ``--ood_sets NAME``).
 
 Registered here:
 
@@ -59,7 +60,8 @@ class DatasetSpec:
       offline: split -> file name in the offline data folder, or None.
       offline_loader: ``(path, split, *, limit, cache_dir) -> ImageDataset`` for the
         offline files (default: :func:`~ood_jax.data.from_npz`).
-      offline_alternative: an offline stand-in's name, suggested when tfds fails.
+      offline_alternative: an offline stand-in's name: suggested when tfds fails, and
+        what :func:`spec_for_source` gives for ``"local"``.
       local_only: only files the user brings (``local_path=``) can provide it.
       loader: a custom source, ``loader(split, *, limit, data_dir) -> ImageDataset``
         (generated data, another file format); used when given.
@@ -292,6 +294,7 @@ def _tiny_imagenet(view: str) -> Loader:
     return load
 
 
+# Offline (docs/data.md): the CIFAR OOD sets whose files are in the offline data folder.
 _CIFAR_OOD = ("tinyimagenet_crop", "tinyimagenet_resize", "textures_partial")
 # From tfds: the papers' sets that tfds serves without manual downloads (Places365 is
 # 24 GB; LSUN-crop/resize and iSUN need local files: add them with eval.ood_sets).
