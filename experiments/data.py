@@ -28,20 +28,14 @@ def load_splits(
     offline files' folder (default ``$OOD_JAX_DATA_DIR`` or ``../shared/data``).
     """
     name, source = config.data.dataset, config.data.source
-    spec = D.get_dataset_spec(name)
+    try:
+        spec = D.spec_for_source(name, source)
+    except ValueError as err:
+        raise cli.UsageError(f"--data {source}: {err}") from None
     out = []
     for split, limit in (("train", config.data.train_limit), ("test", config.data.test_limit)):
-        if source == "tfds":
-            ds = D.load_dataset(name, split)
-        elif source == "local":
-            offline = name if spec.offline else spec.offline_alternative
-            if offline is None:
-                raise cli.UsageError(
-                    f"--data local: {name!r} has no offline files here; use --data tfds (needs "
-                    f"internet) or --data PATH (a folder with {name}_{{train,test}}.npz or "
-                    "{train,test}/<class>/ images)."
-                )
-            ds = D.load_dataset(offline, split, data_dir=data_dir)
+        if source in ("tfds", "local"):
+            ds = D.load_dataset(spec.name, split, data_dir=data_dir)
         else:
             path = Path(source)
             if not path.is_dir():

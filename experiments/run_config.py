@@ -8,13 +8,17 @@ bad value is one clear error before any data is loaded or file written.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 
 import ml_collections
 
 from experiments import cli
 from ood_jax import data as D
+from ood_jax.scores import merge_hparams as merge_score_hparams
 from ood_jax.train import get_objective
+from ood_jax.train import resolve_hparams as resolve_objective_hparams
 
 # Overrides applied before the rest: they decide which other fields exist.
 SCHEMA_FIELDS = ("imports", "objective.name", "data.dataset")
@@ -44,33 +48,27 @@ def complete_config(config: ml_collections.ConfigDict) -> None:
     import_user_modules(config)
     objective = get_objective(config.objective.name)
     spec = D.get_dataset_spec(config.data.dataset)
-    given = config.objective.hparams.to_dict()
-    unknown = sorted(set(given) - set(objective.defaults))
-    if unknown:
-        raise cli.UsageError(
-            f"objective {objective.name!r} takes hyperparameters "
-            f"{sorted(objective.defaults) or 'none'}, got unknown {unknown}."
-        )
     # Hyperparameters named mean/std are the in-distribution normalization (ACET/CEDA
     # make their noise in pixel space).
     norm = {k: v for k, v in (("mean", spec.mean), ("std", spec.std)) if k in objective.defaults}
-    hparams = {
-        **objective.defaults,
+    given = {
         **norm,
         **spec.objective_hparams.get(objective.name, {}),
-        **given,
+        **config.objective.hparams.to_dict(),
     }
+    with _config_field("objective.hparams"):
+        hparams = resolve_objective_hparams(objective.name, given)
+    with _config_field("eval.score_hparams"):
+        scores = merge_score_hparams(config.eval.score_hparams.to_dict())
     with config.unlocked():
         config.objective.hparams = ml_collections.ConfigDict(hparams)
-        config.eval.score_hparams = _score_hparams(config.eval.score_hparams.to_dict())
+        config.eval.score_hparams = _score_hparams_node(scores)
 
 
-def _score_hparams(given: dict) -> ml_collections.ConfigDict:
-    from ood_jax.scores import available_scores, get_score
-
+def _score_hparams_node(hparams: dict[str, dict]) -> ml_collections.ConfigDict:
+    """``{score: {hparam: value}}`` as a ConfigDict whose fields take CLI overrides."""
     out = ml_collections.ConfigDict()
-    for name in available_scores():
-        values = {**get_score(name).defaults, **given.pop(name, {})}
+    for name, values in hparams.items():
         node = ml_collections.ConfigDict()
         for key, value in values.items():
             if value is None:  # an unset budget: typed placeholder so it can be overridden
@@ -79,11 +77,6 @@ def _score_hparams(given: dict) -> ml_collections.ConfigDict:
                 value = tuple(value)
             node[key] = value
         out[name] = node
-    if given:
-        raise cli.UsageError(
-            f"config.eval.score_hparams: unknown scores {sorted(given)}; registered: "
-            f"{', '.join(available_scores())}."
-        )
     return out
 
 
@@ -117,5 +110,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
         scores = [s for s in config.eval.scores if s]
         if scores:
-            check_score_names(scores)
-        check_ood_set_names([s for s in config.eval.ood_sets if s] or None)
+            with _config_field("eval.scores"):
+                check_score_names(scores)
+        names = ood_set_names(config)
+        with _config_field("eval.ood_sets"):
+            check_ood_set_names(names)
+
+
+def ood_set_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The OOD sets of a run: ``config.eval.ood_sets``, else the dataset's default suite
+    for its source (:meth:`ood_jax.data.DatasetSpec.default_ood_sets`: from tfds only
+    when the data comes from tfds)."""
+    spec = D.get_dataset_spec(config.data.dataset)
+    names = [n for n in config.eval.ood_sets if n] or list(
+        spec.default_ood_sets(config.data.source)
+    )
+    if not names:
+        raise cli.UsageError(
+            f"config.eval.ood_sets: none given and {spec.name!r} has no default OOD suite; "
+            "name the sets, e.g. --config.eval.ood_sets=svhn,gaussian."
+        )
+    return names
+
+
+@contextlib.contextmanager
+def _config_field(field: str) -> Iterator[None]:
+    """Reports the library's ValueError about a config value as a user error naming it."""
+    try:
+        yield
+    except cli.UsageError:
+        raise
+    except ValueError as err:
+        raise cli.UsageError(f"config.{field}: {err}") from None

@@ -283,3 +283,26 @@ def test_corrupt_npz_files_name_the_file(tmp_path, rgb_images):
     for path in (truncated, noise):
         with pytest.raises(ValueError, match=rf"{path.name}' is not a readable .npz.*corrupt"):
             data.from_npz(path)
+
+
+def test_spec_for_source_names_the_data_really_read():
+    # Offline, CIFAR-10 is read as its JPEG re-encoding; a folder or tfds is the dataset.
+    assert data.spec_for_source("cifar10", "local").name == "cifar10_jpeg"
+    assert data.spec_for_source("cifar10_jpeg", "local").name == "cifar10_jpeg"
+    assert data.spec_for_source("cifar10", "tfds").name == "cifar10"
+    assert data.spec_for_source("cifar10", "/my/cifar").name == "cifar10"
+    with pytest.raises(ValueError, match="'cifar100' has no offline files"):
+        data.spec_for_source("cifar100", "local")
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        data.spec_for_source("mnist", "tfds")
+
+
+def test_default_ood_sets_never_need_tfds_without_tfds_data():
+    cifar10 = data.get_dataset_spec("cifar10")
+    offline = ("tinyimagenet_crop", "tinyimagenet_resize", "textures_partial")
+    assert cifar10.default_ood_sets("tfds") == ("svhn", "textures")
+    assert cifar10.default_ood_sets("local") == offline
+    assert cifar10.default_ood_sets("/my/cifar") == offline
+    assert data.get_dataset_spec("cifar10_jpeg").default_ood_sets("local") == offline
+    # Without an offline suite the one suite serves every source.
+    assert data.get_dataset_spec("cifar100").default_ood_sets("local") == ("svhn", "textures")

@@ -119,3 +119,25 @@ def test_bad_arguments():
         data.make_gaussian_noise(0, seed=0)
     with pytest.raises(ValueError, match="seed"):
         data.make_blobs(3, seed=-1)
+
+
+def test_make_synthetic_by_name(train_like):
+    assert data.SYNTHETIC_OOD_SETS == (
+        "gaussian",
+        "uniform",
+        "rademacher",
+        "blobs",
+        "lowpass_uniform",
+        "permuted_pixels",
+    )
+    np.testing.assert_array_equal(
+        data.make_synthetic("blobs", 4, seed=2).images, data.make_blobs(4, seed=2).images
+    )
+    np.testing.assert_array_equal(
+        data.make_synthetic("permuted_pixels", 4, seed=2, source=train_like).images,
+        data.make_permuted_pixels(4, seed=2, source=train_like).images,
+    )
+    with pytest.raises(ValueError, match="source="):
+        data.make_synthetic("permuted_pixels", 4, seed=2)
+    with pytest.raises(ValueError, match="unknown synthetic set 'stripes'"):
+        data.make_synthetic("stripes", 4, seed=2)

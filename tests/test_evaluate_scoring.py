@@ -7,7 +7,14 @@ from scipy.stats import multivariate_normal
 from sklearn.neighbors import NearestNeighbors
 
 from ood_jax.evaluate import ModelOutputs, fit_scores, score_outputs
-from ood_jax.scores import Head, check_score_names, get_score, resolve_hparams
+from ood_jax.scores import (
+    Head,
+    available_scores,
+    check_score_names,
+    get_score,
+    merge_hparams,
+    resolve_hparams,
+)
 
 K, DIM = 4, 6
 
@@ -133,6 +140,20 @@ def test_bad_inputs_raise():
         score_outputs(resolve_hparams(["knn"]), OUTPUTS, head=HEAD)
     with pytest.raises(ValueError, match="labelled"):
         fit_scores(resolve_hparams(["gmm"]), OUTPUTS["a"])
+
+
+def test_merge_hparams_keeps_values_as_given_and_rejects_unknown_names():
+    merged = merge_hparams({"knn": {"k": 7}, "msp": {"temperature": 2.0}})
+    assert tuple(merged) == available_scores()
+    assert merged["knn"] == {"k": 7, "max_train": None, "seed": 0}
+    assert merged["msp"] == {"temperature": 2.0}  # resolve_hparams makes the sweep a tuple
+    assert resolve_hparams(["msp"], {"msp": {"temperature": 2}}) == {"msp": {"temperature": (2.0,)}}
+    # An override of a score left out is checked, then ignored.
+    assert merge_hparams({"odin": {"epsilon": 0.0}}, ["msp"]) == {"msp": {"temperature": 1.0}}
+    with pytest.raises(ValueError, match="unknown score 'bogus'"):
+        merge_hparams({"bogus": {}})
+    with pytest.raises(ValueError, match=r"'knn' takes hyperparameters .*unknown \['kk'\]"):
+        merge_hparams({"knn": {"kk": 1}})
 
 
 def test_budget_subsamples_the_knn_bank():

@@ -125,6 +125,29 @@ def test_overrides_parse_types_lists_and_open_model_options():
     assert c.eval.score_hparams.odin.temperature == 1000.0  # the registered default
 
 
+def test_config_errors_name_the_field_before_any_work():
+    import ml_collections
+
+    from experiments.run_config import validate_config
+
+    config = presets.get_config("smoke")
+    config.objective.hparams = ml_collections.ConfigDict({"temprature": 0.1})
+    with pytest.raises(cli.UsageError, match=r"^config.objective.hparams: objective 'logitnorm' "):
+        complete_config(config)
+    config = presets.get_config("smoke")
+    config.eval.score_hparams = ml_collections.ConfigDict({"bogus": {"k": 1}})
+    with pytest.raises(cli.UsageError, match="^config.eval.score_hparams: unknown score 'bogus'"):
+        complete_config(config)
+    # The default suite is resolved (and found missing) before training, not after it.
+    config = parse(["--config.data.dataset=svhn", "--config.eval.ood=true"])
+    config.eval.ood_sets = ()
+    with pytest.raises(cli.UsageError, match="'svhn' has no default OOD suite"):
+        validate_config(config)
+    config = parse(["--config.eval.ood=true", "--config.eval.ood_sets=gaussian,svhm"])
+    with pytest.raises(cli.UsageError, match="^config.eval.ood_sets: unknown OOD set 'svhm'"):
+        validate_config(config)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -49,6 +49,7 @@ from ood_jax.data.registry import (
     get_dataset_spec,
     load_dataset,
     register_dataset,
+    spec_for_source,
 )
 from ood_jax.data.sources import (
     DatasetUnavailableError,
@@ -58,11 +59,13 @@ from ood_jax.data.sources import (
     from_tfds,
 )
 from ood_jax.data.synthetic import (
+    SYNTHETIC_OOD_SETS,
     make_blobs,
     make_gaussian_noise,
     make_lowpass_uniform_noise,
     make_permuted_pixels,
     make_rademacher_noise,
+    make_synthetic,
     make_uniform_noise,
 )
 
@@ -71,6 +74,7 @@ __all__ = [
     "CIFAR10_STD",
     "DatasetSpec",
     "DatasetUnavailableError",
+    "SYNTHETIC_OOD_SETS",
     "EvalBatches",
     "ImageDataset",
     "TrainIterator",
@@ -91,10 +95,12 @@ __all__ = [
     "make_lowpass_uniform_noise",
     "make_permuted_pixels",
     "make_rademacher_noise",
+    "make_synthetic",
     "make_uniform_noise",
     "normalize",
     "outlier_iterator",
     "register_dataset",
     "shard_bounds",
+    "spec_for_source",
     "train_iterator",
 ]

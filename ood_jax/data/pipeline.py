@@ -140,6 +140,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
       mean, std: normalization constants (the in-distribution set's).
     """
 
+    # Eleven keyword options, each independent and with a default (as a tf.data or torch
+    # DataLoader call); grouping them would only move the list into another object.
     def __init__(
         self,
         dataset: ImageDataset,

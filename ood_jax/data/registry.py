@@ -2,10 +2,11 @@
 
 A spec says where a dataset comes from (tfds, offline files in the data folder,
 or only files the user brings), its class count and normalization, and, for an
-in-distribution dataset, its default OOD suite and the objective
-hyperparameters the papers set differently for it. Adding a dataset is one
-:func:`register_dataset` call; the experiments, the evaluation and the CLI find
-it by name (``--config.data.dataset=NAME``, ``--ood_sets NAME``).
+in-distribution dataset, its default OOD suites (from tfds and without it) and the
+objective hyperparameters the papers set differently for it. :func:`spec_for_source`
+says which spec's data a run reads (offline, ``cifar10`` is read as ``cifar10_jpeg``).
+Adding a dataset is one :func:`register_dataset` call; the experiments, the
+evaluation and the CLI find it by name (``--config.data.dataset=NAME``, ``--ood_sets NAME``).
 
 Registered here:
 
@@ -59,11 +60,15 @@ class DatasetSpec:
       offline: split -> file name in the offline data folder, or None.
       offline_loader: ``(path, split, *, limit, cache_dir) -> ImageDataset`` for the
         offline files (default: :func:`~ood_jax.data.from_npz`).
-      offline_alternative: an offline stand-in's name, suggested when tfds fails.
+      offline_alternative: an offline stand-in's name: suggested when tfds fails, and
+        what :func:`spec_for_source` gives for ``"local"``.
       local_only: only files the user brings (``local_path=``) can provide it.
       loader: a custom source, ``loader(split, *, limit, data_dir) -> ImageDataset``
         (generated data, another file format); used when given.
       ood_suite: default OOD sets when this is the in-distribution set.
+      offline_ood_suite: default OOD sets when the data does not come from tfds (the
+        offline files, the user's folder), if they differ: such a run must not start a
+        tfds download. () = ``ood_suite``. See :meth:`default_ood_sets`.
       objective_hparams: ``{objective: {hparam: value}}`` where the papers set a
         value for this dataset (e.g. CIFAR-100's energy margins).
     """
@@ -81,7 +86,18 @@ class DatasetSpec:
     local_only: bool = False
     loader: Loader | None = None
     ood_suite: tuple[str, ...] = ()
+    offline_ood_suite: tuple[str, ...] = ()
     objective_hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def default_ood_sets(self, source: str) -> tuple[str, ...]:
+        """The default OOD suite of a run reading this dataset from ``source``.
+
+        ``source`` as ``config.data.source``: ``"tfds"`` gives ``ood_suite``; ``"local"``
+        or a folder gives ``offline_ood_suite`` when set, else ``ood_suite``.
+        """
+        if source != "tfds" and self.offline_ood_suite:
+            return self.offline_ood_suite
+        return self.ood_suite
 
 
 _REGISTRY: Registry[DatasetSpec] = Registry(
@@ -104,6 +120,30 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 def available_datasets() -> tuple[str, ...]:
     """Registered dataset names, in registration order."""
     return _REGISTRY.names()
+
+
+def spec_for_source(name: str, source: str) -> DatasetSpec:
+    """The spec of the data a run reads for dataset ``name`` from ``source``.
+
+    ``source`` as ``config.data.source``: ``"local"`` (the offline files) gives
+    ``name``'s own spec when it has offline files, else its offline stand-in's
+    (``offline_alternative``: ``cifar10`` -> ``cifar10_jpeg``, the same images
+    re-encoded as JPEG, so results name what was really read); ``"tfds"`` or a folder
+    of the user's files gives ``name``'s own spec.
+
+    Raises:
+      ValueError: unknown ``name``, or ``"local"`` for a dataset with neither offline
+        files nor an offline stand-in.
+    """
+    spec = get_dataset_spec(name)
+    if source != "local" or spec.offline is not None:
+        return spec
+    if spec.offline_alternative is None:
+        raise ValueError(
+            f"{name!r} has no offline files here; read it from tfds (needs internet) or "
+            f"from a folder with {name}_{{train,test}}.npz or {{train,test}}/<class>/ images."
+        )
+    return get_dataset_spec(spec.offline_alternative)
 
 
 def load_dataset(
@@ -254,6 +294,7 @@ def _tiny_imagenet(view: str) -> Loader:
     return load
 
 
+# Offline (docs/data.md): the CIFAR OOD sets whose files are in the offline data folder.
 _CIFAR_OOD = ("tinyimagenet_crop", "tinyimagenet_resize", "textures_partial")
 # From tfds: the papers' sets that tfds serves without manual downloads (Places365 is
 # 24 GB; LSUN-crop/resize and iSUN need local files: add them with eval.ood_sets).
@@ -267,6 +308,7 @@ for _spec in (
         tfds_name="cifar10",
         offline_alternative="cifar10_jpeg",
         ood_suite=_CIFAR_OOD_TFDS,
+        offline_ood_suite=_CIFAR_OOD,
     ),
     DatasetSpec(
         "cifar10_jpeg",

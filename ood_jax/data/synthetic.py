@@ -183,3 +183,33 @@ def make_permuted_pixels(
         )
     values = _low_pass(permuted / 255.0, rng, sigma_range)
     return _to_dataset(values, name="permuted_pixels_lowpass", seed=seed)
+
+
+_NOISE = {
+    "gaussian": make_gaussian_noise,
+    "uniform": make_uniform_noise,
+    "rademacher": make_rademacher_noise,
+    "blobs": make_blobs,
+    "lowpass_uniform": make_lowpass_uniform_noise,
+}
+#: The synthetic OOD sets by name (``--config.eval.ood_sets``), in report order.
+SYNTHETIC_OOD_SETS: tuple[str, ...] = (*_NOISE, "permuted_pixels")
+
+
+def make_synthetic(
+    name: str, num: int, *, seed: int, source: ImageDataset | None = None
+) -> ImageDataset:
+    """The synthetic OOD set called ``name`` (one of :data:`SYNTHETIC_OOD_SETS`).
+
+    ``source``: the in-distribution images whose pixels ``permuted_pixels`` permutes
+    (unused by the others).
+    """
+    if name == "permuted_pixels":
+        if source is None:
+            raise ValueError("make_synthetic('permuted_pixels'): pass source= (source images).")
+        return make_permuted_pixels(num, seed=seed, source=source)
+    if name not in _NOISE:
+        raise ValueError(
+            f"unknown synthetic set {name!r}; choose from {', '.join(SYNTHETIC_OOD_SETS)}."
+        )
+    return _NOISE[name](num, seed=seed)

@@ -12,23 +12,15 @@ name goes to :func:`ood_jax.data.load_dataset`, optionally with a split as
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ood_jax import data as D
 
-_SYNTHETIC: dict[str, Callable[..., D.ImageDataset]] = {
-    "gaussian": D.make_gaussian_noise,
-    "uniform": D.make_uniform_noise,
-    "rademacher": D.make_rademacher_noise,
-    "blobs": D.make_blobs,
-    "lowpass_uniform": D.make_lowpass_uniform_noise,
-}
-SYNTHETIC_NAMES: tuple[str, ...] = (*_SYNTHETIC, "permuted_pixels")
-#: The CIFAR-10 OOD sets available offline here (docs/data.md).
+SYNTHETIC_NAMES: tuple[str, ...] = D.SYNTHETIC_OOD_SETS
+#: The CIFAR-10 OOD sets available offline here (docs/data.md): its default suite
+#: without tfds, and the synthetic sets.
 OFFLINE_OOD_SETS: tuple[str, ...] = (
-    "tinyimagenet_crop",
-    "tinyimagenet_resize",
-    "textures_partial",
+    *D.get_dataset_spec("cifar10").default_ood_sets("local"),
     *SYNTHETIC_NAMES,
 )
 
@@ -73,12 +65,10 @@ def load_ood_set(
     Raises:
       ValueError: unknown name, missing file, or an empty set.
     """
-    if name in _SYNTHETIC:
-        return _SYNTHETIC[name](num_synthetic, seed=seed)
-    if name == "permuted_pixels":
-        if id_test is None:
-            raise ValueError("load_ood_set('permuted_pixels'): pass id_test= (source images).")
-        return D.make_permuted_pixels(num_synthetic, seed=seed, source=id_test)
+    if name == "permuted_pixels" and id_test is None:
+        raise ValueError("load_ood_set('permuted_pixels'): pass id_test= (source images).")
+    if name in SYNTHETIC_NAMES:
+        return D.make_synthetic(name, num_synthetic, seed=seed, source=id_test)
     base, _, split = name.partition(":")
     try:
         ds = D.load_dataset(base, split or "test", data_dir=data_dir)

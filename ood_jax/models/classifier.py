@@ -84,6 +84,8 @@ class Classifier(nnx.Module):
     training-only feature normalization applies.
     """
 
+    # The options every model takes as keywords (a config's model.options passed through
+    # create_model), each with a default; a subclass passes them on unchanged.
     def __init__(
         self,
         feature_dim: int,

@@ -2,35 +2,33 @@
 
 - ``logit``: scores of logits or features alone (MSP, max logit, energy,
   negative entropy, feature norm).
-- ``fitted``: ``fit_*`` on training features + pure ``*_score`` (Mahalanobis,
-  KNN, class-conditional GMM density, ReAct).
+- ``fitted``: what the scores fitted on training features share (``fit_*`` on
+  training features + pure ``*_score``): ``gaussian`` (Mahalanobis,
+  class-conditional GMM density), ``knn``, ``react``.
 - ``model``: scores that need gradients (ODIN, GradNorm).
 - ``registry``: every score by name with what it consumes, its hyperparameters
   and display name; :func:`register_score` adds one (see that module).
 """
 
-from ood_jax.scores.fitted import (
+from ood_jax.scores.gaussian import (
     GMMParams,
-    KNNParams,
     MahalanobisParams,
-    ReActParams,
     fit_gmm,
-    fit_knn,
     fit_mahalanobis,
-    fit_react,
     gmm_score,
-    knn_score,
     mahalanobis_score,
-    react_score,
 )
+from ood_jax.scores.knn import KNNParams, fit_knn, knn_score
 from ood_jax.scores.logit import energy, feature_norm, max_logit, msp, neg_entropy
 from ood_jax.scores.model import CIFAR10_STD, gradnorm, odin
+from ood_jax.scores.react import ReActParams, fit_react, react_score
 from ood_jax.scores.registry import (
     Head,
     Score,
     available_scores,
     check_score_names,
     get_score,
+    merge_hparams,
     register_score,
     resolve_hparams,
 )
@@ -46,6 +44,7 @@ __all__ = [
     "available_scores",
     "check_score_names",
     "get_score",
+    "merge_hparams",
     "register_score",
     "resolve_hparams",
     "energy",

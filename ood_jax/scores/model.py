@@ -21,13 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from ood_jax.data.dataset import CIFAR10_STD
 from ood_jax.scores.logit import _as_float, _check_chunk_size, _check_positive, _linear_head, msp
 
 __all__ = ["CIFAR10_STD", "gradnorm", "odin"]
-
-# Same per-channel constants as ood_jax.data.CIFAR10_STD (architecture.md); repeated here
-# so that importing the scores never pulls in the data pipeline (TensorFlow).
-CIFAR10_STD: tuple[float, float, float] = (63.0 / 255.0, 62.1 / 255.0, 66.7 / 255.0)
 
 
 def odin(

@@ -53,7 +53,7 @@ import numpy as np
 
 from ood_jax.losses import l2_normalize
 from ood_jax.registry import Registry
-from ood_jax.scores import fitted as F
+from ood_jax.scores import gaussian, knn, react
 from ood_jax.scores import logit as L
 from ood_jax.scores import model as M
 
@@ -180,20 +180,22 @@ def check_score_names(names: Iterable[str]) -> tuple[str, ...]:
     return names
 
 
-def resolve_hparams(
-    names: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None
+def merge_hparams(
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``{score: defaults updated by overrides[score]}`` for ``names``.
+    """``{score: defaults updated by overrides[score]}`` for ``names`` (default: every score).
 
-    Overrides for a score that is not among ``names`` are ignored (a CLI default may
-    set ODIN's budget while ``--scores`` drops ODIN); unknown hyperparameters of a
-    chosen score are an error.
+    Values are kept as given (:func:`resolve_hparams` also normalizes the swept one).
+    Overrides for a registered score that is not among ``names`` are ignored (a CLI
+    default may set ODIN's budget while ``--scores`` drops ODIN); an unknown score, or
+    an unknown hyperparameter of a chosen score, is an error.
     """
     overrides = dict(overrides or {})
     for name in overrides:
         get_score(name)
-    resolved = {}
-    for name in names:
+    merged = {}
+    for name in available_scores() if names is None else names:
         score = get_score(name)
         given = dict(overrides.get(name, {}) or {})
         unknown = sorted(set(given) - set(score.defaults))
@@ -202,14 +204,23 @@ def resolve_hparams(
                 f"score {name!r} takes hyperparameters {sorted(score.defaults) or 'none'}, "
                 f"got unknown {unknown}."
             )
-        values = {**score.defaults, **given}
+        merged[name] = {**score.defaults, **given}
+    return merged
+
+
+def resolve_hparams(
+    names: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """:func:`merge_hparams` for ``names``, the swept hyperparameter as a tuple of floats."""
+    resolved = merge_hparams(overrides, names)
+    for name, values in resolved.items():
+        score = get_score(name)
         if score.sweep is not None:
             swept = values[score.sweep]
             swept = tuple(swept) if isinstance(swept, list | tuple) else (swept,)
             if not swept:
                 raise ValueError(f"score {name!r}: {score.sweep} needs at least one value.")
             values[score.sweep] = tuple(float(v) for v in swept)
-        resolved[name] = values
     return resolved
 
 
@@ -285,54 +296,54 @@ def _gradnorm(logits, features, head, *, temperature):
 
 
 def _fit_mahalanobis(logits, features, labels):
-    return F.fit_mahalanobis(features, labels)
+    return gaussian.fit_mahalanobis(features, labels)
 
 
 def _mahalanobis(params, logits, features, head):
-    return F.mahalanobis_score(params, features)
+    return gaussian.mahalanobis_score(params, features)
 
 
 def _fit_mahalanobis_l2(logits, features, labels):
-    return F.fit_mahalanobis(l2_normalize(features), labels)
+    return gaussian.fit_mahalanobis(l2_normalize(features), labels)
 
 
 def _mahalanobis_l2(params, logits, features, head):
-    return F.mahalanobis_score(params, l2_normalize(features))
+    return gaussian.mahalanobis_score(params, l2_normalize(features))
 
 
 def _fit_gmm_l2(logits, features, labels):
-    return F.fit_gmm(l2_normalize(features), labels)
+    return gaussian.fit_gmm(l2_normalize(features), labels)
 
 
 def _gmm_l2(params, logits, features, head):
-    return F.gmm_score(params, l2_normalize(features))
+    return gaussian.gmm_score(params, l2_normalize(features))
 
 
 def _fit_knn(logits, features, labels, *, k, max_train, seed):
     if max_train is not None and len(features) > max_train:
         keep = np.random.default_rng(seed).choice(len(features), max_train, replace=False)
         features = features[np.sort(keep)]
-    return F.fit_knn(features)
+    return knn.fit_knn(features)
 
 
 def _knn(params, logits, features, head, *, k, max_train, seed):
-    return F.knn_score(params, features, k=k)
+    return knn.knn_score(params, features, k=k)
 
 
 def _fit_gmm(logits, features, labels):
-    return F.fit_gmm(features, labels)
+    return gaussian.fit_gmm(features, labels)
 
 
 def _gmm(params, logits, features, head):
-    return F.gmm_score(params, features)
+    return gaussian.gmm_score(params, features)
 
 
 def _fit_react(logits, features, labels, *, percentile):
-    return F.fit_react(features, percentile=percentile)
+    return react.fit_react(features, percentile=percentile)
 
 
 def _react(params, logits, features, head, *, percentile):
-    return F.react_score(params, features, head.kernel, head.bias)
+    return react.react_score(params, features, head.kernel, head.bias)
 
 
 _T = {"sweep": "temperature", "sweep_label": "T"}
