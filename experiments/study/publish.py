@@ -13,10 +13,7 @@ def data_name(config: dict) -> str:
     ``cifar10_jpeg`` (their images went through JPEG)."""
     from ood_jax import data as D
 
-    spec = D.get_dataset_spec(config["data"]["dataset"])
-    if config["data"]["source"] == "local" and spec.offline_alternative:
-        return spec.offline_alternative
-    return spec.name
+    return D.spec_for_source(config["data"]["dataset"], config["data"]["source"]).name
 
 
 def published_name(run: Run, results: dict) -> str:

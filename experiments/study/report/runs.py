@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from ood_jax import data as D
 from ood_jax.train.logging import METRICS_FILE, read_metrics
 
-REAL = ("tinyimagenet_crop", "tinyimagenet_resize", "textures_partial")
-SYNTHETIC = ("gaussian", "uniform", "rademacher", "blobs", "lowpass_uniform", "permuted_pixels")
+# The study's sets: the CIFAR-10 offline suite and the synthetic sets (ood_jax.data).
+REAL = D.get_dataset_spec("cifar10").default_ood_sets("local")
+SYNTHETIC = D.SYNTHETIC_OOD_SETS
 ADVERSARIAL = "adversarial_noise"
 # The noise CEDA/ACET train on and their authors evaluate on (low-pass filtered uniform
 # noise and pixel permutations), and unfiltered noise the training never shows.
