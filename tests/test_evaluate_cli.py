@@ -91,7 +91,7 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
     }
     assert on_disk["ood"]["papers"]["extra_draws"]["odin"]["blobs"]["num_examples"] == 12
     # Identical numbers to the end-of-training report (same checkpoint, data, settings).
-    for key in ("ood", "classification", "diagnostics", "score_hparams", "data", "mmc"):
+    for key in ("ood", "classification", "diagnostics", "score_hparams", "data", "mmc", "spec"):
         assert on_disk[key] == at_end[key], key
     assert "ODIN on seeded random subsets" in (report / "results.md").read_text()
     # The logit-norm curve comes from the training run's metrics.jsonl.
