@@ -103,6 +103,21 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
     assert results["classification"]["accuracy"] == pytest.approx(final["test_accuracy"])
 
 
+def test_the_spec_is_built_from_config_eval():
+    from experiments.evaluation import eval_spec
+
+    config = presets.get_config("smoke", "logitnorm")
+    config.eval.scores = ("msp", "", "knn")
+    config.eval.max_ood = 0
+    config.eval.score_hparams = {"knn": {"k": 7}}
+    spec = eval_spec(config, batch_size=32)
+    assert spec.scores == ("msp", "knn") and spec.score_hparams["knn"]["k"] == 7
+    assert spec.max_ood is None and spec.max_train == config.eval.max_train == 512
+    assert spec.seed == config.seed and spec.batch_size == 32
+    assert (spec.adversarial_noise, spec.attack_steps) == (64, 5)
+    assert spec.protocols == tuple(config.eval.protocols)
+
+
 def user_error(capsys, argv):
     """Runs the CLI expecting a user error: exit status 2 and one stderr line."""
     with pytest.raises(SystemExit) as exit_info:

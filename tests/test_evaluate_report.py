@@ -154,6 +154,10 @@ def test_report_files_are_complete_and_consistent(report):
     expected |= {"feature_norm", "odin", "gradnorm", "mahalanobis", "knn", "gmm", "react"}
     expected |= {"mahalanobis_l2", "gmm_l2"}
     assert set(on_disk["scores"]) == expected
+    # The spec is stored as-is: the given scores in order, the resolved settings.
+    assert on_disk["spec"]["scores"] == list(BUILTIN_SCORES) and on_disk["spec"]["num_draws"] == 3
+    assert on_disk["spec"]["score_hparams"] == on_disk["score_hparams"]
+    assert on_disk["spec"]["score_hparams"]["knn"]["k"] == 5
     for rel in on_disk["plots"]:
         assert (out_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
     names = {os.path.basename(p) for p in on_disk["plots"]}
