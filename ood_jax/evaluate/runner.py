@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -50,7 +51,7 @@ def run_evaluation(
     id_test: D.ImageDataset,
     ood_sets: Mapping[str, D.ImageDataset],
     train: D.ImageDataset | None = None,
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
     out_dir: str | os.PathLike | None = None,
     metrics_log_dir: str | os.PathLike | None = None,
     metadata: Mapping | None = None,

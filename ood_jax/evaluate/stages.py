@@ -8,8 +8,8 @@
 3. :func:`compute_scores`: every chosen score on every dataset, as a
    :class:`ScoreTable`;
 4. :func:`evaluate_protocols`: OOD metrics under each protocol;
-5. :func:`classification_summary` and :func:`diagnose` (the diagnostics of
-   :mod:`ood_jax.evaluate.diagnostics`).
+5. :func:`summarize_confidence` (accuracy, calibration, MMC) and :func:`diagnose`
+   (the diagnostics of :mod:`ood_jax.evaluate.diagnostics`).
 """
 
 from __future__ import annotations
@@ -160,10 +160,12 @@ class ScoreTable:
 
     @property
     def id_scores(self) -> dict[str, np.ndarray]:
+        """``{result key: scores}`` of the in-distribution test set."""
         return self.by_set[self.id_name]
 
     @property
     def ood_scores(self) -> dict[str, dict[str, np.ndarray]]:
+        """``{OOD set: {result key: scores}}``."""
         return {name: keys for name, keys in self.by_set.items() if name != self.id_name}
 
 
@@ -186,12 +188,12 @@ def compute_scores(
     image_scores, image_examples = score_images(
         spec.score_hparams, forward, datasets, batches=batches, std=spec.std, seed=spec.seed
     )
-    groups: list[ScoreGroup] = [(scored[id_name], {n: scored[n] for n in ood_names})]
+    groups: list[ScoreGroup] = [(scored[id_name], {name: scored[name] for name in ood_names})]
     for key in image_examples:
         groups.append(
             (
                 {key: image_scores[id_name][key]},
-                {n: {key: image_scores[n][key]} for n in ood_names},
+                {name: {key: image_scores[name][key]} for name in ood_names},
             )
         )
     by_set = {name: {**scored[name], **image_scores[name]} for name in datasets}
