@@ -7,7 +7,7 @@ the model and configuration recorded in its metadata, and writes the OOD report
 (``results.json``, ``results.md``, ``plots/``) to ``DIR/eval``
 (``DIR/eval_step<N>`` for an explicit ``--step``; ``--out_dir`` to choose). It
 runs the very function the training run calls at its end
-(``experiments.train.ood_report``) with the run's config, so the same
+(``experiments.evaluation.ood_report``) with the run's config, so the same
 checkpoint gives the same numbers; flags change the config's ``eval`` fields::
 
     python -m experiments.evaluate --workdir /tmp/ln [--data_dir ../shared/data] \\
@@ -30,21 +30,17 @@ from typing import Any
 import ml_collections
 
 from experiments import cli
-from experiments.train import (
-    SCHEMA_FIELDS,
-    complete_config,
-    eval_batch_size,
-    load_splits,
-    ood_report,
-    restore_workdir,
-)
+from experiments.checkpoints import eval_batch_size, restore_workdir
+from experiments.data import load_splits
+from experiments.evaluation import Provenance, ood_report
+from experiments.run_config import SCHEMA_FIELDS, complete_config
 from ood_jax import sharding
 
 
 def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, int]:
     """``(model in eval mode, checkpoint metadata, step)`` from ``workdir/checkpoints``.
 
-    See :func:`experiments.train.restore_workdir`.
+    See :func:`experiments.checkpoints.restore_workdir`.
     """
     model_def, params, batch_stats, metadata, step = restore_workdir(workdir, step=step)
     return model_def.merge(params, batch_stats, train=False, key=None), metadata, step
@@ -97,40 +93,38 @@ def evaluate_workdir(
     evaluates a published checkpoint instead of a workdir (report in
     ``runs/pretrained/<name>/eval`` unless ``out_dir``).
     """
-    if data_dir is not None:
-        if not os.path.isdir(data_dir):
-            raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
-    checkpoint = None
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
     if published is not None:
         from ood_jax import pretrained
 
         entry = pretrained.info(published)
         model, metadata, step = pretrained.load(published), entry, entry["step"]
         default_dir = os.path.join("runs", "pretrained", *published.split("/"), "eval")
-        checkpoint = {"published": published, "sha256": entry["sha256"], "step": step}
-        workdir = None
+        provenance = Provenance(
+            command=command,
+            step=step,
+            published={"published": published, "sha256": entry["sha256"], "step": step},
+        )
     else:
         default_dir = os.path.join(workdir, "eval" if step is None else f"eval_step{step}")
         model, metadata, step = restore_model(workdir, step=step)
+        provenance = Provenance(command=command, step=step, workdir=workdir)
     config = saved_config(metadata["config"])
     if data is not None:
         config.data.source = data
     config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)
     complete_config(config)
     train_ds, test_ds = load_splits(config, data_dir=data_dir)
-    mesh = sharding.make_mesh()
     return ood_report(
         config,
         model,
         train_ds=train_ds,
         test_ds=test_ds,
-        workdir=workdir,
-        step=step,
+        provenance=provenance,
         out_dir=default_dir if out_dir is None else out_dir,
-        command=command,
-        batch_size=batch_size or eval_batch_size(config, mesh),
+        batch_size=batch_size or eval_batch_size(config, sharding.make_mesh()),
         data_dir=data_dir,
-        checkpoint=checkpoint,
     )
 
 

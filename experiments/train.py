@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import ml_collections
-from flax import nnx
 
 from experiments import cli
 from experiments.checkpoints import (
@@ -47,6 +46,7 @@ from experiments.checkpoints import (
 )
 from experiments.configs import methods
 from experiments.data import display_name, load_outliers, load_splits, near_auxiliary_notes
+from experiments.evaluation import Provenance, ood_report
 from experiments.run_config import (
     SCHEMA_FIELDS,
     complete_config,
@@ -214,10 +214,10 @@ def _train_and_evaluate(
             model,
             train_ds=train_ds,
             test_ds=test_ds,
-            workdir=workdir,
-            step=step,
+            provenance=Provenance(
+                command=shlex.join([sys.executable, *sys.argv]), step=step, workdir=workdir
+            ),
             out_dir=os.path.join(workdir, "eval"),
-            command=shlex.join([sys.executable, *sys.argv]),
             batch_size=eval_batch,
         )
         summary["ood_report"] = report["report_dir"]
@@ -228,92 +228,6 @@ def _train_and_evaluate(
         if "ood_report" in summary:
             print(f"OOD report: {os.path.join(summary['ood_report'], 'results.md')}")
     return summary
-
-
-def ood_set_names(config: ml_collections.ConfigDict) -> list[str]:
-    """The OOD sets of a run: ``config.eval.ood_sets``, else the dataset's suite, taken
-    from its offline stand-in when the data is not from tfds (the tfds suite would
-    download)."""
-    spec = D.get_dataset_spec(config.data.dataset)
-    suite = spec.ood_suite
-    if config.data.source != "tfds" and spec.offline_alternative:
-        suite = D.get_dataset_spec(spec.offline_alternative).ood_suite or suite
-    return [n for n in (config.eval.ood_sets or suite) if n]
-
-
-def ood_report(
-    config: ml_collections.ConfigDict,
-    model: nnx.Module,
-    *,
-    train_ds: D.ImageDataset,
-    test_ds: D.ImageDataset,
-    workdir: str | None,
-    step: int,
-    out_dir: str,
-    command: str,
-    batch_size: int,
-    data_dir: str | None = None,
-    checkpoint: dict | None = None,
-) -> dict:
-    """The OOD report of a trained model, as ``config.eval`` describes it.
-
-    The one path behind both the end-of-training report and ``python -m
-    experiments.evaluate``: same sets, scores, hyperparameters, budgets and seeds for
-    the same config, so both give identical numbers for the same checkpoint.
-    ``workdir`` None (a published checkpoint) reads no training log; ``checkpoint``
-    then says where the model came from.
-    """
-    from ood_jax.evaluate import check_ood_set_names, load_ood_sets, run_evaluation
-
-    spec = D.get_dataset_spec(config.data.dataset)
-    e = config.eval
-    names = ood_set_names(config)
-    if not names:
-        raise cli.UsageError(
-            f"config.eval.ood_sets is empty and {config.data.dataset!r} has no default OOD "
-            "suite; name the sets, e.g. --config.eval.ood_sets=svhn,gaussian."
-        )
-    check_ood_set_names(names)
-    notes = near_auxiliary_notes(config, names)
-    print(f"OOD evaluation: loading {len(names)} OOD sets ({', '.join(names)})")
-    ood_sets = load_ood_sets(
-        names,
-        data_dir=data_dir,
-        num_synthetic=e.num_synthetic,
-        seed=config.seed,
-        id_test=test_ds,
-    )
-    return run_evaluation(
-        model,
-        id_test=test_ds,
-        ood_sets=ood_sets,
-        train=train_ds,
-        scores=[s for s in e.scores if s] or None,
-        score_hparams=e.score_hparams.to_dict(),
-        protocols=tuple(e.protocols),
-        convention=e.convention,
-        num_draws=e.num_draws,
-        seed=config.seed,
-        max_train=e.max_train or None,
-        max_ood=e.max_ood or None,
-        batch_size=batch_size,
-        mean=spec.mean,
-        std=spec.std,
-        out_dir=out_dir,
-        metrics_log_dir=workdir,
-        metadata={
-            "command": command,
-            "checkpoint": checkpoint or {"workdir": os.path.abspath(workdir), "step": step},
-            "model": {"name": config.model.name, "options": config.model.options.to_dict()},
-            "config": config.to_dict(),
-            "dataset": display_name(test_ds),
-            "set_notes": notes,
-        },
-        progress=lambda message: print(f"OOD evaluation: {message}", flush=True),
-        adversarial_noise=e.adversarial_noise,
-        attack_steps=e.attack_steps,
-        attack_eps=e.attack_eps,
-    )
 
 
 def parse_args(

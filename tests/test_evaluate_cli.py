@@ -91,7 +91,7 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
     }
     assert on_disk["ood"]["papers"]["extra_draws"]["odin"]["blobs"]["num_examples"] == 12
     # Identical numbers to the end-of-training report (same checkpoint, data, settings).
-    for key in ("ood", "classification", "diagnostics", "score_hparams", "data", "mmc"):
+    for key in ("ood", "classification", "diagnostics", "score_hparams", "data", "mmc", "spec"):
         assert on_disk[key] == at_end[key], key
     assert "ODIN on seeded random subsets" in (report / "results.md").read_text()
     # The logit-norm curve comes from the training run's metrics.jsonl.
@@ -101,6 +101,21 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
     # The restored model reproduces the training run's final test accuracy.
     final = json.loads((run / "final.json").read_text())
     assert results["classification"]["accuracy"] == pytest.approx(final["test_accuracy"])
+
+
+def test_the_spec_is_built_from_config_eval():
+    from experiments.evaluation import eval_spec
+
+    config = presets.get_config("smoke", "logitnorm")
+    config.eval.scores = ("msp", "", "knn")
+    config.eval.max_ood = 0
+    config.eval.score_hparams = {"knn": {"k": 7}}
+    spec = eval_spec(config, batch_size=32)
+    assert spec.scores == ("msp", "knn") and spec.score_hparams["knn"]["k"] == 7
+    assert spec.max_ood is None and spec.max_train == config.eval.max_train == 512
+    assert spec.seed == config.seed and spec.batch_size == 32
+    assert (spec.adversarial_noise, spec.attack_steps) == (64, 5)
+    assert spec.protocols == tuple(config.eval.protocols)
 
 
 def user_error(capsys, argv):

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from ood_jax import data as D
 from ood_jax import sharding
-from ood_jax.evaluate import markdown_report, run_evaluation
+from ood_jax.evaluate import EvalSpec, markdown_report, run_evaluation
 from ood_jax.evaluate import plots as plots_module
 from ood_jax.models import create_model
 
@@ -80,11 +80,7 @@ def report(trained, tmp_path_factory):
     id_test = _colored(120, seed=2)
     ood = {"gaussian": D.make_gaussian_noise(50, seed=3), "blobs": D.make_blobs(40, seed=4)}
     out_dir = workdir / "eval"
-    results = run_evaluation(
-        model,
-        id_test=id_test,
-        ood_sets=ood,
-        train=train,
+    spec = EvalSpec(
         scores=BUILTIN_SCORES,
         score_hparams={
             "msp": {"temperature": (1.0, 100.0)},
@@ -94,9 +90,16 @@ def report(trained, tmp_path_factory):
         },
         num_draws=3,
         batch_size=64,
+        plot_scores=["msp", "odin", "knn"],  # every plot kind, fewer PNGs: keeps the test fast
+    )
+    results = run_evaluation(
+        model,
+        spec,
+        id_test=id_test,
+        ood_sets=ood,
+        train=train,
         out_dir=out_dir,
         metrics_log_dir=workdir,
-        plot_scores=["msp", "odin", "knn"],  # every plot kind, fewer PNGs: keeps the test fast
         metadata={"checkpoint": {"workdir": str(workdir), "step": 40}, "model": {"name": "tiny"}},
     )
     return results, out_dir, id_test, ood
@@ -151,6 +154,10 @@ def test_report_files_are_complete_and_consistent(report):
     expected |= {"feature_norm", "odin", "gradnorm", "mahalanobis", "knn", "gmm", "react"}
     expected |= {"mahalanobis_l2", "gmm_l2"}
     assert set(on_disk["scores"]) == expected
+    # The spec is stored as-is: the given scores in order, the resolved settings.
+    assert on_disk["spec"]["scores"] == list(BUILTIN_SCORES) and on_disk["spec"]["num_draws"] == 3
+    assert on_disk["spec"]["score_hparams"] == on_disk["score_hparams"]
+    assert on_disk["spec"]["score_hparams"]["knn"]["k"] == 5
     for rel in on_disk["plots"]:
         assert (out_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
     names = {os.path.basename(p) for p in on_disk["plots"]}
@@ -191,10 +198,9 @@ def test_failed_step_leaves_no_report(trained, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="plotting failed"):
         run_evaluation(
             model,
+            EvalSpec(scores=["msp"], protocols=["full"]),
             id_test=_colored(40, seed=5),
             ood_sets={"gaussian": D.make_gaussian_noise(20, seed=6)},
-            scores=["msp"],
-            protocols=["full"],
             out_dir=out_dir,
         )
     # The previous report is untouched and no temporary directory is left behind.
@@ -206,14 +212,15 @@ def test_bad_input_raises(trained):
     model, _ = trained
     id_test = _colored(20, seed=7)
     noise = {"gaussian": D.make_gaussian_noise(10, seed=8)}
+    msp = EvalSpec(scores=["msp"])
     with pytest.raises(ValueError, match="no OOD sets"):
-        run_evaluation(model, id_test=id_test, ood_sets={}, scores=["msp"])
+        run_evaluation(model, msp, id_test=id_test, ood_sets={})
     with pytest.raises(ValueError, match="pass train="):
-        run_evaluation(model, id_test=id_test, ood_sets=noise, scores=["knn"])
+        run_evaluation(model, EvalSpec(scores=["knn"]), id_test=id_test, ood_sets=noise)
     with pytest.raises(ValueError, match="labelled"):
-        run_evaluation(model, id_test=noise["gaussian"], ood_sets=noise, scores=["msp"])
+        run_evaluation(model, msp, id_test=noise["gaussian"], ood_sets=noise)
     with pytest.raises(ValueError, match="same name"):
-        run_evaluation(model, id_test=id_test, ood_sets={"colors": id_test}, scores=["msp"])
+        run_evaluation(model, msp, id_test=id_test, ood_sets={"colors": id_test})
 
 
 def test_importing_and_plotting_leave_matplotlib_backend_alone(tmp_path):
@@ -236,7 +243,7 @@ def test_importing_and_plotting_leave_matplotlib_backend_alone(tmp_path):
 def test_mmc_and_the_adversarial_noise_set(trained):
     from ood_jax.evaluate import ForwardPass
     from ood_jax.evaluate.adversarial import NAME, adversarial_noise
-    from ood_jax.evaluate.protocol import set_seed
+    from ood_jax.evaluate.protocol import dataset_seeds
 
     model, _ = trained
     mean, std = np.asarray(D.CIFAR10_MEAN), np.asarray(D.CIFAR10_STD)
@@ -244,7 +251,7 @@ def test_mmc_and_the_adversarial_noise_set(trained):
         ForwardPass(model), 12, seed=3, mean=mean, std=std, eps=0.05, steps=4, batch_size=8
     )
     # The documented start: uniform noise from default_rng([seed, crc32(name)]).
-    start = np.random.default_rng(set_seed(3, NAME)).uniform(0, 1, (12, 32, 32, 3))
+    start = np.random.default_rng(dataset_seeds(3, NAME)).uniform(0, 1, (12, 32, 32, 3))
     pixels = attacked.images * std + mean
     assert np.abs(pixels - start).max() <= 0.05 + 1e-5
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
@@ -252,10 +259,7 @@ def test_mmc_and_the_adversarial_noise_set(trained):
     assert conf(attacked.images).mean() > conf((start - mean) / std).mean()
 
     id_test = _colored(40, seed=9)
-    results = run_evaluation(
-        model,
-        id_test=id_test,
-        ood_sets={"gaussian": D.make_gaussian_noise(20, seed=6)},
+    spec = EvalSpec(
         scores=["msp"],
         protocols=["full"],
         seed=3,
@@ -263,6 +267,9 @@ def test_mmc_and_the_adversarial_noise_set(trained):
         attack_steps=4,
         attack_eps=0.05,
         batch_size=8,
+    )
+    results = run_evaluation(
+        model, spec, id_test=id_test, ood_sets={"gaussian": D.make_gaussian_noise(20, seed=6)}
     )
     assert results["mmc"][NAME] == pytest.approx(conf(attacked.images).mean(), rel=1e-5)
     assert results["mmc"]["colors"] == pytest.approx(conf(D.normalize(id_test.images)).mean())
@@ -292,7 +299,7 @@ def test_the_chunked_attack_equals_one_call_of_pgd(trained, monkeypatch):
         steps=7,
         batch_size=8,
     )
-    rng = np.random.default_rng(A.set_seed(5, A.NAME))
+    rng = np.random.default_rng(A.dataset_seeds(5, A.NAME))
     noise = rng.uniform(0.0, 1.0, (8, 32, 32, 3)).astype(np.float32)
     key = jax.random.key_data(jax.random.fold_in(jax.random.key(int(rng.integers(2**31))), 0))
     whole = attacks.pgd_confidence(

@@ -12,7 +12,7 @@ from flax import nnx
 from ood_jax import data as D
 from ood_jax import pretrained, sharding
 from ood_jax.evaluate import ForwardPass
-from ood_jax.evaluate.runner import classification_summary, compute_outputs
+from ood_jax.evaluate.stages import classification_summary, compute_outputs
 from ood_jax.models import create_model
 from ood_jax.train.state import split_model
 

@@ -11,11 +11,16 @@
   ``cos(z, w_pred)`` distributions (Pearce et al. 2021), logit norm over training.
 - ``report`` / ``plots``: ``results.json``, ``results.md``, PNGs, written atomically.
 - ``datasets``: OOD sets by name (offline files, tfds, synthetic noise).
-- ``runner``: :func:`run_evaluation` (a model + datasets -> results + report).
+- ``spec``: :class:`EvalSpec`, what an evaluation computes (frozen, validated,
+  stored in ``results.json``).
+- ``stages``: outputs -> fits -> scores -> protocols -> summaries, each a function.
+- ``runner``: :func:`run_evaluation` (a model + a spec + datasets -> results +
+  report) and :func:`write_report`.
 
 A training workdir's checkpoint is evaluated by ``python -m experiments.evaluate``
-(``experiments.evaluate.evaluate_workdir``), which restores the model and calls
-:func:`run_evaluation`; the training experiments call it at the end of training.
+(``experiments.evaluate.evaluate_workdir``); it and the end of training both go
+through ``experiments.evaluation.ood_report`` (``config.eval`` -> :class:`EvalSpec`
+-> :func:`run_evaluation`).
 """
 
 from ood_jax.evaluate.datasets import (
@@ -35,32 +40,39 @@ from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
 from ood_jax.evaluate.protocol import (
     METRIC_NAMES,
     PROTOCOLS,
+    dataset_seeds,
     draw_indices,
     evaluate_ood,
-    set_seed,
 )
 from ood_jax.evaluate.report import atomic_directory, markdown_report
-from ood_jax.evaluate.runner import (
+from ood_jax.evaluate.runner import run_evaluation, write_report
+from ood_jax.evaluate.scoring import fit_scores, score_images, score_outputs
+from ood_jax.evaluate.spec import EvalSpec
+from ood_jax.evaluate.stages import (
+    ScoreTable,
     classification_summary,
     compute_outputs,
+    compute_scores,
     evaluate_protocols,
     head_weights,
-    run_evaluation,
-    write_report,
+    max_softmax,
 )
-from ood_jax.evaluate.scoring import fit_scores, score_images, score_outputs
 
 __all__ = [
     "METRIC_NAMES",
     "OFFLINE_OOD_SETS",
     "PROTOCOLS",
     "SYNTHETIC_NAMES",
+    "EvalSpec",
     "ForwardPass",
     "ModelOutputs",
+    "ScoreTable",
     "atomic_directory",
     "check_ood_set_names",
     "classification_summary",
     "compute_outputs",
+    "compute_scores",
+    "dataset_seeds",
     "draw_indices",
     "evaluate_ood",
     "evaluate_protocols",
@@ -71,11 +83,11 @@ __all__ = [
     "logit_norm_curve",
     "mahalanobis_split",
     "markdown_report",
+    "max_softmax",
     "read_metrics_log",
     "run_evaluation",
     "score_images",
     "score_outputs",
-    "set_seed",
     "weight_diagnostics",
     "write_report",
 ]

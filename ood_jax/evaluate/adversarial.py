@@ -19,7 +19,7 @@ import numpy as np
 
 from ood_jax import attacks
 from ood_jax.evaluate.forward import ForwardPass
-from ood_jax.evaluate.protocol import set_seed
+from ood_jax.evaluate.protocol import dataset_seeds
 
 NAME = "adversarial_noise"
 # PGD steps per call, and images per attacked batch: memory grows with both
@@ -76,12 +76,12 @@ def adversarial_noise(
         raise ValueError(
             f"adversarial_noise: need num >= 1, steps >= 0, eps >= 0; got {num}, {steps}, {eps}."
         )
-    m = jnp.asarray(mean, jnp.float32)
-    s = jnp.asarray(std, jnp.float32)
+    pixel_mean = jnp.asarray(mean, jnp.float32)
+    pixel_std = jnp.asarray(std, jnp.float32)
     alpha = eps / max(steps, 1)
 
     def logits_01(apply_logits):
-        return lambda u: apply_logits((u - m) / s)
+        return lambda u: apply_logits((u - pixel_mean) / pixel_std)
 
     # The attack runs in chunks of at most CHUNK_STEPS unrolled steps, each its own
     # call: unrolled steps are fast on CPU but keep every step's buffers, so 40 steps
@@ -96,16 +96,16 @@ def adversarial_noise(
         for n in {min(CHUNK_STEPS, steps), steps % CHUNK_STEPS} - {0}
     }
     finish = forward.bind(
-        lambda apply, state: (attacks.pgd_finish(logits_01(apply), state) - m) / s
+        lambda apply, state: (attacks.pgd_finish(logits_01(apply), state) - pixel_mean) / pixel_std
     )
-    rng = np.random.default_rng(set_seed(seed, NAME))
+    rng = np.random.default_rng(dataset_seeds(seed, NAME))
     noise = rng.uniform(0.0, 1.0, (num, *image_shape)).astype(np.float32)
-    b = -(-min(batch_size, ATTACK_BATCH, num) // forward.num_shards) * forward.num_shards
+    size = -(-min(batch_size, ATTACK_BATCH, num) // forward.num_shards) * forward.num_shards
     root = jax.random.key(int(rng.integers(2**31)))
     out = []
-    for i, lo in enumerate(range(0, num, b)):
-        part = noise[lo : lo + b]
-        padded = np.zeros((b, *image_shape), np.float32)
+    for i, lo in enumerate(range(0, num, size)):
+        part = noise[lo : lo + size]
+        padded = np.zeros((size, *image_shape), np.float32)
         padded[: len(part)] = part
         key = jax.random.key_data(jax.random.fold_in(root, i))
         state = start(padded, key)
@@ -114,6 +114,6 @@ def adversarial_noise(
         out.append(np.asarray(finish(state))[: len(part)])
     source = (
         f"uniform noise attacked against this model: L-inf PGD eps {eps}, {steps} steps, "
-        f"maximizing confidence (seed {set_seed(seed, NAME)})"
+        f"maximizing confidence (seed {dataset_seeds(seed, NAME)})"
     )
     return FloatImages(np.concatenate(out), NAME, source)

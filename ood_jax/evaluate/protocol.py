@@ -6,7 +6,7 @@ energy and LogitNorm repositories): each OOD set is sub-sampled to
 in-distribution test set, the metrics are computed per draw, and the mean and
 standard deviation over ``num_draws`` (10) draws are reported. Draw ``d`` of the OOD
 set called ``name`` uses ``numpy.random.default_rng([seed, crc32(name), d])``
-(:func:`set_seed`): keyed by the name, so the draws do not depend on which other
+(:func:`dataset_seeds`): keyed by the name, so the draws do not depend on which other
 sets are evaluated or in what order. The seeds are recorded in the results so
 every draw can be repeated. All scores of one draw share the same OOD indices.
 
@@ -34,7 +34,7 @@ PROTOCOLS: tuple[str, ...] = ("papers", "full")
 METRIC_NAMES: tuple[str, ...] = ("fpr95", "auroc", "aupr_in", "aupr_out")
 
 
-def set_seed(seed: int, name: str) -> list[int]:
+def dataset_seeds(seed: int, name: str) -> list[int]:
     """Seed sequence of anything drawn per dataset: ``[seed, crc32(name)]``.
 
     Keyed by the set's name (not its position), so a checkpoint gets the same
@@ -97,7 +97,7 @@ def evaluate_ood(
     draws: dict[str, dict] = {}
     per_set: dict[str, dict[str, dict[str, list[float]]]] = {k: {} for k in keys}
     for set_name, set_scores in ood_scores.items():
-        missing = [k for k in keys if k not in set_scores]
+        missing = [key for key in keys if key not in set_scores]
         if missing:
             raise ValueError(f"ood_scores[{set_name!r}]: missing score keys {missing}.")
         n_set = len(set_scores[keys[0]])
@@ -110,41 +110,47 @@ def evaluate_ood(
         elif n_set <= num_ood:
             # Every draw would be the whole set: one draw, not num_draws copies of it
             # (whose standard deviation of 0 would look like a measured one).
-            seeds, index_sets = [[*set_seed(seed, set_name), 0]], [np.arange(n_set)]
+            seeds, index_sets = [[*dataset_seeds(seed, set_name), 0]], [np.arange(n_set)]
         else:
-            seeds = [[*set_seed(seed, set_name), d] for d in range(num_draws)]
-            index_sets = [draw_indices(n_set, num_ood, seed=sd) for sd in seeds]
+            seeds = [[*dataset_seeds(seed, set_name), draw] for draw in range(num_draws)]
+            index_sets = [draw_indices(n_set, num_ood, seed=draw_seed) for draw_seed in seeds]
         draws[set_name] = {
             "seeds": seeds,
             "num_examples": int(len(index_sets[0])),
             "population": int(n_set),
             "num_draws": len(index_sets),
         }
-        for k in keys:
-            values: dict[str, list[float]] = {m: [] for m in METRIC_NAMES}
+        for key in keys:
+            values: dict[str, list[float]] = {metric: [] for metric in METRIC_NAMES}
             for idx in index_sets:
                 result = M.ood_metrics(
-                    np.asarray(id_scores[k]), np.asarray(set_scores[k])[idx], convention=convention
+                    np.asarray(id_scores[key]),
+                    np.asarray(set_scores[key])[idx],
+                    convention=convention,
                 )
-                for m in METRIC_NAMES:
-                    values[m].append(float(result[m]))
-            per_set[k][set_name] = values
+                for metric in METRIC_NAMES:
+                    values[metric].append(float(result[metric]))
+            per_set[key][set_name] = values
     out_metrics: dict[str, dict] = {}
-    for k in keys:
+    for key in keys:
         table: dict[str, dict] = {}
-        for set_name, values in per_set[k].items():
+        for set_name, values in per_set[key].items():
             table[set_name] = {
-                m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v}
-                for m, v in values.items()
+                metric: {
+                    "mean": float(np.mean(per_draw)),
+                    "std": float(np.std(per_draw)),
+                    "values": per_draw,
+                }
+                for metric, per_draw in values.items()
             }
         table["average"] = {
-            m: {
-                "mean": float(np.mean([table[s][m]["mean"] for s in ood_scores])),
-                "std": float(np.mean([table[s][m]["std"] for s in ood_scores])),
+            metric: {
+                "mean": float(np.mean([table[name][metric]["mean"] for name in ood_scores])),
+                "std": float(np.mean([table[name][metric]["std"] for name in ood_scores])),
             }
-            for m in METRIC_NAMES
+            for metric in METRIC_NAMES
         }
-        out_metrics[k] = table
+        out_metrics[key] = table
     return {
         "protocol": protocol,
         "convention": convention,

@@ -24,7 +24,7 @@ import numpy as np
 
 from ood_jax import data as D
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
-from ood_jax.evaluate.protocol import set_seed
+from ood_jax.evaluate.protocol import dataset_seeds
 from ood_jax.scores.registry import Head, compute, get_score
 
 
@@ -54,9 +54,9 @@ def score_outputs(
     """
     fitted = {} if fitted is None else fitted
     datasets = list(outputs)
-    splits = np.cumsum([len(outputs[d]) for d in datasets])[:-1]
-    logits = jax.numpy.asarray(np.concatenate([outputs[d].logits for d in datasets]))
-    features = jax.numpy.asarray(np.concatenate([outputs[d].features for d in datasets]))
+    splits = np.cumsum([len(outputs[name]) for name in datasets])[:-1]
+    logits = jax.numpy.asarray(np.concatenate([outputs[name].logits for name in datasets]))
+    features = jax.numpy.asarray(np.concatenate([outputs[name].features for name in datasets]))
     flat: dict[str, np.ndarray] = {}
     for name, hp in hparams.items():
         score = get_score(name)
@@ -68,10 +68,10 @@ def score_outputs(
                 "fit_scores first."
             )
         flat.update(compute(score, hp, logits, features, head, fitted.get(name)))
-    result: dict[str, dict[str, np.ndarray]] = {d: {} for d in datasets}
+    result: dict[str, dict[str, np.ndarray]] = {name: {} for name in datasets}
     for key, values in flat.items():
-        for d, part in zip(datasets, np.split(values, splits), strict=True):
-            result[d][key] = part
+        for dataset, part in zip(datasets, np.split(values, splits), strict=True):
+            result[dataset][key] = part
     return result
 
 
@@ -88,9 +88,9 @@ def score_images(
 
     ``sizes[score][dataset]`` is the number of images scored (a seeded subset of
     ``max_examples`` images when that budget is set, drawn with
-    :func:`set_seed`). ``batches(dataset)`` yields padded, normalized batches.
+    :func:`dataset_seeds`). ``batches(dataset)`` yields padded, normalized batches.
     """
-    scores: dict[str, dict[str, np.ndarray]] = {d: {} for d in datasets}
+    scores: dict[str, dict[str, np.ndarray]] = {name: {} for name in datasets}
     sizes: dict[str, dict[str, int]] = {}
     for name, hp in hparams.items():
         score = get_score(name)
@@ -102,11 +102,13 @@ def score_images(
             return score.fn(apply_logits, images, std, **kwargs)
 
         sizes[name] = {}
-        for d, ds in datasets.items():
+        for dataset, ds in datasets.items():
             if isinstance(ds, D.ImageDataset):
-                subset = D.random_subset(ds, hp.get("max_examples"), seed=set_seed(seed, d))
+                subset = D.random_subset(
+                    ds, hp.get("max_examples"), seed=dataset_seeds(seed, dataset)
+                )
             else:  # FloatImages (i.i.d. attacked noise): its first images
                 subset = ds.head(hp.get("max_examples"))
-            scores[d][name] = forward.map_batches(fn, batches(subset)).astype(np.float32)
-            sizes[name][d] = len(subset)
+            scores[dataset][name] = forward.map_batches(fn, batches(subset)).astype(np.float32)
+            sizes[name][dataset] = len(subset)
     return scores, sizes

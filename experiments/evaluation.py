@@ -1,0 +1,130 @@
+"""A run's OOD report: its config -> an ``EvalSpec`` -> ``ood_jax.evaluate.run_evaluation``.
+
+The one path behind both the end-of-training report (``experiments.train``) and
+``python -m experiments.evaluate``: the same config gives the same sets, scores,
+hyperparameters, budgets and seeds, so both give identical numbers for the same
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+from flax import nnx
+
+from experiments import cli
+from experiments.data import display_name, near_auxiliary_notes
+from ood_jax import data as D
+from ood_jax.evaluate import EvalSpec, check_ood_set_names, load_ood_sets, run_evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Where the evaluated model came from, recorded in the report.
+
+    Attributes:
+      command: the command line that asked for the report.
+      step: the checkpoint's training step.
+      workdir: the training run's folder (its ``metrics.jsonl`` gives the
+        logit-norm curve); None for a published checkpoint.
+      published: ``{"published": name, "sha256": ..., "step": ...}`` of a published
+        checkpoint, recorded instead of the workdir.
+    """
+
+    command: str
+    step: int
+    workdir: str | None = None
+    published: dict | None = None
+
+    def checkpoint(self) -> dict:
+        """The report's ``checkpoint`` entry."""
+        if self.published is not None:
+            return dict(self.published)
+        return {"workdir": os.path.abspath(self.workdir), "step": self.step}
+
+
+def ood_set_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The OOD sets of a run: ``config.eval.ood_sets``, else the dataset's suite, taken
+    from its offline stand-in when the data is not from tfds (the tfds suite would
+    download)."""
+    spec = D.get_dataset_spec(config.data.dataset)
+    suite = spec.ood_suite
+    if config.data.source != "tfds" and spec.offline_alternative:
+        suite = D.get_dataset_spec(spec.offline_alternative).ood_suite or suite
+    return [n for n in (config.eval.ood_sets or suite) if n]
+
+
+def eval_spec(config: ml_collections.ConfigDict, *, batch_size: int) -> EvalSpec:
+    """The :class:`~ood_jax.evaluate.EvalSpec` of ``config.eval`` (0 budgets = none)."""
+    settings = config.eval
+    dataset = D.get_dataset_spec(config.data.dataset)
+    return EvalSpec(
+        scores=[s for s in settings.scores if s] or None,
+        score_hparams=settings.score_hparams.to_dict(),
+        protocols=tuple(settings.protocols),
+        convention=settings.convention,
+        num_draws=settings.num_draws,
+        seed=config.seed,
+        max_train=settings.max_train or None,
+        max_ood=settings.max_ood or None,
+        adversarial_noise=settings.adversarial_noise,
+        attack_steps=settings.attack_steps,
+        attack_eps=settings.attack_eps,
+        batch_size=batch_size,
+        mean=dataset.mean,
+        std=dataset.std,
+    )
+
+
+def ood_report(
+    config: ml_collections.ConfigDict,
+    model: nnx.Module,
+    *,
+    train_ds: D.ImageDataset,
+    test_ds: D.ImageDataset,
+    provenance: Provenance,
+    out_dir: str,
+    batch_size: int,
+    data_dir: str | None = None,
+) -> dict:
+    """The OOD report of a trained model, as ``config.eval`` describes it.
+
+    ``data_dir``: the folder of the offline OOD files (default: the shared one).
+    Returns the ``results.json`` dict.
+    """
+    names = ood_set_names(config)
+    if not names:
+        raise cli.UsageError(
+            f"config.eval.ood_sets is empty and {config.data.dataset!r} has no default OOD "
+            "suite; name the sets, e.g. --config.eval.ood_sets=svhn,gaussian."
+        )
+    check_ood_set_names(names)
+    spec = eval_spec(config, batch_size=batch_size)
+    print(f"OOD evaluation: loading {len(names)} OOD sets ({', '.join(names)})")
+    ood_sets = load_ood_sets(
+        names,
+        data_dir=data_dir,
+        num_synthetic=config.eval.num_synthetic,
+        seed=config.seed,
+        id_test=test_ds,
+    )
+    return run_evaluation(
+        model,
+        spec,
+        id_test=test_ds,
+        ood_sets=ood_sets,
+        train=train_ds,
+        out_dir=out_dir,
+        metrics_log_dir=provenance.workdir,
+        metadata={
+            "command": provenance.command,
+            "checkpoint": provenance.checkpoint(),
+            "model": {"name": config.model.name, "options": config.model.options.to_dict()},
+            "config": config.to_dict(),
+            "dataset": display_name(test_ds),
+            "set_notes": near_auxiliary_notes(config, names),
+        },
+        progress=lambda message: print(f"OOD evaluation: {message}", flush=True),
+    )

@@ -1,0 +1,144 @@
+"""``EvalSpec``: what an evaluation computes, in one frozen, validated value.
+
+Scores and their hyperparameters, protocols and convention, draws and seed, the
+budgets, the adversarial-noise attack and the model's input normalization: every
+setting that changes a number of the report. The data, the model, the output
+folder and the metadata stay arguments of :func:`~ood_jax.evaluate.run_evaluation`.
+The spec is stored as-is in ``results.json`` (``"spec"``), so a report says what
+it computed. An experiment builds it from its config section (``config.eval``) in
+one place (``experiments.evaluation.eval_spec``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ood_jax import data as D
+from ood_jax import metrics as M
+from ood_jax.evaluate.protocol import PROTOCOLS
+from ood_jax.scores.registry import available_scores, check_score_names, get_score
+from ood_jax.scores.registry import resolve_hparams as resolve_score_hparams
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """What :func:`~ood_jax.evaluate.run_evaluation` computes.
+
+    Attributes:
+      scores: registered score names (None: every registered score); stored as
+        the checked tuple of names.
+      score_hparams: ``{score: {hyperparameter: value}}`` overriding the registered
+        defaults, e.g. ``{"msp": {"temperature": (1, 1000)}, "odin": {"max_examples":
+        1000}}``; a swept hyperparameter given as a sequence is vmapped. Stored
+        resolved: every chosen score's full settings.
+      protocols: any of ``"papers"`` (``num_ood`` OOD examples per draw,
+        ``num_draws`` draws) and ``"full"``.
+      convention: ``"hendrycks"`` or ``"openood"``.
+      num_ood, num_draws, seed: the papers' protocol (default ``N_id // 5``, 10, 0);
+        every draw is seeded by ``seed`` and the set's name.
+      max_train: fit the fitted scores on a seeded random subset of at most this
+        many training images (None = all), e.g. to keep a CPU run short.
+      max_ood: evaluate each OOD set on a seeded random subset of at most this many
+        images (None = all; recorded in the set's ``source``).
+      adversarial_noise: add the ACET paper's adversarial-noise OOD set of this
+        many uniform-noise images attacked against the model (``attack_steps``-step
+        L-infinity PGD of radius ``attack_eps`` in [0, 1] pixels, maximizing
+        confidence); 0 = none.
+      batch_size: forward-pass batch size (padded to a multiple of the devices);
+        the attack's batches, and so its random starts, follow it.
+      mean, std: the in-distribution set's normalization (the model's input space).
+      plots: write PNG plots with the report.
+      plot_scores: score keys that get a histogram and a ROC plot (None: all).
+    """
+
+    scores: Sequence[str] | None = None
+    score_hparams: Mapping[str, Mapping[str, Any]] | None = None
+    protocols: Sequence[str] = PROTOCOLS
+    convention: str = "hendrycks"
+    num_ood: int | None = None
+    num_draws: int = 10
+    seed: int = 0
+    max_train: int | None = None
+    max_ood: int | None = None
+    adversarial_noise: int = 0
+    attack_steps: int = 40
+    attack_eps: float = 0.3
+    batch_size: int = 256
+    mean: Sequence[float] = D.CIFAR10_MEAN
+    std: Sequence[float] = D.CIFAR10_STD
+    plots: bool = True
+    plot_scores: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        names = check_score_names(available_scores() if self.scores is None else self.scores)
+        resolved = {
+            "scores": names,
+            "score_hparams": resolve_score_hparams(names, self.score_hparams),
+            "protocols": tuple(self.protocols),
+            "mean": tuple(float(v) for v in self.mean),
+            "std": tuple(float(v) for v in self.std),
+            "plot_scores": None if self.plot_scores is None else tuple(self.plot_scores),
+        }
+        for field, value in resolved.items():
+            object.__setattr__(self, field, value)
+        self._check()
+
+    def _check(self) -> None:
+        if not self.protocols:
+            raise ValueError(f"protocols: choose at least one of {PROTOCOLS}.")
+        for protocol in self.protocols:
+            if protocol not in PROTOCOLS:
+                raise ValueError(f"protocols: {protocol!r} is not one of {PROTOCOLS}.")
+        if self.convention not in M.CONVENTIONS:
+            raise ValueError(
+                f"convention: expected one of {M.CONVENTIONS}, got {self.convention!r}."
+            )
+        at_least = {
+            "num_ood": (self.num_ood, 1, True),
+            "num_draws": (self.num_draws, 1, False),
+            "seed": (self.seed, 0, False),
+            "max_train": (self.max_train, 1, True),
+            "max_ood": (self.max_ood, 1, True),
+            "adversarial_noise": (self.adversarial_noise, 0, False),
+            "attack_steps": (self.attack_steps, 0, False),
+            "batch_size": (self.batch_size, 1, False),
+        }
+        for field, (value, low, none_ok) in at_least.items():
+            if value is None and none_ok:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                allowed = " or None" if none_ok else ""
+                raise ValueError(f"{field}: expected an integer >= {low}{allowed}, got {value!r}.")
+        if not self.attack_eps >= 0:
+            raise ValueError(f"attack_eps: expected a radius >= 0, got {self.attack_eps!r}.")
+        if len(self.mean) != len(self.std) or min(self.std, default=0.0) <= 0:
+            raise ValueError(
+                f"mean, std: expected one mean and one positive std per channel, got "
+                f"{self.mean} and {self.std}."
+            )
+
+    @property
+    def fitted_scores(self) -> list[str]:
+        """The chosen scores fitted on the in-distribution training set."""
+        return [name for name in self.scores if get_score(name).consumes == "fitted"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain values (the ``"spec"`` entry of ``results.json``)."""
+        return dataclasses.asdict(self)
+
+    def protocol_options(self) -> dict[str, Any]:
+        """The ``protocol_options`` entry of ``results.json`` (read by study reports)."""
+        attacked = bool(self.adversarial_noise)
+        return {
+            "num_ood": self.num_ood,
+            "num_draws": self.num_draws,
+            "seed": self.seed,
+            "convention": self.convention,
+            "max_train": self.max_train,
+            "max_ood": self.max_ood,
+            "adversarial_noise": self.adversarial_noise,
+            "attack_steps": self.attack_steps if attacked else None,
+            "attack_eps": self.attack_eps if attacked else None,
+        }
