@@ -33,7 +33,7 @@ from experiments import cli
 from experiments.checkpoints import eval_batch_size, restore_workdir
 from experiments.data import load_splits
 from experiments.evaluation import Provenance, ood_report
-from experiments.run_config import SCHEMA_FIELDS, complete_config
+from experiments.run_config import SCHEMA_FIELDS, complete_config, validate_config
 from ood_jax import sharding
 
 
@@ -115,6 +115,8 @@ def evaluate_workdir(
         config.data.source = data
     config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)
     complete_config(config)
+    config.eval.ood = True  # this is the OOD report, whatever the run itself did at its end
+    validate_config(config)
     train_ds, test_ds = load_splits(config, data_dir=data_dir)
     return ood_report(
         config,

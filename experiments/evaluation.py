@@ -14,10 +14,10 @@ import os
 import ml_collections
 from flax import nnx
 
-from experiments import cli
 from experiments.data import display_name, near_auxiliary_notes
+from experiments.run_config import ood_set_names
 from ood_jax import data as D
-from ood_jax.evaluate import EvalSpec, check_ood_set_names, load_ood_sets, run_evaluation
+from ood_jax.evaluate import EvalSpec, load_ood_sets, run_evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +43,6 @@ class Provenance:
         if self.published is not None:
             return dict(self.published)
         return {"workdir": os.path.abspath(self.workdir), "step": self.step}
-
-
-def ood_set_names(config: ml_collections.ConfigDict) -> list[str]:
-    """The OOD sets of a run: ``config.eval.ood_sets``, else the dataset's suite, taken
-    from its offline stand-in when the data is not from tfds (the tfds suite would
-    download)."""
-    spec = D.get_dataset_spec(config.data.dataset)
-    suite = spec.ood_suite
-    if config.data.source != "tfds" and spec.offline_alternative:
-        suite = D.get_dataset_spec(spec.offline_alternative).ood_suite or suite
-    return [n for n in (config.eval.ood_sets or suite) if n]
 
 
 def eval_spec(config: ml_collections.ConfigDict, *, batch_size: int) -> EvalSpec:
@@ -94,13 +83,7 @@ def ood_report(
     ``data_dir``: the folder of the offline OOD files (default: the shared one).
     Returns the ``results.json`` dict.
     """
-    names = ood_set_names(config)
-    if not names:
-        raise cli.UsageError(
-            f"config.eval.ood_sets is empty and {config.data.dataset!r} has no default OOD "
-            "suite; name the sets, e.g. --config.eval.ood_sets=svhn,gaussian."
-        )
-    check_ood_set_names(names)
+    names = ood_set_names(config)  # checked with the rest of the config (validate_config)
     spec = eval_spec(config, batch_size=batch_size)
     print(f"OOD evaluation: loading {len(names)} OOD sets ({', '.join(names)})")
     ood_sets = load_ood_sets(

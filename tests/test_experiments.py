@@ -68,7 +68,7 @@ def test_paper_preset_records_the_papers_hyperparameters():
 
 
 def test_paper_preset_evaluates_on_sets_its_data_source_can_provide():
-    from experiments.evaluation import ood_set_names
+    from experiments.run_config import ood_set_names
     from ood_jax import data as D
 
     # From tfds: only sets tfds downloads by itself (no offline files, no manual step).
