@@ -20,10 +20,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
-from ood_jax.interop.architectures import ARCH_NAMES, Architecture, get_architecture
+from ood_jax.interop.architectures import (
+    ARCH_NAMES,
+    NORMALIZATIONS,
+    Architecture,
+    get_architecture,
+)
 from ood_jax.interop.convert import StateDictMismatchError, load_state_dict
 from ood_jax.interop.state_dict import (
     CheckpointFormatError,
@@ -72,12 +78,32 @@ def convert_state_dict(
         "num_classes": num_classes,
         "options": {**spec.options, **(options or {})},
     }
-    model = create_model(
-        spec.model, num_classes=num_classes, rngs=nnx.Rngs(0), **identity["options"]
-    )
+
+    def create() -> nnx.Module:
+        return create_model(
+            spec.model, num_classes=num_classes, rngs=nnx.Rngs(0), **identity["options"]
+        )
+
+    # Only the shapes of the weights: running every initializer (one XLA:CPU compile
+    # per op and shape) takes far longer than the conversion. The rest of the state
+    # (dropout RNG streams) comes from one jitted call in which the initializers are
+    # dead code.
+    model = nnx.eval_shape(create)
+    if jax.tree.leaves(nnx.state(model, _NOT_WEIGHTS)):
+        nnx.update(model, jax.jit(lambda: nnx.state(create(), _NOT_WEIGHTS))())
     load_state_dict(model, state_dict, spec)
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    abstract = next((p for p, v in leaves if isinstance(v, jax.ShapeDtypeStruct)), None)
+    if abstract is not None:
+        raise StateDictMismatchError(
+            f"the {spec.model} model's variable {jax.tree_util.keystr(abstract)} has no "
+            f"PyTorch counterpart in {arch!r} (an option that adds weights?)."
+        )
     model.eval()
     return model, identity
+
+
+_NOT_WEIGHTS = nnx.Not(nnx.Any(nnx.Param, nnx.BatchStat))
 
 
 def load_torch(
@@ -101,8 +127,8 @@ def load_torch(
     Returns:
       ``(model, info)``: the model in eval mode (``model.train()`` for
       fine-tuning), and ``info`` with ``identity`` (the model identity),
-      ``arch``, ``normalization`` (the authors' input normalization, "cifar10"
-      or "imagenet"), ``source`` (where the PyTorch definition lives) and
+      ``arch``, ``normalization`` (the name of the authors' input normalization
+      in ``NORMALIZATIONS``), ``source`` (where the PyTorch definition lives) and
       ``provenance`` (``path``, ``sha256``, ``format``).
 
     Raises:
@@ -126,6 +152,7 @@ def load_torch(
 
 __all__ = [
     "ARCH_NAMES",
+    "NORMALIZATIONS",
     "Architecture",
     "CheckpointFormatError",
     "StateDictMismatchError",

@@ -28,7 +28,21 @@ from typing import Any
 
 from flax import nnx
 
+from ood_jax.data import CIFAR10_MEAN, CIFAR10_STD
+
 Path = tuple[Any, ...]
+
+# The input normalizations (per-channel mean, std of [0, 1] RGB) the authors trained with.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    # hendrycks/outlier-exposure, energy_ood, LogitNorm, ODIN's DenseNet: ood_jax's own.
+    "cifar10": (tuple(CIFAR10_MEAN), tuple(CIFAR10_STD)),
+    # OpenOOD v1.5's CIFAR-10 benchmark (openood/preprocessors/transform.py).
+    "openood_cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    # kuangliu/pytorch-cifar main.py.
+    "kuangliu_cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    # torchvision's ImageNet weights.
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +54,8 @@ class Architecture:
       options: keyword options for that model.
       torch_name: ``(module path in the ood_jax model, model) -> PyTorch module name``.
       head: the PyTorch name of the final linear layer (gives ``num_classes``).
-      normalization: the input normalization the authors trained with.
+      normalization: the input normalization the authors trained with (a
+        ``NORMALIZATIONS`` name).
       source: where the PyTorch definition lives.
     """
 
@@ -109,7 +124,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         {},
         _resnet_name(_RESNET18, "shortcut", "fc"),
         "fc",
-        "cifar10",
+        "openood_cifar10",
         "Jingkang50/OpenOOD openood/networks/resnet18_32x32.py ResNet18_32x32",
     ),
     "resnet18_cifar": Architecture(
@@ -117,7 +132,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         {},
         _resnet_name(_RESNET18, "shortcut", "linear"),
         "linear",
-        "cifar10",
+        "kuangliu_cifar10",
         "kuangliu/pytorch-cifar models/resnet.py ResNet18",
     ),
     "torchvision_resnet18": Architecture(

@@ -67,7 +67,13 @@ def _targets(model: nnx.Module, arch: Architecture) -> Iterator[tuple[str, nnx.V
             table = _LINEAR
         else:
             continue
-        prefix = arch.torch_name(path, model)
+        try:
+            prefix = arch.torch_name(path, model)
+        except (ValueError, IndexError, KeyError):
+            raise StateDictMismatchError(
+                f"the {arch.model} model's module {'.'.join(map(str, path))} has no place in the "
+                "PyTorch layout (an option that changes the model's structure?)."
+            ) from None
         for attr, torch_attr, layout in table:
             variable = getattr(module, attr, None)
             if variable is not None:
@@ -113,4 +119,4 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], arc
             )
         values.append(jnp.asarray(value, dtype=jnp.float32))
     for (_, variable, _), value in zip(targets, values, strict=True):
-        variable[...] = value
+        variable.set_value(value)
