@@ -19,7 +19,7 @@ kuangliu ResNet the way its ``main.py`` under DataParallel saves it
 
 The model definitions follow the authors' code (hendrycks/outlier-exposure
 ``wrn.py``, OpenOOD ``resnet18_32x32.py``, kuangliu/pytorch-cifar
-``resnet.py``, torchvision ``resnet.py``, energy_ood ``densenet.py``), with a
+``resnet.py``, torchvision ``resnet.py``, deep_Mahalanobis_detector ``densenet.py``), with a
 width argument added.
 """
 
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
+from torch_models import BasicBlock  # kuangliu's block; this script runs from benchmarks/
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "fixtures" / "torch"
@@ -53,11 +54,9 @@ class WRNBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
         self.droprate = drop_rate
         self.equalInOut = in_planes == out_planes
-        self.convShortcut = (
-            None
-            if self.equalInOut
-            else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
-        )
+        # As the authors write it (keys: convShortcut.weight where the width changes).
+        shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
+        self.convShortcut = (not self.equalInOut) and shortcut or None
 
     def forward(self, x):
         if not self.equalInOut:
@@ -112,25 +111,6 @@ class WideResNet(nn.Module):
 
 
 # --- kuangliu/pytorch-cifar models/resnet.py; OpenOOD resnet18_32x32.py (head "fc") ---
-class CifarBasicBlock(nn.Module):
-    def __init__(self, in_planes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
 class CifarResNet18(nn.Module):
     def __init__(self, num_classes, widths, head):
         super().__init__()
@@ -138,7 +118,7 @@ class CifarResNet18(nn.Module):
         self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         for i, (w, s) in enumerate(zip(widths, (1, 2, 2, 2), strict=True)):
-            blocks = [CifarBasicBlock(self.in_planes, w, s), CifarBasicBlock(w, w, 1)]
+            blocks = [BasicBlock(self.in_planes, w, s), BasicBlock(w, w, 1)]
             self.in_planes = w
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.add_module(head, nn.Linear(widths[3], num_classes))
@@ -220,7 +200,7 @@ class TVResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-# --- wetliu/energy_ood CIFAR/models/densenet.py (DenseNet3, bottleneck, reduction 0.5) ---
+# --- deep_Mahalanobis_detector models/densenet.py (DenseNet3, bottleneck, reduction 0.5) ---
 class BottleneckBlock(nn.Module):
     def __init__(self, in_planes, out_planes):
         super().__init__()

@@ -15,8 +15,8 @@ the PyTorch module name whose ``weight`` / ``bias`` / ``running_mean`` /
 - ``torchvision_resnet18`` / ``torchvision_resnet50``: torchvision's
   ``resnet18`` / ``resnet50``: ``conv1``, ``bn1``, ``layer{1-4}.{i}.
   {conv1,bn1,conv2,bn2[,conv3,bn3],downsample.0,downsample.1}``, ``fc``.
-- ``densenet100``: ``DenseNet3(100, growth_rate=12)`` of the ODIN /
-  Mahalanobis / energy repositories: ``conv1``, ``block{1,2,3}.layer.{i}.
+- ``densenet100``: ``DenseNet3(100, growth_rate=12)`` of the ODIN and
+  Mahalanobis repositories (from andreasveit/densenet-pytorch): ``conv1``, ``block{1,2,3}.layer.{i}.
   {bn1,conv1,bn2,conv2}``, ``trans{1,2}.{bn1,conv1}``, ``bn1``, ``fc``.
 """
 
@@ -157,7 +157,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         _densenet_name,
         "fc",
         "cifar10",
-        "wetliu/energy_ood CIFAR/models/densenet.py DenseNet3(100, C)",
+        "pokaxpoka/deep_Mahalanobis_detector models/densenet.py DenseNet3(100, C)",
     ),
 }
 ARCH_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)

@@ -3,9 +3,9 @@
 A ``.pt`` / ``.pth`` / ``.ckpt`` file is a pickle, and unpickling an untrusted
 pickle can run any code (``__reduce__``). This reader never imports a name the
 file asks for: ``find_class`` answers only from ``_ALLOWED`` (our own stand-ins
-for PyTorch's tensor and storage constructors and ``collections.OrderedDict``)
-and refuses everything else with :class:`UnsafeCheckpointError` before anything
-is called. Tensors come back as NumPy arrays.
+for PyTorch's tensor and storage constructors, ``torch.Size`` as a tuple, and
+``collections.OrderedDict``) and refuses everything else with
+:class:`UnsafeCheckpointError` before anything is called. Tensors come back as NumPy arrays.
 
 Two layouts are read:
 
@@ -118,6 +118,7 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *_ignored):
 
 _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): tuple,
     ("torch._utils", "_rebuild_tensor_v2"): _PendingTensor,
     ("torch._utils", "_rebuild_tensor"): _PendingTensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,

@@ -1,7 +1,7 @@
 """DenseNet-BC (Huang et al., CVPR 2017) for 32x32 images in Flax NNX.
 
-A port of ``DenseNet3`` as the ODIN, Mahalanobis and energy-OOD repositories
-use it (``models/densenet.py`` in wetliu/energy_ood, from
+A port of ``DenseNet3`` as the ODIN and Mahalanobis repositories use it
+(``models/densenet.py`` in pokaxpoka/deep_Mahalanobis_detector, from
 andreasveit/densenet-pytorch) with ``bottleneck=True, reduction=0.5``: a 3x3
 stem conv with ``2 * growth_rate`` channels; three dense blocks of
 ``(depth - 4) // 6`` bottleneck layers ``BN -> act -> conv1x1 (4 * growth) ->
