@@ -341,3 +341,21 @@ def test_options_that_change_the_structure_are_refused(wrn_state):
         interop.convert_state_dict(
             wrn_state, "wrn40_2", options={"base_width": 2, "spectral_norm": True}
         )
+
+
+def test_imported_model_through_the_evaluation_pipeline(golden):
+    """Real CIFAR-10 test images through ood_jax's own decode, normalization and forward pass."""
+    from ood_jax import data
+    from ood_jax.evaluate import ForwardPass
+
+    imported = torch_import.load_for_evaluation(
+        FIXTURES / "resnet18_cifar_wrapped.pt",
+        "resnet18_cifar",
+        normalization="openood_cifar10",  # what benchmarks/torch_fixtures.py normalized with
+        options=SMALL_OPTIONS["resnet18_cifar"],
+    )
+    images = data.load_dataset("cifar10_jpeg", "test", limit=4)
+    batches = data.eval_batches(images, batch_size=4, mean=imported.mean, std=imported.std)
+    outputs = ForwardPass(imported.model)(batches)
+    _assert_close(outputs.logits, golden["resnet18_cifar/cifar/logits"])
+    _assert_close(outputs.features, golden["resnet18_cifar/cifar/features"])
