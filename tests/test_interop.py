@@ -359,3 +359,15 @@ def test_imported_model_through_the_evaluation_pipeline(golden):
     outputs = ForwardPass(imported.model)(batches)
     _assert_close(outputs.logits, golden["resnet18_cifar/cifar/logits"])
     _assert_close(outputs.features, golden["resnet18_cifar/cifar/features"])
+
+
+def test_max_pool_pads_with_minus_infinity_like_pytorch():
+    from ood_jax.models.resnet import max_pool_3x3_stride2
+
+    x = -1.0 - np.random.default_rng(0).random((2, 7, 6, 3), dtype=np.float32)  # all negative
+    expected = np.zeros((2, 4, 3, 3), np.float32)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    for i in range(4):  # PyTorch MaxPool2d(3, stride=2, padding=1): floor((7 + 2 - 3) / 2) + 1
+        for j in range(3):
+            expected[:, i, j] = padded[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max(axis=(1, 2))
+    np.testing.assert_array_equal(np.asarray(max_pool_3x3_stride2(x)), expected)
