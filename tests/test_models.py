@@ -112,7 +112,17 @@ def test_wrn_parameter_count_by_formula():
 def test_unknown_name_lists_known_models():
     with pytest.raises(ValueError, match="resnet18.*wrn40_2"):
         create_model("vgg16", num_classes=10, rngs=nnx.Rngs(0))
-    assert set(MODEL_NAMES) == {"resnet18", "resnet34", "resnet50", "wrn40_2", "resnet9", "tiny"}
+    assert set(MODEL_NAMES) == {
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "wrn40_2",
+        "resnet9",
+        "tiny",
+        "resnet18_imagenet",
+        "resnet50_imagenet",
+        "densenet100",
+    }
 
 
 @pytest.mark.parametrize(

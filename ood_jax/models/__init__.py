@@ -10,8 +10,18 @@ from collections.abc import Callable
 from flax import nnx
 
 from ood_jax.models.classifier import Classifier, check_images
+from ood_jax.models.densenet import DenseNet, DenseNet100
 from ood_jax.models.layers import SpectralNormConv
-from ood_jax.models.resnet import BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50
+from ood_jax.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    ResNet18,
+    ResNet18ImageNet,
+    ResNet34,
+    ResNet50,
+    ResNet50ImageNet,
+)
 from ood_jax.models.resnet9 import ResNet9
 from ood_jax.models.tiny import TinyCNN
 from ood_jax.models.wrn import WRN40_2, WideResNet
@@ -23,6 +33,9 @@ _REGISTRY: dict[str, Callable[..., Classifier]] = {
     "wrn40_2": WRN40_2,
     "resnet9": ResNet9,
     "tiny": TinyCNN,
+    "resnet18_imagenet": ResNet18ImageNet,
+    "resnet50_imagenet": ResNet50ImageNet,
+    "densenet100": DenseNet100,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -33,7 +46,9 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> C
     Args:
       name: one of ``MODEL_NAMES``: "resnet18", "resnet34", "resnet50" (CIFAR
         stem), "wrn40_2" (WRN-40-2, dropout 0.3), "resnet9"
-        (DAWNBench ResNet-9, ``width`` option; the CPU preset), "tiny" (tests only).
+        (DAWNBench ResNet-9, ``width`` option; the CPU preset), "tiny" (tests only),
+        "resnet18_imagenet", "resnet50_imagenet" (torchvision's ImageNet stem),
+        "densenet100" (DenseNet-BC-100-12).
       num_classes: size of the linear head.
       rngs: ``nnx.Rngs``; ``params`` initializes weights, ``dropout`` drives
         dropout (``nnx.Rngs(seed)`` provides both).
@@ -61,10 +76,14 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "Classifier",
+    "DenseNet",
+    "DenseNet100",
     "ResNet",
     "ResNet18",
+    "ResNet18ImageNet",
     "ResNet34",
     "ResNet50",
+    "ResNet50ImageNet",
     "ResNet9",
     "SpectralNormConv",
     "TinyCNN",

@@ -1,4 +1,4 @@
-"""CIFAR ResNets (He et al., CVPR 2016) in Flax NNX.
+"""ResNets (He et al., CVPR 2016) in Flax NNX: the CIFAR stem by default, torchvision's on request.
 
 The CIFAR variant of kuangliu/pytorch-cifar (also used by the LogitNorm and
 L2-normalization papers): a 3x3 stride-1 stem conv with 64 channels, no
@@ -14,6 +14,13 @@ a=sqrt(5)), head bias ``U(+-1/sqrt(fan_in))``, BatchNorm scale 1 / bias 0.
 
 Trainable parameters with 10 classes: ResNet-18 11,173,962; ResNet-34
 21,282,122; ResNet-50 23,520,842 (the PyTorch counts).
+
+``stem="imagenet"`` gives torchvision's ``resnet18`` / ``resnet50`` (v1.5:
+the stride of a Bottleneck is on its 3x3 conv, as here): a 7x7 stride-2 conv
+padded by 3, BN, act, and a 3x3 stride-2 max-pool padded by 1 with ``-inf``
+(PyTorch's ``MaxPool2d(3, 2, 1)``), then the same stages; with 1000 classes
+11,689,512 and 25,557,032 parameters, as torchvision's. ``widths`` scales the
+four stages (reduced-width copies for tests keep the key layout).
 """
 
 from collections.abc import Sequence
@@ -21,10 +28,25 @@ from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ood_jax.models.classifier import Classifier, global_pool
 from ood_jax.models.layers import batch_norm, torch_default_init
+
+STEMS = ("cifar", "imagenet")
+
+
+def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
+    """PyTorch's ``MaxPool2d(3, stride=2, padding=1)`` on NHWC: the padding is ``-inf``."""
+    return jax.lax.reduce_window(
+        x,
+        jnp.array(-jnp.inf, x.dtype),
+        jax.lax.max,
+        (1, 3, 3, 1),
+        (1, 2, 2, 1),
+        ((0, 0), (1, 1), (1, 1), (0, 0)),
+    )
 
 
 class BasicBlock(nnx.Module):
@@ -88,13 +110,16 @@ def _apply_shortcut(layers: nnx.List, x: jax.Array) -> jax.Array:
 
 
 class ResNet(Classifier):
-    """CIFAR ResNet; variants are partials (``ResNet18``, ``ResNet34``, ``ResNet50``).
+    """ResNet; variants are partials (``ResNet18``, ``ResNet50``, ``ResNet18ImageNet``, ...).
 
     Args:
       stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
       block_cls: ``BasicBlock`` or ``Bottleneck``.
       num_classes: size of the head.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
+      stem: "cifar" (3x3 stride-1 conv, no max-pool) or "imagenet" (torchvision's
+        7x7 stride-2 conv and 3x3 stride-2 max-pool).
+      widths: channels of the four stages (before the Bottleneck expansion).
       **options: the shared options of ``Classifier`` (activation,
         spectral_norm, spectral_norm_iterations, pooling, normalize_features,
         dtype).
@@ -107,9 +132,14 @@ class ResNet(Classifier):
         block_cls: type[BasicBlock] | type[Bottleneck],
         num_classes: int,
         rngs: nnx.Rngs,
+        stem: str = "cifar",
+        widths: Sequence[int] = (64, 128, 256, 512),
         **options: Any,
     ):
-        widths = (64, 128, 256, 512)
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}.")
+        if len(widths) != 4:
+            raise ValueError(f"widths must give the four stages' channels, got {widths!r}.")
         super().__init__(
             widths[-1] * block_cls.expansion,
             num_classes=num_classes,
@@ -119,7 +149,10 @@ class ResNet(Classifier):
         )
         conv = self.conv_factory(torch_default_init)
         dtype = self.dtype
-        self.conv1 = conv(3, widths[0], 3, rngs=rngs)
+        self.stem = stem
+        self.conv1 = conv(
+            3, widths[0], 7 if stem == "imagenet" else 3, rngs=rngs, stride=1 + (stem == "imagenet")
+        )
         self.bn1 = batch_norm(widths[0], dtype=dtype, rngs=rngs)
         blocks = []
         in_planes = widths[0]
@@ -136,6 +169,8 @@ class ResNet(Classifier):
 
     def features(self, images: jax.Array) -> jax.Array:
         x = self.act(self.bn1(self.conv1(images)))
+        if self.stem == "imagenet":
+            x = max_pool_3x3_stride2(x)
         for block in self.blocks:
             x = block(x)
         return global_pool(x, self.pooling)
@@ -144,3 +179,5 @@ class ResNet(Classifier):
 ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
 ResNet34 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
 ResNet50 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
+ResNet18ImageNet = partial(ResNet18, stem="imagenet")
+ResNet50ImageNet = partial(ResNet50, stem="imagenet")

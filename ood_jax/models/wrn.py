@@ -56,6 +56,9 @@ class WideResNet(Classifier):
       depth: total depth, ``6n + 4``.
       widen_factor: width multiplier ``k``.
       dropout_rate: dropout inside every block (training mode only).
+      base_width: channels of the stem (16 in the paper); the groups have
+        ``base_width * k * (1, 2, 4)``. Smaller values give reduced-width
+        copies with the same layout (test fixtures).
       num_classes: size of the head.
       rngs: ``nnx.Rngs`` with ``params`` and, for dropout, ``dropout`` streams
         (a lone seed such as ``nnx.Rngs(0)`` serves both).
@@ -68,6 +71,7 @@ class WideResNet(Classifier):
         depth: int,
         widen_factor: int,
         dropout_rate: float = 0.0,
+        base_width: int = 16,
         num_classes: int,
         rngs: nnx.Rngs,
         **options: Any,
@@ -76,7 +80,7 @@ class WideResNet(Classifier):
             raise ValueError(f"depth must be 6n + 4 with n >= 1 (e.g. 40), got {depth}.")
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
-        widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        widths = (base_width, *(base_width * widen_factor * m for m in (1, 2, 4)))
         super().__init__(
             widths[-1], num_classes=num_classes, zero_head_bias=True, rngs=rngs, **options
         )
