@@ -36,17 +36,18 @@ from experiments.train import (
     eval_batch_size,
     load_splits,
     ood_report,
-    restore_workdir,
 )
+from experiments.workdir import Workdir
 from ood_jax import sharding
 
 
 def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, int]:
     """``(model in eval mode, checkpoint metadata, step)`` from ``workdir/checkpoints``.
 
-    See :func:`experiments.train.restore_workdir`.
+    See :meth:`experiments.workdir.Workdir.restore`.
     """
-    model_def, params, batch_stats, metadata, step = restore_workdir(workdir, step=step)
+    with Workdir(workdir) as run:
+        model_def, params, batch_stats, metadata, step = run.restore(step=step)
     return model_def.merge(params, batch_stats, train=False, key=None), metadata, step
 
 
