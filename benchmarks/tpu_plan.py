@@ -130,9 +130,10 @@ def _batch(size: int, sharding, *, labels: bool = True) -> dict:
 
 def plan(method: str, preset: str, topology: str, precision: str = "bfloat16") -> dict:
     """Compiles ``method``'s ``preset`` train and eval steps for ``topology``."""
-    from experiments.checkpoints import build_model, model_identity
     from experiments.steps import make_run_optimizer, make_run_steps
+    from experiments.workdir import model_identity
     from ood_jax import sharding
+    from ood_jax.models import build_model
     from ood_jax.train import create_train_state
 
     config = preset_config(method, preset, precision)

@@ -30,19 +30,25 @@ from typing import Any
 import ml_collections
 
 from experiments import cli
-from experiments.checkpoints import eval_batch_size, restore_workdir
 from experiments.data import load_splits
 from experiments.evaluation import Provenance, ood_report
-from experiments.run_config import SCHEMA_FIELDS, complete_config, validate_config
+from experiments.run_config import (
+    SCHEMA_FIELDS,
+    complete_config,
+    eval_batch_size,
+    validate_config,
+)
+from experiments.workdir import Workdir
 from ood_jax import sharding
 
 
 def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, int]:
     """``(model in eval mode, checkpoint metadata, step)`` from ``workdir/checkpoints``.
 
-    See :func:`experiments.checkpoints.restore_workdir`.
+    See :meth:`experiments.workdir.Workdir.restore`.
     """
-    model_def, params, batch_stats, metadata, step = restore_workdir(workdir, step=step)
+    with Workdir(workdir) as run:
+        model_def, params, batch_stats, metadata, step = run.restore(step=step)
     return model_def.merge(params, batch_stats, train=False, key=None), metadata, step
 
 

@@ -142,3 +142,11 @@ def _config_field(field: str) -> Iterator[None]:
         raise
     except ValueError as err:
         raise cli.UsageError(f"config.{field}: {err}") from None
+
+
+def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
+    """The one eval batch size (training's test pass and the report): a multiple of the
+    device count, last batch padded and masked."""
+    size = config.data.eval_batch_size
+    devices = mesh.devices.size
+    return max(size - size % devices, devices)

@@ -14,7 +14,7 @@ How the CLI is meant to call it:
 
 - ``--init_from FILE.pt`` in training: when ``is_torch_checkpoint(source)``,
   ``initial_weights(source, identity)`` replaces
-  ``experiments.checkpoints.initial_weights(source, identity)`` and returns the
+  ``experiments.workdir.Workdir(source).initial_weights(identity)`` and returns the
   same ``(params, batch_stats, step)`` (step 0), so OE and energy fine-tuning
   can start from the authors' pretrained WRN-40-2 as in their papers.
 

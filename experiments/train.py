@@ -22,7 +22,7 @@ uninterrupted run). Outputs in ``DIR``: ``config.json``, ``metrics.jsonl``,
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -34,40 +34,24 @@ import jax
 import ml_collections
 
 from experiments import cli
-from experiments.checkpoints import (
-    build_model,
-    check_resume,
-    eval_batch_size,
-    initial_weights,
-    model_identity,
-    restore_workdir,
-    set_auto_hparams,
-    workdir_lock,
-)
 from experiments.configs import methods
 from experiments.data import display_name, load_outliers, load_splits, near_auxiliary_notes
 from experiments.evaluation import Provenance, ood_report
+from experiments.finetune import check_auto_hparams, set_auto_hparams
 from experiments.run_config import (
     SCHEMA_FIELDS,
     complete_config,
+    eval_batch_size,
     import_user_modules,
     validate_config,
 )
+from experiments.steps import Optimizer, make_run_optimizer, make_run_steps, num_train_steps
+from experiments.workdir import Workdir, model_identity
 from ood_jax import data as D
 from ood_jax import sharding
-from ood_jax.checkpoint import Checkpointer
-from ood_jax.train import (
-    bind_objective,
-    compile_eval_step,
-    compile_train_step,
-    create_train_state,
-    get_objective,
-    make_eval_step,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-)
-from ood_jax.train.loop import evaluate, fit
+from ood_jax.models import build_model
+from ood_jax.train import create_train_state, get_objective
+from ood_jax.train.loop import CheckpointPolicy, Evaluation, TrainData, evaluate, fit
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -76,19 +60,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns the final evaluation summary (also written to ``workdir/final.json``).
     A second run on the same workdir refuses to start (``workdir/.lock``).
     """
-    workdir = os.fspath(workdir)
-    with contextlib.ExitStack() as stack:
-        return _train_and_evaluate(config, workdir, stack)
-
-
-def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack
-) -> dict:
     config = ml_collections.ConfigDict(config.to_dict())
     complete_config(config)
     validate_config(config)
+    with Workdir(workdir, max_to_keep=config.train.max_to_keep) as run:
+        return _train_and_evaluate(config, run)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What a run trains and is tested on, resolved from its config."""
+
+    mesh: Any
+    train_ds: D.ImageDataset
+    test_ds: D.ImageDataset
+    outliers: D.ImageDataset | None
+    norm: dict[str, Any]
+    steps_per_epoch: int
+    num_steps: int
+    eval_batch: int
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, run: Workdir) -> dict:
+    inputs = _load_inputs(config)
+    num_classes = D.get_dataset_spec(config.data.dataset).num_classes
+    identity = model_identity(config, num_classes or inputs.train_ds.num_classes)
+    model_def, state, optimizer = _initial_state(config, inputs, identity)
+    if config.objective.auto:
+        check_auto_hparams(config)
+
+    # Everything so far only read: a rejected run leaves no trace. From here on, one run
+    # at a time per workdir, and the checkpoint must be this run's before anything is
+    # written.
+    run.lock()
+    if config.objective.auto:
+        set_auto_hparams(
+            config,
+            model_def,
+            state,
+            inputs.train_ds,
+            inputs.outliers,
+            recorded=run.newest_metadata()[1],
+            mesh=inputs.mesh,
+            batch_size=inputs.eval_batch,
+            **inputs.norm,
+        )
+    run.check_resume(config, identity)
+    run.save_config(config)
+    if jax.process_index() == 0:
+        print(
+            f"training {config.objective.name} on {display_name(inputs.train_ds)} "
+            f"({inputs.train_ds.source or 'arrays'}) "
+            f"with {config.model.name}, preset {config.preset}: {inputs.num_steps} steps; "
+            f"checkpoints and logs in {os.path.abspath(run.path)}"
+        )
+    train_step, eval_step = make_run_steps(config, model_def, optimizer, inputs.mesh)
+    state = _fit(config, run, inputs, state, train_step, eval_step, identity)
+    return _final_evaluation(config, run, inputs, model_def, state, eval_step)
+
+
+def _load_inputs(config: ml_collections.ConfigDict) -> _Inputs:
     spec = D.get_dataset_spec(config.data.dataset)
-    objective = get_objective(config.objective.name)
     mesh = sharding.make_mesh(config.train.num_devices or None)
     train_ds, test_ds = load_splits(config)
     batch_size = config.train.batch_size
@@ -99,104 +131,93 @@ def _train_and_evaluate(
             f"config.train.batch_size ({batch_size}) exceeds the {len(train_ds)} training "
             "examples; lower it or raise config.data.train_limit."
         )
-    num_steps = config.train.num_steps or int(round(config.train.epochs * steps_per_epoch))
-    outliers = load_outliers(config) if objective.uses_outliers else None
-    norm = {"mean": spec.mean, "std": spec.std}
-
-    identity = model_identity(config, spec.num_classes or train_ds.num_classes)
-    model = build_model(identity, config.seed)
-    o = config.optim
-    schedule = make_schedule(
-        o.schedule,
-        base_lr=o.lr,
-        total_steps=num_steps,
+    uses_outliers = get_objective(config.objective.name).uses_outliers
+    return _Inputs(
+        mesh=mesh,
+        train_ds=train_ds,
+        test_ds=test_ds,
+        outliers=load_outliers(config) if uses_outliers else None,
+        norm={"mean": spec.mean, "std": spec.std},
         steps_per_epoch=steps_per_epoch,
-        boundaries_epochs=tuple(o.boundaries_epochs),
-        decay_factor=o.decay_factor,
-        final_lr=o.final_lr,
-        warmup_steps=int(o.warmup_epochs * steps_per_epoch),
-        peak_fraction=o.peak_fraction,
+        num_steps=num_train_steps(config, steps_per_epoch),
+        eval_batch=eval_batch_size(config, mesh),
     )
-    tx = make_optimizer(
-        schedule, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-    )
-    model_def, state = create_train_state(model, tx, seed=config.seed)
-    if config.train.init_from:
-        params, batch_stats, init_step = initial_weights(config.train.init_from, identity)
+
+
+def _initial_state(config: ml_collections.ConfigDict, inputs: _Inputs, identity: dict):
+    """``(model_def, state, optimizer)`` at step 0 (``--init_from``'s weights if given:
+    a workdir's newest checkpoint, or a PyTorch file)."""
+    optimizer: Optimizer = make_run_optimizer(config, inputs.steps_per_epoch)
+    model = build_model(identity, config.seed)
+    model_def, state = create_train_state(model, optimizer.tx, seed=config.seed)
+    source = config.train.init_from
+    if source:
+        from experiments import torch_import
+
+        if torch_import.is_torch_checkpoint(source):
+            params, batch_stats, init_step = torch_import.initial_weights(source, identity)
+        else:
+            with Workdir(source) as run:
+                params, batch_stats, init_step = run.initial_weights(identity)
         state = state.replace(params=params, batch_stats=batch_stats)
-        print(f"initialized from {config.train.init_from} (checkpoint step {init_step})")
-    if config.objective.auto:
-        set_auto_hparams(
-            config, model_def, state, train_ds, outliers, workdir=workdir, mesh=mesh, **norm
-        )
-    loss_fn = bind_objective(config.objective.name, **config.objective.hparams.to_dict())
-    train_step = compile_train_step(
-        make_train_step(model_def, tx, loss_fn, learning_rate=schedule), mesh
-    )
-    eval_step = compile_eval_step(make_eval_step(model_def), mesh)
-    eval_batch = eval_batch_size(config, mesh)
+        print(f"initialized from {source} (checkpoint step {init_step})")
+    return model_def, state, optimizer
 
-    # Everything so far only read: a rejected run leaves no trace. From here on, one run
-    # at a time per workdir, and the checkpoint must be this run's before anything is
-    # written.
-    stack.enter_context(workdir_lock(workdir))
-    check_resume(config, workdir, identity)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
-        print(
-            f"training {config.objective.name} on {display_name(train_ds)} "
-            f"({train_ds.source or 'arrays'}) "
-            f"with {config.model.name}, preset {config.preset}: {num_steps} steps; checkpoints "
-            f"and logs in {os.path.abspath(workdir)}"
-        )
 
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep
-    )
-    aux_data = None
-    if outliers is not None:
+def _fit(config, run: Workdir, inputs: _Inputs, state, train_step, eval_step, identity):
+    """The trained state: :func:`ood_jax.train.loop.fit` with the run's data and policy."""
+    batch_size = config.train.batch_size
+    aux_batches = None
+    if inputs.outliers is not None:
 
-        def aux_data(start):
+        def aux_batches(start):
             return D.outlier_iterator(
-                outliers,
+                inputs.outliers,
                 in_batch_size=batch_size,
                 ratio=config.data.outliers.ratio,
                 seed=config.seed,
                 start_step=start,
                 augment=config.data.augment,
-                **norm,
+                **inputs.norm,
             )
 
-    state, _ = fit(
-        state,
-        train_step=train_step,
-        mesh=mesh,
-        train_data=lambda start: D.train_iterator(
-            train_ds,
+    def train_batches(start):
+        return D.train_iterator(
+            inputs.train_ds,
             batch_size=batch_size,
             seed=config.seed,
             start_step=start,
             augment=config.data.augment,
-            **norm,
+            **inputs.norm,
+        )
+
+    state, _ = fit(
+        state,
+        train_step=train_step,
+        mesh=inputs.mesh,
+        data=TrainData(train_batches, inputs.steps_per_epoch, batch_size, aux_batches),
+        num_steps=inputs.num_steps,
+        workdir=run.path,
+        checkpoints=CheckpointPolicy(
+            run.checkpointer,
+            every=config.train.checkpoint_every or inputs.steps_per_epoch,
+            model_identity=identity,
+            metadata={"config": json.loads(json.dumps(config.to_dict(), default=str))},
         ),
-        aux_data=aux_data,
-        num_steps=num_steps,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size,
-        workdir=workdir,
-        checkpointer=checkpointer,
-        checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
-        model_identity=identity,
-        metadata={"config": json.loads(json.dumps(config.to_dict(), default=str))},
-        eval_step=eval_step,
-        eval_data=lambda: D.eval_batches(test_ds, batch_size=eval_batch, **norm),
+        evaluation=Evaluation(eval_step, lambda: _test_batches(inputs)),
         log_every=config.train.log_every,
         progress=config.train.progress,
     )
-    checkpointer.close()
-    test = evaluate(eval_step, state, D.eval_batches(test_ds, batch_size=eval_batch, **norm), mesh)
+    return state
+
+
+def _test_batches(inputs: _Inputs):
+    return D.eval_batches(inputs.test_ds, batch_size=inputs.eval_batch, **inputs.norm)
+
+
+def _final_evaluation(config, run: Workdir, inputs: _Inputs, model_def, state, eval_step) -> dict:
+    """Test accuracy (and the OOD report if ``config.eval.ood``), saved as ``final.json``."""
+    test = evaluate(eval_step, state, _test_batches(inputs), inputs.mesh)
     step = int(sharding.fetch(state.step))
     summary: dict[str, Any] = {
         "step": step,
@@ -204,7 +225,7 @@ def _train_and_evaluate(
         "test_loss": test["loss"],
         "test_logit_norm": test["logit_norm"],
         "test_examples": test["count"],
-        "test_source": test_ds.source,
+        "test_source": inputs.test_ds.source,
     }
     if config.eval.ood:
         params, batch_stats = sharding.fetch((state.params, state.batch_stats))
@@ -212,18 +233,17 @@ def _train_and_evaluate(
         report = ood_report(
             config,
             model,
-            train_ds=train_ds,
-            test_ds=test_ds,
+            train_ds=inputs.train_ds,
+            test_ds=inputs.test_ds,
             provenance=Provenance(
-                command=shlex.join([sys.executable, *sys.argv]), step=step, workdir=workdir
+                command=shlex.join([sys.executable, *sys.argv]), step=step, workdir=run.path
             ),
-            out_dir=os.path.join(workdir, "eval"),
-            batch_size=eval_batch,
+            out_dir=run.file(Workdir.EVAL),
+            batch_size=inputs.eval_batch,
         )
         summary["ood_report"] = report["report_dir"]
+    run.save_final(summary)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "final.json"), "w") as f:
-            json.dump(summary, f, indent=2)
         print(f"final test accuracy {summary['test_accuracy']:.4f} (step {summary['step']})")
         if "ood_report" in summary:
             print(f"OOD report: {os.path.join(summary['ood_report'], 'results.md')}")
@@ -297,7 +317,6 @@ def main(argv: Sequence[str] | None = None, *, method: str = "logitnorm") -> dic
 
 __all__ = [
     "SCHEMA_FIELDS",
-    "build_model",
     "complete_config",
     "eval_batch_size",
     "import_user_modules",
@@ -306,7 +325,6 @@ __all__ = [
     "model_identity",
     "near_auxiliary_notes",
     "ood_report",
-    "restore_workdir",
     "train_and_evaluate",
 ]
 

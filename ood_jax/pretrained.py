@@ -23,7 +23,6 @@ found there. Elsewhere pass ``root=`` (a folder with ``manifest.json``) or set
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -34,6 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from ood_jax.checkpoint import sha256_file
+from ood_jax.checkpoint.integrity import path_str
+from ood_jax.models import build_model
 
 MANIFEST = "manifest.json"
 ENV = "OOD_JAX_PRETRAINED"
@@ -78,19 +81,10 @@ def info(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
     return dict(entries[name])
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _flatten(tree: Mapping, prefix: str) -> dict[str, np.ndarray]:
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        flat["/".join([prefix, *keys])] = np.asarray(leaf)
+        flat[f"{prefix}/{path_str(path)}"] = np.asarray(leaf)
     return flat
 
 
@@ -98,7 +92,7 @@ def _unflatten_like(like: Any, flat: Mapping[str, np.ndarray], prefix: str, wher
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     out = []
     for path, leaf in leaves:
-        key = "/".join([prefix, *[str(getattr(k, "key", getattr(k, "idx", k))) for k in path]])
+        key = f"{prefix}/{path_str(path)}"
         if key not in flat:
             raise ValueError(f"{where}: no array {key!r}; the file does not fit this model.")
         value = flat[key]
@@ -108,18 +102,6 @@ def _unflatten_like(like: Any, flat: Mapping[str, np.ndarray], prefix: str, wher
             )
         out.append(jnp.asarray(value, dtype=leaf.dtype))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), out) if out else like
-
-
-def build(identity: Mapping[str, Any], seed: int = 0) -> nnx.Module:
-    """The (freshly initialized) model described by a manifest ``model`` entry."""
-    from ood_jax.models import create_model
-
-    options = dict(identity.get("options", {}))
-    if options.get("dtype") == "bfloat16":
-        options["dtype"] = jnp.bfloat16
-    return create_model(
-        identity["name"], num_classes=int(identity["num_classes"]), rngs=nnx.Rngs(seed), **options
-    )
 
 
 def load(name: str, *, root: str | os.PathLike | None = None) -> nnx.Module:
@@ -146,7 +128,7 @@ def load(name: str, *, root: str | os.PathLike | None = None) -> nnx.Module:
         )
     with np.load(path) as saved:
         flat = {k: saved[k] for k in saved.files}
-    model_def, params, batch_stats = split_model(build(entry["model"]))
+    model_def, params, batch_stats = split_model(build_model(entry["model"]))
     params = _unflatten_like(params, flat, "params", str(path))
     batch_stats = _unflatten_like(batch_stats, flat, "batch_stats", str(path))
     expected = len(jax.tree.leaves(params)) + len(jax.tree.leaves(batch_stats))

@@ -72,7 +72,7 @@ def run_training(
         make_schedule,
         make_train_step,
     )
-    from ood_jax.train.loop import fit
+    from ood_jax.train.loop import CheckpointPolicy, TrainData, fit
 
     dataset = synthetic_dataset()
     mesh = sharding.make_mesh(num_devices)
@@ -100,16 +100,20 @@ def run_training(
         state,
         train_step=step,
         mesh=mesh,
-        train_data=lambda start: D.train_iterator(
-            dataset, batch_size=BATCH_SIZE, seed=SEED, start_step=start
+        data=TrainData(
+            lambda start: D.train_iterator(
+                dataset, batch_size=BATCH_SIZE, seed=SEED, start_step=start
+            ),
+            steps_per_epoch=steps_per_epoch,
+            batch_size=BATCH_SIZE,
         ),
         num_steps=num_steps,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=BATCH_SIZE,
         workdir=workdir,
-        checkpointer=checkpointer,
-        checkpoint_every=checkpoint_every,
-        model_identity=identity,
+        checkpoints=(
+            CheckpointPolicy(checkpointer, every=checkpoint_every, model_identity=identity)
+            if checkpointer is not None
+            else None
+        ),
         log_every=1,
         progress=False,
         on_step=on_step,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import experiments.checkpoints
+import experiments.workdir
 from experiments import evaluate as cli
 from experiments.configs import default as presets
 from experiments.train import train_and_evaluate
@@ -167,7 +167,7 @@ def test_model_checkpoint_mismatch(workdir, monkeypatch):
         options = {**identity["options"], "width": 6}
         return create_model("tiny", num_classes=10, rngs=nnx.Rngs(0), **options)
 
-    monkeypatch.setattr(experiments.checkpoints, "build_model", other_model)
+    monkeypatch.setattr(experiments.workdir, "build_model", other_model)
     with pytest.raises(CheckpointError, match="does not match"):
         cli.restore_model(str(run))
 

@@ -10,13 +10,9 @@ import pytest
 
 from experiments import cli
 from experiments.configs import default as presets
-from experiments.train import (
-    SCHEMA_FIELDS,
-    complete_config,
-    model_identity,
-    train_and_evaluate,
-)
+from experiments.train import SCHEMA_FIELDS, complete_config, train_and_evaluate
 from experiments.train import main as train_main
+from experiments.workdir import model_identity
 from ood_jax.checkpoint import CheckpointError
 from ood_jax.train.logging import read_metrics
 

@@ -15,6 +15,7 @@ from ood_jax.models import (
     ResNet,
     SpectralNormConv,
     WideResNet,
+    build_model,
     create_model,
 )
 from ood_jax.train import split_model
@@ -328,3 +329,20 @@ def test_sharded_batch_gives_global_batchnorm_statistics():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     nnx.update(sharded, new_state)
     np.testing.assert_allclose(sharded.bn2.mean[...], single.bn2.mean[...], rtol=1e-4, atol=1e-6)
+
+
+def test_build_model_from_a_json_identity():
+    """A checkpoint's identity (JSON values: "bfloat16" as a string) builds the model
+    create_model builds from the same name, class count, seed and options."""
+    identity = {"name": "tiny", "num_classes": 7, "options": {"width": 4, "dtype": "bfloat16"}}
+    built = build_model(identity, seed=3)
+    direct = create_model("tiny", num_classes=7, rngs=nnx.Rngs(3), width=4, dtype=jnp.bfloat16)
+    for kind in (nnx.Param, nnx.BatchStat):
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(built, kind), nnx.state(direct, kind))
+    built.eval()
+    logits, _ = built(_images(2))
+    assert logits.shape == (2, 7) and built.dtype == jnp.bfloat16
+    # The seed defaults to 0.
+    default = build_model({"name": "tiny", "num_classes": 7, "options": {"width": 4}})
+    zero = create_model("tiny", num_classes=7, rngs=nnx.Rngs(0), width=4)
+    np.testing.assert_array_equal(default.head.kernel.value, zero.head.kernel.value)

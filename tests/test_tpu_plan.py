@@ -78,8 +78,9 @@ def test_per_process_batch_on_a_multi_host_slice():
 def _compiled_step(state_sharded: bool):
     """The runner's own cpu-preset CE step compiled for the 8 CPU devices; with
     ``state_sharded`` the state's first axis is split over ``data`` where it divides."""
-    from experiments.checkpoints import build_model, model_identity
     from experiments.steps import make_run_optimizer, make_run_steps
+    from experiments.workdir import model_identity
+    from ood_jax.models import build_model
     from ood_jax.train import create_train_state
 
     config = tpu_plan.preset_config("ce", "smoke", "float32")

@@ -11,17 +11,22 @@ from toy_models import FlatLinear, make_batch
 from ood_jax import sharding
 from ood_jax.checkpoint import Checkpointer
 from ood_jax.train import (
+    CheckpointPolicy,
+    Evaluation,
+    NonFiniteLossError,
+    TrainData,
     bind_objective,
     compile_eval_step,
     compile_train_step,
     create_train_state,
+    evaluate,
+    fit,
     make_eval_step,
     make_optimizer,
     make_schedule,
     make_train_step,
 )
 from ood_jax.train.logging import read_metrics
-from ood_jax.train.loop import NonFiniteLossError, evaluate, fit
 
 IDENTITY = {"name": "flat_linear", "num_classes": 4, "options": {}}
 
@@ -65,14 +70,10 @@ def test_fit_logs_epochs_evaluates_and_resumes(tmp_path):
     common = dict(
         train_step=step,
         mesh=mesh,
-        train_data=batches,
-        steps_per_epoch=4,
-        batch_size=8,
+        data=TrainData(batches, steps_per_epoch=4, batch_size=8),
         workdir=tmp_path,
-        checkpointer=Checkpointer(tmp_path / "ckpt"),
-        model_identity=IDENTITY,
-        eval_step=ev,
-        eval_data=lambda: test_set,
+        checkpoints=CheckpointPolicy(Checkpointer(tmp_path / "ckpt"), model_identity=IDENTITY),
+        evaluation=Evaluation(ev, lambda: test_set),
         log_every=3,
         progress=False,
     )
@@ -107,14 +108,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
             state,
             train_step=step,
             mesh=mesh,
-            train_data=lambda start: batches(start, nan_at=5),  # the 6th step
+            # NaN in the 6th step.
+            data=TrainData(
+                lambda start: batches(start, nan_at=5), steps_per_epoch=100, batch_size=8
+            ),
             num_steps=20,
-            steps_per_epoch=100,
-            batch_size=8,
             workdir=tmp_path,
-            checkpointer=ckpt,
-            checkpoint_every=2,
-            model_identity=IDENTITY,
+            checkpoints=CheckpointPolicy(ckpt, every=2, model_identity=IDENTITY),
             log_every=4,
             progress=False,
         )
@@ -130,9 +130,7 @@ def test_fit_rejects_bad_arguments(tmp_path):
             state,
             train_step=step,
             mesh=mesh,
-            train_data=batches,
+            data=TrainData(batches, steps_per_epoch=0, batch_size=8),
             num_steps=4,
-            steps_per_epoch=0,
-            batch_size=8,
             workdir=tmp_path,
         )

@@ -26,8 +26,8 @@ def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
     """Exports each finished run's final weights to ``folder`` (``ood_jax.pretrained``
     format, with ``manifest.json``); runs already published at their final step are
     left as they are. Returns the names published now."""
-    from experiments.checkpoints import restore_workdir
     from experiments.study.report import load_runs
+    from experiments.workdir import Workdir
     from ood_jax import pretrained
 
     try:
@@ -42,7 +42,8 @@ def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
         name = published_name(run, results)
         if name in have and have[name]["step"] == step:
             continue
-        _, params, batch_stats, metadata, step = restore_workdir(workdir, step=step)
+        with Workdir(workdir) as run_dir:
+            _, params, batch_stats, metadata, step = run_dir.restore(step=step)
         pretrained.export(
             folder,
             name,

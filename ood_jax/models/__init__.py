@@ -1,12 +1,16 @@
 """Image classifiers for OOD detection (Flax NNX), built by name.
 
 ``create_model(name, *, num_classes, rngs, **options)`` with ``name`` in
-``MODEL_NAMES``; every model maps float32 NHWC images ``[B, 32, 32, 3]`` to
+``MODEL_NAMES``, or ``build_model(identity, seed)`` from a model identity (what a
+checkpoint records: workdirs, published checkpoints and imported files all use it);
+every model maps float32 NHWC images ``[B, 32, 32, 3]`` to
 ``(logits, features)`` and exposes its final ``nnx.Linear`` as ``model.head``.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 from ood_jax.models.classifier import Classifier, check_images
@@ -70,6 +74,23 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> C
         raise ValueError(f"Bad options for model {name!r}: {err}") from err
 
 
+def build_model(identity: Mapping[str, Any], seed: int = 0) -> nnx.Module:
+    """The freshly initialized model a model identity describes.
+
+    Args:
+      identity: ``{"name", "num_classes", "options"}`` as a checkpoint records it (JSON
+        values): ``options`` are :func:`create_model`'s, with ``"dtype": "bfloat16"``
+        meaning bfloat16 compute.
+      seed: ``nnx.Rngs(seed)`` initializes the weights.
+    """
+    options = dict(identity.get("options", {}))
+    if options.get("dtype") == "bfloat16":
+        options["dtype"] = jnp.bfloat16
+    return create_model(
+        identity["name"], num_classes=int(identity["num_classes"]), rngs=nnx.Rngs(seed), **options
+    )
+
+
 __all__ = [
     "MODEL_NAMES",
     "WRN40_2",
@@ -88,6 +109,7 @@ __all__ = [
     "SpectralNormConv",
     "TinyCNN",
     "WideResNet",
+    "build_model",
     "check_images",
     "create_model",
 ]

@@ -5,7 +5,15 @@ Data flow: host batches -> :mod:`ood_jax.sharding` global arrays -> the jitted
 checkpoints (:mod:`ood_jax.checkpoint`) and ``metrics.jsonl``.
 """
 
-from ood_jax.train.loop import NonFiniteLossError, evaluate, fit, restore_or_initialize
+from ood_jax.train.loop import (
+    CheckpointPolicy,
+    Evaluation,
+    NonFiniteLossError,
+    TrainData,
+    evaluate,
+    fit,
+    restore_or_initialize,
+)
 from ood_jax.train.objectives import (
     Loss,
     Objective,
@@ -27,10 +35,13 @@ from ood_jax.train.step import (
 
 __all__ = [
     "SCHEDULES",
+    "CheckpointPolicy",
+    "Evaluation",
     "ModelDef",
     "NonFiniteLossError",
     "Loss",
     "Objective",
+    "TrainData",
     "TrainState",
     "available_objectives",
     "bind_objective",

@@ -13,11 +13,13 @@ check, so a NaN state is never saved.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -132,47 +134,88 @@ def evaluate(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """What :func:`fit` trains on.
+
+    Attributes:
+      batches: ``start -> iterator`` of this process's train batches; ``start`` is the
+        global step, or the iterator state saved in the checkpoint (``get_state()``).
+      steps_per_epoch: steps per epoch (for per-epoch logs and evaluation).
+      batch_size: global batch size (for images/s).
+      aux_batches: like ``batches``, for the auxiliary outlier batch (``aux_batch``).
+    """
+
+    batches: IteratorFactory
+    steps_per_epoch: int
+    batch_size: int
+    aux_batches: IteratorFactory | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPolicy:
+    """When and what :func:`fit` checkpoints (and where it resumes from).
+
+    Attributes:
+      checkpointer: the run's checkpointer; :func:`fit` neither creates nor closes it.
+      every: steps between saves (0 = only at the end); the last step always saves.
+      model_identity: ``{"name", "num_classes", "options"}``; saved as
+        ``metadata["model"]`` and checked on restore.
+      metadata: extra JSON saved with every checkpoint (e.g. the config).
+    """
+
+    checkpointer: Checkpointer
+    every: int = 0
+    model_identity: Mapping[str, Any] | None = None
+    metadata: Mapping[str, Any] | None = None
+
+    def due(self, done: int, num_steps: int, stopping: bool) -> bool:
+        """Is step ``done`` saved?"""
+        return done == num_steps or bool(self.every and done % self.every == 0) or stopping
+
+    def save(self, done: int, state: TrainState, iterators: Sequence[Any]) -> None:
+        """Saves ``state`` with the metadata and the train (and aux) iterators' positions."""
+        meta = dict(self.metadata or {})
+        meta["model"] = dict(self.model_identity or {})
+        for key, iterator in zip(("data", "aux_data"), iterators, strict=True):
+            if iterator is not None:
+                meta[key] = _iterator_state(iterator, done)
+        self.checkpointer.save(done, state, meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The test pass at every epoch end: the compiled eval step and a factory of batches."""
+
+    step: Callable[..., dict[str, jax.Array]]
+    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
 def fit(
     state: TrainState,
     *,
     train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
     mesh: Mesh,
-    train_data: IteratorFactory,
+    data: TrainData,
     num_steps: int,
-    steps_per_epoch: int,
-    batch_size: int,
     workdir: str | os.PathLike,
-    checkpointer: Checkpointer | None = None,
-    checkpoint_every: int = 0,
-    model_identity: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    eval_step: Callable[..., dict[str, jax.Array]] | None = None,
-    eval_data: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None,
-    aux_data: IteratorFactory | None = None,
+    checkpoints: CheckpointPolicy | None = None,
+    evaluation: Evaluation | None = None,
     log_every: int = 50,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
-    """Train ``state`` to ``num_steps`` steps, resuming from ``checkpointer`` if possible.
+    """Train ``state`` to ``num_steps`` steps, resuming from the checkpoints if possible.
 
     Args:
       state: the step-0 state (host arrays); replaced by the newest checkpoint if any.
       train_step: the compiled ``train_step(state, batch, aux_batch=None)``.
       mesh: the device mesh the step was compiled for.
-      train_data: ``start -> iterator`` of this process's train batches; ``start`` is the
-        global step, or the iterator state saved in the checkpoint (``get_state()``).
+      data: the train (and auxiliary) batches, steps per epoch and global batch size.
       num_steps: total optimizer steps of the run (not of this invocation).
-      steps_per_epoch: steps per epoch (for per-epoch logs and evaluation).
-      batch_size: global batch size (for images/s).
       workdir: where ``metrics.jsonl`` goes.
-      checkpointer: saves every ``checkpoint_every`` steps (0 = only at the end) and at
-        the end; None disables checkpoints (and resuming).
-      model_identity: ``{"name", "num_classes", "options"}``; saved as
-        ``metadata["model"]`` and checked on restore.
-      metadata: extra JSON saved with every checkpoint (e.g. the config).
-      eval_step, eval_data: the compiled eval step and a factory of test batches; when
-        given, every epoch end and the last step report the test accuracy.
-      aux_data: like ``train_data``, for the auxiliary outlier batch (``aux_batch``).
+      checkpoints: saving policy; None disables checkpoints (and resuming).
+      evaluation: when given, every epoch end and the last step report the test accuracy.
       log_every: steps between host synchronizations (progress bar, NaN check).
       progress: show the tqdm bar.
       on_step: called with the number of completed steps after each step (after the
@@ -186,47 +229,25 @@ def fit(
       NonFiniteLossError: the loss became NaN/inf; names the step. The state of that
         step is not saved, so the newest checkpoint is the last good one.
     """
-    if num_steps < 0 or steps_per_epoch < 1 or log_every < 1 or checkpoint_every < 0:
+    every = checkpoints.every if checkpoints is not None else 0
+    if num_steps < 0 or data.steps_per_epoch < 1 or log_every < 1 or every < 0:
         raise ValueError(
             "need num_steps >= 0, steps_per_epoch >= 1, log_every >= 1 and "
-            f"checkpoint_every >= 0; got {num_steps}, {steps_per_epoch}, {log_every}, "
-            f"{checkpoint_every}."
+            f"checkpoint_every >= 0; got {num_steps}, {data.steps_per_epoch}, {log_every}, "
+            f"{every}."
         )
-    state, restored = restore_or_initialize(
-        state, mesh, checkpointer, expected_model=model_identity
-    )
+    checkpointer = checkpoints.checkpointer if checkpoints is not None else None
+    expected = checkpoints.model_identity if checkpoints is not None else None
+    state, restored = restore_or_initialize(state, mesh, checkpointer, expected_model=expected)
     first = int(sharding.fetch(state.step))
-    train_iter = train_data(restored["data"] if restored else first)
+    train_iter = data.batches(restored["data"] if restored else first)
     aux_iter = None
-    if aux_data is not None:
-        aux_iter = aux_data(restored.get("aux_data", first) if restored else first)
-
-    log = MetricsLog(workdir, resume_step=first)
-    bar = Progress(total=num_steps, initial=first, batch_size=batch_size, enabled=progress)
+    if data.aux_batches is not None:
+        aux_iter = data.aux_batches(restored.get("aux_data", first) if restored else first)
+    bar = Progress(total=num_steps, initial=first, batch_size=data.batch_size, enabled=progress)
     if restored:
         bar.write(f"resumed from checkpoint step {first} in {checkpointer.directory}")
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    epoch_metrics: list[dict[str, float]] = []
-    records: list[dict[str, Any]] = []
-    start_time = time.perf_counter()
-    epoch_start = (time.perf_counter(), first)
-
-    def flush() -> None:
-        fetched = sharding.fetch([m for _, m in pending])
-        for (step, _), values in zip(pending, fetched, strict=True):
-            if not values["finite"]:
-                last = checkpointer.latest_step() if checkpointer else None
-                raise NonFiniteLossError(
-                    f"training loss became non-finite (loss={float(values['loss'])}, "
-                    f"grad_norm={float(values['grad_norm'])}) at step {step}; the run stopped. "
-                    f"The newest checkpoint ({'none' if last is None else f'step {last}'}) "
-                    "holds the last good state. Lower the learning rate or check the data."
-                )
-            epoch_metrics.append({k: float(v) for k, v in values.items()})
-        if pending:
-            bar.update(pending[-1][0], epoch_metrics[-1])
-        pending.clear()
-
+    epochs = _Epochs(MetricsLog(workdir, resume_step=first), bar, data, first, checkpointer)
     signals = _StopSignals()
     try:
         for step in range(first, num_steps):
@@ -234,46 +255,84 @@ def fit(
             aux = sharding.global_batch(next(aux_iter), mesh) if aux_iter is not None else None
             state, step_metrics = train_step(state, batch, aux)
             done = step + 1
-            pending.append((done, step_metrics))
-            epoch_end = done % steps_per_epoch == 0 or done == num_steps
+            epochs.pending.append((done, step_metrics))
+            epoch_end = done % data.steps_per_epoch == 0 or done == num_steps
             stopping = signals.received is not None
-            save = checkpointer is not None and (
-                done == num_steps or (checkpoint_every and done % checkpoint_every == 0) or stopping
-            )
+            save = checkpoints is not None and checkpoints.due(done, num_steps, stopping)
             if epoch_end or save or done % log_every == 0:
-                flush()
+                epochs.flush()
             if epoch_end:
-                record = _epoch_record(
-                    done, steps_per_epoch, epoch_metrics, epoch_start, batch_size
-                )
-                record["time"] = time.perf_counter() - start_time
-                if eval_step is not None and eval_data is not None:
-                    test = evaluate(eval_step, state, eval_data(), mesh)
-                    record.update({f"test_{k}": v for k, v in test.items() if k != "count"})
-                records.append(log.write(record))
-                bar.write(_format_record(record))
-                epoch_metrics.clear()
-                epoch_start = (time.perf_counter(), done)
+                epochs.end(done, functools.partial(_test_metrics, evaluation, state, mesh))
             if save:
-                meta = dict(metadata or {})
-                meta["model"] = dict(model_identity or {})
-                meta["data"] = _iterator_state(train_iter, done)
-                if aux_iter is not None:
-                    meta["aux_data"] = _iterator_state(aux_iter, done)
-                checkpointer.save(done, state, meta)
+                checkpoints.save(done, state, (train_iter, aux_iter))
             if on_step is not None:
                 on_step(done)
             if stopping and done < num_steps:
-                raise TrainingInterrupted(
-                    signals.received, done, checkpointer.directory if checkpointer else None
-                )
+                directory = checkpointer.directory if checkpointer else None
+                raise TrainingInterrupted(signals.received, done, directory)
     finally:
         signals.restore()
         bar.close()
         for it in (train_iter, aux_iter):
             if hasattr(it, "close"):
                 it.close()
-    return state, records
+    return state, epochs.records
+
+
+def _test_metrics(evaluation: Evaluation | None, state: TrainState, mesh: Mesh) -> dict:
+    if evaluation is None:
+        return {}
+    test = evaluate(evaluation.step, state, evaluation.batches(), mesh)
+    return {f"test_{k}": v for k, v in test.items() if k != "count"}
+
+
+class _Epochs:
+    """The buffered per-step metrics: fetched at each host synchronization (where a
+    non-finite loss stops the run), averaged into one ``metrics.jsonl`` record per epoch."""
+
+    def __init__(
+        self,
+        log: MetricsLog,
+        bar: Progress,
+        data: TrainData,
+        first: int,
+        checkpointer: Checkpointer | None,
+    ) -> None:
+        self.log, self.bar, self.data, self.checkpointer = log, bar, data, checkpointer
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self.metrics: list[dict[str, float]] = []
+        self.records: list[dict[str, Any]] = []
+        self.start_time = time.perf_counter()
+        self.epoch_start = (time.perf_counter(), first)
+
+    def flush(self) -> None:
+        fetched = sharding.fetch([m for _, m in self.pending])
+        for (step, _), values in zip(self.pending, fetched, strict=True):
+            if not values["finite"]:
+                last = self.checkpointer.latest_step() if self.checkpointer else None
+                raise NonFiniteLossError(
+                    f"training loss became non-finite (loss={float(values['loss'])}, "
+                    f"grad_norm={float(values['grad_norm'])}) at step {step}; the run stopped. "
+                    f"The newest checkpoint ({'none' if last is None else f'step {last}'}) "
+                    "holds the last good state. Lower the learning rate or check the data."
+                )
+            self.metrics.append({k: float(v) for k, v in values.items()})
+        if self.pending:
+            self.bar.update(self.pending[-1][0], self.metrics[-1])
+        self.pending.clear()
+
+    def end(self, done: int, test: Callable[[], Mapping[str, float]]) -> None:
+        """Writes the record of the epoch ending at step ``done`` (``test`` runs after its
+        throughput is measured)."""
+        record = _epoch_record(
+            done, self.data.steps_per_epoch, self.metrics, self.epoch_start, self.data.batch_size
+        )
+        record["time"] = time.perf_counter() - self.start_time
+        record.update(test())
+        self.records.append(self.log.write(record))
+        self.bar.write(_format_record(record))
+        self.metrics.clear()
+        self.epoch_start = (time.perf_counter(), done)
 
 
 def _iterator_state(iterator: Any, step: int) -> Any:
