@@ -76,7 +76,9 @@ def tpu_slice(name: str) -> Slice:
     if chip not in CHIPS:
         raise PlanError(f"--topology {name!r}: chip must be one of {sorted(CHIPS)}.")
     try:
-        topology = topologies.get_topology_desc(name, "tpu")
+        # v4 runs megacore (one device per chip, both TensorCores), as on a TPU VM.
+        extra = {"chip_config_name": "megacore"} if chip == "v4" else {}
+        topology = topologies.get_topology_desc(name, "tpu", **extra)
     except Exception as err:  # the plugin's own errors are RuntimeError/ValueError/Xla
         raise PlanError(
             f"--topology {name!r}: XLA's TPU compiler is not available or refused it "
@@ -288,9 +290,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             continue
         try:
             rows.append(plan(method, preset, topology, precision))
-        except PlanError as err:
+        except Exception as err:  # noqa: BLE001 -- one failed row must not end an --all run
             if not args.all:
-                raise cli.UsageError(str(err)) from None
+                if isinstance(err, PlanError):
+                    raise cli.UsageError(str(err)) from None
+                raise
+            if not isinstance(err, PlanError):
+                err = f"compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
             rows.append(
                 {
                     "method": method,
