@@ -100,57 +100,20 @@ def evaluate_ood(
         missing = [key for key in keys if key not in set_scores]
         if missing:
             raise ValueError(f"ood_scores[{set_name!r}]: missing score keys {missing}.")
-        n_set = len(set_scores[keys[0]])
-        if n_set == 0:
-            raise ValueError(
-                f"ood_scores[{set_name!r}]: the OOD set is empty; drop it or fix its source."
-            )
-        if protocol == "full":
-            seeds, index_sets = [], [np.arange(n_set)]
-        elif n_set <= num_ood:
-            # Every draw would be the whole set: one draw, not num_draws copies of it
-            # (whose standard deviation of 0 would look like a measured one).
-            seeds, index_sets = [[*dataset_seeds(seed, set_name), 0]], [np.arange(n_set)]
-        else:
-            seeds = [[*dataset_seeds(seed, set_name), draw] for draw in range(num_draws)]
-            index_sets = [draw_indices(n_set, num_ood, seed=draw_seed) for draw_seed in seeds]
+        seeds, index_sets = _draws(
+            set_name, len(set_scores[keys[0]]), protocol, num_ood, num_draws, seed
+        )
         draws[set_name] = {
             "seeds": seeds,
             "num_examples": int(len(index_sets[0])),
-            "population": int(n_set),
+            "population": int(len(set_scores[keys[0]])),
             "num_draws": len(index_sets),
         }
         for key in keys:
-            values: dict[str, list[float]] = {metric: [] for metric in METRIC_NAMES}
-            for idx in index_sets:
-                result = M.ood_metrics(
-                    np.asarray(id_scores[key]),
-                    np.asarray(set_scores[key])[idx],
-                    convention=convention,
-                )
-                for metric in METRIC_NAMES:
-                    values[metric].append(float(result[metric]))
-            per_set[key][set_name] = values
-    out_metrics: dict[str, dict] = {}
-    for key in keys:
-        table: dict[str, dict] = {}
-        for set_name, values in per_set[key].items():
-            table[set_name] = {
-                metric: {
-                    "mean": float(np.mean(per_draw)),
-                    "std": float(np.std(per_draw)),
-                    "values": per_draw,
-                }
-                for metric, per_draw in values.items()
-            }
-        table["average"] = {
-            metric: {
-                "mean": float(np.mean([table[name][metric]["mean"] for name in ood_scores])),
-                "std": float(np.mean([table[name][metric]["std"] for name in ood_scores])),
-            }
-            for metric in METRIC_NAMES
-        }
-        out_metrics[key] = table
+            per_set[key][set_name] = _metrics_per_draw(
+                id_scores[key], set_scores[key], index_sets, convention
+            )
+    out_metrics = {key: _summary(per_set[key], list(ood_scores)) for key in keys}
     return {
         "protocol": protocol,
         "convention": convention,
@@ -160,3 +123,54 @@ def evaluate_ood(
         "draws": draws,
         "metrics": out_metrics,
     }
+
+
+def _draws(
+    set_name: str, n_set: int, protocol: str, num_ood: int, num_draws: int, seed: int
+) -> tuple[list, list[np.ndarray]]:
+    """``(seeds, index sets)`` of one OOD set's draws under ``protocol``."""
+    if n_set == 0:
+        raise ValueError(
+            f"ood_scores[{set_name!r}]: the OOD set is empty; drop it or fix its source."
+        )
+    if protocol == "full":
+        return [], [np.arange(n_set)]
+    if n_set <= num_ood:
+        # Every draw would be the whole set: one draw, not num_draws copies of it
+        # (whose standard deviation of 0 would look like a measured one).
+        return [[*dataset_seeds(seed, set_name), 0]], [np.arange(n_set)]
+    seeds = [[*dataset_seeds(seed, set_name), draw] for draw in range(num_draws)]
+    return seeds, [draw_indices(n_set, num_ood, seed=draw_seed) for draw_seed in seeds]
+
+
+def _metrics_per_draw(
+    id_scores: np.ndarray, set_scores: np.ndarray, index_sets: Sequence[np.ndarray], convention: str
+) -> dict[str, list[float]]:
+    values: dict[str, list[float]] = {metric: [] for metric in METRIC_NAMES}
+    for idx in index_sets:
+        result = M.ood_metrics(
+            np.asarray(id_scores), np.asarray(set_scores)[idx], convention=convention
+        )
+        for metric in METRIC_NAMES:
+            values[metric].append(float(result[metric]))
+    return values
+
+
+def _summary(per_set: Mapping[str, Mapping[str, list[float]]], names: Sequence[str]) -> dict:
+    """Mean, std and values per set and metric, and the average over the sets (its std
+    the mean of the per-set stds)."""
+    table: dict[str, dict] = {
+        set_name: {
+            metric: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v}
+            for metric, v in values.items()
+        }
+        for set_name, values in per_set.items()
+    }
+    table["average"] = {
+        metric: {
+            "mean": float(np.mean([table[name][metric]["mean"] for name in names])),
+            "std": float(np.mean([table[name][metric]["std"] for name in names])),
+        }
+        for metric in METRIC_NAMES
+    }
+    return table

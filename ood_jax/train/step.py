@@ -39,6 +39,8 @@ def _state_after(model: nnx.Module) -> Any:
     return nnx.to_pure_dict(nnx.split(model, nnx.Param, nnx.RngState, ...)[3])
 
 
+# Long (most of it docstring and the one pure step it returns): the step is kept whole so
+# that what runs under jit reads top to bottom.
 def make_train_step(
     model_def: ModelDef,
     tx: optax.GradientTransformation,
