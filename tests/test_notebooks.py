@@ -1,9 +1,17 @@
-"""The notebooks: each .ipynb matches its .md twin, and both run top to bottom.
+"""The notebooks: each .ipynb matches its .md twin, both run top to bottom, and their
+Colab install cell installs ood_jax beside a runtime's preinstalled jax.
 
 They run headless with the smoke settings (``OOD_JAX_NOTEBOOK_SMOKE=1``), each in
-under three minutes; a cell that raises fails the test.
+under three minutes; a cell that raises fails the test. The install cell, skipped
+there (no ``google.colab``), runs in a fresh virtual environment whose preinstalled
+packages are this one's, as if on Colab.
 """
 
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -50,3 +58,75 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     assert elapsed < LIMIT_S, f"{name} took {elapsed:.0f} s"
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+
+
+# Runs the notebook's first code cell as Colab would: google.colab imported, in the
+# folder that holds the clone.
+RUN_INSTALL_CELL = """
+import sys, types
+import nbformat
+sys.modules["google.colab"] = types.ModuleType("google.colab")
+notebook = nbformat.read(sys.argv[1], as_version=4)
+exec(next(c.source for c in notebook.cells if c.cell_type == "code"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_colab_install_cell_keeps_the_preinstalled_jax(name, tmp_path):
+    # The runtime: a fresh venv that sees this environment's packages as preinstalled.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    preinstalled = Path(sysconfig.get_paths()["purelib"])
+    (site / "preinstalled.pth").write_text(f"{preinstalled}\n")
+    # The clone, as the cell leaves it in Colab's /content.
+    clone = tmp_path / "content" / "ood_jax"
+    clone.mkdir(parents=True)
+    for part in ("setup.cfg", "pyproject.toml", "requirements.txt", "README.md"):
+        shutil.copy(ROOT / part, clone / part)
+    for package in ("ood_jax", "experiments"):
+        shutil.copytree(
+            ROOT / package, clone / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    # Offline: every requirement is already satisfied, and the build uses the
+    # preinstalled setuptools.
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
+    env.pop("PYTHONPATH", None)
+    notebook = ROOT / "notebooks" / f"{name}.ipynb"
+    extra = " scipy>=1.11" if name == "quickstart" else ""  # the runtime has TensorFlow
+    # First from /content, then run again from inside the clone, where the first left it.
+    for cwd in (clone.parent, clone):
+        ran = subprocess.run(
+            [python, "-c", RUN_INSTALL_CELL, notebook],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ran.returncode == 0, ran.stderr
+        runtime, command = ran.stdout.splitlines()
+        assert runtime.endswith(" runtime, jax 0.10.2")
+        assert command == f"pip install -q -e . jax==0.10.2{extra}"
+    # A new process of the runtime: ood_jax from the clone, jax the preinstalled one.
+    where = subprocess.run(
+        [python, "-c", "import jax, ood_jax; print(jax.__file__); print(ood_jax.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert where == [
+        str(preinstalled / "jax" / "__init__.py"),
+        str(clone / "ood_jax" / "__init__.py"),
+    ]
