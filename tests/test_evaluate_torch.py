@@ -6,8 +6,10 @@ import hashlib
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from test_evaluate_cli import user_error
 
 import experiments.train
 from experiments import evaluate as cli
@@ -110,16 +112,6 @@ def test_safetensors_with_its_own_normalization_and_the_default_folder(tmp_path,
     assert report["model"] == {"name": "wrn40_2", "options": {"base_width": 2}}
 
 
-def user_error(capsys, argv):
-    """Runs the CLI expecting a user error: exit status 2 and one stderr line."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_bad_combinations_and_bad_files_are_one_line_errors(tmp_path, capsys):
     wrn = f"--torch_checkpoint={FIXTURES / 'wrn40_2.pt'}"
     out = f"--out_dir={tmp_path / 'eval'}"
@@ -149,7 +141,7 @@ def test_bad_combinations_and_bad_files_are_one_line_errors(tmp_path, capsys):
     payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
     (tmp_path / "evil.pt").write_bytes(payload)
     err = user_error(capsys, [f"--torch_checkpoint={tmp_path / 'evil.pt'}", "--arch=wrn40_2", out])
-    assert "evil.pt" in err and not marker.exists()
+    assert "evil.pt: the checkpoint asks for os.system" in err and not marker.exists()
     assert not (tmp_path / "eval").exists()
     # Two sources at once: argparse's own usage error, exit status 2.
     with pytest.raises(SystemExit) as exit_info:
@@ -188,9 +180,11 @@ def test_fine_tuning_starts_from_the_pytorch_weights(tmp_path, monkeypatch):
     assert summary["step"] == 2 and started["step"] == 0
     model, _ = interop.load_torch(path, "wrn40_2", options={"base_width": 2})
     _, params, batch_stats = split_model(model)
+    leaves = jax.tree_util.tree_leaves_with_path
     for expected, actual in ((params, started["params"]), (batch_stats, started["batch_stats"])):
         flat_expected, flat_actual = (
-            {k: np.asarray(v) for k, v in jax_leaves(tree)} for tree in (expected, actual)
+            {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves(tree)}
+            for tree in (expected, actual)
         )
         assert flat_expected.keys() == flat_actual.keys()
         for key, value in flat_expected.items():
@@ -204,9 +198,3 @@ def test_fine_tuning_starts_from_the_pytorch_weights(tmp_path, monkeypatch):
     np.testing.assert_array_equal(
         np.asarray(started["batch_stats"]["bn"]["var"][...]), state_dict["bn1.running_var"]
     )
-
-
-def jax_leaves(tree):
-    import jax
-
-    return [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
