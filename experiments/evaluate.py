@@ -16,6 +16,8 @@ checkpoint gives the same numbers; flags change the config's ``eval`` fields::
         [--scores msp,energy,odin] [--protocols papers,full] [--convention openood] \\
         [--temperatures 1,1000] [--max_train 10000] \\
         [--config.eval.score_hparams.odin.max_examples=500 --config.eval.num_draws=5]
+    python -m experiments.evaluate --torch_checkpoint cifar10_wrn_pretrained_epoch_99.pt \\
+        --arch wrn40_2 [--normalization cifar10] [--dataset cifar10] [--preset paper] [...]
 """
 
 from __future__ import annotations
@@ -267,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _main(argv: Sequence[str] | None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_argument_group("what to evaluate (exactly one)")
     source.add_argument("--workdir", help="a training run's workdir")
     source.add_argument(
         "--pretrained",
@@ -291,8 +293,8 @@ def _main(argv: Sequence[str] | None) -> dict:
     torch_flags.add_argument("--dataset", help="in-distribution dataset (default: cifar10)")
     torch_flags.add_argument(
         "--preset",
-        choices=PRESETS,
-        help="the evaluation settings' preset (default: cpu on CPU, paper otherwise)",
+        help=f"the evaluation settings' preset, {'|'.join(PRESETS)} "
+        "(default: cpu on CPU, paper otherwise)",
     )
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--data", default=None, help="replace the run's data source (tfds|local|DIR)")
@@ -310,6 +312,12 @@ def _main(argv: Sequence[str] | None) -> dict:
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--out_dir", default=None)
     args, extra = p.parse_known_args(argv)
+    sources = [f"--{f}" for f in _SOURCES if getattr(args, f) is not None]
+    if len(sources) != 1:  # checked here, not by argparse, for a one-line error
+        raise cli.UsageError(
+            f"give exactly one of --workdir, --pretrained, --torch_checkpoint; got "
+            f"{' and '.join(sources) or 'none'}."
+        )
     command = shlex.join(["python", "-m", "experiments.evaluate", *(argv or sys.argv[1:])])
     overrides = []
     for flag, field in _SHORTHANDS.items():
@@ -348,6 +356,7 @@ def _main(argv: Sequence[str] | None) -> dict:
     return results
 
 
+_SOURCES = ("workdir", "pretrained", "torch_checkpoint")
 # The flags that describe a PyTorch file (errors without --torch_checkpoint).
 _TORCH_FLAGS = ("arch", "normalization", "num_classes", "dataset", "preset")
 

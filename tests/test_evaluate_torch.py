@@ -143,11 +143,10 @@ def test_bad_combinations_and_bad_files_are_one_line_errors(tmp_path, capsys):
     err = user_error(capsys, [f"--torch_checkpoint={tmp_path / 'evil.pt'}", "--arch=wrn40_2", out])
     assert "evil.pt: the checkpoint asks for os.system" in err and not marker.exists()
     assert not (tmp_path / "eval").exists()
-    # Two sources at once: argparse's own usage error, exit status 2.
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([wrn, "--arch=wrn40_2", f"--workdir={tmp_path}"])
-    assert exit_info.value.code == 2
-    assert "not allowed with argument" in capsys.readouterr().err
+    err = user_error(capsys, [wrn, "--arch=wrn40_2", f"--workdir={tmp_path}"])
+    assert "exactly one of --workdir, --pretrained, --torch_checkpoint; got --workdir and" in err
+    assert "got none" in user_error(capsys, ["--arch=wrn40_2"])
+    assert "preset must be one of" in user_error(capsys, [wrn, "--arch=wrn40_2", "--preset=tpu"])
 
 
 def test_fine_tuning_starts_from_the_pytorch_weights(tmp_path, monkeypatch):
