@@ -28,15 +28,21 @@ class Provenance:
       command: the command line that asked for the report.
       step: the checkpoint's training step.
       workdir: the training run's folder (its ``metrics.jsonl`` gives the
-        logit-norm curve); None for a published checkpoint.
-      published: ``{"published": name, "sha256": ..., "step": ...}`` of a published
-        checkpoint, recorded instead of the workdir.
+        logit-norm curve); None for a model from elsewhere.
+      published: the ``checkpoint`` entry of a model that is not a workdir's,
+        recorded instead of the workdir: ``{"published": name, "sha256": ...,
+        "step": ...}`` of a published checkpoint, ``{"torch_checkpoint": path,
+        "sha256": ..., "arch": ..., "normalization": ..., ...}`` of an imported
+        PyTorch file.
+      normalization: ``(mean, std)`` the model's inputs are normalized with, when
+        it is not the dataset's (a PyTorch model trained with its authors' own).
     """
 
     command: str
     step: int
     workdir: str | None = None
     published: dict | None = None
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def checkpoint(self) -> dict:
         """The report's ``checkpoint`` entry."""
@@ -85,6 +91,9 @@ def ood_report(
     """
     names = ood_set_names(config)  # checked with the rest of the config (validate_config)
     spec = eval_spec(config, batch_size=batch_size)
+    if provenance.normalization is not None:
+        mean, std = provenance.normalization
+        spec = dataclasses.replace(spec, mean=mean, std=std)
     print(f"OOD evaluation: loading {len(names)} OOD sets ({', '.join(names)})")
     ood_sets = load_ood_sets(
         names,

@@ -1,16 +1,10 @@
 """PyTorch checkpoints for the entry points: evaluate one, or fine-tune from one.
 
-How the CLI is meant to call it:
-
 - ``python -m experiments.evaluate --torch_checkpoint FILE --arch NAME
-  [--normalization cifar10|imagenet|MEAN,STD] [--num_classes N]``::
-
-      imported = torch_import.load_for_evaluation(
-          args.torch_checkpoint, args.arch, normalization=args.normalization
-      )
-      # evaluate imported.model (eval mode) like a workdir's model, on inputs
-      # normalized with imported.mean / imported.std; put imported.provenance
-      # (file, sha256, arch, normalization) into the report.
+  [--normalization cifar10|imagenet|MEAN,STD] [--num_classes N]``
+  (``experiments.evaluate.evaluate_torch``): :func:`load_for_evaluation` gives the
+  model in eval mode, the input normalization it is evaluated with and the
+  provenance (file, sha256, arch, normalization) the report records.
 
 - ``--init_from FILE.pt`` in training: when ``is_torch_checkpoint(source)``,
   ``initial_weights(source, identity)`` replaces
@@ -100,6 +94,8 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict]:
         return interop.read_state_dict(path)
     except (interop.UnsafeCheckpointError, interop.CheckpointFormatError) as err:
         raise UsageError(f"{path}: {err}") from err
+    except ImportError as err:  # .safetensors without the package
+        raise UsageError(f"{path}: {err} (or pip install 'ood_jax[interop]')") from err
 
 
 def load_for_evaluation(
