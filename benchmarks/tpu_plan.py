@@ -47,6 +47,7 @@ from benchmarks.tpu_program import (
 from experiments import cli
 
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5e:4x4", "v6e:2x4")
+PRECISIONS = ("bfloat16", "float32")
 # The input pipeline's measured rate (benchmarks/results/input_pipeline.md: train,
 # augment, batch 1024, on 2 CPU cores): a TPU host has more cores; a lower bound.
 INPUT_IMAGES_PER_S_2_CORES = 41_887
@@ -180,6 +181,8 @@ def plan(method: str, preset: str, topology: str, precision: str = "bfloat16") -
         "method": method,
         "preset": preset,
         "topology": topology,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": f"jax {jax.__version__}, libtpu {_libtpu_version()}",
         "devices": len(tpu.devices),
         "processes": tpu.processes,
         "precision": precision,
@@ -265,23 +268,37 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     from experiments.configs import methods
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="logitnorm", choices=methods.METHODS)
+    parser.add_argument("--method", default="logitnorm", help="a method, or several: ce,oe")
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--topology", default="v5e:2x2", help=f"e.g. {', '.join(TOPOLOGIES)}")
-    parser.add_argument("--precision", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument(
+        "--topology", default="v5e:2x2", help=f"one or several, e.g. {','.join(TOPOLOGIES)}"
+    )
+    parser.add_argument("--precision", default="bfloat16", help="bfloat16, float32 or both")
     parser.add_argument(
         "--all", action="store_true", help="every method's paper preset on every topology"
     )
-    parser.add_argument("--output", default="", help="write OUTPUT.md and OUTPUT.json")
+    parser.add_argument("--output", default="", help="write (or add to) OUTPUT.md, OUTPUT.json")
     args = parser.parse_args(argv)
-    if args.all:
-        jobs = [(m, "paper", t, args.precision) for m in methods.METHODS for t in TOPOLOGIES]
-    else:
-        if args.preset not in methods.presets_of(args.method):
-            raise cli.UsageError(
-                f"--preset {args.preset!r}: {args.method} has {methods.presets_of(args.method)}."
-            )
-        jobs = [(args.method, args.preset, args.topology, args.precision)]
+    names = {
+        "method": methods.METHODS if args.all else _listed(args.method),
+        "topology": TOPOLOGIES if args.all else _listed(args.topology),
+        "precision": _listed(args.precision),
+    }
+    for flag, allowed in (("method", methods.METHODS), ("precision", PRECISIONS)):
+        unknown = [n for n in names[flag] if n not in allowed]
+        if unknown:
+            raise cli.UsageError(f"--{flag} {','.join(unknown)}: choose from {','.join(allowed)}.")
+    preset = "paper" if args.all else args.preset
+    for method in names["method"]:
+        if preset not in methods.presets_of(method):
+            raise cli.UsageError(f"--preset {preset!r}: {method} has {methods.presets_of(method)}.")
+    jobs = [
+        (m, preset, t, p)
+        for m in names["method"]
+        for t in names["topology"]
+        for p in names["precision"]
+    ]
+    many = len(jobs) > 1
     done = _previous_rows(args.output)
     rows = []
     for method, preset, topology, precision in jobs:
@@ -291,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         try:
             rows.append(plan(method, preset, topology, precision))
         except Exception as err:  # noqa: BLE001 -- one failed row must not end an --all run
-            if not args.all:
+            if not many:
                 if isinstance(err, PlanError):
                     raise cli.UsageError(str(err)) from None
                 raise
@@ -308,12 +325,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             )
         print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
         if args.output:  # after every row: a long --all run resumes where it stopped
-            _write_json(args.output, {"rows": rows})
+            _write_json(args.output, {"rows": _kept(done, jobs) + rows})
     header = {
         "command": "python -m benchmarks.tpu_plan " + " ".join(argv or sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "versions": f"jax {jax.__version__}, libtpu {_libtpu_version()}",
     }
+    rows = _kept(done, jobs) + rows
     text = markdown(rows, header)
     print(text)
     if args.output:
@@ -321,6 +339,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f.write(text)
         _write_json(args.output, {"header": header, "rows": rows})
     return rows
+
+
+def _listed(text: str) -> list[str]:
+    return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def _kept(done: dict, jobs: Sequence[tuple]) -> list[dict]:
+    """Rows of an earlier run that this one does not redo (an output accumulates)."""
+    return [row for key, row in done.items() if key not in set(jobs)]
 
 
 def _previous_rows(output: str) -> dict:
