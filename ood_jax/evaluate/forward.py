@@ -4,7 +4,9 @@ Every post-hoc score except ODIN is a function of a model's logits and
 penultimate features, so the evaluation runs the network once per dataset
 (in-distribution test set, each OOD set, the training set when a fitted score
 needs it), keeps the outputs as NumPy arrays, and computes all scores from
-that cache.
+that cache. That pass never computes intermediates: scores of the feature map
+(``"activations"``: ASH on the map, RankFeat) get one more pass,
+:meth:`ForwardPass.map_captured`, only when one of them is chosen.
 
 Batches follow the contract in ``docs/architecture.md``: dicts of NumPy arrays
 ``{"image": float32 [B, H, W, C] (normalized), "label": int32 [B],
