@@ -4,7 +4,9 @@ Every post-hoc score except ODIN is a function of a model's logits and
 penultimate features, so the evaluation runs the network once per dataset
 (in-distribution test set, each OOD set, the training set when a fitted score
 needs it), keeps the outputs as NumPy arrays, and computes all scores from
-that cache.
+that cache. That pass never computes intermediates: scores of the feature map
+(``"activations"``: ASH on the map, RankFeat) get one more pass,
+:meth:`ForwardPass.map_captured`, only when one of them is chosen.
 
 Batches follow the contract in ``docs/architecture.md``: dicts of NumPy arrays
 ``{"image": float32 [B, H, W, C] (normalized), "label": int32 [B],
@@ -136,6 +138,39 @@ class ForwardPass:
             self._map_cache[fn] = jitted
         run = self._run(lambda images: jitted(self.state, images), batches)
         return np.concatenate([out[mask] for out, mask, _ in run])
+
+    def map_captured(
+        self,
+        fn: Callable[[Mapping[str, jax.Array], Callable[[jax.Array], jax.Array]], Mapping],
+        capture: tuple[str, ...],
+        batches: Iterable[Mapping[str, np.ndarray]],
+    ) -> dict[str, np.ndarray]:
+        """``{key: [N]}`` of ``fn(out, to_logits) -> {key: [B]}`` over a dataset.
+
+        For scores of the model's intermediates: ``out`` holds ``logits``,
+        ``features`` and the intermediates named by ``capture`` (the model called with
+        ``capture=``), ``to_logits`` is ``model.logits_from_pre_pool``. Only this pass
+        computes intermediates; ``__call__`` never does. ``fn`` is jitted once per
+        ``(fn, capture)``.
+        """
+        jitted = self._map_cache.get((fn, capture))
+        if jitted is None:
+            graphdef = self.graphdef
+
+            def apply(state, images):
+                model = nnx.merge(graphdef, state)
+                logits, features, out = model(images, capture=capture)
+                out = {**out, "logits": logits, "features": features}
+                return fn(out, model.logits_from_pre_pool)
+
+            jitted = jax.jit(
+                apply,
+                in_shardings=(self._replicated, self.batch_sharding),
+                out_shardings=self.batch_sharding,
+            )
+            self._map_cache[(fn, capture)] = jitted
+        run = list(self._run(lambda images: jitted(self.state, images), batches))
+        return {key: np.concatenate([out[key][mask] for out, mask, _ in run]) for key in run[0][0]}
 
     def bind(self, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         """``fn(apply_logits, images, *args)`` jitted with this model bound in.

@@ -9,7 +9,10 @@ computed by the stage its ``consumes`` names:
   logits and features of all datasets at once (one jitted call per score; a
   swept hyperparameter such as the temperature of MSP and energy is vmapped);
 - :func:`score_images`: ``"images"`` scores (ODIN) from the images through the
-  model, on seeded subsets when a ``max_examples`` budget is set.
+  model, on seeded subsets when a ``max_examples`` budget is set;
+- :func:`score_activations`: ``"activations"`` scores (ASH and SCALE on the
+  feature map, RankFeat) in one more forward pass per dataset that captures the
+  intermediates they name; skipped (no pass) when none is chosen.
 
 Hyperparameters are resolved once by :func:`ood_jax.scores.resolve_hparams`
 (``{score: {name: value}}``) and passed to every stage.
@@ -60,7 +63,7 @@ def score_outputs(
     flat: dict[str, np.ndarray] = {}
     for name, hp in hparams.items():
         score = get_score(name)
-        if score.consumes == "images":
+        if score.consumes in ("images", "activations"):
             continue
         if score.consumes == "fitted" and name not in fitted:
             raise ValueError(
@@ -112,3 +115,51 @@ def score_images(
             scores[dataset][name] = forward.map_batches(fn, batches(subset)).astype(np.float32)
             sizes[name][dataset] = len(subset)
     return scores, sizes
+
+
+def score_activations(
+    hparams: Mapping[str, Mapping],
+    forward: ForwardPass,
+    datasets: Mapping[str, object],
+    *,
+    batches: Callable[[object], object],
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{dataset: {result key: float32 [N]}}`` of the ``"activations"`` scores in ``hparams``.
+
+    All of them share one forward pass per dataset capturing the union of their
+    intermediates; a swept hyperparameter is vmapped inside it. No pass when none is
+    chosen.
+    """
+    chosen = [get_score(n) for n in hparams if get_score(n).consumes == "activations"]
+    if not chosen:
+        return {name: {} for name in datasets}
+    capture = tuple(sorted({c for score in chosen for c in score.captures}))
+    fn = _batch_scores(chosen, hparams)
+    return {
+        name: {
+            k: v.astype(np.float32)
+            for k, v in forward.map_captured(fn, capture, batches(ds)).items()
+        }
+        for name, ds in datasets.items()
+    }
+
+
+def _batch_scores(chosen, hparams) -> Callable:
+    """``fn(out, to_logits) -> {result key: [B]}`` for every chosen activation score."""
+
+    def fn(out, to_logits):
+        result = {}
+        for score in chosen:
+            hp = hparams[score.name]
+            fixed = {k: v for k, v in hp.items() if k != score.sweep}
+            if score.sweep is None:
+                result[score.name] = score.fn(out, to_logits, **fixed)
+                continue
+            values = tuple(hp[score.sweep])
+            swept = jax.vmap(lambda v, s=score, f=fixed: s.fn(out, to_logits, **f, **{s.sweep: v}))(
+                jax.numpy.asarray(values, jax.numpy.float32)
+            )
+            result.update({score.key(v): swept[i] for i, v in enumerate(values)})
+        return result
+
+    return fn

@@ -28,7 +28,7 @@ from ood_jax.evaluate.adversarial import NAME as ADVERSARIAL_NAME
 from ood_jax.evaluate.adversarial import FloatImages, adversarial_noise
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
 from ood_jax.evaluate.protocol import dataset_seeds, evaluate_ood
-from ood_jax.evaluate.scoring import score_images, score_outputs
+from ood_jax.evaluate.scoring import score_activations, score_images, score_outputs
 from ood_jax.evaluate.spec import EvalSpec
 from ood_jax.scores.registry import Head, get_score
 
@@ -185,6 +185,8 @@ def compute_scores(
     """
     id_name, *ood_names = datasets
     scored = score_outputs(spec.score_hparams, outputs, head=head, fitted=fitted)
+    activations = score_activations(spec.score_hparams, forward, datasets, batches=batches)
+    scored = {name: {**scored[name], **activations[name]} for name in datasets}
     image_scores, image_examples = score_images(
         spec.score_hparams, forward, datasets, batches=batches, std=spec.std, seed=spec.seed
     )

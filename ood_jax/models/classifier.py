@@ -7,6 +7,15 @@ normalization, Haas et al., TMLR 2023, "Simple High Quality OoD Detection
 with L2 Normalization") the head sees ``z / max(||z||_2, eps)`` in training
 mode only; in eval mode it sees the raw ``z``, and the returned features are
 raw in both modes so that ``||z||`` can be used as the OOD score.
+
+``model(images, capture=("pre_pool", "blocks")) -> (logits, features, out)``
+also returns intermediates (big_vision's ``out`` dict), for the scores that
+declare they consume them: ``out["pre_pool"]`` the last feature map
+``[B, H, W, D]`` that global pooling turns into ``features``, ``out["blocks"]``
+a tuple of NHWC activations after the stem and after each stage (the
+``feature_list`` of OpenOOD's and deep_Mahalanobis_detector's networks; the
+last is the stage output before any final BN/act). Without ``capture`` the
+call and its outputs are unchanged.
 """
 
 from collections.abc import Callable
@@ -26,6 +35,7 @@ from ood_jax.models.layers import (
 from ood_jax.models.layers import conv as make_conv
 
 POOLINGS = ("avg", "max")
+CAPTURES = ("pre_pool", "blocks")
 
 
 def check_images(images: jax.Array, *, in_channels: int = 3) -> None:
@@ -65,7 +75,10 @@ def global_pool(x: jax.Array, pooling: str) -> jax.Array:
 
 
 class Classifier(nnx.Module):
-    """Base class: subclasses implement ``features(images)`` -> ``[B, D]``.
+    """Base class: subclasses implement ``feature_map(images, blocks)`` -> ``[B, H, W, D]``.
+
+    ``feature_map`` returns the map that global pooling turns into the features
+    and appends the stem's and every stage's output to ``blocks`` when it is a list.
 
     Options shared by every model (keyword-only, passed through
     ``create_model``):
@@ -139,10 +152,21 @@ class Classifier(nnx.Module):
             dtype=self.dtype,
         )
 
-    def features(self, images: jax.Array) -> jax.Array:
+    def feature_map(self, images: jax.Array, blocks: list | None = None) -> jax.Array:
         raise NotImplementedError
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def features(self, images: jax.Array) -> jax.Array:
+        """The penultimate features ``[B, D]``: the pooled :meth:`feature_map`."""
+        return global_pool(self.feature_map(images), self.pooling)
+
+    def logits_from_pre_pool(self, pre_pool: jax.Array) -> jax.Array:
+        """``head(global_pool(pre_pool))`` in eval mode: the rest of the network after
+        ``out["pre_pool"]`` (for scores that reshape that map, e.g. ASH, RankFeat)."""
+        return self.head(global_pool(pre_pool.astype(jnp.float32), self.pooling))
+
+    def __call__(
+        self, images: jax.Array, *, capture: tuple[str, ...] = ()
+    ) -> tuple[jax.Array, ...]:
         """Forward pass.
 
         Dropout draws from the model's ``dropout`` stream; the train step re-seeds it
@@ -150,11 +174,32 @@ class Classifier(nnx.Module):
 
         Args:
           images: float ``[B, H, W, 3]`` NHWC, normalized.
+          capture: intermediates to return too, a subset of ``CAPTURES``.
 
         Returns:
-          ``(logits [B, num_classes] float32, features [B, D] float32)``.
+          ``(logits [B, num_classes] float32, features [B, D] float32)``, and with
+          ``capture`` a third item ``{name: float32 intermediates}`` (see the module
+          docstring).
         """
         check_images(images)
-        z = self.features(images.astype(self.dtype)).astype(jnp.float32)
+        unknown = sorted(set(capture) - set(CAPTURES))
+        if unknown:
+            raise ValueError(f"capture: unknown {unknown}; choose from {CAPTURES}.")
+        blocks = [] if "blocks" in capture else None
+        pre_pool = self.feature_map(images.astype(self.dtype), blocks)
+        z = global_pool(pre_pool, self.pooling).astype(jnp.float32)
         head_input = l2_normalize(z) if self.normalize_features and not self.deterministic else z
-        return self.head(head_input), z
+        logits = self.head(head_input)
+        if not capture:
+            return logits, z
+        out = {"pre_pool": pre_pool.astype(jnp.float32)} if "pre_pool" in capture else {}
+        if blocks is not None:
+            out["blocks"] = tuple(b.astype(jnp.float32) for b in blocks)
+        return logits, z, out
+
+
+def keep(blocks: list | None, x: jax.Array) -> jax.Array:
+    """Appends ``x`` to ``blocks`` when capturing (a list), returns ``x``."""
+    if blocks is not None:
+        blocks.append(x)
+    return x

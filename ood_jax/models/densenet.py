@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ood_jax.models.classifier import Classifier, global_pool
+from ood_jax.models.classifier import Classifier, keep
 from ood_jax.models.layers import batch_norm, kaiming_normal_fan_out
 
 
@@ -106,14 +106,15 @@ class DenseNet(Classifier):
         self.transitions = nnx.List(transitions)
         self.bn = batch_norm(feature_dim, dtype=self.dtype, rngs=rngs)
 
-    def features(self, images: jax.Array) -> jax.Array:
-        x = self.conv1(images)
+    def feature_map(self, images: jax.Array, blocks: list | None = None) -> jax.Array:
+        x = keep(blocks, self.conv1(images))
         for b, block in enumerate(self.blocks):
             for layer in block:
                 x = layer(x)
             if b < len(self.transitions):
                 x = self.transitions[b](x)
-        return global_pool(self.act(self.bn(x)), self.pooling)
+            keep(blocks, x)
+        return self.act(self.bn(x))
 
 
 DenseNet100 = partial(DenseNet, depth=100, growth_rate=12)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ood_jax.models.classifier import Classifier, global_pool
+from ood_jax.models.classifier import Classifier, keep
 from ood_jax.models.layers import batch_norm, torch_default_init
 
 STEMS = ("cifar", "imagenet")
@@ -150,6 +150,7 @@ class ResNet(Classifier):
         conv = self.conv_factory(torch_default_init)
         dtype = self.dtype
         self.stem = stem
+        self.stage_sizes = tuple(stage_sizes)
         self.conv1 = conv(
             3, widths[0], 7 if stem == "imagenet" else 3, rngs=rngs, stride=1 + (stem == "imagenet")
         )
@@ -167,13 +168,17 @@ class ResNet(Classifier):
                 in_planes = planes * block_cls.expansion
         self.blocks = nnx.List(blocks)
 
-    def features(self, images: jax.Array) -> jax.Array:
+    def feature_map(self, images: jax.Array, blocks: list | None = None) -> jax.Array:
         x = self.act(self.bn1(self.conv1(images)))
         if self.stem == "imagenet":
             x = max_pool_3x3_stride2(x)
-        for block in self.blocks:
+        keep(blocks, x)
+        last = {sum(self.stage_sizes[: s + 1]) - 1 for s in range(len(self.stage_sizes))}
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return global_pool(x, self.pooling)
+            if i in last:
+                keep(blocks, x)
+        return x
 
 
 ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)

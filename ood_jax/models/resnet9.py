@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ood_jax.models.classifier import Classifier, global_pool
+from ood_jax.models.classifier import Classifier, keep
 from ood_jax.models.layers import batch_norm, max_pool_2x2
 
 
@@ -72,9 +72,8 @@ class ResNet9(Classifier):
         self.layer3 = ConvBlock(4 * w, 8 * w, pool=True, **block)
         self.res3 = nnx.List([ConvBlock(8 * w, 8 * w, pool=False, **block) for _ in range(2)])
 
-    def features(self, images: jax.Array) -> jax.Array:
-        x = self.layer1(self.prep(images))
-        x = x + self.res1[1](self.res1[0](x))
-        x = self.layer3(self.layer2(x))
-        x = x + self.res3[1](self.res3[0](x))
-        return global_pool(x, self.pooling)
+    def feature_map(self, images: jax.Array, blocks: list | None = None) -> jax.Array:
+        x = self.layer1(keep(blocks, self.prep(images)))
+        x = keep(blocks, x + self.res1[1](self.res1[0](x)))
+        x = self.layer3(keep(blocks, self.layer2(x)))
+        return keep(blocks, x + self.res3[1](self.res3[0](x)))

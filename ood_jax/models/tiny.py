@@ -10,7 +10,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ood_jax.models.classifier import Classifier, global_pool
+from ood_jax.models.classifier import Classifier, keep
 from ood_jax.models.layers import batch_norm, kaiming_normal_fan_out
 
 
@@ -38,7 +38,7 @@ class TinyCNN(Classifier):
         self.bn2 = batch_norm(2 * width, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
-    def features(self, images: jax.Array) -> jax.Array:
-        x = self.act(self.bn1(self.conv1(images)))
-        x = self.act(self.bn2(self.conv2(x)))
-        return global_pool(self.dropout(x), self.pooling)
+    def feature_map(self, images: jax.Array, blocks: list | None = None) -> jax.Array:
+        x = keep(blocks, self.act(self.bn1(self.conv1(images))))
+        x = keep(blocks, self.act(self.bn2(self.conv2(x))))
+        return self.dropout(x)

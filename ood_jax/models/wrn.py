@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ood_jax.models.classifier import Classifier, global_pool
+from ood_jax.models.classifier import Classifier, keep
 from ood_jax.models.layers import batch_norm, kaiming_normal_fan_out
 
 
@@ -106,11 +106,14 @@ class WideResNet(Classifier):
         self.blocks = nnx.List(blocks)
         self.bn = batch_norm(widths[-1], dtype=dtype, rngs=rngs)
 
-    def features(self, images: jax.Array) -> jax.Array:
-        x = self.conv1(images)
-        for block in self.blocks:
+    def feature_map(self, images: jax.Array, blocks: list | None = None) -> jax.Array:
+        x = keep(blocks, self.conv1(images))
+        per_group = len(self.blocks) // 3
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return global_pool(self.act(self.bn(x)), self.pooling)
+            if i % per_group == per_group - 1:
+                keep(blocks, x)
+        return self.act(self.bn(x))
 
 
 WRN40_2 = partial(WideResNet, depth=40, widen_factor=2, dropout_rate=0.3)

@@ -6,6 +6,8 @@
   training features + pure ``*_score``): ``gaussian`` (Mahalanobis,
   class-conditional GMM density), ``knn``, ``react``.
 - ``model``: scores that need gradients (ODIN, GradNorm).
+- ``shaping``: activation shaping (ASH-P/B/S, SCALE) of the features or of the
+  feature map before pooling, and RankFeat (the models' ``capture=`` intermediates).
 - ``registry``: every score by name with what it consumes, its hyperparameters
   and display name; :func:`register_score` adds one (see that module).
 """
@@ -32,6 +34,7 @@ from ood_jax.scores.registry import (
     register_score,
     resolve_hparams,
 )
+from ood_jax.scores.shaping import ash_b, ash_p, ash_s, rank1_removed, scale
 
 __all__ = [
     "CIFAR10_STD",
@@ -62,4 +65,9 @@ __all__ = [
     "neg_entropy",
     "odin",
     "react_score",
+    "ash_b",
+    "ash_p",
+    "ash_s",
+    "rank1_removed",
+    "scale",
 ]

@@ -16,6 +16,13 @@ score names. A score declares:
     per batch of normalized images, with ``apply_logits`` the eval-mode model
     (ODIN). The evaluation runs it on seeded subsets of at most ``max_examples``
     images per set when that hyperparameter is set (a CPU budget).
+  * ``"activations"``: ``fn(out, to_logits, **hparams) -> [B]`` per batch, inside
+    the jitted forward pass, with ``out`` the model's ``logits``, ``features`` and
+    the intermediates named by ``captures`` (``"pre_pool"`` [B, H, W, D],
+    ``"blocks"``; see ``ood_jax.models.classifier``) and ``to_logits`` the rest of
+    the network after ``pre_pool`` (global pooling, then the head). One extra
+    forward pass per dataset serves all such scores; without them the evaluation
+    never computes intermediates (ASH and SCALE on the feature map, RankFeat).
 
   ``head`` is a :class:`Head` (the final linear layer, ``kernel [D, K]``, ``bias
   [K]`` or None).
@@ -57,7 +64,7 @@ from ood_jax.scores import gaussian, knn, react
 from ood_jax.scores import logit as L
 from ood_jax.scores import model as M
 
-CONSUMES: tuple[str, ...] = ("outputs", "fitted", "images")
+CONSUMES: tuple[str, ...] = ("outputs", "fitted", "images", "activations")
 
 
 class Head(NamedTuple):
@@ -81,6 +88,7 @@ class Score:
       sweep: a hyperparameter that may be a sequence (vmapped), or None.
       sweep_label: short label of the swept value in result keys (``"T"``).
       jit: jit ``fn`` for ``"outputs"``/``"fitted"`` scores (hyperparameters static).
+      captures: the model intermediates an ``"activations"`` score reads.
     """
 
     name: str
@@ -92,6 +100,7 @@ class Score:
     sweep: str | None = None
     sweep_label: str = ""
     jit: bool = True
+    captures: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.consumes not in CONSUMES:
@@ -100,6 +109,8 @@ class Score:
             )
         if (self.consumes == "fitted") != (self.fit is not None):
             raise ValueError(f"score {self.name!r}: a 'fitted' score needs fit=, others none.")
+        if (self.consumes == "activations") != bool(self.captures):
+            raise ValueError(f"score {self.name!r}: an 'activations' score needs captures=.")
         if self.sweep is not None and self.sweep not in self.defaults:
             raise ValueError(f"score {self.name!r}: sweep {self.sweep!r} is not in defaults.")
         if "_" in self.sweep_label or (self.sweep and not self.sweep_label):
@@ -249,8 +260,8 @@ def compute(
     A swept hyperparameter's values are evaluated with one ``jax.vmap``; the other
     hyperparameters are static arguments of the jitted function.
     """
-    if score.consumes == "images":
-        raise ValueError(f"score {score.name!r} needs images; use the image stage.")
+    if score.consumes in ("images", "activations"):
+        raise ValueError(f"score {score.name!r} needs the model; use its stage.")
     lead = (params,) if score.consumes == "fitted" else ()
     fixed = {k: v for k, v in hparams.items() if k != score.sweep}
     fn = _jitted(score, tuple(sorted(fixed)))

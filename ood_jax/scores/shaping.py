@@ -1,0 +1,156 @@
+"""Activation shaping: ASH-P, ASH-B, ASH-S (Djurisic et al., ICLR 2023) and SCALE
+(Xu et al., ICLR 2024), then the energy of the logits the head gives.
+
+Each transform keeps, per example, the ``k = n - round(n * percentile / 100)``
+largest of the ``n`` activations (all axes but the batch flattened) and zeroes
+the rest; the variants differ in what the kept ones become, with ``s1`` the
+example's sum before pruning and ``s2`` after:
+
+- ASH-P: the kept values (pruning only);
+- ASH-B: every kept entry set to ``s1 / k`` (binarized, same sum);
+- ASH-S: the kept values times ``exp(s1 / s2)``;
+- SCALE: *all* values (unpruned) times ``exp(s1 / s2)``.
+
+The score is ``logsumexp(head(shaped))``. OpenOOD v1.5
+(``openood/networks/ash_net.py``, ``scale_net.py``) shapes the pooled
+penultimate features (as ``[B, D, 1, 1]``); pytorch-ood 0.4
+(``src/pytorch_ood/detector/ash.py``) shapes whatever its ``backbone`` returns,
+the feature map before pooling in its example, then runs ``head``. Both pick the
+kept entries with ``torch.topk``; here ties go to the lower flat index (an
+argsort rank), which matters for ASH-B only (where the fill lands among equal
+values, e.g. zeros after a ReLU when fewer than ``k`` entries are positive).
+The rank is computed with sorts rather than ``lax.top_k`` so that the
+percentile can be vmapped (``k`` is traced).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ood_jax.scores.logit import energy
+from ood_jax.scores.registry import Head, Score, register_score
+
+
+def top_mask(x: jax.Array, percentile) -> jax.Array:
+    """``[B, n]`` bool: the ``n - round(n * percentile / 100)`` largest entries of each row.
+
+    ``x``: ``[B, ...]`` (flattened per example, row-major); ties go to the lower index.
+    """
+    flat = x.reshape(x.shape[0], -1)
+    n = flat.shape[1]
+    k = n - jnp.round(n * jnp.asarray(percentile, jnp.float32) / 100.0).astype(jnp.int32)
+    order = jnp.argsort(-flat, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    return rank < k
+
+
+def _sums(x: jax.Array, percentile) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(flat x [B, n], kept mask [B, n], s1 [B, 1])``."""
+    flat = x.reshape(x.shape[0], -1)
+    return flat, top_mask(x, percentile), flat.sum(axis=-1, keepdims=True)
+
+
+def ash_p(x: jax.Array, *, percentile) -> jax.Array:
+    """ASH-P of ``x [B, ...]``: the largest ``100 - percentile`` % kept, the rest zero."""
+    flat, keep, _ = _sums(x, percentile)
+    return jnp.where(keep, flat, 0.0).reshape(x.shape)
+
+
+def ash_b(x: jax.Array, *, percentile) -> jax.Array:
+    """ASH-B of ``x [B, ...]``: the kept entries set to ``sum(x) / k``, the rest zero."""
+    flat, keep, s1 = _sums(x, percentile)
+    fill = s1 / keep.sum(axis=-1, keepdims=True)
+    return jnp.where(keep, fill, 0.0).reshape(x.shape)
+
+
+def ash_s(x: jax.Array, *, percentile) -> jax.Array:
+    """ASH-S of ``x [B, ...]``: the kept entries times ``exp(s1 / s2)``, the rest zero."""
+    flat, keep, s1 = _sums(x, percentile)
+    pruned = jnp.where(keep, flat, 0.0)
+    return (pruned * jnp.exp(s1 / pruned.sum(axis=-1, keepdims=True))).reshape(x.shape)
+
+
+def scale(x: jax.Array, *, percentile) -> jax.Array:
+    """SCALE of ``x [B, ...]``: all of ``x`` times ``exp(s1 / s2)`` (``s2``: the kept sum)."""
+    flat, keep, s1 = _sums(x, percentile)
+    s2 = jnp.where(keep, flat, 0.0).sum(axis=-1, keepdims=True)
+    return (flat * jnp.exp(s1 / s2)).reshape(x.shape)
+
+
+SHAPINGS = {"ash_p": ash_p, "ash_b": ash_b, "ash_s": ash_s, "scale": scale}
+
+
+def rank1_removed(feature_map: jax.Array) -> jax.Array:
+    """RankFeat (Song et al., NeurIPS 2022): ``[B, H, W, C]`` minus its rank-1 part.
+
+    Each example's ``[H*W, C]`` matrix loses ``s_1 u_1 v_1^T`` (its largest singular
+    value and vectors, exact SVD: OpenOOD's ``accelerate: False``); the transpose
+    that OpenOOD's ``[C, H*W]`` view takes has the same rank-1 part.
+    """
+    b, h, w, c = feature_map.shape
+    m = feature_map.reshape(b, h * w, c)
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    top = s[:, :1, None] * (u[:, :, :1] @ vt[:, :1, :])
+    return (m - top).reshape(b, h, w, c)
+
+
+# --- Registry entries (registered when ood_jax.scores is imported). ---
+
+
+def _head_logits(head: Head, z: jax.Array) -> jax.Array:
+    logits = z @ head.kernel
+    return logits if head.bias is None else logits + head.bias
+
+
+def _on_features(shaping):
+    def fn(logits, features, head, *, percentile):
+        return energy(_head_logits(head, shaping(features, percentile=percentile)))
+
+    return fn
+
+
+def _on_pre_pool(shaping):
+    def fn(out, to_logits, *, percentile):
+        return energy(to_logits(shaping(out["pre_pool"], percentile=percentile)))
+
+    return fn
+
+
+def _rankfeat(out, to_logits, *, temperature):
+    return energy(to_logits(rank1_removed(out["pre_pool"])), temperature=temperature)
+
+
+# Defaults: OpenOOD v1.5 configs/postprocessors/ash.yml (ASH-B, percentile 90) and
+# scale.yml (85); pytorch-ood 0.4 detector/ash.py for ASH-P and ASH-S (0.65 = 65 %).
+_PERCENTILES = {"ash_p": 65.0, "ash_b": 90.0, "ash_s": 65.0, "scale": 85.0}
+_DISPLAY = {"ash_p": "ASH-P", "ash_b": "ASH-B", "ash_s": "ASH-S", "scale": "SCALE"}
+_P = {"sweep": "percentile", "sweep_label": "p"}
+for _name, _shaping in SHAPINGS.items():
+    _defaults = {"percentile": _PERCENTILES[_name]}
+    register_score(
+        Score(_name, _on_features(_shaping), "outputs", _DISPLAY[_name], _defaults, **_P)
+    )
+for _name, _shaping in SHAPINGS.items():
+    register_score(
+        Score(
+            f"{_name}_map",
+            _on_pre_pool(_shaping),
+            "activations",
+            f"{_DISPLAY[_name]} (map)",
+            {"percentile": _PERCENTILES[_name]},
+            captures=("pre_pool",),
+            **_P,
+        )
+    )
+# OpenOOD configs/postprocessors/rankfeat.yml: temperature 1, exact SVD.
+register_score(
+    Score(
+        "rankfeat",
+        _rankfeat,
+        "activations",
+        "RankFeat",
+        {"temperature": 1.0},
+        captures=("pre_pool",),
+    )
+)
