@@ -78,6 +78,8 @@ def test_vim_matches_the_reference_recipe():
     expected = logsumexp(TEST_F, axis=1) - alpha * np.linalg.norm((TEST_Z - u) @ residual, axis=1)
     subspace = scores.vim_subspace(scores.fit_vim(TRAIN_F, TRAIN_Z), KERNEL, BIAS, dim=dim)
     _close(scores.vim_score(subspace, TEST_F, TEST_Z), expected, rtol=1e-3)
+    residual_norms = np.linalg.norm((TEST_Z - u) @ residual, axis=1)
+    _close(scores.residual_score(subspace, TEST_Z), -residual_norms, rtol=1e-3)
 
 
 def test_vim_dim_not_below_the_feature_dimension_halves_it():
@@ -205,11 +207,14 @@ NEW = (
     "she",
     "dice",
     "vra",
+    "residual",
 )
 
 
 def test_the_evaluation_scores_every_new_detector_from_the_registry():
-    hparams = resolve_hparams(NEW, {"dice": {"percentile": (90.0, 70.0)}, "vim": {"dim": 3}})
+    hparams = resolve_hparams(
+        NEW, {"dice": {"percentile": (90.0, 70.0)}, "vim": {"dim": 3}, "residual": {"dim": 3}}
+    )
     train = ModelOutputs(TRAIN_F, TRAIN_Z, TRAIN_Y.astype(np.int32))
     test = ModelOutputs(TEST_F, TEST_Z, -np.ones(N_TEST, np.int32))
     fitted = fit_scores(hparams, train)

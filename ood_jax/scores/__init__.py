@@ -87,7 +87,14 @@ from ood_jax.scores.posterior import (  # noqa: E402
 )
 from ood_jax.scores.rmds import RMDSParams, fit_rmds, rmds_score  # noqa: E402
 from ood_jax.scores.she import SHEParams, fit_she, she_score  # noqa: E402
-from ood_jax.scores.vim import ViMParams, ViMSubspace, fit_vim, vim_score, vim_subspace  # noqa: E402
+from ood_jax.scores.vim import (  # noqa: E402
+    ViMParams,
+    ViMSubspace,
+    fit_vim,
+    residual_score,
+    vim_score,
+    vim_subspace,
+)
 
 __all__ += [
     "KLMatchingParams",
@@ -116,6 +123,7 @@ __all__ += [
     "nci_score",
     "nnguide_score",
     "relation_score",
+    "residual_score",
     "rmds_score",
     "she_score",
     "temperature_score",

@@ -1,7 +1,7 @@
 """Registry entries of the post-hoc detectors that need logits, features and the head only.
 
 TempScale, KL matching, GEN, ViM, RMDS, NNGuide, fDBD, Relation, NCI, SHE,
-DICE and VRA, registered after the scores of :mod:`ood_jax.scores.registry`
+DICE, VRA and Residual, registered after the scores of :mod:`ood_jax.scores.registry`
 (reports print them in this order). Defaults are the reference
 implementations' (``docs/detectors.md`` names each reference file).
 """
@@ -40,6 +40,11 @@ def _vim(params, logits, features, head, *, dim):
     # The residual space depends on the head, which fits do not receive: derived here, once.
     subspace = vim.vim_subspace(params, head.kernel, head.bias, dim=dim)
     return vim.vim_score(subspace, logits, features)
+
+
+def _residual(params, logits, features, head, *, dim):
+    subspace = vim.vim_subspace(params, head.kernel, head.bias, dim=dim)
+    return vim.residual_score(subspace, features)
 
 
 def _fit_rmds(logits, features, labels):
@@ -125,6 +130,16 @@ for _score in (
     ),
     # Not jitted as a whole: the residual space is computed on the host in float64.
     Score("vim", _vim, display="ViM", defaults={"dim": 256}, fit=_fit_vim, jit=False, **_FITTED),
+    # OpenOOD's residual.yml (dim 512) on a 512-D ResNet-18 becomes 256 by the D // 2 rule.
+    Score(
+        "residual",
+        _residual,
+        display="Residual",
+        defaults={"dim": 512},
+        fit=_fit_vim,
+        jit=False,
+        **_FITTED,
+    ),
     Score(
         "gen", _gen, "outputs", "GEN", {"gamma": 0.1, "m": 100}, sweep="gamma", sweep_label="gamma"
     ),

@@ -1,5 +1,7 @@
 """Virtual-logit matching (ViM, Wang et al., CVPR 2022): energy minus the residual norm.
 
+Also the paper's "Residual" baseline, the residual norm alone.
+
 The residual space is that of the training features around the origin
 ``u = -W^+ b`` where the head's logits vanish, so it depends on the head. The
 evaluation's ``fit`` does not receive the head; :func:`fit_vim` therefore keeps
@@ -21,7 +23,7 @@ from jax.typing import ArrayLike
 from ood_jax.scores.fitted import HIGHEST, _check_unused_labels, _score_features, _train_features
 from ood_jax.scores.logit import _as_float, energy
 
-__all__ = ["ViMParams", "ViMSubspace", "fit_vim", "vim_score", "vim_subspace"]
+__all__ = ["ViMParams", "ViMSubspace", "fit_vim", "residual_score", "vim_score", "vim_subspace"]
 
 
 @flax.struct.dataclass
@@ -125,6 +127,24 @@ def vim_score(subspace: ViMSubspace, logits: ArrayLike, features: ArrayLike) -> 
     Returns:
       ``[...]`` float32 scores.
     """
+    return energy(_as_float(logits, "logits")) + subspace.alpha * residual_score(subspace, features)
+
+
+@jax.jit
+def residual_score(subspace: ViMSubspace, features: ArrayLike) -> jax.Array:
+    r"""Negative norm of the features' residual (OpenOOD v1.5 ``residual_postprocessor.py``).
+
+    .. math:: s(z) = -\lVert (z - u)^\top R \rVert
+
+    ViM's virtual logit without the energy and ``alpha`` (Wang et al., CVPR 2022, "Residual").
+
+    Args:
+      subspace: from :func:`vim_subspace` (its ``alpha`` is not used).
+      features: ``[..., D]``.
+
+    Returns:
+      ``[...]`` float32 scores (``<= 0``).
+    """
     z = _score_features(features, subspace.origin.shape[0])
     residual = jnp.matmul(z - subspace.origin, subspace.residual, precision=HIGHEST)
-    return energy(_as_float(logits, "logits")) - subspace.alpha * jnp.linalg.norm(residual, axis=-1)
+    return -jnp.linalg.norm(residual, axis=-1)
