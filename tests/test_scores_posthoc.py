@@ -161,6 +161,30 @@ def test_vra_clips_to_the_training_percentiles():
     _close(scores.vra_score(params, TEST_Z, KERNEL, BIAS), expected)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_lts_scales_the_logits_by_the_top_activation_share(p):
+    expected = []
+    for z, f in zip(TEST_Z - 0.5, TEST_F, strict=True):  # some negative activations
+        relu = np.maximum(z, 0.0)
+        k = max(1, DIM - round(DIM * (1 - p)))
+        scale = (relu.sum() / np.sort(relu)[::-1][:k].sum()) ** 2
+        expected.append(logsumexp(f * scale))
+    _close(scores.lts_score(TEST_F, TEST_Z - 0.5, p=p), expected)
+
+
+def test_pnml_regret_from_the_normalized_training_gram_matrix():
+    normalized = TRAIN_Z / np.linalg.norm(TRAIN_Z, axis=1, keepdims=True)
+    projector = np.linalg.inv(normalized.T @ normalized)
+    expected = []
+    for z in TEST_Z.astype(np.float64):
+        z = z / np.linalg.norm(z)
+        probs = softmax(z @ KERNEL + BIAS)
+        g = z @ projector @ z / (1 + z @ projector @ z)
+        expected.append(-np.log(np.sum(probs / (probs + (1 - probs) * probs**g))) / np.log(K))
+    params = scores.fit_pnml(TRAIN_Z)
+    _close(scores.pnml_score(params, TEST_Z, KERNEL, BIAS), expected, rtol=1e-3)
+
+
 # ----------------------------------------------------------------------------- banks
 
 
@@ -208,6 +232,8 @@ NEW = (
     "dice",
     "vra",
     "residual",
+    "lts",
+    "pnml",
 )
 
 

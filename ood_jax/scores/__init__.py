@@ -85,6 +85,7 @@ from ood_jax.scores.posterior import (  # noqa: E402
     kl_matching_score,
     temperature_score,
 )
+from ood_jax.scores.rescaling import PNMLParams, fit_pnml, lts_score, pnml_score  # noqa: E402
 from ood_jax.scores.rmds import RMDSParams, fit_rmds, rmds_score  # noqa: E402
 from ood_jax.scores.she import SHEParams, fit_she, she_score  # noqa: E402
 from ood_jax.scores.vim import (  # noqa: E402
@@ -99,6 +100,7 @@ from ood_jax.scores.vim import (  # noqa: E402
 __all__ += [
     "KLMatchingParams",
     "NNGuideParams",
+    "PNMLParams",
     "RMDSParams",
     "RelationParams",
     "SHEParams",
@@ -111,6 +113,7 @@ __all__ += [
     "fdbd_score",
     "fit_kl_matching",
     "fit_nnguide",
+    "fit_pnml",
     "fit_relation",
     "fit_rmds",
     "fit_she",
@@ -120,8 +123,10 @@ __all__ += [
     "fit_vra",
     "gen_score",
     "kl_matching_score",
+    "lts_score",
     "nci_score",
     "nnguide_score",
+    "pnml_score",
     "relation_score",
     "residual_score",
     "rmds_score",

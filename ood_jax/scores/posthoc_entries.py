@@ -1,14 +1,14 @@
 """Registry entries of the post-hoc detectors that need logits, features and the head only.
 
 TempScale, KL matching, GEN, ViM, RMDS, NNGuide, fDBD, Relation, NCI, SHE,
-DICE, VRA and Residual, registered after the scores of :mod:`ood_jax.scores.registry`
+DICE, VRA, Residual, LTS and pNML, registered after the scores of :mod:`ood_jax.scores.registry`
 (reports print them in this order). Defaults are the reference
 implementations' (``docs/detectors.md`` names each reference file).
 """
 
 from __future__ import annotations
 
-from ood_jax.scores import bank, boundary, clipping, posterior, rmds, she, vim
+from ood_jax.scores import bank, boundary, clipping, posterior, rescaling, rmds, she, vim
 from ood_jax.scores.registry import Score, register_score
 
 
@@ -107,6 +107,18 @@ def _vra(params, logits, features, head, *, percentile_low, percentile_high):
     return clipping.vra_score(params, features, head.kernel, head.bias)
 
 
+def _lts(logits, features, head, *, p):
+    return rescaling.lts_score(logits, features, p=p)
+
+
+def _fit_pnml(logits, features, labels):
+    return rescaling.fit_pnml(features)
+
+
+def _pnml(params, logits, features, head):
+    return rescaling.pnml_score(params, features, head.kernel, head.bias)
+
+
 _FITTED = {"consumes": "fitted"}
 for _score in (
     Score(
@@ -182,5 +194,7 @@ for _score in (
         fit=_fit_vra,
         **_FITTED,
     ),
+    Score("lts", _lts, "outputs", "LTS", {"p": 0.05}),
+    Score("pnml", _pnml, display="pNML", fit=_fit_pnml, **_FITTED),
 ):
     register_score(_score)
