@@ -47,6 +47,7 @@ CASES = [
     ("vra", {}, None, "vra", {"percentile_low": 10, "percentile_high": 90}),
     ("lts", {}, "LTS", None, {}),
     ("pnml", {}, "PNML", None, {}),
+    ("openmax", {}, "OpenMax", None, {}),  # OpenOOD's needs libMR
 ]
 
 
@@ -134,6 +135,11 @@ def pytorch_ood_scores(a, torch) -> dict[str, np.ndarray]:
         "SHE": lambda: detector.SHE(None, head).fit_features(z, y).predict_features(tz),
         "LTS": lambda: detector.LTS(None, head, p=0.05).predict_features(tz),
         "PNML": lambda: detector.PNML(None, head).fit_features(z, y).predict_features(tz),
+        "OpenMax": lambda: (
+            detector.OpenMax(None, tailsize=25, alpha=10, euclid_weight=1.0)
+            .fit_logits(f, y)
+            .predict_logits(tf)
+        ),
         "DICE": lambda: (
             detector.DICE(None, w=w, b=b, p=0.9).fit_features(z, y).predict_features(tz)
         ),

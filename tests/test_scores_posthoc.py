@@ -185,6 +185,29 @@ def test_pnml_regret_from_the_normalized_training_gram_matrix():
     _close(scores.pnml_score(params, TEST_Z, KERNEL, BIAS), expected, rtol=1e-3)
 
 
+def test_openmax_unknown_probability_from_weibull_tails():
+    tailsize, alpha = 8, 3
+    params = scores.fit_openmax(TRAIN_F, TRAIN_Y, tailsize=tailsize, euclid_weight=1.0)
+    centers = np.stack([TRAIN_F[TRAIN_Y == c].mean(0) for c in range(K)])
+    weibull = []
+    for c in range(K):
+        tail = np.sort(np.linalg.norm(TRAIN_F[TRAIN_Y == c] - centers[c], axis=1))[-tailsize:]
+        shift = 10000 - tail.min()
+        shape, scale = scipy.stats.weibull_min.fit(tail + shift, floc=0)[::2]
+        weibull.append((shift, shape, scale))
+    expected = []
+    for f in TEST_F.astype(np.float64):
+        revised, unknown = f.copy(), 0.0
+        for rank, c in enumerate(np.argsort(-f)[:alpha]):
+            shift, shape, scale = weibull[c]
+            w = 1 - np.exp(-(((np.linalg.norm(f - centers[c]) + shift) / scale) ** shape))
+            weight = w * (alpha - rank) / alpha
+            revised[c] = f[c] * (1 - weight)
+            unknown += f[c] * weight
+        expected.append(-softmax(np.concatenate([[unknown], revised]))[0])
+    _close(scores.openmax_score(params, TEST_F, alpha=alpha), expected, rtol=2e-3, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- banks
 
 
@@ -234,6 +257,7 @@ NEW = (
     "residual",
     "lts",
     "pnml",
+    "openmax",
 )
 
 

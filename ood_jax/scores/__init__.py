@@ -76,6 +76,7 @@ from ood_jax.scores.bank import (  # noqa: E402
 )
 from ood_jax.scores.boundary import TrainMeanParams, fdbd_score, fit_train_mean, nci_score  # noqa: E402
 from ood_jax.scores.clipping import VRAParams, dice_score, fit_vra, vra_score  # noqa: E402
+from ood_jax.scores.openmax import OpenMaxParams, fit_openmax, openmax_score  # noqa: E402
 from ood_jax.scores.posterior import (  # noqa: E402
     KLMatchingParams,
     TemperatureParams,
@@ -100,6 +101,7 @@ from ood_jax.scores.vim import (  # noqa: E402
 __all__ += [
     "KLMatchingParams",
     "NNGuideParams",
+    "OpenMaxParams",
     "PNMLParams",
     "RMDSParams",
     "RelationParams",
@@ -113,6 +115,7 @@ __all__ += [
     "fdbd_score",
     "fit_kl_matching",
     "fit_nnguide",
+    "fit_openmax",
     "fit_pnml",
     "fit_relation",
     "fit_rmds",
@@ -126,6 +129,7 @@ __all__ += [
     "lts_score",
     "nci_score",
     "nnguide_score",
+    "openmax_score",
     "pnml_score",
     "relation_score",
     "residual_score",

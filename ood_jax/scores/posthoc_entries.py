@@ -1,14 +1,14 @@
 """Registry entries of the post-hoc detectors that need logits, features and the head only.
 
 TempScale, KL matching, GEN, ViM, RMDS, NNGuide, fDBD, Relation, NCI, SHE,
-DICE, VRA, Residual, LTS and pNML, registered after the scores of :mod:`ood_jax.scores.registry`
-(reports print them in this order). Defaults are the reference
+DICE, VRA, Residual, LTS, pNML and OpenMax, registered after the scores of
+:mod:`ood_jax.scores.registry` (reports print them in this order). Defaults are the reference
 implementations' (``docs/detectors.md`` names each reference file).
 """
 
 from __future__ import annotations
 
-from ood_jax.scores import bank, boundary, clipping, posterior, rescaling, rmds, she, vim
+from ood_jax.scores import bank, boundary, clipping, openmax, posterior, rescaling, rmds, she, vim
 from ood_jax.scores.registry import Score, register_score
 
 
@@ -119,6 +119,14 @@ def _pnml(params, logits, features, head):
     return rescaling.pnml_score(params, features, head.kernel, head.bias)
 
 
+def _fit_openmax(logits, features, labels, *, tailsize, euclid_weight, alpha):
+    return openmax.fit_openmax(logits, labels, tailsize=tailsize, euclid_weight=euclid_weight)
+
+
+def _openmax(params, logits, features, head, *, tailsize, euclid_weight, alpha):
+    return openmax.openmax_score(params, logits, alpha=alpha)
+
+
 _FITTED = {"consumes": "fitted"}
 for _score in (
     Score(
@@ -196,5 +204,13 @@ for _score in (
     ),
     Score("lts", _lts, "outputs", "LTS", {"p": 0.05}),
     Score("pnml", _pnml, display="pNML", fit=_fit_pnml, **_FITTED),
+    Score(
+        "openmax",
+        _openmax,
+        display="OpenMax",
+        defaults={"tailsize": 25, "euclid_weight": 1.0, "alpha": 10},
+        fit=_fit_openmax,
+        **_FITTED,
+    ),
 ):
     register_score(_score)
