@@ -208,6 +208,25 @@ def test_openmax_unknown_probability_from_weibull_tails():
     _close(scores.openmax_score(params, TEST_F, alpha=alpha), expected, rtol=2e-3, atol=1e-6)
 
 
+def test_openmax_class_without_examples_counts_as_unknown():
+    keep = TRAIN_Y != K - 1  # the last class never occurs
+    params = scores.fit_openmax(TRAIN_F[keep], TRAIN_Y[keep], tailsize=8)
+    full = scores.fit_openmax(TRAIN_F, TRAIN_Y, tailsize=8)
+    assert not bool(params.fitted[K - 1]) and bool(np.all(full.fitted))
+    # With alpha = 1, an example whose top class is the missing one (w = 1, rank weight 1)
+    # moves that logit entirely to the unknown activation.
+    got = np.asarray(scores.openmax_score(params, TEST_F, alpha=1))
+    f = TEST_F.astype(np.float64)
+    top = f.argmax(1)
+    rows = top == K - 1
+    assert rows.any()
+    revised = f.copy()
+    revised[np.arange(N_TEST), top] = 0.0
+    expected = -softmax(np.concatenate([f[np.arange(N_TEST), top][:, None], revised], 1), 1)[:, 0]
+    _close(got[rows], expected[rows])
+    assert np.all(np.isfinite(got))
+
+
 # ----------------------------------------------------------------------------- banks
 
 

@@ -40,6 +40,7 @@ class OpenMaxParams:
         is evaluated as ``(d + offset) / scale`` through ``log1p``, since ``d + 10000``
         in float32 would round away the distances' differences.
       euclid_weight: scalar weight of the Euclidean distance (``1 -`` it weighs the cosine one).
+      fitted: ``[K]`` bool, whether the class had the two training examples a tail needs.
     """
 
     centers: jax.Array
@@ -47,6 +48,7 @@ class OpenMaxParams:
     scale: jax.Array
     offset: jax.Array
     euclid_weight: jax.Array
+    fitted: jax.Array
 
 
 def _distances(x: ArrayLike, centers: ArrayLike, euclid_weight: float, xp=jnp):
@@ -78,7 +80,8 @@ def fit_openmax(
 
     Args:
       train_logits: ``[N, K]``.
-      train_labels: ``[N]`` integer labels covering every class.
+      train_labels: ``[N]`` integer labels; a class with fewer than two examples gets no
+        Weibull model and its ``w_c = 1`` (pytorch-ood leaves it out, with the same effect).
       tailsize: ``>= 2`` largest distances per class to fit.
       euclid_weight: in ``[0, 1]``.
 
@@ -92,9 +95,11 @@ def fit_openmax(
     f = _train_features(train_logits)
     labels = _labels_below(train_labels, f.shape[0], f.shape[1])
     num_classes = f.shape[1]
-    centers = np.stack([f[labels == c].mean(axis=0) for c in range(num_classes)])
+    fitted = np.bincount(labels, minlength=num_classes) >= 2
+    centers = np.ones((num_classes, num_classes))  # (unused where not fitted)
     shape, scale, shift = np.ones(num_classes), np.ones(num_classes), np.zeros(num_classes)
-    for c in range(num_classes):
+    for c in np.flatnonzero(fitted):
+        centers[c] = f[labels == c].mean(axis=0)
         dists = _distances(f[labels == c], centers[c : c + 1], euclid_weight, xp=np)[:, 0]
         tail = np.sort(dists)[-tailsize:]
         shift[c] = _TRANSLATION - tail.min()
@@ -106,6 +111,7 @@ def fit_openmax(
         scale=as32(scale),
         offset=as32(shift - scale),
         euclid_weight=as32(euclid_weight),
+        fitted=jnp.asarray(fitted),
     )
 
 
@@ -140,6 +146,8 @@ def openmax_score(params: OpenMaxParams, logits: ArrayLike, *, alpha: int = 10) 
     # ((d + shift) / scale)^c = exp(c log1p((d + shift - scale) / scale)).
     log_ratio = jnp.log1p(jnp.maximum((dists + params.offset) / params.scale, -1.0))
     weibull = 1.0 - jnp.exp(-jnp.exp(params.shape * log_ratio))
+    # As pytorch-ood: a class without a Weibull model counts as fully unknown (w = 1).
+    weibull = jnp.where(params.fitted, weibull, 1.0)
     _, top = jax.lax.top_k(f, alpha)
     rank_weights = (alpha - jnp.arange(alpha, dtype=f.dtype)) / alpha
     ranked = jnp.sum(jax.nn.one_hot(top, f.shape[-1], dtype=f.dtype) * rank_weights[:, None], -2)
