@@ -18,6 +18,8 @@ def test_defaults_resolve_to_every_registered_score_and_their_defaults():
     assert spec.score_hparams["knn"]["k"] == 50
     assert spec.mean == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255))
     fitted = {"mahalanobis", "knn", "gmm", "react", "mahalanobis_l2", "gmm_l2"}
+    fitted |= {"fdbd", "rmds", "relation", "vim", "temp_scale", "klm", "nnguide", "nci", "she"}
+    fitted |= {"dice", "vra", "residual", "pnml", "openmax"}
     assert set(spec.fitted_scores) == fitted
 
 

@@ -71,3 +71,80 @@ __all__ = [
     "rank1_removed",
     "scale",
 ]
+
+# The post-hoc detectors of issue 24 on logits, features and head (docs/detectors.md).
+from ood_jax.scores import posthoc_entries  # noqa: E402,F401  (registers them)
+from ood_jax.scores.bank import (  # noqa: E402
+    NNGuideParams,
+    RelationParams,
+    fit_nnguide,
+    fit_relation,
+    nnguide_score,
+    relation_score,
+)
+from ood_jax.scores.boundary import TrainMeanParams, fdbd_score, fit_train_mean, nci_score  # noqa: E402
+from ood_jax.scores.clipping import VRAParams, dice_score, fit_vra, vra_score  # noqa: E402
+from ood_jax.scores.openmax import OpenMaxParams, fit_openmax, openmax_score  # noqa: E402
+from ood_jax.scores.posterior import (  # noqa: E402
+    KLMatchingParams,
+    TemperatureParams,
+    fit_kl_matching,
+    fit_temperature,
+    gen_score,
+    kl_matching_score,
+    temperature_score,
+)
+from ood_jax.scores.rescaling import PNMLParams, fit_pnml, lts_score, pnml_score  # noqa: E402
+from ood_jax.scores.rmds import RMDSParams, fit_rmds, rmds_score  # noqa: E402
+from ood_jax.scores.she import SHEParams, fit_she, she_score  # noqa: E402
+from ood_jax.scores.vim import (  # noqa: E402
+    ViMParams,
+    ViMSubspace,
+    fit_vim,
+    residual_score,
+    vim_score,
+    vim_subspace,
+)
+
+__all__ += [
+    "KLMatchingParams",
+    "NNGuideParams",
+    "OpenMaxParams",
+    "PNMLParams",
+    "RMDSParams",
+    "RelationParams",
+    "SHEParams",
+    "TemperatureParams",
+    "TrainMeanParams",
+    "VRAParams",
+    "ViMParams",
+    "ViMSubspace",
+    "dice_score",
+    "fdbd_score",
+    "fit_kl_matching",
+    "fit_nnguide",
+    "fit_openmax",
+    "fit_pnml",
+    "fit_relation",
+    "fit_rmds",
+    "fit_she",
+    "fit_temperature",
+    "fit_train_mean",
+    "fit_vim",
+    "fit_vra",
+    "gen_score",
+    "kl_matching_score",
+    "lts_score",
+    "nci_score",
+    "nnguide_score",
+    "openmax_score",
+    "pnml_score",
+    "relation_score",
+    "residual_score",
+    "rmds_score",
+    "she_score",
+    "temperature_score",
+    "vim_score",
+    "vim_subspace",
+    "vra_score",
+]

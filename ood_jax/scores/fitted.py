@@ -94,3 +94,13 @@ def _score_features(features: ArrayLike, feature_dim: int) -> jax.Array:
             f"fitted on {feature_dim}-dimensional features; use the same layer's features."
         )
     return z
+
+
+def _labels_below(train_labels: ArrayLike, num_examples: int, num_classes: int) -> np.ndarray:
+    """:func:`_train_labels`, which must also lie below the logits' ``num_classes``."""
+    labels, found = _train_labels(train_labels, num_examples, None)
+    if found > num_classes:
+        raise ValueError(
+            f"train_labels contains {found - 1} but the logits have {num_classes} classes."
+        )
+    return labels

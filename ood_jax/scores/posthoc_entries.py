@@ -1,0 +1,216 @@
+"""Registry entries of the post-hoc detectors that need logits, features and the head only.
+
+TempScale, KL matching, GEN, ViM, RMDS, NNGuide, fDBD, Relation, NCI, SHE,
+DICE, VRA, Residual, LTS, pNML and OpenMax, registered after the scores of
+:mod:`ood_jax.scores.registry` (reports print them in this order). Defaults are the reference
+implementations' (``docs/detectors.md`` names each reference file).
+"""
+
+from __future__ import annotations
+
+from ood_jax.scores import bank, boundary, clipping, openmax, posterior, rescaling, rmds, she, vim
+from ood_jax.scores.registry import Score, register_score
+
+
+def _fit_temperature(logits, features, labels):
+    return posterior.fit_temperature(logits, labels)
+
+
+def _temperature(params, logits, features, head):
+    return posterior.temperature_score(params, logits)
+
+
+def _fit_kl_matching(logits, features, labels):
+    return posterior.fit_kl_matching(logits)
+
+
+def _kl_matching(params, logits, features, head):
+    return posterior.kl_matching_score(params, logits)
+
+
+def _gen(logits, features, head, *, gamma, m):
+    return posterior.gen_score(logits, gamma=gamma, m=m)
+
+
+def _fit_vim(logits, features, labels, *, dim):
+    return vim.fit_vim(logits, features)
+
+
+def _vim(params, logits, features, head, *, dim):
+    # The residual space depends on the head, which fits do not receive: derived here, once.
+    subspace = vim.vim_subspace(params, head.kernel, head.bias, dim=dim)
+    return vim.vim_score(subspace, logits, features)
+
+
+def _residual(params, logits, features, head, *, dim):
+    subspace = vim.vim_subspace(params, head.kernel, head.bias, dim=dim)
+    return vim.residual_score(subspace, features)
+
+
+def _fit_rmds(logits, features, labels):
+    return rmds.fit_rmds(features, labels)
+
+
+def _rmds(params, logits, features, head):
+    return rmds.rmds_score(params, features)
+
+
+def _fit_nnguide(logits, features, labels, *, k, alpha, seed):
+    return bank.fit_nnguide(logits, features, alpha=alpha, seed=seed)
+
+
+def _nnguide(params, logits, features, head, *, k, alpha, seed):
+    return bank.nnguide_score(params, logits, features, k=k)
+
+
+def _fit_train_mean(logits, features, labels, **hparams):
+    return boundary.fit_train_mean(features)
+
+
+def _fdbd(params, logits, features, head, *, distance_as_normalizer):
+    return boundary.fdbd_score(
+        params, logits, features, head.kernel, distance_as_normalizer=distance_as_normalizer
+    )
+
+
+def _fit_relation(logits, features, labels, *, power):
+    return bank.fit_relation(logits, features)
+
+
+def _relation(params, logits, features, head, *, power):
+    return bank.relation_score(params, logits, features, power=power)
+
+
+def _nci(params, logits, features, head, *, alpha):
+    return boundary.nci_score(params, logits, features, head.kernel, alpha=alpha)
+
+
+def _fit_she(logits, features, labels):
+    return she.fit_she(logits, features, labels)
+
+
+def _she(params, logits, features, head):
+    return she.she_score(params, logits, features)
+
+
+def _dice(params, logits, features, head, *, percentile):
+    return clipping.dice_score(params, features, head.kernel, head.bias, percentile=percentile)
+
+
+def _fit_vra(logits, features, labels, *, percentile_low, percentile_high):
+    return clipping.fit_vra(
+        features, percentile_low=percentile_low, percentile_high=percentile_high
+    )
+
+
+def _vra(params, logits, features, head, *, percentile_low, percentile_high):
+    return clipping.vra_score(params, features, head.kernel, head.bias)
+
+
+def _lts(logits, features, head, *, p):
+    return rescaling.lts_score(logits, features, p=p)
+
+
+def _fit_pnml(logits, features, labels):
+    return rescaling.fit_pnml(features)
+
+
+def _pnml(params, logits, features, head):
+    return rescaling.pnml_score(params, features, head.kernel, head.bias)
+
+
+def _fit_openmax(logits, features, labels, *, tailsize, euclid_weight, alpha):
+    return openmax.fit_openmax(logits, labels, tailsize=tailsize, euclid_weight=euclid_weight)
+
+
+def _openmax(params, logits, features, head, *, tailsize, euclid_weight, alpha):
+    return openmax.openmax_score(params, logits, alpha=alpha)
+
+
+_FITTED = {"consumes": "fitted"}
+for _score in (
+    Score(
+        "fdbd",
+        _fdbd,
+        display="fDBD",
+        defaults={"distance_as_normalizer": True},
+        fit=_fit_train_mean,
+        **_FITTED,
+    ),
+    Score("rmds", _rmds, display="RMDS", fit=_fit_rmds, **_FITTED),
+    Score(
+        "relation",
+        _relation,
+        display="Relation",
+        defaults={"power": 1.0},
+        fit=_fit_relation,
+        sweep="power",
+        sweep_label="pow",
+        **_FITTED,
+    ),
+    # Not jitted as a whole: the residual space is computed on the host in float64.
+    Score("vim", _vim, display="ViM", defaults={"dim": 256}, fit=_fit_vim, jit=False, **_FITTED),
+    # OpenOOD's residual.yml (dim 512) on a 512-D ResNet-18 becomes 256 by the D // 2 rule.
+    Score(
+        "residual",
+        _residual,
+        display="Residual",
+        defaults={"dim": 512},
+        fit=_fit_vim,
+        jit=False,
+        **_FITTED,
+    ),
+    Score(
+        "gen", _gen, "outputs", "GEN", {"gamma": 0.1, "m": 100}, sweep="gamma", sweep_label="gamma"
+    ),
+    Score("temp_scale", _temperature, display="TempScale", fit=_fit_temperature, **_FITTED),
+    Score("klm", _kl_matching, display="KLM", fit=_fit_kl_matching, **_FITTED),
+    Score(
+        "nnguide",
+        _nnguide,
+        display="NNGuide",
+        defaults={"k": 100, "alpha": 0.01, "seed": 0},
+        fit=_fit_nnguide,
+        **_FITTED,
+    ),
+    Score(
+        "nci",
+        _nci,
+        display="NCI",
+        defaults={"alpha": 1e-4},
+        fit=_fit_train_mean,
+        sweep="alpha",
+        sweep_label="a",
+        **_FITTED,
+    ),
+    Score("she", _she, display="SHE", fit=_fit_she, **_FITTED),
+    Score(
+        "dice",
+        _dice,
+        display="DICE",
+        defaults={"percentile": 90.0},
+        fit=_fit_train_mean,
+        sweep="percentile",
+        sweep_label="p",
+        **_FITTED,
+    ),
+    Score(
+        "vra",
+        _vra,
+        display="VRA",
+        defaults={"percentile_low": 10.0, "percentile_high": 90.0},
+        fit=_fit_vra,
+        **_FITTED,
+    ),
+    Score("lts", _lts, "outputs", "LTS", {"p": 0.05}),
+    Score("pnml", _pnml, display="pNML", fit=_fit_pnml, **_FITTED),
+    Score(
+        "openmax",
+        _openmax,
+        display="OpenMax",
+        defaults={"tailsize": 25, "euclid_weight": 1.0, "alpha": 10},
+        fit=_fit_openmax,
+        **_FITTED,
+    ),
+):
+    register_score(_score)
