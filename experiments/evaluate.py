@@ -131,7 +131,9 @@ def evaluate_workdir(
         test_ds=test_ds,
         provenance=provenance,
         out_dir=default_dir if out_dir is None else out_dir,
-        batch_size=batch_size or eval_batch_size(config, sharding.make_mesh()),
+        batch_size=eval_batch_size(config, sharding.make_mesh())
+        if batch_size is None
+        else batch_size,
         data_dir=data_dir,
     )
 
@@ -152,6 +154,24 @@ _SHORTHANDS = {
     "max_ood": "eval.max_ood",
     "imports": "imports",
 }
+
+
+# Count flags and their least value (0 = all, for the budgets).
+_COUNTS = {
+    "batch_size": 1,
+    "num_draws": 1,
+    "num_synthetic": 1,
+    "max_train": 0,
+    "max_ood": 0,
+    "step": 0,
+}
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for flag, least in _COUNTS.items():
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise cli.UsageError(f"--{flag} must be >= {least}, got {value}.")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -198,6 +218,7 @@ def _main(argv: Sequence[str] | None) -> dict:
         for name in available_scores():
             if get_score(name).sweep == "temperature":
                 overrides.append(f"--config.eval.score_hparams.{name}.temperature=({temps},)")
+    _check_counts(args)
     if args.pretrained is not None and args.step is not None:
         raise cli.UsageError("--step applies to a --workdir; a published checkpoint has one step.")
     results = evaluate_workdir(

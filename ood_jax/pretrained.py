@@ -42,6 +42,8 @@ MANIFEST = "manifest.json"
 ENV = "OOD_JAX_PRETRAINED"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SUBDIR = Path("results") / "cpu_study" / "checkpoints"
+# What load() and the evaluation read of an entry.
+_REQUIRED_FIELDS = ("file", "sha256", "model", "step", "config")
 
 
 class PretrainedError(ValueError):
@@ -61,8 +63,18 @@ def _manifest(root: str | os.PathLike | None) -> tuple[Path, dict[str, dict]]:
             f"no published checkpoints at {folder} ({MANIFEST} missing). Use a checkout of the "
             f"ood_jax repository, or pass root= / set {ENV} to a folder with {MANIFEST}."
         )
-    with open(path) as f:
-        return folder, json.load(f)
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PretrainedError(
+            f"{path} is not valid JSON ({err}); restore it from git (git checkout -- {path})."
+        ) from None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise PretrainedError(
+            f"{path}: expected an object of {{name: entry}} objects; restore it from git."
+        )
+    return folder, entries
 
 
 def available(root: str | os.PathLike | None = None) -> list[str]:
@@ -78,6 +90,12 @@ def info(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
         close = difflib.get_close_matches(name, entries, n=3, cutoff=0.5)
         hint = f" Did you mean {close}?" if close else f" Published: {sorted(entries)[:8]} ..."
         raise PretrainedError(f"unknown published checkpoint {name!r}.{hint}")
+    missing = [key for key in _REQUIRED_FIELDS if key not in entries[name]]
+    if missing:
+        raise PretrainedError(
+            f"published checkpoint {name!r}: its {MANIFEST} entry lacks {missing}; restore "
+            f"{MANIFEST} from git, or re-export the checkpoint (ood_jax.pretrained.export)."
+        )
     return dict(entries[name])
 
 
