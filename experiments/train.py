@@ -227,15 +227,16 @@ def _final_evaluation(config, run: Workdir, inputs: _Inputs, model_def, state, e
         "test_examples": test["count"],
         "test_source": inputs.test_ds.source,
     }
+    report_dir = os.path.abspath(run.file(Workdir.EVAL))
     done = None
     if config.eval.ood and not config.eval.force:
-        done = finished_report(run.file(Workdir.EVAL), step=step, config=config)
+        done = finished_report(report_dir, step=step, config=config)
     if done is not None:
         print(
-            f"OOD report of step {step} with these settings is already in {done['report_dir']}; "
+            f"OOD report of step {step} with these settings is already in {report_dir}; "
             "skipped (--config.eval.force=true redoes it)."
         )
-        summary["ood_report"] = done["report_dir"]
+        summary["ood_report"] = report_dir
     elif config.eval.ood:
         params, batch_stats = sharding.fetch((state.params, state.batch_stats))
         model = model_def.merge(params, batch_stats, train=False, key=None)
@@ -247,7 +248,7 @@ def _final_evaluation(config, run: Workdir, inputs: _Inputs, model_def, state, e
             provenance=Provenance(
                 command=shlex.join([sys.executable, *sys.argv]), step=step, workdir=run.path
             ),
-            out_dir=run.file(Workdir.EVAL),
+            out_dir=report_dir,
             batch_size=inputs.eval_batch,
         )
         summary["ood_report"] = report["report_dir"]
