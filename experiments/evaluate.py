@@ -104,7 +104,7 @@ def evaluate_workdir(
     if published is not None:
         from ood_jax import pretrained
 
-        entry = pretrained.info(published)
+        entry = pretrained.info(published, require=("step", "config"))
         model, metadata, step = pretrained.load(published), entry, entry["step"]
         default_dir = os.path.join("runs", "pretrained", *published.split("/"), "eval")
         provenance = Provenance(
