@@ -167,11 +167,14 @@ _COUNTS = {
 }
 
 
-def _check_counts(args: argparse.Namespace) -> None:
+def _check_flags(args: argparse.Namespace) -> None:
+    """Values known to be wrong at once, before the checkpoint and the data are read."""
     for flag, least in _COUNTS.items():
         value = getattr(args, flag)
         if value is not None and value < least:
             raise cli.UsageError(f"--{flag} must be >= {least}, got {value}.")
+    if args.out_dir is not None and os.path.isfile(args.out_dir):
+        raise cli.UsageError(f"--out_dir {args.out_dir!r} is a file; give a folder.")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -191,7 +194,11 @@ def _main(argv: Sequence[str] | None) -> dict:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--data", default=None, help="replace the run's data source (tfds|local|DIR)")
     p.add_argument("--data_dir", default=None, help="folder of the offline npz files")
-    p.add_argument("--ood_sets", default=None, help="comma-separated (default: the run's)")
+    p.add_argument(
+        "--ood_sets",
+        default=None,
+        help="comma-separated names, npz:FILE, folder:DIR, tfds:NAME or paths (default: the run's)",
+    )
     p.add_argument("--scores", default=None, help="comma-separated (default: every registered)")
     p.add_argument("--protocols", default=None, help="papers,full")
     p.add_argument("--convention", default=None, choices=("hendrycks", "openood"))
@@ -218,7 +225,7 @@ def _main(argv: Sequence[str] | None) -> dict:
         for name in available_scores():
             if get_score(name).sweep == "temperature":
                 overrides.append(f"--config.eval.score_hparams.{name}.temperature=({temps},)")
-    _check_counts(args)
+    _check_flags(args)
     if args.pretrained is not None and args.step is not None:
         raise cli.UsageError("--step applies to a --workdir; a published checkpoint has one step.")
     results = evaluate_workdir(

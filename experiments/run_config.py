@@ -141,6 +141,10 @@ def _optim_checks(o: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
             f"config.optim.warmup_epochs must be >= 0, got {o.warmup_epochs}",
         ),
         (
+            0 < o.peak_fraction < 1,
+            f"config.optim.peak_fraction must be in (0, 1), got {o.peak_fraction}",
+        ),
+        (
             o.schedule in SCHEDULES,
             f"config.optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}",
         ),

@@ -323,8 +323,9 @@ def parse_args(
 def _prog(method: str) -> str:
     """``python -m <the module run>``, as the user typed it (not the file name)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    module = spec.name if spec is not None else f"experiments.cifar10_{method}"
-    return f"python -m {module}"
+    if spec is not None and spec.name.startswith("experiments."):
+        return f"python -m {spec.name}"
+    return f"python -m experiments.cifar10_{method}"  # called from Python (tests, notebooks)
 
 
 def _description(method: str) -> str:

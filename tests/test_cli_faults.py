@@ -180,6 +180,18 @@ def test_workdir_that_is_a_file(own, tmp_path, capsys):
     assert path.read_text() == "mine"
 
 
+def test_report_folder_that_is_a_file(run, tmp_path, capsys):
+    from ood_jax.evaluate.report import atomic_directory
+
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    err = _one_line(capsys, evaluate.main, [f"--workdir={run}", f"--out_dir={path}"])
+    assert err == f"error: --out_dir {str(path)!r} is a file; give a folder."
+    with pytest.raises(ValueError, match="is a file"), atomic_directory(str(path)):
+        pass  # the library refuses too, rather than replace the file
+    assert path.read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     ("flag", "least"), [("--batch_size=0", 1), ("--num_draws=0", 1), ("--max_ood=-1", 0)]
 )
@@ -312,4 +324,5 @@ def test_help_of_each_method_entry_point(method, capsys):
     doc = importlib.import_module(f"experiments.cifar10_{method}").__doc__
     assert doc.splitlines()[0] in text
     assert "--config.optim.lr=0.05" in text and "--config.eval.ood_sets=" in text
-    assert "presets: paper, cpu, smoke" in text and ".py" not in text.splitlines()[0]
+    assert "presets: paper, cpu, smoke" in text
+    assert text.startswith(f"usage: python -m experiments.cifar10_{method} ")

@@ -44,6 +44,8 @@ def atomic_directory(path: str) -> Iterator[str]:
     was, and the exception propagates.
     """
     path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"the report folder {path!r} is a file; choose another --out_dir.")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     _remove_stale(parent, os.path.basename(path))
