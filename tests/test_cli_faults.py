@@ -326,3 +326,36 @@ def test_help_of_each_method_entry_point(method, capsys):
     assert "--config.optim.lr=0.05" in text and "--config.eval.ood_sets=" in text
     assert "presets: paper, cpu, smoke" in text
     assert text.startswith(f"usage: python -m experiments.cifar10_{method} ")
+
+
+def test_tfds_ood_set_from_the_evaluation_command(run, own, tmp_path, monkeypatch):
+    """``tfds:<name>`` through the command line, with tfds's mocked data (no download)."""
+    import socket
+
+    import tensorflow_datasets as tfds
+
+    from ood_jax.data import sources
+
+    root, _ = own
+    listening = socket.socket()  # the network answers: the probe before a download passes
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    monkeypatch.setattr(sources, "NETWORK_PROBE", listening.getsockname())
+    out = tmp_path / "report"
+    with tfds.testing.mock_data(num_examples=5):
+        results = evaluate.main(
+            [
+                f"--workdir={run}",
+                f"--data={root}",
+                "--ood_sets=tfds:svhn_cropped",
+                f"--out_dir={out}",
+            ]
+        )
+        reference = np.stack(
+            [ex["image"] for ex in tfds.as_numpy(tfds.load("svhn_cropped", split="test"))]
+        )
+    listening.close()
+    assert results["data"]["ood"]["tfds:svhn_cropped"]["num_examples"] == 5
+    np.testing.assert_allclose(
+        _ood_scores(out, "tfds:svhn_cropped"), _msp(run, reference), rtol=1e-4, atol=1e-5
+    )
