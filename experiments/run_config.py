@@ -102,6 +102,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (t.log_every >= 1, f"config.train.log_every must be >= 1, got {t.log_every}"),
         (config.seed >= 0, f"config.seed must be >= 0, got {config.seed}"),
     ]
+    from ood_jax.models import MODEL_NAMES
+
+    checks.append(
+        (
+            config.model.name in MODEL_NAMES,
+            f"config.model.name: unknown model {config.model.name!r}; known: "
+            + ", ".join(MODEL_NAMES),
+        )
+    )
     for ok, message in checks + _optim_checks(config.optim):
         if not ok:
             raise cli.UsageError(message + ".")

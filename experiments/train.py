@@ -158,6 +158,11 @@ def _initial_state(config: ml_collections.ConfigDict, inputs: _Inputs, identity:
             params, batch_stats, init_step = torch_import.initial_weights(source, identity)
         else:
             with Workdir(source) as run:
+                if not run.has_checkpoints():
+                    raise cli.UsageError(
+                        f"--init_from {source!r}: no checkpoints/ folder there; give the "
+                        "workdir of a training run or a PyTorch checkpoint file."
+                    )
                 params, batch_stats, init_step = run.initial_weights(identity)
         state = state.replace(params=params, batch_stats=batch_stats)
         print(f"initialized from {source} (checkpoint step {init_step})")

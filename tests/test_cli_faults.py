@@ -156,6 +156,10 @@ def _one_line(capsys, main, argv, code=2):
         ("--config.optim.momentum=1.5", "config.optim.momentum"),
         ("--config.optim.weight_decay=nan", "config.optim.weight_decay"),
         ("--config.optim.schedule=linear", "config.optim.schedule"),
+        ("--config.optim.peak_fraction=nan", "config.optim.peak_fraction"),
+        ("--config.eval.ood_sets=gaussian,gaussian", "duplicate OOD set names"),
+        ("--config.model.name=resnet_18", "config.model.name"),
+        ("--init_from=/no/such/run", "--init_from '/no/such/run'"),
     ],
 )
 def test_bad_training_input_is_one_line_before_anything_is_written(

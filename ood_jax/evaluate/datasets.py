@@ -72,7 +72,10 @@ def check_ood_set_names(names: Sequence[str] | None) -> None:
 
     Cheap (nothing is loaded), so a run can reject a typo before it trains.
     """
-    for name in names or ():
+    names = list(names or ())
+    if len(set(map(repr, names))) != len(names):
+        raise ValueError(f"duplicate OOD set names in {names}; name each set once.")
+    for name in names:
         if not isinstance(name, str):
             raise ValueError(f"OOD set names are strings; got {name!r} ({type(name).__name__}).")
         if name.startswith(_FILE_PREFIXES) or (_is_path(name) and not name.startswith("tfds:")):
