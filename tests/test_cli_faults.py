@@ -363,3 +363,27 @@ def test_tfds_ood_set_from_the_evaluation_command(run, own, tmp_path, monkeypatc
     np.testing.assert_allclose(
         _ood_scores(out, "tfds:svhn_cropped"), _msp(run, reference), rtol=1e-4, atol=1e-5
     )
+
+
+def test_data_tfds_without_network_is_one_line_in_seconds(tmp_path, monkeypatch, capsys):
+    """Real tfds builders, unprepared, and a probe to a port where nothing listens."""
+    import socket
+    import time
+
+    from ood_jax.data import sources
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    monkeypatch.setattr(sources, "NETWORK_PROBE", closed.getsockname())
+    closed.close()
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    from tensorflow_datasets.core import constants
+
+    monkeypatch.setattr(constants, "DATA_DIR", str(tmp_path / "tfds"))  # nothing prepared
+    workdir = tmp_path / "never"
+    start = time.monotonic()
+    err = _one_line(capsys, _run_main, [f"--workdir={workdir}", "--data=tfds", *RUN_ARGS])
+    assert time.monotonic() - start < 60
+    assert "no network" in err and "--data local" in err
+    assert not workdir.exists()
