@@ -124,6 +124,7 @@ def evaluate_workdir(
     config.eval.ood = True  # this is the OOD report, whatever the run itself did at its end
     validate_config(config)
     train_ds, test_ds = load_splits(config, data_dir=data_dir)
+    default_batch = eval_batch_size(config, sharding.make_mesh())
     return ood_report(
         config,
         model,
@@ -131,9 +132,7 @@ def evaluate_workdir(
         test_ds=test_ds,
         provenance=provenance,
         out_dir=default_dir if out_dir is None else out_dir,
-        batch_size=eval_batch_size(config, sharding.make_mesh())
-        if batch_size is None
-        else batch_size,
+        batch_size=batch_size if batch_size is not None else default_batch,
         data_dir=data_dir,
     )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import shlex
@@ -156,13 +157,13 @@ def _initial_state(config: ml_collections.ConfigDict, inputs: _Inputs, identity:
 
         if torch_import.is_torch_checkpoint(source):
             params, batch_stats, init_step = torch_import.initial_weights(source, identity)
+        elif not os.path.isdir(os.path.join(source, Workdir.CHECKPOINTS)):
+            raise cli.UsageError(
+                f"--init_from {source!r}: no checkpoints/ folder there; give the workdir of a "
+                "training run or a PyTorch checkpoint file."
+            )
         else:
             with Workdir(source) as run:
-                if not run.has_checkpoints():
-                    raise cli.UsageError(
-                        f"--init_from {source!r}: no checkpoints/ folder there; give the "
-                        "workdir of a training run or a PyTorch checkpoint file."
-                    )
                 params, batch_stats, init_step = run.initial_weights(identity)
         state = state.replace(params=params, batch_stats=batch_stats)
         print(f"initialized from {source} (checkpoint step {init_step})")
@@ -335,11 +336,7 @@ def _prog(method: str) -> str:
 
 def _description(method: str) -> str:
     """The method entry point's docstring: what it trains, from what, with which flags."""
-    module = sys.modules.get(f"experiments.cifar10_{method}")
-    if module is None:
-        import importlib
-
-        module = importlib.import_module(f"experiments.cifar10_{method}")
+    module = importlib.import_module(f"experiments.cifar10_{method}")
     return (module.__doc__ or __doc__).strip()
 
 
