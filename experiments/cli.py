@@ -17,7 +17,8 @@ A user error (:class:`UsageError`, or the ``ValueError`` / ``CheckpointError``
 command with one line on stderr and exit status 2 (:func:`run_main`); set
 ``OOD_JAX_DEBUG=1`` to see the traceback. Ctrl-C or SIGTERM during training saves
 a checkpoint at the next step boundary and ends with one line saying how to
-resume, exit status 130 / 143. Anything else keeps its traceback.
+resume, exit status 130 / 143; Ctrl-C elsewhere (the OOD report, the evaluation
+command) is one line and exit status 130. Anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -168,6 +169,17 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     except TrainingInterrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:
+        if os.environ.get("OOD_JAX_DEBUG"):
+            raise
+        # Outside the training loop (the OOD report, experiments.evaluate): a report is
+        # written to a temporary folder and renamed at the end, so nothing partial is left.
+        print(
+            "interrupted (Ctrl-C): no report was written and the checkpoints are kept; "
+            "run the same command again to redo it.",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     except (ValueError, CheckpointError, DatasetUnavailableError) as err:
         if os.environ.get("OOD_JAX_DEBUG"):
             raise

@@ -110,7 +110,7 @@ def evaluate_workdir(
     if published is not None:
         from ood_jax import pretrained
 
-        entry = pretrained.info(published)
+        entry = pretrained.info(published, require=("step", "config"))
         model, metadata, step = pretrained.load(published), entry, entry["step"]
         default_dir = os.path.join("runs", "pretrained", *published.split("/"), "eval")
         provenance = Provenance(
@@ -119,7 +119,7 @@ def evaluate_workdir(
             published={"published": published, "sha256": entry["sha256"], "step": step},
         )
     else:
-        default_dir = os.path.join(workdir, "eval" if step is None else f"eval_step{step}")
+        default_dir = os.path.join(workdir, Workdir.EVAL if step is None else f"eval_step{step}")
         model, metadata, step = restore_model(workdir, step=step)
         provenance = Provenance(command=command, step=step, workdir=workdir)
     config = _with_overrides(saved_config(metadata["config"]), data=data, overrides=overrides)
@@ -232,6 +232,7 @@ def _report(
 ) -> dict:
     """:func:`experiments.evaluation.ood_report` on the splits ``config.data`` names."""
     train_ds, test_ds = load_splits(config, data_dir=data_dir)
+    default_batch = eval_batch_size(config, sharding.make_mesh())
     return ood_report(
         config,
         model,
@@ -239,7 +240,7 @@ def _report(
         test_ds=test_ds,
         provenance=provenance,
         out_dir=out_dir,
-        batch_size=batch_size or eval_batch_size(config, sharding.make_mesh()),
+        batch_size=batch_size if batch_size is not None else default_batch,
         data_dir=data_dir,
     )
 
@@ -260,6 +261,27 @@ _SHORTHANDS = {
     "max_ood": "eval.max_ood",
     "imports": "imports",
 }
+
+
+# Count flags and their least value (0 = all, for the budgets).
+_COUNTS = {
+    "batch_size": 1,
+    "num_draws": 1,
+    "num_synthetic": 1,
+    "max_train": 0,
+    "max_ood": 0,
+    "step": 0,
+}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Values known to be wrong at once, before the checkpoint and the data are read."""
+    for flag, least in _COUNTS.items():
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise cli.UsageError(f"--{flag} must be >= {least}, got {value}.")
+    if args.out_dir is not None and os.path.isfile(args.out_dir):
+        raise cli.UsageError(f"--out_dir {args.out_dir!r} is a file; give a folder.")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -299,7 +321,11 @@ def _main(argv: Sequence[str] | None) -> dict:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--data", default=None, help="replace the run's data source (tfds|local|DIR)")
     p.add_argument("--data_dir", default=None, help="folder of the offline npz files")
-    p.add_argument("--ood_sets", default=None, help="comma-separated (default: the run's)")
+    p.add_argument(
+        "--ood_sets",
+        default=None,
+        help="comma-separated names, npz:FILE, folder:DIR, tfds:NAME or paths (default: the run's)",
+    )
     p.add_argument("--scores", default=None, help="comma-separated (default: every registered)")
     p.add_argument("--protocols", default=None, help="papers,full")
     p.add_argument("--convention", default=None, choices=("hendrycks", "openood"))
@@ -332,6 +358,7 @@ def _main(argv: Sequence[str] | None) -> dict:
         for name in available_scores():
             if get_score(name).sweep == "temperature":
                 overrides.append(f"--config.eval.score_hparams.{name}.temperature=({temps},)")
+    _check_flags(args)
     if args.pretrained is not None and args.step is not None:
         raise cli.UsageError("--step applies to a --workdir; a published checkpoint has one step.")
     if args.torch_checkpoint is not None:

@@ -9,7 +9,9 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from typing import Any
 
 import ml_collections
 from flax import nnx
@@ -71,6 +73,31 @@ def eval_spec(config: ml_collections.ConfigDict, *, batch_size: int) -> EvalSpec
         mean=dataset.mean,
         std=dataset.std,
     )
+
+
+def finished_report(out_dir: str, *, step: int, config: ml_collections.ConfigDict) -> dict | None:
+    """The complete report in ``out_dir`` of this ``step`` and ``config`` (``eval.force``
+    aside), or None: a rerun of a finished run need not redo it."""
+    path = os.path.join(out_dir, "results.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(results, dict) or not results.get("complete"):
+        return None
+    same_step = (results.get("checkpoint") or {}).get("step") == step
+    return results if same_step and _settings(results.get("config")) == _settings(config) else None
+
+
+def _settings(config: Any) -> Any:
+    """A config as JSON values, without the field that only asks to redo the report."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    values = json.loads(json.dumps(config, default=str))
+    if isinstance(values, dict) and isinstance(values.get("eval"), dict):
+        values["eval"].pop("force", None)
+    return values
 
 
 def ood_report(

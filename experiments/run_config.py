@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 from collections.abc import Iterator
 
 import ml_collections
@@ -17,7 +18,7 @@ import ml_collections
 from experiments import cli
 from ood_jax import data as D
 from ood_jax.scores import merge_hparams as merge_score_hparams
-from ood_jax.train import get_objective
+from ood_jax.train import SCHEDULES, get_objective
 from ood_jax.train import resolve_hparams as resolve_objective_hparams
 
 # Overrides applied before the rest: they decide which other fields exist.
@@ -101,7 +102,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (t.log_every >= 1, f"config.train.log_every must be >= 1, got {t.log_every}"),
         (config.seed >= 0, f"config.seed must be >= 0, got {config.seed}"),
     ]
-    for ok, message in checks:
+    from ood_jax.models import MODEL_NAMES
+
+    checks.append(
+        (
+            config.model.name in MODEL_NAMES,
+            f"config.model.name: unknown model {config.model.name!r}; known: "
+            + ", ".join(MODEL_NAMES),
+        )
+    )
+    for ok, message in checks + _optim_checks(config.optim):
         if not ok:
             raise cli.UsageError(message + ".")
     if config.eval.ood:
@@ -115,6 +125,39 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         names = ood_set_names(config)
         with _config_field("eval.ood_sets"):
             check_ood_set_names(names)
+
+
+def _optim_checks(o: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
+    """``(ok, message)`` per optimizer value, naming the flag (NaN fails every comparison)."""
+    finite = {k: math.isfinite(o[k]) for k in ("lr", "weight_decay", "final_lr", "decay_factor")}
+    return [
+        (finite["lr"] and o.lr > 0, f"config.optim.lr must be a positive number, got {o.lr}"),
+        (0 <= o.momentum < 1, f"config.optim.momentum must be in [0, 1), got {o.momentum}"),
+        (
+            finite["weight_decay"] and o.weight_decay >= 0,
+            f"config.optim.weight_decay must be >= 0, got {o.weight_decay}",
+        ),
+        (
+            finite["final_lr"] and o.final_lr >= 0,
+            f"config.optim.final_lr must be >= 0, got {o.final_lr}",
+        ),
+        (
+            finite["decay_factor"] and o.decay_factor > 0,
+            f"config.optim.decay_factor must be > 0, got {o.decay_factor}",
+        ),
+        (
+            o.warmup_epochs >= 0,
+            f"config.optim.warmup_epochs must be >= 0, got {o.warmup_epochs}",
+        ),
+        (
+            0 < o.peak_fraction < 1,
+            f"config.optim.peak_fraction must be in (0, 1), got {o.peak_fraction}",
+        ),
+        (
+            o.schedule in SCHEDULES,
+            f"config.optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}",
+        ),
+    ]
 
 
 def ood_set_names(config: ml_collections.ConfigDict) -> list[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import shlex
@@ -36,7 +37,7 @@ import ml_collections
 from experiments import cli
 from experiments.configs import methods
 from experiments.data import display_name, load_outliers, load_splits, near_auxiliary_notes
-from experiments.evaluation import Provenance, ood_report
+from experiments.evaluation import Provenance, finished_report, ood_report
 from experiments.finetune import check_auto_hparams, set_auto_hparams
 from experiments.run_config import (
     SCHEMA_FIELDS,
@@ -156,6 +157,11 @@ def _initial_state(config: ml_collections.ConfigDict, inputs: _Inputs, identity:
 
         if torch_import.is_torch_checkpoint(source):
             params, batch_stats, init_step = torch_import.initial_weights(source, identity)
+        elif not os.path.isdir(os.path.join(source, Workdir.CHECKPOINTS)):
+            raise cli.UsageError(
+                f"--init_from {source!r}: no checkpoints/ folder there; give the workdir of a "
+                "training run or a PyTorch checkpoint file."
+            )
         else:
             with Workdir(source) as run:
                 params, batch_stats, init_step = run.initial_weights(identity)
@@ -227,7 +233,17 @@ def _final_evaluation(config, run: Workdir, inputs: _Inputs, model_def, state, e
         "test_examples": test["count"],
         "test_source": inputs.test_ds.source,
     }
-    if config.eval.ood:
+    report_dir = os.path.abspath(run.file(Workdir.EVAL))
+    done = None
+    if config.eval.ood and not config.eval.force:
+        done = finished_report(report_dir, step=step, config=config)
+    if done is not None:
+        print(
+            f"OOD report of step {step} with these settings is already in {report_dir}; "
+            "skipped (--config.eval.force=true redoes it)."
+        )
+        summary["ood_report"] = report_dir
+    elif config.eval.ood:
         params, batch_stats = sharding.fetch((state.params, state.batch_stats))
         model = model_def.merge(params, batch_stats, train=False, key=None)
         report = ood_report(
@@ -238,7 +254,7 @@ def _final_evaluation(config, run: Workdir, inputs: _Inputs, model_def, state, e
             provenance=Provenance(
                 command=shlex.join([sys.executable, *sys.argv]), step=step, workdir=run.path
             ),
-            out_dir=run.file(Workdir.EVAL),
+            out_dir=report_dir,
             batch_size=inputs.eval_batch,
         )
         summary["ood_report"] = report["report_dir"]
@@ -254,7 +270,12 @@ def parse_args(
     argv: Sequence[str] | None, *, method: str, description: str
 ) -> tuple[ml_collections.ConfigDict, str]:
     """``(config, workdir)`` from the command line (preset, ``--data``, overrides)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(
+        prog=_prog(method),
+        description=description,
+        epilog=_overrides_help(method),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--workdir", required=True, help="checkpoints, logs and reports go here")
     parser.add_argument(
         "--preset",
@@ -305,11 +326,48 @@ def parse_args(
     return config, args.workdir
 
 
+def _prog(method: str) -> str:
+    """``python -m <the module run>``, as the user typed it (not the file name)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name.startswith("experiments."):
+        return f"python -m {spec.name}"
+    return f"python -m experiments.cifar10_{method}"  # called from Python (tests, notebooks)
+
+
+def _description(method: str) -> str:
+    """The method entry point's docstring: what it trains, from what, with which flags."""
+    module = importlib.import_module(f"experiments.cifar10_{method}")
+    return (module.__doc__ or __doc__).strip()
+
+
+def _overrides_help(method: str) -> str:
+    """The ``--config.*`` overrides, with this method's objective hyperparameters."""
+    config = methods.get_config(method, "smoke")
+    defaults = get_objective(config.objective.name).defaults
+    hparams = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
+    return "\n".join(
+        [
+            f"presets: {', '.join(methods.presets_of(method))} (paper: the published recipe; "
+            "cpu: a short CPU run; smoke: a few steps, to try the command).",
+            "",
+            "config overrides (--config.<field>=<value>, typed as the preset's field; "
+            "fields and defaults in experiments/configs/default.py):",
+            "  --config.optim.lr=0.05 --config.train.epochs=10 --config.train.batch_size=64",
+            "  --config.eval.ood_sets=svhn,gaussian,npz:/data/own.npz,folder:/data/own_set",
+            "  --config.eval.ood=false        (test accuracy only, no OOD report)",
+            "  --config.eval.force=true       (redo the OOD report of a finished run)",
+            "  --config.model.name=resnet9 --config.model.options.spectral_norm=true",
+            f"  --config.objective.hparams.<name>=<value>  ({config.objective.name}: {hparams})",
+            "  --config.imports=my_module     (register your own objective/score/dataset)",
+        ]
+    )
+
+
 def main(argv: Sequence[str] | None = None, *, method: str = "logitnorm") -> dict:
     """Command-line entry point shared by the training experiments."""
 
     def run(argv):
-        config, workdir = parse_args(argv, method=method, description=__doc__.split("\n")[0])
+        config, workdir = parse_args(argv, method=method, description=_description(method))
         return train_and_evaluate(config, workdir)
 
     return cli.run_main(run, argv)

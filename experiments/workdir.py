@@ -60,6 +60,10 @@ RUN_FIELDS = (
 )
 
 
+# Reads of a still-training run's newest checkpoint before giving up (each lost to pruning).
+_NEWEST_ATTEMPTS = 3
+
+
 def model_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
     """What must match between a checkpoint and the model restoring it (the
     identity :func:`ood_jax.models.build_model` builds from)."""
@@ -101,6 +105,11 @@ class Workdir:
 
     def __init__(self, path: str | os.PathLike, *, max_to_keep: int = 3):
         self.path = os.fspath(path)
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise cli.UsageError(
+                f"--workdir {self.path!r} is a file, not a folder; give a new folder or the "
+                "workdir of a training run."
+            )
         self._max_to_keep = max_to_keep
         self._checkpointer: Checkpointer | None = None
         self._held = contextlib.ExitStack()
@@ -213,6 +222,10 @@ class Workdir:
         state's layout comes from ``metadata["config"]["optim"]`` (its values are not
         needed). The checkpoint package checks that every saved array fits the model.
 
+        The newest checkpoint of a run that is still training may be pruned while it
+        is read (the run keeps ``max_to_keep``): then the new newest one is read, a
+        few times, before a clear error says to wait or pass ``--step``.
+
         Raises:
           UsageError: no checkpoint directory.
           CheckpointError: no checkpoint, a missing step, a corrupt checkpoint, or one
@@ -223,13 +236,28 @@ class Workdir:
                 f"{self.path!r}: no checkpoints/ folder; pass the workdir of a training run "
                 "(python -m experiments.cifar10_logitnorm --workdir DIR)."
             )
+        if step is not None:
+            return self._restore(step, expected_model)
         checkpointer = self.checkpointer
-        if step is None:
-            step = checkpointer.latest_step()
-            if step is None:
+        for _ in range(_NEWEST_ATTEMPTS):
+            newest = checkpointer.latest_step()
+            if newest is None:
                 raise CheckpointError(
                     f"{self.path!r}: {checkpointer.directory} holds no checkpoint."
                 )
+            try:
+                return self._restore(newest, expected_model)
+            except (CheckpointError, OSError):
+                if newest in checkpointer.all_steps():
+                    raise  # still there: the checkpoint itself is the problem
+        raise CheckpointError(
+            f"{self.path!r}: its newest checkpoint was replaced {_NEWEST_ATTEMPTS} times while "
+            "being read (a run is still training there); wait for it to finish, or pass "
+            f"--step with one of {checkpointer.all_steps()}."
+        )
+
+    def _restore(self, step: int, expected_model: Mapping[str, Any] | None) -> RestoredRun:
+        checkpointer = self.checkpointer
         metadata = checkpointer.read_metadata(step)
         identity, config = metadata.get("model"), metadata.get("config")
         if not identity or not config:

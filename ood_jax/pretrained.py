@@ -25,7 +25,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ MANIFEST = "manifest.json"
 ENV = "OOD_JAX_PRETRAINED"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SUBDIR = Path("results") / "cpu_study" / "checkpoints"
+# What load() reads of an entry.
+_REQUIRED_FIELDS = ("file", "sha256", "model")
 
 
 class PretrainedError(ValueError):
@@ -61,8 +63,18 @@ def _manifest(root: str | os.PathLike | None) -> tuple[Path, dict[str, dict]]:
             f"no published checkpoints at {folder} ({MANIFEST} missing). Use a checkout of the "
             f"ood_jax repository, or pass root= / set {ENV} to a folder with {MANIFEST}."
         )
-    with open(path) as f:
-        return folder, json.load(f)
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PretrainedError(
+            f"{path} is not valid JSON ({err}); restore it from git (git checkout -- {path})."
+        ) from None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise PretrainedError(
+            f"{path}: expected an object of {{name: entry}} objects; restore it from git."
+        )
+    return folder, entries
 
 
 def available(root: str | os.PathLike | None = None) -> list[str]:
@@ -70,14 +82,25 @@ def available(root: str | os.PathLike | None = None) -> list[str]:
     return sorted(_manifest(root)[1])
 
 
-def info(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
+def info(
+    name: str, root: str | os.PathLike | None = None, *, require: Sequence[str] = ()
+) -> dict[str, Any]:
     """The manifest entry of ``name``: file, sha256, model, dataset, normalization,
-    method, seed, step, test_accuracy, config."""
+    method, seed, step, test_accuracy, config.
+
+    Raises ``PretrainedError`` if it lacks file, sha256, model or a field of ``require``.
+    """
     _, entries = _manifest(root)
     if name not in entries:
         close = difflib.get_close_matches(name, entries, n=3, cutoff=0.5)
         hint = f" Did you mean {close}?" if close else f" Published: {sorted(entries)[:8]} ..."
         raise PretrainedError(f"unknown published checkpoint {name!r}.{hint}")
+    missing = [key for key in (*_REQUIRED_FIELDS, *require) if key not in entries[name]]
+    if missing:
+        raise PretrainedError(
+            f"published checkpoint {name!r}: its {MANIFEST} entry lacks {missing}; restore "
+            f"{MANIFEST} from git, or re-export the checkpoint (ood_jax.pretrained.export)."
+        )
     return dict(entries[name])
 
 

@@ -5,6 +5,21 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ood_jax import data
+from ood_jax.data import sources
+
+
+@pytest.fixture(autouse=True)
+def network_up(monkeypatch):
+    """The machine's network answers: the probe before a tfds download reaches a socket
+    listening here (these tests use mocked or failing tfds builders, no real download)."""
+    import socket
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    monkeypatch.setattr(sources, "NETWORK_PROBE", listening.getsockname())
+    yield
+    listening.close()
 
 
 def reference_examples(tfds_name, split):
@@ -63,6 +78,7 @@ class _OfflineBuilder:
 
 
 def test_unavailable_tfds_dataset_gives_one_clear_error(monkeypatch):
+    # The network answers (the probe passes, see network_up), the download itself fails.
     monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: _OfflineBuilder())
     with pytest.raises(data.DatasetUnavailableError) as info:
         data.load_dataset("svhn", "test")
@@ -112,3 +128,26 @@ def test_name_and_split_mapping(monkeypatch, name, split, limit, expected):
 def test_limit_with_combined_split_is_rejected():
     with pytest.raises(ValueError, match="limit"):
         data.load_dataset("textures", "all", limit=5)
+
+
+def test_offline_tfds_download_fails_in_seconds(tmp_path, monkeypatch):
+    """A real tfds builder, unprepared, with the network unreachable: a probe to a closed
+    port (nothing listens there) answers at once instead of tfds's minutes of retries."""
+    import socket
+    import time
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    monkeypatch.setattr(sources, "NETWORK_PROBE", ("127.0.0.1", port))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    start = time.monotonic()
+    with pytest.raises(data.DatasetUnavailableError) as info:
+        data.load_dataset("svhn", "test", tfds_data_dir=tmp_path)
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert "no network" in message and f"127.0.0.1:{port}" in message
+    assert "--data local" in message and "local_path=" in message
+    assert not any(tmp_path.rglob("*.array_record*"))  # nothing downloaded or prepared

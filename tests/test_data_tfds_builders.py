@@ -26,6 +26,7 @@ from tensorflow_datasets.datasets.svhn_cropped import svhn_cropped_dataset_build
 from tensorflow_datasets.image_classification import cifar
 
 from ood_jax import data
+from ood_jax.data import sources
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 SVHN_URLS = {
@@ -89,6 +90,7 @@ def local_internet(tmp_path, monkeypatch):
         )
 
     monkeypatch.setattr(downloader, "_open_url", open_local)
+    monkeypatch.setattr(sources, "NETWORK_PROBE", server.server_address[:2])
 
     def register(builder_cls, urls):
         infos = {u: checksums.compute_url_info(serve / u.rsplit("/", 1)[1]) for u in urls}

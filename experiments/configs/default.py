@@ -129,6 +129,9 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
     c.eval.max_train = 10000
     # CPU budget: OOD examples per set (0 = all).
     c.eval.max_ood = 0
+    # Redo the OOD report of a finished run whose eval/results.json is of the same
+    # step and settings (a rerun skips it otherwise).
+    c.eval.force = False
     # The ACET paper's adversarial-noise OOD set: this many uniform-noise images
     # attacked against the evaluated model (0 = none), with an L-inf PGD of
     # attack_steps steps and radius attack_eps in [0, 1] pixel space.

@@ -8,6 +8,7 @@ serves a dataset name is decided by its entry in :mod:`ood_jax.data.registry`.
 from __future__ import annotations
 
 import os
+import socket
 import zipfile
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from ood_jax.data import decode
 from ood_jax.data.dataset import IMAGE_SIZE, ImageDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# tfds retries a download for minutes when offline; before one, a connection to its
+# storage host (seconds) says at once that the network is unreachable.
+NETWORK_PROBE = ("storage.googleapis.com", 443)
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -65,7 +70,8 @@ def from_npz(
     * encoded: ``encoded`` (uint8, the image files concatenated), ``offsets``
       (int64 ``[N + 1]``), ``labels`` (int32 ``[N]``, -1 = none), ``label_names``;
       decoded with PIL (grayscale -> RGB) and cached on disk when fully decoded.
-    * decoded: ``images`` (uint8 ``[N, 32, 32, 3]``) and ``labels``.
+    * decoded: ``images`` (uint8 ``[N, 32, 32, 3]``, or grayscale ``[N, 32, 32]`` /
+      ``[N, 32, 32, 1]``, repeated to RGB) and ``labels``.
 
     Args:
       path: the npz file.
@@ -114,6 +120,8 @@ def from_npz(
             )
     if num_classes is None:
         num_classes = len(names) if len(names) else int(max(labels.max(initial=-1), -1)) + 1
+    if images.ndim == 3:  # grayscale [N, H, W]
+        images = images[..., None]
     if images.ndim == 4 and images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     return ImageDataset(images, labels, name=name, num_classes=num_classes, source=str(path))
@@ -206,6 +214,7 @@ def from_tfds(
     try:
         builder = tfds.builder(tfds_name, data_dir=data_dir)
         if download and not builder.is_prepared():
+            check_network()
             builder.download_and_prepare(file_format="array_record")
         array_record = str(builder.info.file_format).lower().endswith("array_record")
         if array_record:
@@ -234,6 +243,20 @@ def from_tfds(
         num_classes=num_classes,
         source=f"tfds {builder.info.full_name}" + (" (array_record)" if array_record else ""),
     )
+
+
+def check_network(timeout: float = 3.0) -> None:
+    """Raises ``ConnectionError`` unless :data:`NETWORK_PROBE` answers within ``timeout``
+    seconds (skipped behind a proxy, which alone knows what is reachable)."""
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return
+    host, port = NETWORK_PROBE
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"no network: {host}:{port} is unreachable ({err}), so tfds cannot download"
+        ) from None
 
 
 def _data_source_examples(source, chunk: int = 1024):

@@ -44,10 +44,13 @@ def atomic_directory(path: str) -> Iterator[str]:
     was, and the exception propagates.
     """
     path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"the report folder {path!r} is a file; choose another --out_dir.")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     _remove_stale(parent, os.path.basename(path))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
     try:
         yield tmp
     except BaseException:
@@ -61,6 +64,12 @@ def atomic_directory(path: str) -> Iterator[str]:
     os.rename(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale(parent: str, name: str) -> None:
@@ -196,13 +205,23 @@ def _protocol_heading(result: Mapping) -> str:
     return f"Full OOD sets, {result['convention']} convention"
 
 
+def _checkpoint_origin(ckpt: Mapping) -> str:
+    """Where the model came from: a workdir, a published checkpoint, or another record."""
+    if ckpt.get("workdir"):
+        return f"`{ckpt['workdir']}`"
+    if ckpt.get("published"):
+        return f"published `{ckpt['published']}` (sha256 {str(ckpt.get('sha256'))[:12]}...)"
+    other = {k: v for k, v in ckpt.items() if k != "step"}
+    return ", ".join(f"{k} `{v}`" for k, v in other.items()) or "unrecorded"
+
+
 def markdown_report(results: Mapping) -> str:
     """The text of ``results.md`` from the ``results.json`` dict."""
     ckpt, data, cls = results["checkpoint"], results["data"], results["classification"]
     lines = [
         f"# OOD evaluation: {results['model'].get('name', 'model')} on {data['id']['name']}",
         "",
-        f"- checkpoint: `{ckpt.get('workdir')}` step {ckpt.get('step')}",
+        f"- checkpoint: {_checkpoint_origin(ckpt)} step {ckpt.get('step')}",
         f"- in-distribution test set: {data['id']['name']} ({data['id']['num_examples']} "
         f"images; {data['id']['source']})",
     ]

@@ -42,7 +42,7 @@ def make_optimizer(
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
-    if weight_decay < 0.0:
+    if not weight_decay >= 0.0 or not math.isfinite(weight_decay):
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
@@ -77,7 +77,7 @@ def make_schedule(
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}.")
-    if base_lr <= 0:
+    if not base_lr > 0 or not math.isfinite(base_lr):  # NaN fails every comparison
         raise ValueError(f"base_lr must be positive, got {base_lr}.")
     if name == "constant":
         return optax.constant_schedule(base_lr)
