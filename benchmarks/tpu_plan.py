@@ -30,6 +30,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+# Compile-only: no TPU is opened, so several plans (or a plan beside a test) may load
+# libtpu at once; without this, the second one stops at libtpu's process lockfile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import jax
 import jax.numpy as jnp
 import numpy as np

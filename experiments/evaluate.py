@@ -30,22 +30,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import ml_collections
 
 from experiments import cli
 from experiments.configs.default import PRESETS
-from experiments.data import load_splits
-from experiments.evaluation import Provenance, ood_report
-from experiments.run_config import (
-    SCHEMA_FIELDS,
-    complete_config,
-    eval_batch_size,
-    validate_config,
-)
+from experiments.evaluate_torch import TORCH_FLAGS, evaluate_torch_args
+from experiments.evaluation import Provenance, config_with_overrides, report_from_config
 from experiments.workdir import Workdir
-from ood_jax import data as D
-from ood_jax import interop, sharding
 
 
 def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, int]:
@@ -122,125 +113,13 @@ def evaluate_workdir(
         default_dir = os.path.join(workdir, Workdir.EVAL if step is None else f"eval_step{step}")
         model, metadata, step = restore_model(workdir, step=step)
         provenance = Provenance(command=command, step=step, workdir=workdir)
-    config = _with_overrides(saved_config(metadata["config"]), data=data, overrides=overrides)
-    return _report(
+    config = config_with_overrides(saved_config(metadata["config"]), data=data, overrides=overrides)
+    return report_from_config(
         config,
         model,
         provenance,
         out_dir=default_dir if out_dir is None else out_dir,
         batch_size=batch_size,
-        data_dir=data_dir,
-    )
-
-
-# One parameter per command-line flag, as evaluate_workdir.
-def evaluate_torch(
-    path: str,
-    arch: str,
-    *,
-    normalization: str | None = None,
-    num_classes: int | None = None,
-    preset: str = "paper",
-    data: str | None = None,
-    data_dir: str | None = None,
-    overrides: Sequence[str] = (),
-    batch_size: int | None = None,
-    out_dir: str | None = None,
-    command: str = "",
-) -> dict:
-    """Evaluates a PyTorch checkpoint like a workdir; returns the ``results.json`` dict.
-
-    The file is read without running code from it and converted exactly to the
-    ood_jax model of ``arch`` (see ``experiments.torch_import.load_for_evaluation``).
-    The evaluation's config is the ``ce`` method's at ``preset`` (its dataset, data
-    source and ``eval`` settings) with the imported model's identity; ``data`` and
-    ``overrides`` change it as for a workdir (``--config.model.options.*`` give the
-    options of a non-standard width, ``--config.data.dataset`` the in-distribution
-    set). Inputs are normalized with ``normalization`` (default: the one the
-    architecture's authors used). The report (in ``runs/torch/<file stem>/eval``
-    unless ``out_dir``) records the file, its sha256, the architecture and the
-    normalization.
-    """
-    from experiments import torch_import
-    from experiments.configs import methods
-
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
-    base = methods.get_config("ce", preset)
-    base.model.options = ml_collections.ConfigDict()  # the preset's model is replaced
-    config = _with_overrides(base, data=data, overrides=overrides)
-    imported = torch_import.load_for_evaluation(
-        path,
-        arch,
-        normalization=normalization,
-        num_classes=num_classes,
-        options=config.model.options.to_dict(),
-    )
-    classes = D.get_dataset_spec(config.data.dataset).num_classes
-    if imported.identity["num_classes"] != classes:
-        raise cli.UsageError(
-            f"{path}: the model has {imported.identity['num_classes']} classes, "
-            f"{config.data.dataset!r} has {classes}; choose the dataset it was trained on "
-            "(--dataset)."
-        )
-    config.model.name = imported.identity["name"]
-    config.model.options = ml_collections.ConfigDict(imported.identity["options"])
-    provenance = Provenance(
-        command=command,
-        step=0,
-        published={
-            "torch_checkpoint": os.path.abspath(path),
-            **{k: v for k, v in imported.provenance.items() if k != "path"},
-            "num_classes": classes,
-            "mean": list(imported.mean),
-            "std": list(imported.std),
-        },
-        normalization=(imported.mean, imported.std),
-    )
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return _report(
-        config,
-        imported.model,
-        provenance,
-        out_dir=os.path.join("runs", "torch", stem, "eval") if out_dir is None else out_dir,
-        batch_size=batch_size,
-        data_dir=data_dir,
-    )
-
-
-def _with_overrides(
-    config: ml_collections.ConfigDict, *, data: str | None, overrides: Sequence[str]
-) -> ml_collections.ConfigDict:
-    """``config`` with ``--data`` and the ``--config.*`` overrides, completed and checked."""
-    if data is not None:
-        config.data.source = data
-    config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)
-    complete_config(config)
-    config.eval.ood = True  # this is the OOD report, whatever the run itself did at its end
-    validate_config(config)
-    return config
-
-
-def _report(
-    config: ml_collections.ConfigDict,
-    model: Any,
-    provenance: Provenance,
-    *,
-    out_dir: str,
-    batch_size: int | None,
-    data_dir: str | None,
-) -> dict:
-    """:func:`experiments.evaluation.ood_report` on the splits ``config.data`` names."""
-    train_ds, test_ds = load_splits(config, data_dir=data_dir)
-    default_batch = eval_batch_size(config, sharding.make_mesh())
-    return ood_report(
-        config,
-        model,
-        train_ds=train_ds,
-        test_ds=test_ds,
-        provenance=provenance,
-        out_dir=out_dir,
-        batch_size=batch_size if batch_size is not None else default_batch,
         data_dir=data_dir,
     )
 
@@ -289,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return cli.run_main(_main, argv)
 
 
-def _main(argv: Sequence[str] | None) -> dict:
+def _parser() -> argparse.ArgumentParser:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = p.add_argument_group("what to evaluate (exactly one)")
     source.add_argument("--workdir", help="a training run's workdir")
@@ -337,6 +217,11 @@ def _main(argv: Sequence[str] | None) -> dict:
     p.add_argument("--imports", default=None, help="modules registering scores/datasets")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--out_dir", default=None)
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> dict:
+    p = _parser()
     args, extra = p.parse_known_args(argv)
     sources = [f"--{f}" for f in _SOURCES if getattr(args, f) is not None]
     if len(sources) != 1:  # checked here, not by argparse, for a one-line error
@@ -362,10 +247,10 @@ def _main(argv: Sequence[str] | None) -> dict:
     if args.pretrained is not None and args.step is not None:
         raise cli.UsageError("--step applies to a --workdir; a published checkpoint has one step.")
     if args.torch_checkpoint is not None:
-        results = _evaluate_torch_args(args, [*overrides, *extra], command)
+        results = evaluate_torch_args(args, [*overrides, *extra], command)
         print(f"wrote {os.path.join(results['report_dir'], 'results.md')}")
         return results
-    given = [f"--{f}" for f in _TORCH_FLAGS if getattr(args, f) is not None]
+    given = [f"--{f}" for f in TORCH_FLAGS if getattr(args, f) is not None]
     if given:
         raise cli.UsageError(f"{', '.join(given)}: only with --torch_checkpoint FILE.")
     results = evaluate_workdir(
@@ -384,37 +269,5 @@ def _main(argv: Sequence[str] | None) -> dict:
 
 
 _SOURCES = ("workdir", "pretrained", "torch_checkpoint")
-# The flags that describe a PyTorch file (errors without --torch_checkpoint).
-_TORCH_FLAGS = ("arch", "normalization", "num_classes", "dataset", "preset")
-
-
-def _evaluate_torch_args(args: argparse.Namespace, overrides: list[str], command: str) -> dict:
-    if args.arch is None:
-        raise cli.UsageError(
-            f"--torch_checkpoint needs --arch (one of {', '.join(interop.ARCH_NAMES)})."
-        )
-    if args.step is not None:
-        raise cli.UsageError(
-            "--step applies to a --workdir; a PyTorch file has one set of weights."
-        )
-    preset = args.preset or ("cpu" if jax.default_backend() == "cpu" else "paper")
-    if args.preset is None:
-        print(f"no --preset given: using '{preset}' for the {jax.default_backend()} backend")
-    dataset = [] if args.dataset is None else [f"--config.data.dataset={args.dataset}"]
-    return evaluate_torch(
-        args.torch_checkpoint,
-        args.arch,
-        normalization=args.normalization,
-        num_classes=args.num_classes,
-        preset=preset,
-        data=args.data,
-        data_dir=args.data_dir,
-        overrides=[*dataset, *overrides],
-        batch_size=args.batch_size,
-        out_dir=args.out_dir,
-        command=command,
-    )
-
-
 if __name__ == "__main__":
     main()

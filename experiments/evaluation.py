@@ -11,14 +11,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 from flax import nnx
 
-from experiments.data import display_name, near_auxiliary_notes
-from experiments.run_config import ood_set_names
+from experiments import cli
+from experiments.data import display_name, load_splits, near_auxiliary_notes
+from experiments.run_config import (
+    SCHEMA_FIELDS,
+    complete_config,
+    eval_batch_size,
+    ood_set_names,
+    validate_config,
+)
 from ood_jax import data as D
+from ood_jax import sharding
 from ood_jax.evaluate import EvalSpec, load_ood_sets, run_evaluation
 
 
@@ -146,4 +155,41 @@ def ood_report(
             "set_notes": near_auxiliary_notes(config, names),
         },
         progress=lambda message: print(f"OOD evaluation: {message}", flush=True),
+    )
+
+
+def config_with_overrides(
+    config: ml_collections.ConfigDict, *, data: str | None, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """``config`` with ``--data`` and the ``--config.*`` overrides, completed and checked."""
+    if data is not None:
+        config.data.source = data
+    config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)
+    complete_config(config)
+    config.eval.ood = True  # this is the OOD report, whatever the run itself did at its end
+    validate_config(config)
+    return config
+
+
+def report_from_config(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    provenance: Provenance,
+    *,
+    out_dir: str,
+    batch_size: int | None,
+    data_dir: str | None,
+) -> dict:
+    """:func:`ood_report` on the splits ``config.data`` names (the CLI's evaluations)."""
+    train_ds, test_ds = load_splits(config, data_dir=data_dir)
+    default_batch = eval_batch_size(config, sharding.make_mesh())
+    return ood_report(
+        config,
+        model,
+        train_ds=train_ds,
+        test_ds=test_ds,
+        provenance=provenance,
+        out_dir=out_dir,
+        batch_size=batch_size if batch_size is not None else default_batch,
+        data_dir=data_dir,
     )

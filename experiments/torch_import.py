@@ -2,7 +2,7 @@
 
 - ``python -m experiments.evaluate --torch_checkpoint FILE --arch NAME
   [--normalization cifar10|imagenet|MEAN,STD] [--num_classes N]``
-  (``experiments.evaluate.evaluate_torch``): :func:`load_for_evaluation` gives the
+  (``experiments.evaluate_torch.evaluate_torch``): :func:`load_for_evaluation` gives the
   model in eval mode, the input normalization it is evaluated with and the
   provenance (file, sha256, arch, normalization) the report records.
 

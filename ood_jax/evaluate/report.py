@@ -217,7 +217,32 @@ def _checkpoint_origin(ckpt: Mapping) -> str:
 
 def markdown_report(results: Mapping) -> str:
     """The text of ``results.md`` from the ``results.json`` dict."""
-    ckpt, data, cls = results["checkpoint"], results["data"], results["classification"]
+    cls = results["classification"]
+    lines = _header_lines(results)
+    lines += [
+        "",
+        "## Test accuracy and calibration",
+        "",
+        f"Accuracy {_pct(cls['accuracy'])}%, ECE ({cls['num_bins']} bins) {_pct(cls['ece'])}%.",
+    ]
+    if results.get("mmc"):
+        lines += ["", "Mean maximum softmax confidence (MMC) per set:", ""]
+        lines += markdown_table(
+            ["dataset", "MMC"], [[name, f"{value:.4f}"] for name, value in results["mmc"].items()]
+        )
+    for result in results["ood"].values():
+        lines += ["", f"## {_protocol_heading(result)}", ""] + ood_tables(
+            result, display=results.get("score_display"), set_notes=results.get("set_notes")
+        )
+    lines += _diagnostics_lines(results["diagnostics"])
+    if results.get("plots"):
+        lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in results["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(results: Mapping) -> list[str]:
+    """The report's list of what was evaluated, on what, and how."""
+    ckpt, data = results["checkpoint"], results["data"]
     lines = [
         f"# OOD evaluation: {results['model'].get('name', 'model')} on {data['id']['name']}",
         "",
@@ -244,26 +269,17 @@ def markdown_report(results: Mapping) -> str:
                 f"- {label} on seeded random subsets of at most {budget} images per dataset "
                 f"(sizes in results.json `image_score_examples`)"
             )
-    lines += [
+    lines.append(
         f"- metrics in percent; higher score = more in-distribution; command: "
-        f"`{results.get('command', '')}`",
-        "",
-        "## Test accuracy and calibration",
-        "",
-        f"Accuracy {_pct(cls['accuracy'])}%, ECE ({cls['num_bins']} bins) {_pct(cls['ece'])}%.",
-    ]
-    if results.get("mmc"):
-        lines += ["", "Mean maximum softmax confidence (MMC) per set:", ""]
-        lines += markdown_table(
-            ["dataset", "MMC"], [[name, f"{value:.4f}"] for name, value in results["mmc"].items()]
-        )
-    for result in results["ood"].values():
-        lines += ["", f"## {_protocol_heading(result)}", ""] + ood_tables(
-            result, display=results.get("score_display"), set_notes=results.get("set_notes")
-        )
-    diag = results["diagnostics"]
+        f"`{results.get('command', '')}`"
+    )
+    return lines
+
+
+def _diagnostics_lines(diag: Mapping) -> list[str]:
+    """Pearce et al.'s diagnostics: head geometry, feature norms, the Mahalanobis split."""
     w = diag["weights"]
-    lines += [
+    lines = [
         "",
         "## Diagnostics (Pearce et al. 2021)",
         "",
@@ -313,6 +329,4 @@ def markdown_report(results: Mapping) -> str:
             for name in split["raw"]
         ]
         lines += markdown_table(header, rows)
-    if results.get("plots"):
-        lines += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in results["plots"]]
-    return "\n".join(lines) + "\n"
+    return lines
