@@ -94,7 +94,10 @@ def check_program(compiled, state, *, bn_channels: int, name: str) -> dict:
 
 
 def bn_channels(batch_stats: Any) -> int:
-    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(batch_stats)) // 2
+    """BatchNorm channels: the size of every running ``mean`` (spectral norm's power
+    iteration vectors ``u`` live beside them but are not reduced across devices)."""
+    leaves = jax.tree_util.tree_flatten_with_path(batch_stats)[0]
+    return sum(int(np.prod(np.shape(x))) for path, x in leaves if "mean" in str(path[-1]))
 
 
 def compiled_memory(compiled) -> dict:

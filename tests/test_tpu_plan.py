@@ -164,3 +164,12 @@ def test_cpu_preset_compiles_for_a_v5e_slice_with_the_tpu_compiler(tmp_path):
     assert row["cost"]["flops"] > 1e9 and row["eval"]["cost"]["flops"] > 1e9
     assert row["estimate"]["images_per_s"] > 0
     assert "| ce | cpu | v5e:2x2 |" in out.with_suffix(".md").read_text()
+
+
+def test_bn_channels_count_running_means_only():
+    stats = {
+        "bn1": {"mean": np.zeros(16), "var": np.ones(16)},
+        "conv1": {"u": np.zeros(32)},  # spectral norm's power-iteration vector
+        "block": {"bn": {"mean": np.zeros(8), "var": np.ones(8)}},
+    }
+    assert tpu_program.bn_channels(stats) == 16 + 8
