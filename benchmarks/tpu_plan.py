@@ -137,6 +137,7 @@ def _batch(size: int, sharding, *, labels: bool = True) -> dict:
 
 def plan(method: str, preset: str, topology: str, precision: str = "bfloat16") -> dict:
     """Compiles ``method``'s ``preset`` train and eval steps for ``topology``."""
+    from experiments.run_config import eval_batch_size
     from experiments.steps import make_run_optimizer, make_run_steps
     from experiments.workdir import model_identity
     from ood_jax import sharding
@@ -174,10 +175,7 @@ def plan(method: str, preset: str, topology: str, precision: str = "bfloat16") -
             f"{tpu.hbm_per_device / 2**30:.1f} GiB; lower --config.train.batch_size or use "
             "more chips."
         )
-    eval_batch = max(
-        config.data.eval_batch_size - config.data.eval_batch_size % len(tpu.devices),
-        len(tpu.devices),
-    )
+    eval_batch = eval_batch_size(config, mesh)  # the runner's one rounding to the devices
     eval_compiled = eval_step.lower(state_abs, _batch(eval_batch, data)).compile()
     step_s = roofline(cost, tpu.chip)
     images_per_s = batch / step_s

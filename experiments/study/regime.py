@@ -40,6 +40,7 @@ import numpy as np
 from experiments import cli
 from experiments.study.execute import execute
 from experiments.study.plan import Run, state_of
+from experiments.workdir import Workdir
 
 # The regime rule, fixed before the main runs (it is copied into the report). The
 # 5-epoch study's CE models: test ECE 1.7 ± 0.3%, train accuracy (augmented stream) 79%.
@@ -128,15 +129,15 @@ def softmax_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def measure_step(workdir: str, step: int, cache: dict) -> dict:
-    """The regime record of ``workdir``'s checkpoint ``step``."""
+def measure_step(run: Workdir, step: int, cache: dict) -> dict:
+    """The regime record of the run's checkpoint ``step``."""
     from experiments.data import load_splits
-    from experiments.evaluate import restore_model
     from ood_jax import data as D
     from ood_jax.evaluate import ForwardPass
     from ood_jax.metrics import expected_calibration_error
 
-    model, metadata, step = restore_model(workdir, step=step)
+    model_def, params, batch_stats, metadata, step = run.restore(step=step)
+    model = model_def.merge(params, batch_stats, train=False, key=None)
     if "data" not in cache:
         config = cli.config_from_json(metadata["config"])
         train, test = load_splits(config)
@@ -156,24 +157,24 @@ def measure_step(workdir: str, step: int, cache: dict) -> dict:
 
 
 def measure(workdir: str) -> list[dict]:
-    """Measures every kept checkpoint of ``workdir`` not yet in its ``regime.jsonl``."""
-    from ood_jax.checkpoint import Checkpointer
-
+    """Measures every kept checkpoint of ``workdir`` not yet in its ``regime.jsonl``
+    (through the run's one ``Workdir``: its checkpointer lists and restores the steps)."""
     path = os.path.join(workdir, REGIME_FILE)
     done = {}
     if os.path.exists(path):
         with open(path) as f:
             done = {r["step"]: r for r in map(json.loads, f) if r}
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        steps = ckpt.all_steps()
-    finally:
-        ckpt.close()
+    with Workdir(workdir) as run:
+        _measure_new(run, path, done)
+    return [done[s] for s in sorted(done)]
+
+
+def _measure_new(run: Workdir, path: str, done: dict) -> None:
     cache: dict = {}
-    for step in steps:
+    for step in run.checkpointer.all_steps():
         if step in done:
             continue
-        record = measure_step(workdir, step, cache)
+        record = measure_step(run, step, cache)
         done[step] = record
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -183,7 +184,6 @@ def measure(workdir: str) -> list[dict]:
             f"ECE {record['test_ece']:.4f}, test MSP {record['test_msp']:.4f}",
             flush=True,
         )
-    return [done[s] for s in sorted(done)]
 
 
 def meets_rule(record: dict) -> bool:
