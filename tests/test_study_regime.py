@@ -45,8 +45,10 @@ def test_plan_runs_every_comparison_with_one_schedule_and_the_pilot_as_ce_seed0(
     l2arch = [r for r in runs if r.name.startswith("ce_l2arch/")]
     assert all(r.method == "ce" for r in l2arch)
     assert "--config.model.options.spectral_norm=true" in l2arch[0].args
-    other = regime.plan(regime.PILOT_EPOCHS + 10, seeds=1)
-    assert other[0].name == "ce/seed0"
+    # A longer schedule's CE seed 0 is that schedule's pilot, not the 30-epoch one.
+    other = regime.plan(60, seeds=1)
+    assert other[0] == regime.pilot_run(60) and other[0].name == "pilot/ce_e60"
+    assert all("--config.train.epochs=60" in r.args for r in other)
 
 
 def test_command_keeps_one_checkpoint_per_epoch():
