@@ -20,7 +20,8 @@ window={size=3x3 pad=1_1x1_1}, custom_call_target="__cudnn$convForward"
 """
 
 
-def test_cudnn_call_bytes_counts_operands_and_results_by_hand():
-    image, kernel, result = 4 * 8 * 8 * 3 * 2, 16 * 3 * 3 * 3 * 2, 4 * 8 * 8 * 16 * 2
-    # The u8 scratch buffer and the cuBLAS call are not counted.
-    assert gpu_plan.cudnn_call_bytes(HLO) == image + kernel + result
+def test_custom_call_bytes_counts_operands_and_results_by_hand():
+    image, kernel, conv = 4 * 8 * 8 * 3 * 2, 16 * 3 * 3 * 3 * 2, 4 * 8 * 8 * 16 * 2
+    gemm = 2 * kernel + 16 * 16 * 4
+    # The u8/s8 scratch buffers, the get-tuple-element and the fusion are not counted.
+    assert gpu_plan.custom_call_bytes(HLO) == image + kernel + conv + gemm
