@@ -140,10 +140,15 @@ class EvalSpec:
                 f"{self.mean} and {self.std}."
             )
         for name in self.fit_on_val:
-            if name not in self.fitted_scores or name in self.tune:
+            if name not in self.fitted_scores:
                 raise ValueError(
-                    f"fit_on_val: {name!r} is not a chosen fitted score, or it is tuned (it "
-                    f"would be chosen on the split it is fitted on); fitted: {self.fitted_scores}."
+                    f"fit_on_val: {name!r} is not a chosen fitted score; fitted: "
+                    f"{self.fitted_scores}."
+                )
+            if name in self.tune:
+                raise ValueError(
+                    f"fit_on_val: {name!r} is tuned; it would be chosen on the split it is "
+                    "fitted on."
                 )
 
     @property

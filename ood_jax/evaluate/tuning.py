@@ -190,7 +190,8 @@ def fit_and_tune(
     if spec.uses_val:
         fit_set, val_id = holdout_split(train, spec.val_size, seed=spec.seed)
     train_used = train_outputs = None
-    if spec.fitted_scores:
+    on_train = [n for n in spec.fitted_scores if n not in spec.fit_on_val]
+    if on_train:
         train_used = D.random_subset(fit_set, spec.max_train, seed=spec.seed)
         say(f"forward pass over {len(train_used)} training images for the fits")
         train_outputs = forward(batches(train_used))
@@ -215,10 +216,8 @@ def fit_and_tune(
         )
     hparams, fitted = test_spec.score_hparams, {}
     if train_outputs is not None:
-        say(f"fitting {', '.join(spec.fitted_scores)}")
-        fitted = fit_scores(
-            {n: hparams[n] for n in hparams if n not in spec.fit_on_val}, train_outputs
-        )
+        say(f"fitting {', '.join(on_train)}")
+        fitted = fit_scores({n: hparams[n] for n in on_train}, train_outputs)
     if spec.fit_on_val:
         on_val = {n: hparams[n] for n in spec.fit_on_val}
         fitted.update(fit_scores(on_val, val_outputs[val_id.name]))
