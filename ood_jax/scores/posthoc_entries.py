@@ -154,14 +154,7 @@ for _score in (
     ),
     # Not jitted as a whole: the residual space is computed on the host in float64.
     Score(
-        "vim",
-        _vim,
-        display="ViM",
-        defaults={"dim": 256},
-        fit=_fit_vim,
-        jit=False,
-        grid={"dim": (256, 1000)},
-        **_FITTED,
+        "vim", _vim, "fitted", "ViM", {"dim": 256}, _fit_vim, jit=False, grid={"dim": (256, 1000)}
     ),
     # OpenOOD's residual.yml (dim 512) on a 512-D ResNet-18 becomes 256 by the D // 2 rule.
     Score(
