@@ -44,6 +44,7 @@ def _stopwatch(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = time.perf_counter() - start
 
 
+# Eleven parameters: the spec holds every setting; each dataset role and output is its own.
 def run_evaluation(
     model: nnx.Module,
     spec: EvalSpec,
