@@ -1,7 +1,8 @@
 """``run_evaluation``: a model, an ``EvalSpec`` and datasets in; the numbers and report out.
 
 The stages (:mod:`ood_jax.evaluate.stages`), called in order: outputs (one forward
-pass per dataset) -> fits (the fitted scores' statistics) -> scores -> protocols ->
+pass per dataset) -> fits (the fitted scores' statistics, after the optional search of
+:mod:`ood_jax.evaluate.tuning` on a validation pair) -> scores -> protocols ->
 report (:func:`write_report`: ``results.json``, ``results.md``, ``scores.npz`` and
 PNG plots, written atomically, all or nothing).
 """

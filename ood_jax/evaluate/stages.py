@@ -88,10 +88,10 @@ def check_datasets(
             "train: the ID validation split is held out from the in-distribution training "
             "set (tune, fit_on_val); pass train=."
         )
-    _check_val_ood(spec, id_test, ood_sets, val_ood)
+    _check_val_ood(spec, id_test, ood_sets, train, val_ood)
 
 
-def _check_val_ood(spec: EvalSpec, id_test, ood_sets, val_ood) -> None:
+def _check_val_ood(spec: EvalSpec, id_test, ood_sets, train, val_ood) -> None:
     """The OOD validation set: given exactly when tuning, and none of the test sets."""
     if bool(spec.tune) != (val_ood is not None):
         raise ValueError(
@@ -109,6 +109,11 @@ def _check_val_ood(spec: EvalSpec, id_test, ood_sets, val_ood) -> None:
             f"val_ood: {val_ood.name!r} is one of the report's test sets; hyperparameters are "
             "never chosen on a test set: tune on another set (e.g. tinyimagenet_train:train) "
             "or drop it from the OOD test sets."
+        )
+    if train is not None and val_ood.name == train.name:
+        raise ValueError(
+            f"val_ood: named {val_ood.name!r} like the training set, whose held-out images "
+            "are the ID side of the validation pair; rename it."
         )
 
 
