@@ -95,7 +95,7 @@ class EvalSpec:
             "score_hparams": hparams,
             "tune": tuple(grids),
             "tune_grids": grids,
-            "fit_on_val": tuple(self.fit_on_val),
+            "fit_on_val": _names(self.fit_on_val),
             "protocols": tuple(self.protocols),
             "mean": tuple(float(v) for v in self.mean),
             "std": tuple(float(v) for v in self.std),
@@ -181,6 +181,10 @@ class EvalSpec:
         }
 
 
+def _names(names: str | Sequence[str]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
 def tune_grids(
     names: Sequence[str],
     hparams: Mapping[str, Mapping[str, Any]],
@@ -211,17 +215,21 @@ def tune_grids(
         grids[name] = {
             k: tuple(v) if isinstance(v, list | tuple) else (v,) for k, v in grid.items()
         }
-    tune = list(tune)
+    tune = list(_names(tune))
     if tune == ["all"]:
         return {name: grid for name, grid in grids.items() if grid}
     for name in tune:
         if name not in grids:
             raise ValueError(f"tune: {name!r} is not among the chosen scores {list(names)}.")
         if not grids[name] or not all(grids[name].values()):
-            sweep = get_score(name).sweep
+            score = get_score(name)
+            example = score.sweep or next(iter(score.defaults), None)
+            hint = (
+                f"give one, e.g. tune_grids.{name}.{example}=(v1, v2)"
+                if example
+                else "it has no hyperparameters"
+            )
             raise ValueError(
-                f"tune: score {name!r} has no grid to search (OpenOOD does not tune it); give "
-                + (f"several values of score_hparams.{name}.{sweep} or " if sweep else "")
-                + f"tune_grids.{name}.<hyperparameter>=(...)."
+                f"tune: score {name!r} has no grid to search (OpenOOD does not tune it); {hint}."
             )
     return {name: grids[name] for name in dict.fromkeys(tune)}
