@@ -6,8 +6,9 @@ wrong type or an unknown field is an error. On top of it:
 
 - a tuple field also accepts ``a,b`` (``--config.eval.ood_sets=gaussian,uniform``)
   besides a Python literal (``"('gaussian', 'uniform')"``);
-- ``model.options`` accepts new keys (model options differ per model), parsed
-  as Python literals (``--config.model.options.spectral_norm=true``);
+- ``model.options`` and ``eval.tune_grids.<score>`` accept new keys (model options
+  differ per model, a grid names any hyperparameter), parsed as Python literals
+  (``--config.model.options.spectral_norm=true``);
 - fields whose schema depends on other fields (the objective's hyperparameters
   depend on ``objective.name``, user registrations on ``imports``) are handled
   by :func:`apply_overrides`'s ``prepare`` hook between two passes.
@@ -37,7 +38,7 @@ from absl import flags
 from ml_collections import config_flags
 
 _PREFIX = "--config."
-_OPEN_KEYS = ("model.options.",)
+_OPEN_KEYS = ("model.options.", "eval.tune_grids.")
 
 
 class UsageError(ValueError):

@@ -14,7 +14,7 @@ checkpoint gives the same numbers; flags change the config's ``eval`` fields::
     python -m experiments.evaluate --workdir /tmp/ln [--data_dir ../shared/data] \\
         [--step 1560] [--ood_sets tinyimagenet_crop,textures_partial,gaussian] \\
         [--scores msp,energy,odin] [--protocols papers,full] [--convention openood] \\
-        [--temperatures 1,1000] [--max_train 10000] \\
+        [--temperatures 1,1000] [--max_train 10000] [--tune react,knn] \\
         [--config.eval.score_hparams.odin.max_examples=500 --config.eval.num_draws=5]
     python -m experiments.evaluate --torch_checkpoint cifar10_wrn_pretrained_epoch_99.pt \\
         --arch wrn40_2 [--normalization cifar10] [--dataset cifar10] [--preset paper] [...]
@@ -138,6 +138,8 @@ _SHORTHANDS = {
     "num_synthetic": "eval.num_synthetic",
     "max_train": "eval.max_train",
     "max_ood": "eval.max_ood",
+    "tune": "eval.tune",
+    "tune_ood": "eval.tune_ood",
     "imports": "imports",
 }
 
@@ -214,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num_synthetic", type=int, default=None, help="images per synthetic set")
     p.add_argument("--max_train", type=int, default=None, help="fit scores on N train images")
     p.add_argument("--max_ood", type=int, default=None, help="subsample each OOD set to N")
+    p.add_argument(
+        "--tune",
+        default=None,
+        help="scores whose hyperparameters are chosen on the validation pair, or all",
+    )
+    p.add_argument("--tune_ood", default=None, help="the OOD validation set (never a test set)")
     p.add_argument("--imports", default=None, help="modules registering scores/datasets")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--out_dir", default=None)

@@ -29,6 +29,7 @@ from experiments.run_config import (
 from ood_jax import data as D
 from ood_jax import sharding
 from ood_jax.evaluate import EvalSpec, load_ood_sets, run_evaluation
+from ood_jax.evaluate.datasets import load_ood_set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,10 @@ def eval_spec(config: ml_collections.ConfigDict, *, batch_size: int) -> EvalSpec
         batch_size=batch_size,
         mean=dataset.mean,
         std=dataset.std,
+        tune=[s for s in settings.tune if s],
+        tune_grids=settings.tune_grids.to_dict(),
+        val_size=settings.val_size,
+        fit_on_val=[s for s in settings.fit_on_val if s],
     )
 
 
@@ -138,12 +143,23 @@ def ood_report(
         seed=config.seed,
         id_test=test_ds,
     )
+    val_ood = None
+    if spec.tune:
+        print(f"OOD evaluation: loading the OOD validation set {config.eval.tune_ood}")
+        val_ood = load_ood_set(
+            config.eval.tune_ood,
+            data_dir=data_dir,
+            num_synthetic=config.eval.num_synthetic,
+            seed=config.seed,
+            id_test=test_ds,
+        )
     return run_evaluation(
         model,
         spec,
         id_test=test_ds,
         ood_sets=ood_sets,
         train=train_ds,
+        val_ood=val_ood,
         out_dir=out_dir,
         metrics_log_dir=provenance.workdir,
         metadata={

@@ -61,9 +61,14 @@ def complete_config(config: ml_collections.ConfigDict) -> None:
         hparams = resolve_objective_hparams(objective.name, given)
     with _config_field("eval.score_hparams"):
         scores = merge_score_hparams(config.eval.score_hparams.to_dict())
+    grids = config.eval.tune_grids.to_dict() if "tune_grids" in config.eval else {}
     with config.unlocked():
         config.objective.hparams = ml_collections.ConfigDict(hparams)
         config.eval.score_hparams = _score_hparams_node(scores)
+        # One node per score, so --config.eval.tune_grids.<score>.<hp>=... finds its parent.
+        config.eval.tune_grids = ml_collections.ConfigDict(
+            {name: grids.get(name, {}) for name in scores}
+        )
 
 
 def _score_hparams_node(hparams: dict[str, dict]) -> ml_collections.ConfigDict:
@@ -125,6 +130,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         names = ood_set_names(config)
         with _config_field("eval.ood_sets"):
             check_ood_set_names(names)
+        _check_tuning(config, names)
+
+
+def _check_tuning(config: ml_collections.ConfigDict, ood_sets: list[str]) -> None:
+    """The validation settings, before training: the search, its grids and its OOD set."""
+    settings = config.eval
+    if not any(settings.tune) and not any(settings.fit_on_val):
+        return
+    from experiments.evaluation import eval_spec  # it imports this module
+    from ood_jax.evaluate import check_ood_set_names
+
+    with _config_field("eval"):
+        eval_spec(config, batch_size=1)
+    if any(settings.tune):
+        if settings.tune_ood in ood_sets:
+            raise cli.UsageError(
+                f"config.eval.tune_ood: {settings.tune_ood!r} is one of the OOD test sets "
+                "(config.eval.ood_sets); hyperparameters are never chosen on a test set: "
+                "name another validation set, e.g. tinyimagenet_train:train."
+            )
+        with _config_field("eval.tune_ood"):
+            check_ood_set_names([settings.tune_ood])
 
 
 def _optim_checks(o: ml_collections.ConfigDict) -> list[tuple[bool, str]]:

@@ -134,6 +134,26 @@ def test_own_ood_sets_from_the_evaluation_command(run, own, tmp_path, how):
     assert results["data"]["ood"][f"folder:{root / 'set'}:test"]["num_examples"] == 6
 
 
+def test_evaluation_command_tunes_on_a_validation_set_never_a_test_set(run, own, tmp_path, capsys):
+    root, _ = own
+    out = tmp_path / "tuned"
+    grid = "--config.eval.tune_grids.msp.temperature=1,10"
+    argv = [f"--workdir={run}", f"--data={root}", "--tune=msp", grid]
+    results = evaluate.main(
+        [*argv, "--tune_ood=uniform", f"--out_dir={out}", "--config.eval.val_size=32"]
+    )
+    record = results["tuning"]["msp"]
+    assert [c["hparams"]["temperature"] for c in record["candidates"]] == [1.0, 10.0]
+    assert [k for k in results["scores"] if k.startswith("msp")] == [record["key"]]
+    assert results["data"]["val_ood"]["name"] == "uniform_noise"
+    assert results["data"]["val_id"]["num_examples"] == 32 and results["data"]["train"] is None
+    assert "## Hyperparameters chosen on validation" in (out / "results.md").read_text()
+    test_set = f"--tune_ood=npz:{root / 'rgb.npz'}"
+    err = _one_line(capsys, evaluate.main, [*argv, test_set, f"--out_dir={tmp_path / 'no'}"])
+    assert err.startswith("error: config.eval.tune_ood: ") and "never chosen on a test set" in err
+    assert not (tmp_path / "no").exists()
+
+
 def _one_line(capsys, main, argv, code=2):
     with pytest.raises(SystemExit) as stop:
         main(argv)

@@ -141,6 +141,21 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
     # {score: {hyperparameter: value}} over the registered defaults; the runner adds
     # every registered score's defaults, so e.g. --config.eval.score_hparams.knn.k=20.
     c.eval.score_hparams = ml_collections.ConfigDict()
+    # OpenOOD's search on a validation pair (docs/detectors.md): each score named here
+    # ("all": every chosen score with a grid) takes the value of best validation AUROC
+    # from its grid; () = the registered values, no search.
+    c.eval.tune = ()
+    # The OOD validation set, never one of ood_sets. Tiny ImageNet train images: none is
+    # a TinyImageNet-crop/resize test image, but their classes are shared.
+    c.eval.tune_ood = "tinyimagenet_train:train"
+    # {score: {hyperparameter: values}} replacing its registered grid, e.g.
+    # --config.eval.tune_grids.knn.k=10,20,50.
+    c.eval.tune_grids = ml_collections.ConfigDict()
+    # ID training images held out from the fits for validation (tune, fit_on_val); also
+    # the size of the OOD validation subset.
+    c.eval.val_size = 1000
+    # Fitted scores fitted on that held-out split instead of the training set.
+    c.eval.fit_on_val = ()
 
     if preset in _PRESET_CHANGES:
         _PRESET_CHANGES[preset](c)

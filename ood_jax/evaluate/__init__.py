@@ -14,6 +14,8 @@
 - ``spec``: :class:`EvalSpec`, what an evaluation computes (frozen, validated,
   stored in ``results.json``).
 - ``stages``: outputs -> fits -> scores -> protocols -> summaries, each a function.
+- ``tuning``: the fit stage with its optional search: hyperparameters chosen on a
+  validation pair (held-out ID training images vs an OOD set that is no test set).
 - ``runner``: :func:`run_evaluation` (a model + a spec + datasets -> results +
   report) and :func:`write_report`.
 

@@ -230,6 +230,7 @@ def markdown_report(results: Mapping) -> str:
         lines += markdown_table(
             ["dataset", "MMC"], [[name, f"{value:.4f}"] for name, value in results["mmc"].items()]
         )
+    lines += _tuning_lines(results)
     for result in results["ood"].values():
         lines += ["", f"## {_protocol_heading(result)}", ""] + ood_tables(
             result, display=results.get("score_display"), set_notes=results.get("set_notes")
@@ -261,6 +262,18 @@ def _header_lines(results: Mapping) -> list[str]:
             f"- training set for fitted scores: {data['train']['name']} "
             f"({data['train']['num_examples']} images)"
         )
+    for part, what in (("val_id", "ID validation"), ("val_ood", "OOD validation")):
+        if data.get(part):
+            info = data[part]
+            lines.append(
+                f"- {what} set: {info['name']} ({info['num_examples']} images; {info['source']})"
+            )
+    fit_on_val = (results.get("spec") or {}).get("fit_on_val")
+    if fit_on_val:
+        labels = [results.get("score_display", {}).get(n, n) for n in fit_on_val]
+        lines.append(
+            f"- fitted on the ID validation set, not the training set: {', '.join(labels)}"
+        )
     for name in results.get("image_score_examples") or {}:
         budget = results.get("score_hparams", {}).get(name, {}).get("max_examples")
         if budget:
@@ -274,6 +287,40 @@ def _header_lines(results: Mapping) -> list[str]:
         f"`{results.get('command', '')}`"
     )
     return lines
+
+
+def _tuning_lines(results: Mapping) -> list[str]:
+    """The hyperparameters chosen on the validation pair, with every candidate's AUROC."""
+    tuning = results.get("tuning")
+    if not tuning:
+        return []
+    data = results["data"]
+    lines = [
+        "",
+        "## Hyperparameters chosen on validation",
+        "",
+        f"Best validation AUROC of each grid: {data['val_id']['name']} (held-out training "
+        f"images) vs {data['val_ood']['name']}; the test sets are scored at the chosen "
+        "values only.",
+    ]
+    for record in tuning.values():
+        chosen = _hparams_text(record["chosen"])
+        lines += ["", f"#### {record['display']}: {chosen} (result key `{record['key']}`)", ""]
+        rows = [
+            [
+                _hparams_text(c["hparams"]),
+                _pct(c["auroc"]) + (" ✓" if c["hparams"] == record["chosen"] else ""),
+            ]
+            for c in record["candidates"]
+        ]
+        lines += markdown_table(["hyperparameters", "validation AUROC↑"], rows)
+    return lines
+
+
+def _hparams_text(hparams: Mapping) -> str:
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items()
+    )
 
 
 def _diagnostics_lines(diag: Mapping) -> list[str]:

@@ -1,7 +1,8 @@
 """``run_evaluation``: a model, an ``EvalSpec`` and datasets in; the numbers and report out.
 
 The stages (:mod:`ood_jax.evaluate.stages`), called in order: outputs (one forward
-pass per dataset) -> fits (the fitted scores' statistics) -> scores -> protocols ->
+pass per dataset) -> fits (the fitted scores' statistics, after the optional search of
+:mod:`ood_jax.evaluate.tuning` on a validation pair) -> scores -> protocols ->
 report (:func:`write_report`: ``results.json``, ``results.md``, ``scores.npz`` and
 PNG plots, written atomically, all or nothing).
 """
@@ -20,7 +21,6 @@ from flax import nnx
 from ood_jax import data as D
 from ood_jax.evaluate import plots, report
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
-from ood_jax.evaluate.scoring import fit_scores
 from ood_jax.evaluate.spec import EvalSpec
 from ood_jax.evaluate.stages import (
     ECE_BINS,
@@ -35,6 +35,7 @@ from ood_jax.evaluate.stages import (
     select_ood_sets,
     summarize_confidence,
 )
+from ood_jax.evaluate.tuning import Fits, fit_and_tune, tuned_display
 
 
 @contextlib.contextmanager
@@ -44,6 +45,7 @@ def _stopwatch(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = time.perf_counter() - start
 
 
+# Eleven parameters: the spec holds every setting; each dataset role and output is its own.
 def run_evaluation(
     model: nnx.Module,
     spec: EvalSpec,
@@ -51,6 +53,7 @@ def run_evaluation(
     id_test: D.ImageDataset,
     ood_sets: Mapping[str, D.ImageDataset],
     train: D.ImageDataset | None = None,
+    val_ood: D.ImageDataset | None = None,
     mesh: jax.sharding.Mesh | None = None,
     out_dir: str | os.PathLike | None = None,
     metrics_log_dir: str | os.PathLike | None = None,
@@ -62,14 +65,16 @@ def run_evaluation(
     ``model(images) -> (logits, features)`` with ``model.head`` its final linear
     layer (switched to eval mode); ``id_test`` labelled; ``ood_sets`` name ->
     non-empty dataset; ``train`` the in-distribution training set (required by
-    ``"fitted"`` scores); ``mesh`` with a ``"data"`` axis (default: all devices);
+    ``"fitted"`` scores, and the ID validation images when ``spec.tune`` or
+    ``spec.fit_on_val``); ``val_ood`` the OOD validation set of ``spec.tune`` (none of
+    the ``ood_sets``); ``mesh`` with a ``"data"`` axis (default: all devices);
     ``out_dir``: write the report there, atomically; ``metrics_log_dir``: a training
     workdir whose ``metrics.jsonl`` gives the logit-norm curve; ``metadata`` is
     recorded in the results (``checkpoint``, ``model``, ``command``, ...);
     ``progress`` is called with a message before each stage (e.g. ``print``).
     """
     say = progress or (lambda message: None)
-    check_datasets(spec, id_test, ood_sets, train)
+    check_datasets(spec, id_test, ood_sets, train, val_ood)
     timings: dict[str, float] = {}
     head = head_weights(model)
     forward = ForwardPass(model, mesh=mesh)
@@ -80,32 +85,30 @@ def run_evaluation(
     with _stopwatch(timings, "forward_s"):
         say(f"forward pass over {len(datasets)} datasets")
         outputs = compute_outputs(forward, datasets, batches=batches)
-    train_used, train_outputs, fitted = None, None, {}
-    if spec.fitted_scores:
+    fits = Fits(spec)
+    if spec.fitted_scores or spec.uses_val:
         with _stopwatch(timings, "fit_s"):
-            train_used = D.random_subset(train, spec.max_train, seed=spec.seed)
-            say(f"fitting {', '.join(spec.fitted_scores)} on {len(train_used)} training images")
-            train_outputs = forward(batches(train_used))
-            fitted = fit_scores(spec.score_hparams, train_outputs)
+            fits = fit_and_tune(spec, train, val_ood, forward, batches=batches, head=head, say=say)
     with _stopwatch(timings, "score_s"):
         say(f"scoring ({', '.join(spec.scores)})")
         scores = compute_scores(
-            spec, forward, datasets, outputs, head=head, fitted=fitted, batches=batches
+            fits.spec, forward, datasets, outputs, head=head, fitted=fits.fitted, batches=batches
         )
     with _stopwatch(timings, "metrics_s"):
         say(f"metrics ({', '.join(spec.protocols)} protocol)")
         ood_results = evaluate_protocols(scores.groups, spec, num_id=len(id_test))
     id_confidence, calibration = summarize_confidence(outputs, id_test.name)
-    geometry, diagnosed = diagnose(outputs, train_outputs, head, metrics_log_dir)
+    geometry, diagnosed = diagnose(outputs, fits.train_outputs, head, metrics_log_dir)
     results = {
         "checkpoint": {},
         "model": {},
         **dict(metadata or {}),
         "spec": spec.to_dict(),
-        "data": _describe_data(spec, id_test, ood_sets, train_used),
+        "data": _describe_data(spec, id_test, ood_sets, fits),
         "scores": list(scores.id_scores),
-        "score_display": scores.display,
-        "score_hparams": spec.score_hparams,
+        "score_display": tuned_display(scores.display, fits.tuning, spec.scores),
+        "score_hparams": fits.spec.score_hparams,
+        "tuning": fits.tuning or None,
         "protocol_options": spec.protocol_options(),
         "image_score_examples": scores.image_examples or None,
         **calibration,
@@ -128,16 +131,20 @@ def run_evaluation(
     return results
 
 
-def _describe_data(spec: EvalSpec, id_test, ood_sets, train) -> dict:
+def _describe_data(spec: EvalSpec, id_test, ood_sets, fits: Fits) -> dict:
     """The ``data`` entry of ``results.json``: every dataset as evaluated."""
 
-    def describe(ds) -> dict:
+    def describe(ds) -> dict | None:
+        if ds is None:
+            return None
         return {"name": ds.name, "num_examples": len(ds), "source": ds.source or "arrays"}
 
     return {
         "id": describe(id_test),
         "ood": {name: describe(ds) for name, ds in ood_sets.items()},
-        "train": None if train is None else describe(train),
+        "train": describe(fits.train_used),
+        "val_id": describe(fits.val_id),
+        "val_ood": describe(fits.val_ood),
         "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
     }
 

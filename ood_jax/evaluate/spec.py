@@ -51,6 +51,17 @@ class EvalSpec:
       mean, std: the in-distribution set's normalization (the model's input space).
       plots: write PNG plots with the report.
       plot_scores: score keys that get a histogram and a ROC plot (None: all).
+      tune: scores whose hyperparameters are chosen on the validation pair
+        (``("all",)``: every chosen score with a grid): the grid's value of best
+        validation AUROC, then the test sets are scored at that value only
+        (:mod:`ood_jax.evaluate.tuning`). Default: none, the registered values.
+      tune_grids: ``{score: {hyperparameter: values}}`` over the registered grids
+        (``Score.grid``, OpenOOD's); a swept hyperparameter given as several values
+        in ``score_hparams`` is searched over those. Stored resolved for ``tune``.
+      val_size: images of the validation pair: the ID training images held out from
+        the fits (seeded), and the subset of the OOD validation set.
+      fit_on_val: fitted scores fitted on the held-out ID split instead of the
+        training set (as OpenOOD fits TempScale and KLM on its ID validation split).
     """
 
     scores: Sequence[str] | None = None
@@ -70,12 +81,21 @@ class EvalSpec:
     std: Sequence[float] = D.CIFAR10_STD
     plots: bool = True
     plot_scores: Sequence[str] | None = None
+    tune: Sequence[str] = ()
+    tune_grids: Mapping[str, Mapping[str, Sequence]] | None = None
+    val_size: int = 1000
+    fit_on_val: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         names = check_score_names(available_scores() if self.scores is None else self.scores)
+        hparams = resolve_score_hparams(names, self.score_hparams)
+        grids = tune_grids(names, hparams, self.tune, self.tune_grids)
         resolved = {
             "scores": names,
-            "score_hparams": resolve_score_hparams(names, self.score_hparams),
+            "score_hparams": hparams,
+            "tune": tuple(grids),
+            "tune_grids": grids,
+            "fit_on_val": _names(self.fit_on_val),
             "protocols": tuple(self.protocols),
             "mean": tuple(float(v) for v in self.mean),
             "std": tuple(float(v) for v in self.std),
@@ -104,6 +124,7 @@ class EvalSpec:
             "adversarial_noise": (self.adversarial_noise, 0, False),
             "attack_steps": (self.attack_steps, 0, False),
             "batch_size": (self.batch_size, 1, False),
+            "val_size": (self.val_size, 1, False),
         }
         for field, (value, low, none_ok) in at_least.items():
             if value is None and none_ok:
@@ -118,6 +139,22 @@ class EvalSpec:
                 f"mean, std: expected one mean and one positive std per channel, got "
                 f"{self.mean} and {self.std}."
             )
+        for name in self.fit_on_val:
+            if name not in self.fitted_scores:
+                raise ValueError(
+                    f"fit_on_val: {name!r} is not a chosen fitted score; fitted: "
+                    f"{self.fitted_scores}."
+                )
+            if name in self.tune:
+                raise ValueError(
+                    f"fit_on_val: {name!r} is tuned; it would be chosen on the split it is "
+                    "fitted on."
+                )
+
+    @property
+    def uses_val(self) -> bool:
+        """Whether the ID training set gives up ``val_size`` images for validation."""
+        return bool(self.tune or self.fit_on_val)
 
     @property
     def fitted_scores(self) -> list[str]:
@@ -142,3 +179,57 @@ class EvalSpec:
             "attack_steps": self.attack_steps if attacked else None,
             "attack_eps": self.attack_eps if attacked else None,
         }
+
+
+def _names(names: str | Sequence[str]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def tune_grids(
+    names: Sequence[str],
+    hparams: Mapping[str, Mapping[str, Any]],
+    tune: Sequence[str],
+    overrides: Mapping[str, Mapping[str, Sequence]] | None = None,
+) -> dict[str, dict[str, tuple]]:
+    """``{tuned score: {hyperparameter: values}}``, validated (see :class:`EvalSpec`).
+
+    ``names``: the chosen scores; ``hparams``: their resolved hyperparameters;
+    ``tune``: names among them, or ``("all",)`` for every one with a grid.
+    """
+    overrides = {k: dict(v or {}) for k, v in (overrides or {}).items()}
+    for name, grid in overrides.items():
+        unknown = sorted(set(grid) - set(get_score(name).defaults))
+        if unknown:
+            raise ValueError(
+                f"tune_grids: score {name!r} takes {sorted(get_score(name).defaults)}, "
+                f"got unknown {unknown}."
+            )
+    grids = {}
+    for name in names:
+        score = get_score(name)
+        grid = dict(score.grid)
+        swept = hparams[name].get(score.sweep, ())
+        if score.sweep is not None and len(swept) > 1:
+            grid[score.sweep] = swept
+        grid.update(overrides.get(name, {}))
+        grids[name] = {
+            k: tuple(v) if isinstance(v, list | tuple) else (v,) for k, v in grid.items()
+        }
+    tune = list(_names(tune))
+    if tune == ["all"]:
+        return {name: grid for name, grid in grids.items() if grid}
+    for name in tune:
+        if name not in grids:
+            raise ValueError(f"tune: {name!r} is not among the chosen scores {list(names)}.")
+        if not grids[name] or not all(grids[name].values()):
+            score = get_score(name)
+            example = score.sweep or next(iter(score.defaults), None)
+            hint = (
+                f"give one, e.g. tune_grids.{name}.{example}=(v1, v2)"
+                if example
+                else "it has no hyperparameters"
+            )
+            raise ValueError(
+                f"tune: score {name!r} has no grid to search (OpenOOD does not tune it); {hint}."
+            )
+    return {name: grids[name] for name in dict.fromkeys(tune)}

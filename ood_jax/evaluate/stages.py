@@ -56,6 +56,7 @@ def check_datasets(
     id_test: D.ImageDataset,
     ood_sets: Mapping[str, D.ImageDataset],
     train: D.ImageDataset | None,
+    val_ood: D.ImageDataset | None = None,
 ) -> None:
     """Raises a ValueError naming the argument when the datasets cannot serve ``spec``."""
     if not isinstance(id_test, D.ImageDataset):
@@ -82,6 +83,42 @@ def check_datasets(
             f"train: scores {spec.fitted_scores} are fitted on the in-distribution training "
             "set; pass train= or drop them from scores."
         )
+    if spec.uses_val and train is None:
+        raise ValueError(
+            "train: the ID validation split is held out from the in-distribution training "
+            "set (tune, fit_on_val); pass train=."
+        )
+    _check_val_ood(spec, id_test, ood_sets, train, val_ood)
+
+
+def _check_val_ood(spec: EvalSpec, id_test, ood_sets, train, val_ood) -> None:
+    """The OOD validation set: given exactly when tuning, and none of the test sets."""
+    if bool(spec.tune) != (val_ood is not None):
+        raise ValueError(
+            "val_ood: pass the OOD validation set when tuning scores (spec.tune), and only then."
+        )
+    if val_ood is None:
+        return
+    if not isinstance(val_ood, D.ImageDataset):
+        raise ValueError(f"val_ood: expected an ood_jax.data.ImageDataset, got {type(val_ood)}.")
+    test_sets = {id_test.name: id_test, **ood_sets}
+    names = set(test_sets) | {ds.name for ds in test_sets.values()}
+    same = [ds for ds in test_sets.values() if _same_images(ds, val_ood)]
+    if val_ood.name in names or same:
+        raise ValueError(
+            f"val_ood: {val_ood.name!r} is one of the report's test sets; hyperparameters are "
+            "never chosen on a test set: tune on another set (e.g. tinyimagenet_train:train) "
+            "or drop it from the OOD test sets."
+        )
+    if train is not None and val_ood.name == train.name:
+        raise ValueError(
+            f"val_ood: named {val_ood.name!r} like the training set, whose held-out images "
+            "are the ID side of the validation pair; rename it."
+        )
+
+
+def _same_images(a: D.ImageDataset, b: D.ImageDataset) -> bool:
+    return a.images.shape == b.images.shape and np.array_equal(a.images, b.images)
 
 
 def batch_maker(spec: EvalSpec, num_shards: int) -> Batches:

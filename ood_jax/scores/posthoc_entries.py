@@ -3,7 +3,9 @@
 TempScale, KL matching, GEN, ViM, RMDS, NNGuide, fDBD, Relation, NCI, SHE,
 DICE, VRA, Residual, LTS, pNML and OpenMax, registered after the scores of
 :mod:`ood_jax.scores.registry` (reports print them in this order). Defaults are the reference
-implementations' (``docs/detectors.md`` names each reference file).
+implementations' (``docs/detectors.md`` names each reference file); a ``grid`` is
+OpenOOD v1.5's ``postprocessor_sweep`` of a detector it searches on validation data
+(``APS_mode: True`` in its ``configs/postprocessors/<name>.yml``).
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ for _score in (
         display="fDBD",
         defaults={"distance_as_normalizer": True},
         fit=_fit_train_mean,
+        grid={"distance_as_normalizer": (True, False)},
         **_FITTED,
     ),
     Score("rmds", _rmds, display="RMDS", fit=_fit_rmds, **_FITTED),
@@ -146,10 +149,13 @@ for _score in (
         fit=_fit_relation,
         sweep="power",
         sweep_label="pow",
+        grid={"power": (1.0, 2.0, 4.0, 6.0, 8.0)},
         **_FITTED,
     ),
     # Not jitted as a whole: the residual space is computed on the host in float64.
-    Score("vim", _vim, display="ViM", defaults={"dim": 256}, fit=_fit_vim, jit=False, **_FITTED),
+    Score(
+        "vim", _vim, "fitted", "ViM", {"dim": 256}, _fit_vim, jit=False, grid={"dim": (256, 1000)}
+    ),
     # OpenOOD's residual.yml (dim 512) on a 512-D ResNet-18 becomes 256 by the D // 2 rule.
     Score(
         "residual",
@@ -161,7 +167,14 @@ for _score in (
         **_FITTED,
     ),
     Score(
-        "gen", _gen, "outputs", "GEN", {"gamma": 0.1, "m": 100}, sweep="gamma", sweep_label="gamma"
+        "gen",
+        _gen,
+        "outputs",
+        "GEN",
+        {"gamma": 0.1, "m": 100},
+        sweep="gamma",
+        sweep_label="gamma",
+        grid={"gamma": (0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0), "m": (10, 50, 100, 200, 500, 1000)},
     ),
     Score("temp_scale", _temperature, display="TempScale", fit=_fit_temperature, **_FITTED),
     Score("klm", _kl_matching, display="KLM", fit=_fit_kl_matching, **_FITTED),
@@ -181,6 +194,7 @@ for _score in (
         fit=_fit_train_mean,
         sweep="alpha",
         sweep_label="a",
+        grid={"alpha": (1e-4, 1e-3, 1e-2, 1e-1)},
         **_FITTED,
     ),
     Score("she", _she, display="SHE", fit=_fit_she, **_FITTED),
@@ -200,6 +214,10 @@ for _score in (
         display="VRA",
         defaults={"percentile_low": 10.0, "percentile_high": 90.0},
         fit=_fit_vra,
+        grid={
+            "percentile_low": (1.0, 5.0, 10.0, 15.0),
+            "percentile_high": (85.0, 90.0, 95.0, 99.0),
+        },
         **_FITTED,
     ),
     Score("lts", _lts, "outputs", "LTS", {"p": 0.05}),

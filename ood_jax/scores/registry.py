@@ -89,6 +89,8 @@ class Score:
       sweep_label: short label of the swept value in result keys (``"T"``).
       jit: jit ``fn`` for ``"outputs"``/``"fitted"`` scores (hyperparameters static).
       captures: the model intermediates an ``"activations"`` score reads.
+      grid: ``{hyperparameter: values}`` searched on a validation pair when the
+        evaluation tunes this score (OpenOOD v1.5's ``postprocessor_sweep``).
     """
 
     name: str
@@ -101,6 +103,7 @@ class Score:
     sweep_label: str = ""
     jit: bool = True
     captures: tuple[str, ...] = ()
+    grid: Mapping[str, tuple] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.consumes not in CONSUMES:
@@ -115,6 +118,8 @@ class Score:
             raise ValueError(f"score {self.name!r}: sweep {self.sweep!r} is not in defaults.")
         if "_" in self.sweep_label or (self.sweep and not self.sweep_label):
             raise ValueError(f"score {self.name!r}: give a sweep_label without '_'.")
+        if not set(self.grid) <= set(self.defaults) or not all(map(len, self.grid.values())):
+            raise ValueError(f"score {self.name!r}: a grid gives values of its hyperparameters.")
 
     def key(self, value: Any = None) -> str:
         """Result key for one value of the swept hyperparameter (the name at its default)."""
@@ -126,7 +131,8 @@ class Score:
         """``"msp_T1000"`` -> ``"MSP (T=1000)"``."""
         if key == self.name or self.sweep is None:
             return self.display
-        return f"{self.display} ({self.sweep_label}={key[len(self.name) + 2 :]})"
+        value = key[len(self.name) + 1 + len(self.sweep_label) :]
+        return f"{self.display} ({self.sweep_label}={value})"
 
 
 _REGISTRY: Registry[Score] = Registry("score", "ood_jax.scores.register_score")
@@ -276,6 +282,8 @@ def compute(
 
 
 # --- The scores of ood_jax.scores, registered in the order reports print them. ---
+# Grids: OpenOOD v1.5 configs/postprocessors/<name>.yml, postprocessor_sweep of the
+# detectors it searches (APS_mode: True).
 
 
 def _msp(logits, features, head, *, temperature):
@@ -370,6 +378,7 @@ for _score in (
         "images",
         "ODIN",
         {"temperature": 1000.0, "epsilon": 0.0014, "max_examples": None},
+        grid={"temperature": (1.0, 10.0, 100.0, 1000.0), "epsilon": (0.0014, 0.0028)},
     ),
     # Its own jitted function inside (chunked lax.map); the temperature is validated.
     Score("gradnorm", _gradnorm, "outputs", "GradNorm", {"temperature": 1.0}, jit=False),
@@ -382,6 +391,7 @@ for _score in (
         {"k": 50, "max_train": None, "seed": 0},
         fit=_fit_knn,
         jit=False,
+        grid={"k": (50, 100, 200, 500, 1000)},
     ),
     Score("gmm", _gmm, "fitted", "GMM", fit=_fit_gmm, jit=False),
     # The density scores on unit-length features z / ||z||: the class-conditional
@@ -395,6 +405,15 @@ for _score in (
         jit=False,
     ),
     Score("gmm_l2", _gmm_l2, "fitted", "GMM (L2)", fit=_fit_gmm_l2, jit=False),
-    Score("react", _react, "fitted", "ReAct", {"percentile": 90.0}, fit=_fit_react, jit=False),
+    Score(
+        "react",
+        _react,
+        "fitted",
+        "ReAct",
+        {"percentile": 90.0},
+        fit=_fit_react,
+        jit=False,
+        grid={"percentile": (85.0, 90.0, 95.0, 99.0)},
+    ),
 ):
     register_score(_score)

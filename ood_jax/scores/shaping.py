@@ -126,10 +126,21 @@ def _rankfeat(out, to_logits, *, temperature):
 _PERCENTILES = {"ash_p": 65.0, "ash_b": 90.0, "ash_s": 65.0, "scale": 85.0}
 _DISPLAY = {"ash_p": "ASH-P", "ash_b": "ASH-B", "ash_s": "ASH-S", "scale": "SCALE"}
 _P = {"sweep": "percentile", "sweep_label": "p"}
+# OpenOOD searches ASH-B's and SCALE's percentile over this grid (APS_mode: True).
+_GRIDS = {"ash_b": {"percentile": (65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0)}}
+_GRIDS["scale"] = _GRIDS["ash_b"]
 for _name, _shaping in SHAPINGS.items():
     _defaults = {"percentile": _PERCENTILES[_name]}
     register_score(
-        Score(_name, _on_features(_shaping), "outputs", _DISPLAY[_name], _defaults, **_P)
+        Score(
+            _name,
+            _on_features(_shaping),
+            "outputs",
+            _DISPLAY[_name],
+            _defaults,
+            grid=_GRIDS.get(_name, {}),
+            **_P,
+        )
     )
 for _name, _shaping in SHAPINGS.items():
     register_score(
