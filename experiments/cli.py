@@ -97,6 +97,35 @@ def _add_open_keys(config: ml_collections.ConfigDict, overrides: list[tuple[str,
                 parent[key.rsplit(".", 1)[1]] = _literal(raw)
 
 
+def _take_sweeps(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> list:
+    """Sets ``eval.score_hparams.<score>.<swept>=a,b`` (a score's registered sweep given
+    several values) directly: the field holds one float until then, which the flag
+    parser would refuse a sequence for. Returns the other overrides."""
+    from ood_jax.scores import available_scores, get_score
+
+    rest = []
+    for key, raw in overrides:
+        parts = key.split(".")
+        value = _literal(raw if raw.strip().startswith(("(", "[")) else f"({raw},)")
+        swept = (
+            len(parts) == 4
+            and parts[:2] == ["eval", "score_hparams"]
+            and parts[2] in available_scores()
+            and get_score(parts[2]).sweep == parts[3]
+            and isinstance(value, tuple | list)
+            and len(value) > 1
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        )
+        parent, found = _lookup(config, key.rsplit(".", 1)[0])
+        if swept and found:
+            with parent.unlocked():  # a new field: the float one's type is fixed
+                del parent[parts[3]]
+                parent[parts[3]] = tuple(float(v) for v in value)
+        else:
+            rest.append((key, raw))
+    return rest
+
+
 def _parse(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]):
     argv = ["ood_jax"] + [f"{_PREFIX}{k}={_normalize_value(config, k, v)}" for k, v in overrides]
     values = flags.FlagValues()
@@ -139,6 +168,7 @@ def apply_overrides(
     if prepare is not None:
         prepare(config)
     _add_open_keys(config, pairs)
+    pairs = _take_sweeps(config, pairs)
     return _parse(config, pairs) if pairs else config
 
 

@@ -191,3 +191,17 @@ def test_an_older_runs_config_gets_todays_new_fields():
         config.optim.lr == saved["optim"]["lr"] and config.train.epochs == saved["train"]["epochs"]
     )
     assert tuple(config.eval.ood_sets) == tuple(saved["eval"]["ood_sets"])
+
+
+def test_temperatures_sweep_msp_and_energy_from_the_command_line(workdir, tmp_path):
+    run, data = workdir
+    out = tmp_path / "sweep"
+    args = [a for a in ARGS if not a.startswith("--scores")] + ["--scores=msp,energy"]
+    results = cli.main(
+        [f"--workdir={run}", f"--data_dir={data}", *args, "--temperatures=1,10", f"--out_dir={out}"]
+    )
+    metrics = results["ood"]["papers"]["metrics"]
+    assert {"msp", "msp_T10", "energy", "energy_T10"} <= set(metrics)
+    # T = 1 is the plain score: its numbers are the default report's.
+    plain = json.loads((run / "eval" / "results.json").read_text())["ood"]["papers"]["metrics"]
+    assert metrics["msp"]["gaussian"] == plain["msp"]["gaussian"]

@@ -121,6 +121,25 @@ def test_overrides_parse_types_lists_and_open_model_options():
     assert c.eval.score_hparams.odin.temperature == 1000.0  # the registered default
 
 
+def test_a_swept_hyperparameter_takes_several_values_from_the_command_line():
+    # The field holds one float until then; `--temperatures 1,10` of the evaluation
+    # command becomes exactly these overrides.
+    c = parse(
+        [
+            "--config.eval.score_hparams.msp.temperature=1,1000",
+            "--config.eval.score_hparams.energy.temperature=(1, 10)",
+            "--config.eval.score_hparams.odin.temperature=10",
+        ]
+    )
+    assert c.eval.score_hparams.msp.temperature == (1.0, 1000.0)
+    assert c.eval.score_hparams.energy.temperature == (1.0, 10.0)
+    assert c.eval.score_hparams.odin.temperature == 10.0
+    with pytest.raises(cli.UsageError, match="could not convert"):
+        parse(["--config.eval.score_hparams.msp.temperature=a,b"])
+    with pytest.raises(cli.UsageError, match="knn.k"):  # k is not knn's swept value
+        parse(["--config.eval.score_hparams.knn.k=3,5"])
+
+
 def test_config_errors_name_the_field_before_any_work():
     import ml_collections
 
