@@ -74,6 +74,17 @@ def run_rows(
     return rows
 
 
+def heading(title: str, header: dict, notes: Sequence[str]) -> list[str]:
+    """A table's Markdown title, run header (command, date, versions) and notes."""
+    return [
+        f"# {title}",
+        "",
+        *(f"- {k}: {v}" for k, v in header.items()),
+        *(f"- {n}" for n in notes),
+        "",
+    ]
+
+
 def _previous_rows(output: str, key_of: Callable[[dict], tuple]) -> dict:
     """Rows of an earlier run with the same ``--output`` (kept, not compiled again)."""
     if not output or not os.path.exists(f"{output}.json"):

@@ -131,15 +131,7 @@ def evaluation_programs(config, mesh) -> tuple[dict, dict]:
     state = abstract(forward.host_state, rep)
     images = jax.ShapeDtypeStruct((batch, *IMAGE_SHAPE), jnp.float32, sharding=data)
     odin = forward.jitted_map(image_score_fn("odin", spec.score_hparams["odin"], std=spec.std))
-    attack = noise_attack(
-        forward,
-        spec.adversarial_noise,
-        mean=spec.mean,
-        std=spec.std,
-        eps=spec.attack_eps,
-        steps=spec.attack_steps,
-        batch_size=spec.batch_size,
-    )
+    attack = noise_attack(forward, spec.adversarial_noise, **spec.attack_options())
     chunk_steps = min(CHUNK_STEPS, spec.attack_steps)
     noise = jax.ShapeDtypeStruct((attack.batch, *IMAGE_SHAPE), jnp.float32, sharding=data)
     key = abstract(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))), rep)
@@ -204,19 +196,20 @@ def plan_eval(
 
 def markdown(rows: Sequence[dict], header: dict) -> str:
     """The evaluation plans as a Markdown table, one line per compiled program."""
-    lines = [
-        "# Compile-only TPU plans of the evaluation's jitted functions",
-        "",
-        *(f"- {k}: {v}" for k, v in header.items()),
-        "- one row per model (the programs do not depend on the training objective); "
+    notes = [
+        "one row per model (the programs do not depend on the training objective); "
         "memory, FLOPs and bytes are XLA's, per device per call; call time and images/s "
-        "are **roofline estimates** (benchmarks/tpu_plan.md), not measurements.",
-        "- forward, odin, attack chunk: the batch split over the host's devices (`data`), "
+        "are **roofline estimates** (as in tpu_plan.md), not measurements.",
+        "forward, odin, attack chunk: the batch split over the host's devices (`data`), "
         "the model replicated; gradnorm: an outputs score, all datasets' cached features "
         f"on one device, {GRADNORM_ROWS:,} rows; the attack chunk is "
         "ood_jax.evaluate.adversarial.CHUNK_STEPS PGD steps, the attack estimate all its "
         "calls.",
-        "",
+    ]
+    lines = [
+        *plan_table.heading(
+            "Compile-only TPU plans of the evaluation's jitted functions", header, notes
+        ),
         "| model | methods | preset | topology | devices | precision | program | batch "
         "| compile s | args / temp / peak GiB | HBM GiB | GFLOP | GB accessed | est. call "
         "| est. images/s |",

@@ -3,6 +3,8 @@
     pip install "jax[tpu]==0.10.2"        # or: pip install -e ".[tpu]" (adds libtpu)
     python -m benchmarks.tpu_plan --method logitnorm --preset paper --topology v5e:4x4
     python -m benchmarks.tpu_plan --all --output benchmarks/results/tpu_plan
+    python -m benchmarks.tpu_plan --eval --method logitnorm,l2norm \
+        --output benchmarks/results/tpu_eval_plan    # the evaluation's functions
 
 XLA's TPU compiler (libtpu) runs on a CPU-only machine through its compile-only
 client: ``jax.experimental.topologies.get_topology_desc`` describes a slice of
@@ -16,7 +18,22 @@ collectives, and checks the sharding the design promises (batch split over
 ``data``, state replicated and donated, one gradient all-reduce, BatchNorm
 statistics reduced over the global batch). The step time is a **roofline
 estimate** (max of FLOPs / peak FLOP/s and bytes / HBM bandwidth, from the
-chips' published figures), never a measurement.
+chips' published figures), never a measurement. ``--eval`` compiles the
+evaluation's jitted functions instead (:mod:`benchmarks.tpu_eval_plan`).
+
+Multi-host slices (``v5e:4x4``: 4 hosts, ``v6e:2x4``: 2) cannot be fed the way the
+runner feeds them, so the per-host data path is checked, not run. The runner hands
+each host's slice of the batch to ``jax.make_array_from_process_local_data``
+(:func:`ood_jax.sharding.global_batch`); here there is one real process
+(``jax.process_count() == 1``), where that function requires the global shape to be
+the local one and then places the data with ``device_put``, which the compile-only
+client refuses ("MakeArraysFromHostBufferShards not available with compile-only
+client": it has no device memory). The step is therefore lowered from
+``ShapeDtypeStruct`` s of the global batch with the batch sharding (the array that
+function returns), and :func:`check_process_rows` checks what the per-host path
+rests on: under that sharding, every host's devices (their ``process_index`` in the
+topology) hold exactly the per-host batch (global batch / hosts) each host reads,
+which is the local shape ``make_array_from_process_local_data`` maps onto them.
 """
 
 from __future__ import annotations
@@ -251,15 +268,14 @@ def duration(seconds: float) -> str:
 
 def markdown(rows: Sequence[dict], header: dict) -> str:
     """The plans as a Markdown table (failures as one line each)."""
-    lines = [
-        "# Compile-only TPU plans of the presets' train steps",
-        "",
-        *(f"- {k}: {v}" for k, v in header.items()),
-        "- memory, FLOPs and bytes are XLA's, per device per train step; step time, images/s "
+    note = (
+        "memory, FLOPs and bytes are XLA's, per device per train step; step time, images/s "
         "and run time are **roofline estimates** (max of FLOPs / peak bf16 FLOP/s and bytes "
         "/ HBM bandwidth, published per-chip figures), not measurements: real steps are "
-        "slower (latency, collectives, input).",
-        "",
+        "slower (latency, collectives, input)."
+    )
+    lines = [
+        *plan_table.heading("Compile-only TPU plans of the presets' train steps", header, [note]),
         "| method | preset | topology | devices (hosts) | precision | batch | compile s "
         "| args / temp / peak GiB | HBM GiB | GFLOP | GB accessed | all-reduce (ops, MB) "
         "| est. step | est. images/s | est. epoch | est. run | input/host needed |",
