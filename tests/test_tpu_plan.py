@@ -229,8 +229,10 @@ def test_cpu_preset_odin_and_attack_chunk_compile_for_a_v5e_slice(tmp_path):
     assert (odin["batch"], chunk["batch"]) == (500, 128)
     for program in (odin, chunk):
         assert program["batch_axis"] == "data"
-        assert 0 < program["memory"]["peak_bytes"] < row["hbm_per_device"] and program["fits"]
-        assert program["memory"]["argument_bytes"] > 4 * 400_000  # the replicated model
+        memory = program["memory"]
+        assert 0 < memory["peak_bytes"] <= memory["xla_peak_bytes"] < row["hbm_per_device"]
+        assert program["fits"]
+        assert memory["argument_bytes"] > 4 * 400_000  # the replicated model
     # Per image and device, ODIN is a forward, a backward (~2 forwards) and a forward:
     # ~4 forwards; a chunk is 8 steps of a forward and a backward: ~24, so ~6 times ODIN.
     ratio = (chunk["cost"]["flops"] / (128 / 4)) / (odin["cost"]["flops"] / (500 / 4))
