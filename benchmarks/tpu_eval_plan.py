@@ -13,14 +13,19 @@ runs, taken from the objects it builds for the preset's model and eval settings:
   and a second forward), at the same batch;
 - ``attack chunk``: one call of the adversarial-noise attack
   (:func:`~ood_jax.evaluate.adversarial.noise_attack`), ``CHUNK_STEPS`` PGD steps
-  at its batch (``ATTACK_BATCH`` rounded to the devices), with an estimate of the
-  whole attack: ``eval.adversarial_noise`` images, ``eval.attack_steps`` steps;
+  at its batch (``ATTACK_BATCH`` rounded to the devices), a loop on TPU (unrolled
+  only on CPU), with an estimate of the whole attack: ``eval.adversarial_noise``
+  images, ``eval.attack_steps`` steps;
 - ``gradnorm``: an ``"outputs"`` score; the evaluation computes it from the cached
   features of all datasets, concatenated on the host and put on **one** device (not
   sharded), through :func:`ood_jax.scores.gradnorm`'s own jitted function. It is
   compiled so here (that function under one more ``jax.jit``, which inlines it), on
-  one device, for ``GRADNORM_ROWS`` features (the CIFAR-10 test set; time is
-  linear in the rows).
+  one device, for 10,240 features (``GRADNORM_TRIPS`` of its 1,024-row chunks, about
+  the CIFAR-10 test set; time is linear in the rows).
+
+XLA's cost analysis counts a loop body once, so the FLOPs and bytes of the two
+programs that are loops (the attack chunk's steps, GradNorm's chunks) are multiplied
+by their trip counts.
 
 The programs do not depend on the training objective: a row is keyed by
 :data:`KEY` (model, preset, topology, precision) and names the methods whose preset
@@ -32,6 +37,7 @@ process 0's devices. Times are roofline estimates (:func:`~benchmarks.tpu_progra
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -45,7 +51,8 @@ from benchmarks.tpu_program import PlanError, compiled_cost, compiled_memory, ro
 
 KEY = ("model", "preset", "topology", "precision")
 PROGRAMS = ("forward", "odin", "gradnorm", "attack chunk")
-GRADNORM_ROWS = 10_000
+# GradNorm's rows: 10 of its lax.map chunks of chunk_size (1024), no remainder.
+GRADNORM_TRIPS = 10
 IMAGE_SHAPE = (32, 32, 3)
 
 
@@ -79,11 +86,14 @@ def _methods_of(label: str, preset: str, precision: str) -> list[str]:
     ]
 
 
-def _compile(jitted, args: tuple, chip: str, hbm: float, *, batch: int) -> dict:
+def _compile(jitted, args: tuple, chip: str, hbm: float, *, batch: int, trips: int) -> dict:
+    """``trips``: iterations of the program's one loop; XLA's cost analysis counts a
+    loop body once, so FLOPs and bytes are scaled by it."""
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    memory, cost = compiled_memory(compiled), compiled_cost(compiled)
+    memory = compiled_memory(compiled)
+    cost = {k: v * trips for k, v in compiled_cost(compiled).items()}
     call_s = roofline(cost, chip)
     return {
         "compiled": compiled,
@@ -91,6 +101,7 @@ def _compile(jitted, args: tuple, chip: str, hbm: float, *, batch: int) -> dict:
         "compile_s": compile_s,
         "memory": memory,
         "fits": max(memory["peak_bytes"], memory["xla_peak_bytes"]) <= hbm,
+        "loop_trips": trips,
         "cost": cost,
         "call_s": call_s,
         "images_per_s": batch / call_s,
@@ -122,6 +133,7 @@ def evaluation_programs(config, mesh) -> tuple[dict, dict]:
     from ood_jax.evaluate.stages import head_weights
     from ood_jax.models import build_model
     from ood_jax.scores import get_score
+    from ood_jax.scores import gradnorm as gradnorm_score
 
     batch = eval_batch_size(config, mesh)
     spec = eval_spec(config, batch_size=batch)
@@ -140,15 +152,23 @@ def evaluation_programs(config, mesh) -> tuple[dict, dict]:
     gradnorm = jax.jit(lambda logits, z, head: get_score("gradnorm").fn(logits, z, head, **hp))
     one = jax.sharding.SingleDeviceSharding(mesh.devices.flat[0])
     head = abstract(head_weights(model), one)
+    chunk = inspect.signature(gradnorm_score).parameters["chunk_size"].default
+    rows = GRADNORM_TRIPS * chunk
     outputs = [
-        jax.ShapeDtypeStruct((GRADNORM_ROWS, n), jnp.float32, sharding=one)
+        jax.ShapeDtypeStruct((rows, n), jnp.float32, sharding=one)
         for n in (head.kernel.shape[1], head.kernel.shape[0])
     ]
+    # {program: (jitted, abstract arguments, batch, iterations of its loop)}
     programs = {
-        "forward": (forward.jitted, (state, images), batch),
-        "odin": (odin, (state, images), batch),
-        "gradnorm": (gradnorm, (*outputs, head), GRADNORM_ROWS),
-        "attack chunk": (attack.advance[chunk_steps].jitted, (state, pgd), attack.batch),
+        "forward": (forward.jitted, (state, images), batch, 1),
+        "odin": (odin, (state, images), batch, 1),
+        "gradnorm": (gradnorm, (*outputs, head), rows, GRADNORM_TRIPS),
+        "attack chunk": (
+            attack.advance[chunk_steps].jitted,
+            (state, pgd),
+            attack.batch,
+            1 if attack.unrolled else chunk_steps,
+        ),
     }
     calls = math.ceil(spec.adversarial_noise / attack.batch) * spec.attack_steps / chunk_steps
     size = {"images": spec.adversarial_noise, "steps": spec.attack_steps, "chunk_calls": calls}
@@ -173,8 +193,10 @@ def plan_eval(
     built, attack = evaluation_programs(config, sharding.make_mesh(devices=host))
     compiled = {}
     for name in programs:
-        jitted, args, batch = built[name]
-        compiled[name] = _compile(jitted, args, tpu.chip, tpu.hbm_per_device, batch=batch)
+        jitted, args, batch, trips = built[name]
+        compiled[name] = _compile(
+            jitted, args, tpu.chip, tpu.hbm_per_device, batch=batch, trips=trips
+        )
         program = compiled[name].pop("compiled")
         if name != "gradnorm":  # an outputs score: one device, nothing to shard
             compiled[name]["batch_axis"] = _check_sharded(program, f"{name} of {method}/{preset}")
@@ -204,9 +226,10 @@ def markdown(rows: Sequence[dict], header: dict) -> str:
         "measurements.",
         "forward, odin, attack chunk: the batch split over the host's devices (`data`), "
         "the model replicated; gradnorm: an outputs score, all datasets' cached features "
-        f"on one device, {GRADNORM_ROWS:,} rows; the attack chunk is "
-        "ood_jax.evaluate.adversarial.CHUNK_STEPS PGD steps, the attack estimate all its "
-        "calls.",
+        "on one device (10 chunks of 1,024 rows); the attack chunk is "
+        "ood_jax.evaluate.adversarial.CHUNK_STEPS PGD steps (a loop on TPU), the attack "
+        "estimate all its calls. XLA's cost analysis counts a loop body once: the FLOPs "
+        "and bytes of gradnorm and the attack chunk are scaled by their loops' trips.",
     ]
     lines = [
         *plan_table.heading(

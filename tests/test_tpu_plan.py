@@ -237,6 +237,7 @@ def test_cpu_preset_odin_and_attack_chunk_compile_for_a_v5e_slice(tmp_path):
     # ~4 forwards; a chunk is 8 steps of a forward and a backward: ~24, so ~6 times ODIN.
     ratio = (chunk["cost"]["flops"] / (128 / 4)) / (odin["cost"]["flops"] / (500 / 4))
     assert 4 < ratio < 8
+    assert (odin["loop_trips"], chunk["loop_trips"]) == (1, 8)  # on TPU the chunk is a loop
     # 1000 noise images in batches of 128 (8 batches), 40 steps in chunks of 8.
     assert row["attack"]["chunk_calls"] == 8 * 5
     assert row["attack"]["estimate_s"] == pytest.approx(40 * chunk["call_s"])

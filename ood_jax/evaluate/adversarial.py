@@ -64,14 +64,16 @@ class NoiseAttack:
     """The attack's jitted calls with the model bound in (:meth:`ForwardPass.bind`).
 
     ``start(images01, key_data) -> PGDState``; ``advance[n](state)``: ``n <=
-    CHUNK_STEPS`` steps; ``finish(state) -> normalized images``; ``batch``: images per
-    call. Each call's ``.jitted`` is its ``jax.jit`` (a compile-only plan lowers them).
+    CHUNK_STEPS`` steps, unrolled (on CPU) or a loop (``unrolled``); ``finish(state) ->
+    normalized images``; ``batch``: images per call. Each call's ``.jitted`` is its
+    ``jax.jit`` (a compile-only plan lowers them).
     """
 
     start: Callable
     advance: Mapping[int, Callable]
     finish: Callable
     batch: int
+    unrolled: bool
 
 
 def noise_attack(
@@ -94,12 +96,15 @@ def noise_attack(
 
     # The attack runs in chunks of at most CHUNK_STEPS unrolled steps, each its own
     # call: unrolled steps are fast on CPU but keep every step's buffers, so 40 steps
-    # in one call of a batch of 500 need about 24 GB.
+    # in one call of a batch of 500 need about 24 GB. Unrolled on the mesh's platform's
+    # terms (pgd_advance's default asks the default backend, which for a compile-only
+    # TPU mesh is the CPU).
+    unroll = forward.mesh.devices.flat[0].platform == "cpu"
     start = forward.bind(lambda apply, images01, key: attacks.pgd_start(images01, key, eps=eps))
     advance = {
         n: forward.bind(
             lambda apply, state, n=n: attacks.pgd_advance(
-                logits_01(apply), state, eps=eps, step_size=alpha, steps=n
+                logits_01(apply), state, eps=eps, step_size=alpha, steps=n, unroll=unroll
             )
         )
         for n in {min(CHUNK_STEPS, steps), steps % CHUNK_STEPS} - {0}
@@ -108,7 +113,7 @@ def noise_attack(
         lambda apply, state: (attacks.pgd_finish(logits_01(apply), state) - pixel_mean) / pixel_std
     )
     size = -(-min(batch_size, ATTACK_BATCH, num) // forward.num_shards) * forward.num_shards
-    return NoiseAttack(start, advance, finish, size)
+    return NoiseAttack(start, advance, finish, size, unroll)
 
 
 def adversarial_noise(
