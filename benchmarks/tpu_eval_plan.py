@@ -216,6 +216,10 @@ def plan_eval(
     }
 
 
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f}"
+
+
 def markdown(rows: Sequence[dict], header: dict) -> str:
     """The evaluation plans as a Markdown table, one line per compiled program."""
     notes = [
@@ -236,7 +240,7 @@ def markdown(rows: Sequence[dict], header: dict) -> str:
             "Compile-only TPU plans of the evaluation's jitted functions", header, notes
         ),
         "| model | methods | preset | topology | devices | precision | program | batch "
-        "| compile s | args / temp / XLA peak GiB | HBM GiB | GFLOP | GB accessed | est. call "
+        "| compile s | args / temp / XLA peak MiB | HBM GiB | GFLOP | GB accessed | est. call "
         "| est. images/s |",
         "|" + "---|" * 15,
     ]
@@ -250,10 +254,10 @@ def markdown(rows: Sequence[dict], header: dict) -> str:
         where = f"| {r['topology']} | {r['devices']} | {r['precision']} "
         for name, p in r["programs"].items():
             m, c = p["memory"], p["cost"]
-            peak = gib(m["xla_peak_bytes"]) + ("" if p["fits"] else " **(exceeds HBM)**")
+            peak = _mib(m["xla_peak_bytes"]) + ("" if p["fits"] else " **(exceeds HBM)**")
             lines.append(
                 f"{lead}{where}| {name} | {p['batch']} | {p['compile_s']:.0f} "
-                f"| {gib(m['argument_bytes'])} / {gib(m['temp_bytes'])} / {peak} "
+                f"| {_mib(m['argument_bytes'])} / {_mib(m['temp_bytes'])} / {peak} "
                 f"| {gib(r['hbm_per_device'])} | {c['flops'] / 1e9:.1f} "
                 f"| {c['bytes_accessed'] / 1e9:.2f} | {p['call_s'] * 1e3:.2f} ms "
                 f"| {p['images_per_s']:,.0f} |"
