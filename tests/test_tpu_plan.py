@@ -241,3 +241,35 @@ def test_cpu_preset_odin_and_attack_chunk_compile_for_a_v5e_slice(tmp_path):
     # 1000 noise images in batches of 128 (8 batches), 40 steps in chunks of 8.
     assert row["attack"]["chunk_calls"] == 8 * 5
     assert row["attack"]["estimate_s"] == pytest.approx(40 * chunk["call_s"])
+
+
+def test_eval_jobs_are_one_per_model_whatever_the_objective():
+    from benchmarks import tpu_eval_plan
+
+    runs = [(m, "paper", "v5e:2x2", "bfloat16") for m in ("logitnorm", "ce", "l2norm", "acet")]
+    models = [fields["model"] for fields, _ in tpu_eval_plan.jobs(runs)]
+    # LogitNorm and CE train the same WRN-40-2; L2 a spectral-norm ResNet-18; ACET a plain one.
+    assert models == [
+        "wrn40_2(dropout_rate=0.3)",
+        "resnet18(activation=leaky_relu, normalize_features=True, pooling=avg, spectral_norm=True)",
+        "resnet18()",
+    ]
+
+
+def test_a_table_keeps_earlier_rows_and_compiles_only_new_ones(tmp_path):
+    from benchmarks import plan_table
+
+    out, calls = str(tmp_path / "table"), []
+
+    def job(name):
+        return {"name": name}, lambda: calls.append(name) or {"name": name, "value": len(calls)}
+
+    def table(rows, header):
+        return "\n".join(f"| {r['name']} |" for r in rows) + "\n"
+
+    kwargs = {"key_fields": ("name",), "markdown": table, "output": out, "command": "test"}
+    plan_table.run_rows([job("a"), job("b")], **kwargs)
+    rows = plan_table.run_rows([job("b"), job("c")], **kwargs)
+    assert calls == ["a", "b", "c"]  # b was not planned again
+    assert [(r["name"], r["value"]) for r in rows] == [("a", 1), ("b", 2), ("c", 3)]
+    assert json.loads((tmp_path / "table.json").read_text())["rows"] == rows
