@@ -239,7 +239,7 @@ def markdown(rows: Sequence[dict], header: dict) -> str:
         *plan_table.heading(
             "Compile-only TPU plans of the evaluation's jitted functions", header, notes
         ),
-        "| model | methods | preset | topology | devices | precision | program | batch "
+        "| model | methods | preset | topology | host devices | precision | program | batch "
         "| compile s | args / temp / XLA peak MiB | HBM GiB | GFLOP | GB accessed | est. call "
         "| est. images/s |",
         "|" + "---|" * 15,
