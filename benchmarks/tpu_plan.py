@@ -3,6 +3,8 @@
     pip install "jax[tpu]==0.10.2"        # or: pip install -e ".[tpu]" (adds libtpu)
     python -m benchmarks.tpu_plan --method logitnorm --preset paper --topology v5e:4x4
     python -m benchmarks.tpu_plan --all --output benchmarks/results/tpu_plan
+    python -m benchmarks.tpu_plan --eval --method logitnorm,l2norm \
+        --output benchmarks/results/tpu_eval_plan    # the evaluation's functions
 
 XLA's TPU compiler (libtpu) runs on a CPU-only machine through its compile-only
 client: ``jax.experimental.topologies.get_topology_desc`` describes a slice of
@@ -16,14 +18,29 @@ collectives, and checks the sharding the design promises (batch split over
 ``data``, state replicated and donated, one gradient all-reduce, BatchNorm
 statistics reduced over the global batch). The step time is a **roofline
 estimate** (max of FLOPs / peak FLOP/s and bytes / HBM bandwidth, from the
-chips' published figures), never a measurement.
+chips' published figures), never a measurement. ``--eval`` compiles the
+evaluation's jitted functions instead (:mod:`benchmarks.tpu_eval_plan`).
+
+Multi-host slices (``v5e:4x4``: 4 hosts, ``v6e:2x4``: 2) cannot be fed the way the
+runner feeds them, so the per-host data path is checked, not run. The runner hands
+each host's slice of the batch to ``jax.make_array_from_process_local_data``
+(:func:`ood_jax.sharding.global_batch`); here there is one real process
+(``jax.process_count() == 1``), where that function requires the global shape to be
+the local one and then places the data with ``device_put``, which the compile-only
+client refuses ("MakeArraysFromHostBufferShards not available with compile-only
+client": it has no device memory). The step is therefore lowered from
+``ShapeDtypeStruct`` s of the global batch with the batch sharding (the array that
+function returns), and :func:`check_process_rows` checks what the per-host path
+rests on: under that sharding, every host's devices (their ``process_index`` in the
+topology) hold exactly the per-host batch (global batch / hosts) each host reads,
+which is the local shape ``make_array_from_process_local_data`` maps onto them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import os
 import sys
 import time
@@ -38,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import plan_table
 from benchmarks.tpu_program import (
     CHIPS,
     PlanError,
@@ -121,7 +139,31 @@ def check_batch(config, tpu: Slice) -> int:
     return batch // tpu.processes
 
 
-def _abstract(tree: Any, sharding) -> Any:
+def check_process_rows(mesh, batch: int, per_process: int, *, name: str) -> dict[int, int]:
+    """``{process: rows}`` of a ``batch``-row global batch under the batch sharding.
+
+    What each host must hand :func:`ood_jax.sharding.global_batch`:
+    ``jax.make_array_from_process_local_data`` maps a process's rows onto its own
+    devices' slices, in order, wherever the mesh puts them. A process whose devices hold
+    other than ``per_process`` rows (what the runner reads per host) is a
+    :class:`PlanError`.
+    """
+    from ood_jax import sharding
+
+    rows: dict[int, int] = {}
+    for device, index in sharding.batch_sharding(mesh).devices_indices_map((batch,)).items():
+        held = len(range(*index[0].indices(batch)))
+        rows[device.process_index] = rows.get(device.process_index, 0) + held
+    wrong = {p: n for p, n in sorted(rows.items()) if n != per_process}
+    if wrong:
+        raise PlanError(
+            f"{name}: the batch sharding gives processes {wrong} rows, not the {per_process} "
+            "each host reads; the mesh must split the batch evenly over the hosts."
+        )
+    return rows
+
+
+def abstract(tree: Any, sharding) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree
     )
@@ -154,7 +196,7 @@ def plan(method: str, preset: str, topology: str, precision: str = "bfloat16") -
     model_def, state = create_train_state(build_model(identity, 0), optimizer.tx, seed=0)
     train_step, eval_step = make_run_steps(config, model_def, optimizer, mesh)
     rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    state_abs = _abstract(state, rep)
+    state_abs = abstract(state, rep)
     ratio = config.data.outliers.ratio if "outliers" in config.data else 0
     from ood_jax.train import get_objective
 
@@ -168,6 +210,7 @@ def plan(method: str, preset: str, topology: str, precision: str = "bfloat16") -
     compiled = train_step.jitted.lower(state_abs, _batch(batch, data), aux).compile()
     compile_s = time.perf_counter() - start
     checks = check_program(compiled, state, bn_channels=bn_channels(state.batch_stats), name=name)
+    checks["process_rows"] = check_process_rows(mesh, batch, per_process, name=name)
     memory, cost = compiled_memory(compiled), compiled_cost(compiled)
     if memory["peak_bytes"] > tpu.hbm_per_device:
         raise PlanError(
@@ -184,7 +227,7 @@ def plan(method: str, preset: str, topology: str, precision: str = "bfloat16") -
         "preset": preset,
         "topology": topology,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": f"jax {jax.__version__}, libtpu {_libtpu_version()}",
+        "versions": f"jax {jax.__version__}, libtpu {plan_table.libtpu_version()}",
         "devices": len(tpu.devices),
         "processes": tpu.processes,
         "precision": precision,
@@ -213,11 +256,11 @@ def plan(method: str, preset: str, topology: str, precision: str = "bfloat16") -
     }
 
 
-def _gib(nbytes: float) -> str:
+def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
@@ -225,15 +268,14 @@ def _duration(seconds: float) -> str:
 
 def markdown(rows: Sequence[dict], header: dict) -> str:
     """The plans as a Markdown table (failures as one line each)."""
-    lines = [
-        "# Compile-only TPU plans of the presets' train steps",
-        "",
-        *(f"- {k}: {v}" for k, v in header.items()),
-        "- memory, FLOPs and bytes are XLA's, per device per train step; step time, images/s "
+    note = (
+        "memory, FLOPs and bytes are XLA's, per device per train step; step time, images/s "
         "and run time are **roofline estimates** (max of FLOPs / peak bf16 FLOP/s and bytes "
         "/ HBM bandwidth, published per-chip figures), not measurements: real steps are "
-        "slower (latency, collectives, input).",
-        "",
+        "slower (latency, collectives, input)."
+    )
+    lines = [
+        *plan_table.heading("Compile-only TPU plans of the presets' train steps", header, [note]),
         "| method | preset | topology | devices (hosts) | precision | batch | compile s "
         "| args / temp / peak GiB | HBM GiB | GFLOP | GB accessed | all-reduce (ops, MB) "
         "| est. step | est. images/s | est. epoch | est. run | input/host needed |",
@@ -254,11 +296,11 @@ def markdown(rows: Sequence[dict], header: dict) -> str:
             f"| {r['method']} | {r['preset']} | {r['topology']} "
             f"| {r['devices']} ({r['processes']}) "
             f"| {r['precision']} | {r['global_batch']} | {r['compile_s']:.0f} "
-            f"| {_gib(m['argument_bytes'])} / {_gib(m['temp_bytes'])} / {_gib(m['peak_bytes'])} "
-            f"| {_gib(r['hbm_per_device'])} | {c['flops'] / 1e9:.1f} "
+            f"| {gib(m['argument_bytes'])} / {gib(m['temp_bytes'])} / {gib(m['peak_bytes'])} "
+            f"| {gib(r['hbm_per_device'])} | {c['flops'] / 1e9:.1f} "
             f"| {c['bytes_accessed'] / 1e9:.2f} "
             f"| {ar['count']}, {ar['bytes'] / 1e6:.1f} | {e['step_s'] * 1e3:.2f} ms "
-            f"| {e['images_per_s']:,.0f} | {_duration(e['epoch_s'])} | {_duration(e['total_s'])} "
+            f"| {e['images_per_s']:,.0f} | {duration(e['epoch_s'])} | {duration(e['total_s'])} "
             f"| {e['input_images_per_s_per_host']:,.0f}"
             + (" (input-bound on 2 cores)" if e["input_bound_on_2_cores"] else "")
             + " |"
@@ -279,6 +321,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--all", action="store_true", help="every method's paper preset on every topology"
     )
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="the evaluation's jitted functions instead (benchmarks.tpu_eval_plan), one row "
+        "per model of the methods' presets",
+    )
     parser.add_argument("--output", default="", help="write (or add to) OUTPUT.md, OUTPUT.json")
     args = parser.parse_args(argv)
     names = {
@@ -294,87 +342,33 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for method in names["method"]:
         if preset not in methods.presets_of(method):
             raise cli.UsageError(f"--preset {preset!r}: {method} has {methods.presets_of(method)}.")
-    jobs = [
+    runs = [
         (m, preset, t, p)
         for m in names["method"]
         for t in names["topology"]
         for p in names["precision"]
     ]
-    many = len(jobs) > 1
-    done = _previous_rows(args.output)
-    rows = []
-    for method, preset, topology, precision in jobs:
-        if (method, preset, topology, precision) in done:
-            rows.append(done[method, preset, topology, precision])
-            continue
-        try:
-            rows.append(plan(method, preset, topology, precision))
-        except Exception as err:  # noqa: BLE001 -- one failed row must not end an --all run
-            if not many:
-                if isinstance(err, PlanError):
-                    raise cli.UsageError(str(err)) from None
-                raise
-            if not isinstance(err, PlanError):
-                err = f"compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            rows.append(
-                {
-                    "method": method,
-                    "preset": preset,
-                    "topology": topology,
-                    "precision": precision,
-                    "error": str(err),
-                }
-            )
-        print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
-        if args.output:  # after every row: a long --all run resumes where it stopped
-            _write_json(args.output, {"rows": _kept(done, jobs) + rows})
-    header = {
-        "command": "python -m benchmarks.tpu_plan " + " ".join(argv or sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": f"jax {jax.__version__}, libtpu {_libtpu_version()}",
-    }
-    rows = _kept(done, jobs) + rows
-    text = markdown(rows, header)
-    print(text)
-    if args.output:
-        with open(f"{args.output}.md", "w") as f:
-            f.write(text)
-        _write_json(args.output, {"header": header, "rows": rows})
-    return rows
+    command = "python -m benchmarks.tpu_plan " + " ".join(argv or sys.argv[1:])
+    if args.eval:
+        from benchmarks import tpu_eval_plan  # it imports this module: not at the top
+
+        jobs, key_fields, table = (
+            tpu_eval_plan.jobs(runs),
+            tpu_eval_plan.KEY,
+            tpu_eval_plan.markdown,
+        )
+    else:
+        key_fields, table = ("method", "preset", "topology", "precision"), markdown
+        jobs = [
+            (dict(zip(key_fields, run, strict=True)), functools.partial(plan, *run)) for run in runs
+        ]
+    return plan_table.run_rows(
+        jobs, key_fields=key_fields, markdown=table, output=args.output, command=command
+    )
 
 
 def _listed(text: str) -> list[str]:
     return [t for t in (s.strip() for s in text.split(",")) if t]
-
-
-def _kept(done: dict, jobs: Sequence[tuple]) -> list[dict]:
-    """Rows of an earlier run that this one does not redo (an output accumulates)."""
-    return [row for key, row in done.items() if key not in set(jobs)]
-
-
-def _previous_rows(output: str) -> dict:
-    """Rows of an earlier run with the same ``--output`` (kept, not compiled again)."""
-    if not output or not os.path.exists(f"{output}.json"):
-        return {}
-    with open(f"{output}.json") as f:
-        rows = json.load(f)["rows"]
-    return {(r["method"], r["preset"], r["topology"], r["precision"]): r for r in rows}
-
-
-def _write_json(output: str, payload: dict) -> None:
-    tmp = f"{output}.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-    os.replace(tmp, f"{output}.json")
-
-
-def _libtpu_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("libtpu")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ def compiled_memory(compiled) -> dict:
         + m.output_size_in_bytes
         - m.alias_size_in_bytes
         + m.temp_size_in_bytes,
+        # XLA's own peak: on TPU, temp_size is 0 for some programs that do need scratch
+        # memory (an eval-mode forward, ODIN) while this counts it.
+        "xla_peak_bytes": getattr(m, "peak_memory_in_bytes", 0),
     }
 
 

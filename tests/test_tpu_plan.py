@@ -2,9 +2,11 @@
 
 The checks are exercised on programs compiled for the 8 virtual CPU devices (a
 correct step, and the same step with its state deliberately sharded); the real
-path compiles the ``cpu`` preset's train and eval step for a v5e-4 slice with
-XLA's TPU compiler (libtpu, installed by ``.ci/run`` into ``.ci/libtpu``; see
-``LIBTPU_DIR``), in a subprocess so that libtpu never loads into this one.
+path compiles the ``cpu`` preset's train and eval step, and the evaluation's ODIN
+and attack chunk (benchmarks.tpu_eval_plan), for a v5e-4 slice with XLA's TPU
+compiler (libtpu, installed by ``.ci/run`` into ``.ci/libtpu``; see
+``LIBTPU_DIR``), in a subprocess so that libtpu never loads into this one; a
+v5e-16 slice's hosts are checked to hold a quarter of the batch each.
 """
 
 import json
@@ -132,34 +134,43 @@ def test_a_state_sharded_over_data_is_caught_in_one_line():
     assert "the train state must be replicated" in str(err.value)
 
 
-@pytest.mark.slow
-def test_cpu_preset_compiles_for_a_v5e_slice_with_the_tpu_compiler(tmp_path):
+def _libtpu_env() -> dict:
+    """This process's environment with libtpu on the path (for a subprocess)."""
     if not (LIBTPU_DIR / "libtpu").is_dir():
         pytest.fail(
             f"libtpu is not in {LIBTPU_DIR}: pip install --target {LIBTPU_DIR} --no-deps "
             "libtpu==0.0.42.1 (what .ci/run does), or set OOD_JAX_LIBTPU_DIR."
         )
-    env = {
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(LIBTPU_DIR), str(ROOT)]),
         "JAX_PLATFORMS": "cpu",
     }
-    out = tmp_path / "plan"
-    argv = ["--method", "ce", "--preset", "cpu", "--topology", "v5e:2x2", "--output", str(out)]
+
+
+def _run_with_libtpu(*args: str) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.tpu_plan", *argv],
+        [sys.executable, *args],
         cwd=ROOT,
-        env=env,
+        env=_libtpu_env(),
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_cpu_preset_compiles_for_a_v5e_slice_with_the_tpu_compiler(tmp_path):
+    out = tmp_path / "plan"
+    argv = ["--method", "ce", "--preset", "cpu", "--topology", "v5e:2x2", "--output", str(out)]
+    _run_with_libtpu("-m", "benchmarks.tpu_plan", *argv)
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["devices"] == 4 and row["processes"] == 1
     assert row["checks"]["batch_sharded"] and row["checks"]["state_replicated"]
     assert row["checks"]["all_reduced_elements"] >= row["checks"]["params"] > 400_000
     assert row["checks"]["donated_bytes"] > 0
+    assert row["checks"]["process_rows"] == {"0": 256}  # one host reads the whole batch
     assert 0 < row["memory"]["peak_bytes"] < row["hbm_per_device"]
     assert row["cost"]["flops"] > 1e9 and row["eval"]["cost"]["flops"] > 1e9
     assert row["estimate"]["images_per_s"] > 0
@@ -173,3 +184,92 @@ def test_bn_channels_count_running_means_only():
         "block": {"bn": {"mean": np.zeros(8), "var": np.ones(8)}},
     }
     assert tpu_program.bn_channels(stats) == 16 + 8
+
+
+def test_process_rows_of_one_process_are_the_whole_batch():
+    mesh = sharding.make_mesh()
+    assert tpu_plan.check_process_rows(mesh, 16, 16, name="cpu") == {0: 16}
+    with pytest.raises(tpu_program.PlanError) as err:
+        tpu_plan.check_process_rows(mesh, 16, 4, name="cpu")
+    assert "\n" not in str(err.value) and "{0: 16}" in str(err.value)
+
+
+@pytest.mark.slow
+def test_each_host_of_a_v5e_4x4_slice_holds_a_quarter_of_the_batch(tmp_path):
+    out = tmp_path / "rows.json"
+    script = (
+        "import json, sys; from benchmarks import tpu_plan; from ood_jax import sharding\n"
+        "tpu = tpu_plan.tpu_slice('v5e:4x4')\n"
+        "mesh = sharding.make_mesh(devices=tpu.devices)\n"
+        "rows = tpu_plan.check_process_rows(mesh, 1024, 256, name='v5e:4x4')\n"
+        "open(sys.argv[1], 'w').write(json.dumps([tpu.processes, rows]))\n"
+    )
+    _run_with_libtpu("-c", script, str(out))
+    processes, rows = json.loads(out.read_text())
+    # 16 chips, 4 hosts of 4: each host reads 1024 / 4 rows.
+    assert processes == 4
+    assert rows == {"0": 256, "1": 256, "2": 256, "3": 256}
+
+
+@pytest.mark.slow
+def test_cpu_preset_odin_and_attack_chunk_compile_for_a_v5e_slice(tmp_path):
+    out = tmp_path / "eval.json"
+    script = (
+        "import json, sys; from benchmarks import tpu_eval_plan\n"
+        "row = tpu_eval_plan.plan_eval('ce', 'cpu', 'v5e:2x2', 'bfloat16',\n"
+        "                              programs=('odin', 'attack chunk'))\n"
+        "open(sys.argv[1], 'w').write(json.dumps(row, default=str))\n"
+    )
+    _run_with_libtpu("-c", script, str(out))
+    row = json.loads(out.read_text())
+    assert row["model"] == "resnet9(pooling=max, width=16)" and row["devices"] == 4
+    assert set(row["programs"]) == {"odin", "attack chunk"}
+    odin, chunk = row["programs"]["odin"], row["programs"]["attack chunk"]
+    # eval batch 500 (a multiple of 4); attack batch min(500, ATTACK_BATCH=128, 1000).
+    assert (odin["batch"], chunk["batch"]) == (500, 128)
+    for program in (odin, chunk):
+        assert program["batch_axis"] == "data"
+        memory = program["memory"]
+        assert 0 < memory["peak_bytes"] <= memory["xla_peak_bytes"] < row["hbm_per_device"]
+        assert program["fits"]
+        assert memory["argument_bytes"] > 4 * 400_000  # the replicated model
+    # Per image and device, ODIN is a forward, a backward (~2 forwards) and a forward:
+    # ~4 forwards; a chunk is 8 steps of a forward and a backward: ~24, so ~6 times ODIN.
+    ratio = (chunk["cost"]["flops"] / (128 / 4)) / (odin["cost"]["flops"] / (500 / 4))
+    assert 4 < ratio < 8
+    assert (odin["loop_trips"], chunk["loop_trips"]) == (1, 8)  # on TPU the chunk is a loop
+    # 1000 noise images in batches of 128 (8 batches), 40 steps in chunks of 8.
+    assert row["attack"]["chunk_calls"] == 8 * 5
+    assert row["attack"]["estimate_s"] == pytest.approx(40 * chunk["call_s"])
+
+
+def test_eval_jobs_are_one_per_model_whatever_the_objective():
+    from benchmarks import tpu_eval_plan
+
+    runs = [(m, "paper", "v5e:2x2", "bfloat16") for m in ("logitnorm", "ce", "l2norm", "acet")]
+    models = [fields["model"] for fields, _ in tpu_eval_plan.jobs(runs)]
+    # LogitNorm and CE train the same WRN-40-2; L2 a spectral-norm ResNet-18; ACET a plain one.
+    assert models == [
+        "wrn40_2(dropout_rate=0.3)",
+        "resnet18(activation=leaky_relu, normalize_features=True, pooling=avg, spectral_norm=True)",
+        "resnet18()",
+    ]
+
+
+def test_a_table_keeps_earlier_rows_and_compiles_only_new_ones(tmp_path):
+    from benchmarks import plan_table
+
+    out, calls = str(tmp_path / "table"), []
+
+    def job(name):
+        return {"name": name}, lambda: calls.append(name) or {"name": name, "value": len(calls)}
+
+    def table(rows, header):
+        return "\n".join(f"| {r['name']} |" for r in rows) + "\n"
+
+    kwargs = {"key_fields": ("name",), "markdown": table, "output": out, "command": "test"}
+    plan_table.run_rows([job("a"), job("b")], **kwargs)
+    rows = plan_table.run_rows([job("b"), job("c")], **kwargs)
+    assert calls == ["a", "b", "c"]  # b was not planned again
+    assert [(r["name"], r["value"]) for r in rows] == [("a", 1), ("b", 2), ("c", 3)]
+    assert json.loads((tmp_path / "table.json").read_text())["rows"] == rows

@@ -17,6 +17,7 @@ sharded over the ``"data"`` axis of a mesh; parameters are replicated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -85,7 +86,9 @@ class ForwardPass:
                 "processes. Evaluate from one host (e.g. restore the checkpoint on one VM)."
             )
         model.eval()
-        self.graphdef, self.state = nnx.split(model)
+        # The model's own arrays; placed on the mesh when first run (``state``), so that
+        # a compile-only mesh (no devices to place on) can still lower the functions.
+        self.graphdef, self.host_state = nnx.split(model)
         self.mesh = sharding.make_mesh() if mesh is None else mesh
         if sharding.DATA_AXIS not in self.mesh.axis_names:
             raise ValueError(
@@ -96,20 +99,25 @@ class ForwardPass:
         self._replicated = replicated = sharding.replicated(self.mesh)
         self._map_cache: dict = {}
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        # device_put (not sharding.replicate, which copies through NumPy): the state
-        # holds typed PRNG keys (dropout streams), and evaluation never donates it.
-        self.state = jax.device_put(self.state, replicated)
         graphdef = self.graphdef
 
         def apply(state, images):
             logits, features = nnx.merge(graphdef, state)(images)
             return logits.astype(jnp.float32), features.astype(jnp.float32)
 
-        self._apply = jax.jit(
+        # ``jitted(state, images) -> (logits, features)``: the forward pass's jax.jit.
+        self.jitted = jax.jit(
             apply,
             in_shardings=(replicated, self.batch_sharding),
             out_shardings=(self.batch_sharding, self.batch_sharding),
         )
+
+    @functools.cached_property
+    def state(self):
+        """The model state replicated on the mesh (placed at the first call)."""
+        # device_put (not sharding.replicate, which copies through NumPy): the state
+        # holds typed PRNG keys (dropout streams), and evaluation never donates it.
+        return jax.device_put(self.host_state, self._replicated)
 
     def map_batches(
         self,
@@ -123,6 +131,14 @@ class ForwardPass:
         jitted once (cached by identity) with the model state as an argument, not
         a baked-in constant, and padding rows are dropped with the batch mask.
         """
+        jitted = self.jitted_map(fn)
+        run = self._run(lambda images: jitted(self.state, images), batches)
+        return np.concatenate([out[mask] for out, mask, _ in run])
+
+    def jitted_map(
+        self, fn: Callable[[Callable[[jax.Array], jax.Array], jax.Array], jax.Array]
+    ) -> Callable:
+        """The ``jax.jit`` of ``(state, images) -> [B]`` that :meth:`map_batches` runs."""
         jitted = self._map_cache.get(fn)
         if jitted is None:
             graphdef = self.graphdef
@@ -136,8 +152,7 @@ class ForwardPass:
                 out_shardings=self.batch_sharding,
             )
             self._map_cache[fn] = jitted
-        run = self._run(lambda images: jitted(self.state, images), batches)
-        return np.concatenate([out[mask] for out, mask, _ in run])
+        return jitted
 
     def map_captured(
         self,
@@ -177,7 +192,8 @@ class ForwardPass:
 
         Returns ``call(images, *args)``: ``images`` sharded over the batch (its size a
         multiple of the device count), ``args`` replicated, the output sharded like
-        ``images``. For model-dependent transforms of whole batches (an attack).
+        ``images``. For model-dependent transforms of whole batches (an attack);
+        ``call.jitted`` is the ``jax.jit`` of ``(state, images, *args)``.
         """
         graphdef = self.graphdef
 
@@ -191,6 +207,7 @@ class ForwardPass:
             args = jax.device_put(args, self._replicated)
             return jitted(self.state, images, *args)
 
+        call.jitted = jitted
         return call
 
     def _run(self, apply, batches):
@@ -219,7 +236,7 @@ class ForwardPass:
     def __call__(self, batches: Iterable[Mapping[str, np.ndarray]]) -> ModelOutputs:
         """Runs the model over ``batches``; returns the real (mask True) rows' outputs."""
         logits, features, labels = [], [], []
-        run = self._run(lambda images: self._apply(self.state, images), batches)
+        run = self._run(lambda images: self.jitted(self.state, images), batches)
         for (batch_logits, batch_features), mask, batch_labels in run:
             logits.append(batch_logits[mask])
             features.append(batch_features[mask])

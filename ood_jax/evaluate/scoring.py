@@ -99,11 +99,7 @@ def score_images(
         score = get_score(name)
         if score.consumes != "images":
             continue
-        kwargs = dict(hp)
-
-        def fn(apply_logits, images, score=score, kwargs=kwargs):
-            return score.fn(apply_logits, images, std, **kwargs)
-
+        fn = image_score_fn(name, hp, std=std)
         sizes[name] = {}
         for dataset, ds in datasets.items():
             if isinstance(ds, D.ImageDataset):
@@ -115,6 +111,17 @@ def score_images(
             scores[dataset][name] = forward.map_batches(fn, batches(subset)).astype(np.float32)
             sizes[name][dataset] = len(subset)
     return scores, sizes
+
+
+def image_score_fn(name: str, hparams: Mapping, *, std) -> Callable:
+    """``fn(apply_logits, images) -> [B]`` of the ``"images"`` score ``name``: what
+    :func:`score_images` maps over a dataset with :meth:`ForwardPass.map_batches`."""
+    score, kwargs = get_score(name), dict(hparams)
+
+    def fn(apply_logits, images):
+        return score.fn(apply_logits, images, std, **kwargs)
+
+    return fn
 
 
 def score_activations(

@@ -165,6 +165,16 @@ class EvalSpec:
         """The spec as plain values (the ``"spec"`` entry of ``results.json``)."""
         return dataclasses.asdict(self)
 
+    def attack_options(self) -> dict[str, Any]:
+        """The adversarial-noise attack's keyword arguments (``adversarial_noise``)."""
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "eps": self.attack_eps,
+            "steps": self.attack_steps,
+            "batch_size": self.batch_size,
+        }
+
     def protocol_options(self) -> dict[str, Any]:
         """The ``protocol_options`` entry of ``results.json`` (read by study reports)."""
         attacked = bool(self.adversarial_noise)

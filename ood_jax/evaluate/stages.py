@@ -153,14 +153,7 @@ def select_ood_sets(
     if spec.adversarial_noise:
         say(f"attacking {spec.adversarial_noise} noise images ({spec.attack_steps}-step PGD)")
         chosen[ADVERSARIAL_NAME] = adversarial_noise(
-            forward,
-            spec.adversarial_noise,
-            seed=spec.seed,
-            mean=spec.mean,
-            std=spec.std,
-            eps=spec.attack_eps,
-            steps=spec.attack_steps,
-            batch_size=spec.batch_size,
+            forward, spec.adversarial_noise, seed=spec.seed, **spec.attack_options()
         )
     return chosen
 

@@ -1,0 +1,111 @@
+"""A resumable table of compile-only plans: one row per key, kept across runs.
+
+A plan can take minutes per row, so :func:`run_rows` writes the JSON after every
+row and a later run with the same ``--output`` keeps the rows it does not redo
+(:mod:`benchmarks.tpu_plan`'s train-step table and
+:mod:`benchmarks.tpu_eval_plan`'s evaluation table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+
+from benchmarks.tpu_program import PlanError
+from experiments import cli
+
+# A job: the row's key fields, and the plan that computes the row.
+Job = tuple[dict, Callable[[], dict]]
+
+
+def run_rows(
+    jobs: Sequence[Job],
+    *,
+    key_fields: tuple[str, ...],
+    markdown: Callable[[Sequence[dict], dict], str],
+    output: str,
+    command: str,
+) -> list[dict]:
+    """Runs every job not already in ``output``.json; returns (and writes) all rows.
+
+    A failed job is an error row when there are several (one failure must not end a
+    long run); a single one raises (a :class:`PlanError` as a usage error)."""
+
+    def key_of(row: dict) -> tuple:
+        return tuple(row[f] for f in key_fields)
+
+    wanted = {key_of(fields) for fields, _ in jobs}
+    done = _previous_rows(output, key_of)
+    kept = [row for key, row in done.items() if key not in wanted]
+    rows = []
+    for fields, plan in jobs:
+        if key_of(fields) in done:
+            rows.append(done[key_of(fields)])
+            continue
+        try:
+            rows.append(plan())
+        except Exception as err:  # noqa: BLE001 -- one failed row must not end an --all run
+            if len(jobs) == 1:
+                if isinstance(err, PlanError):
+                    raise cli.UsageError(str(err)) from None
+                raise
+            if not isinstance(err, PlanError):
+                err = f"compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            rows.append({**fields, "error": str(err)})
+        print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
+        if output:  # after every row: a long --all run resumes where it stopped
+            _write_json(output, {"rows": kept + rows})
+    header = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": f"jax {jax.__version__}, libtpu {libtpu_version()}",
+    }
+    rows = kept + rows
+    text = markdown(rows, header)
+    print(text)
+    if output:
+        with open(f"{output}.md", "w") as f:
+            f.write(text)
+        _write_json(output, {"header": header, "rows": rows})
+    return rows
+
+
+def heading(title: str, header: dict, notes: Sequence[str]) -> list[str]:
+    """A table's Markdown title, run header (command, date, versions) and notes."""
+    return [
+        f"# {title}",
+        "",
+        *(f"- {k}: {v}" for k, v in header.items()),
+        *(f"- {n}" for n in notes),
+        "",
+    ]
+
+
+def _previous_rows(output: str, key_of: Callable[[dict], tuple]) -> dict:
+    """Rows of an earlier run with the same ``--output`` (kept, not compiled again)."""
+    if not output or not os.path.exists(f"{output}.json"):
+        return {}
+    with open(f"{output}.json") as f:
+        rows = json.load(f)["rows"]
+    return {key_of(r): r for r in rows}
+
+
+def _write_json(output: str, payload: dict) -> None:
+    tmp = f"{output}.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, f"{output}.json")
+
+
+def libtpu_version() -> str:
+    """The installed libtpu's version (``unknown`` without its package metadata)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return "unknown"
