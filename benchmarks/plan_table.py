@@ -57,8 +57,9 @@ def run_rows(
                 err = f"compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
             rows.append({**fields, "error": str(err)})
         print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
-        if output:  # after every row: a long --all run resumes where it stopped
-            _write_json(output, {"rows": kept + rows})
+        done[key_of(fields)] = rows[-1]
+        if output:  # after every row, every row so far: a stopped --all run resumes
+            _write_json(output, {"rows": list(done.values())})
     header = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -273,3 +273,27 @@ def test_a_table_keeps_earlier_rows_and_compiles_only_new_ones(tmp_path):
     assert calls == ["a", "b", "c"]  # b was not planned again
     assert [(r["name"], r["value"]) for r in rows] == [("a", 1), ("b", 2), ("c", 3)]
     assert json.loads((tmp_path / "table.json").read_text())["rows"] == rows
+
+
+def test_a_run_killed_mid_table_loses_no_earlier_row(tmp_path):
+    # The rows a run re-lists (a, c) are in the file while it plans a new one (b), so
+    # a crash in a later compile (d) keeps them all: every row written so far.
+    from benchmarks import plan_table
+
+    out = str(tmp_path / "table")
+
+    def job(name, value=0):
+        return {"name": name}, lambda: {"name": name, "value": value}
+
+    def crash():
+        raise KeyboardInterrupt  # a compiler crash or a kill: not an error row
+
+    def table(rows, header):
+        return "\n".join(f"| {r['name']} |" for r in rows) + "\n"
+
+    kwargs = {"key_fields": ("name",), "markdown": table, "output": out, "command": "test"}
+    plan_table.run_rows([job("a", 1), job("c", 3)], **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        plan_table.run_rows([job("b", 2), job("a"), job("c"), ({"name": "d"}, crash)], **kwargs)
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert sorted((r["name"], r["value"]) for r in rows) == [("a", 1), ("b", 2), ("c", 3)]
