@@ -21,7 +21,14 @@ from ood_jax.scores.gaussian import (
     mahalanobis_score,
 )
 from ood_jax.scores.knn import KNNParams, fit_knn, knn_score
-from ood_jax.scores.logit import energy, feature_norm, max_logit, msp, neg_entropy
+from ood_jax.scores.logit import (
+    energy,
+    feature_norm,
+    max_logit,
+    msp,
+    neg_entropy,
+    weighted_energy,
+)
 from ood_jax.scores.model import CIFAR10_STD, gradnorm, odin
 from ood_jax.scores.react import ReActParams, fit_react, react_score
 from ood_jax.scores.registry import (
@@ -64,6 +71,7 @@ __all__ = [
     "msp",
     "neg_entropy",
     "odin",
+    "weighted_energy",
     "react_score",
     "ash_b",
     "ash_p",
