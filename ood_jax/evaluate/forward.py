@@ -60,6 +60,25 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, pad], axis=0)
 
 
+class Tail:
+    """The network after an intermediate, for one batch of ``images``.
+
+    ``tail(pre_pool)`` is ``model.logits_from_pre_pool``; ``tail.edited(index, edit)``
+    the logits with block ``index``'s output replaced by ``edit`` of itself
+    (``model.logits_with_block_edit``: the later blocks run again).
+    """
+
+    def __init__(self, model: nnx.Module, images: jax.Array) -> None:
+        self.model = model
+        self.images = images
+
+    def __call__(self, pre_pool: jax.Array) -> jax.Array:
+        return self.model.logits_from_pre_pool(pre_pool)
+
+    def edited(self, index: int, edit: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        return self.model.logits_with_block_edit(self.images, index, edit)
+
+
 class ForwardPass:
     """A model's jitted inference function, compiled once and reused per dataset.
 
@@ -149,7 +168,7 @@ class ForwardPass:
 
         For scores of the model's intermediates: ``out`` holds ``logits``,
         ``features`` and the intermediates named by ``capture`` (the model called with
-        ``capture=``), ``to_logits`` is ``model.logits_from_pre_pool``. Only this pass
+        ``capture=``), ``to_logits`` a :class:`Tail` of the model. Only this pass
         computes intermediates; ``__call__`` never does. ``fn`` is jitted once per
         ``(fn, capture)``.
         """
@@ -161,7 +180,7 @@ class ForwardPass:
                 model = nnx.merge(graphdef, state)
                 logits, features, out = model(images, capture=capture)
                 out = {**out, "logits": logits, "features": features}
-                return fn(out, model.logits_from_pre_pool)
+                return fn(out, Tail(model, images))
 
             jitted = jax.jit(
                 apply,

@@ -20,7 +20,8 @@ score names. A score declares:
     the jitted forward pass, with ``out`` the model's ``logits``, ``features`` and
     the intermediates named by ``captures`` (``"pre_pool"`` [B, H, W, D],
     ``"blocks"``; see ``ood_jax.models.classifier``) and ``to_logits`` the rest of
-    the network after ``pre_pool`` (global pooling, then the head). One extra
+    the network after ``pre_pool`` (global pooling, then the head; ``to_logits.edited(i,
+    edit)`` the logits with block ``i`` edited, see ``ood_jax.evaluate.forward.Tail``). One extra
     forward pass per dataset serves all such scores; without them the evaluation
     never computes intermediates (ASH and SCALE on the feature map, RankFeat).
 
