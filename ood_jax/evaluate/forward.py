@@ -17,6 +17,7 @@ sharded over the ``"data"`` axis of a mesh; parameters are replicated.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ood_jax import rng as rng_lib
 from ood_jax import sharding
 
 
@@ -157,6 +159,62 @@ class ForwardPass:
             self._map_cache[fn] = jitted
         run = self._run(lambda images: jitted(self.state, images), batches)
         return np.concatenate([out[mask] for out, mask, _ in run])
+
+    def map_stochastic(
+        self,
+        fn: Callable[..., jax.Array],
+        batches: Iterable[Mapping[str, np.ndarray]],
+        *,
+        seed: int,
+    ) -> np.ndarray:
+        """Per-example values ``fn(apply_dropout, images, key) -> [B]`` over a dataset.
+
+        For Monte Carlo dropout: ``apply_dropout(images, key) -> logits`` is the model
+        with its dropout layers active (BatchNorm still on running statistics), its RNG
+        streams seeded from the raw key ``key``; batch ``i`` gets ``fold_in(root_key(seed),
+        i)``. Raises a ValueError when the model has no dropout of rate > 0
+        (:meth:`has_dropout`).
+        """
+        jitted = self._map_cache.get(("stochastic", fn))
+        if jitted is None:
+            graphdef = self._dropout_graphdef()
+
+            def apply(state, images, key):
+                def apply_dropout(x, k):
+                    return nnx.merge(graphdef, rng_lib.reseeded(state, k))(x)[0]
+
+                return fn(apply_dropout, images, key)
+
+            jitted = jax.jit(
+                apply,
+                in_shardings=(self._replicated, self.batch_sharding, self._replicated),
+                out_shardings=self.batch_sharding,
+            )
+            self._map_cache[("stochastic", fn)] = jitted
+        root, index = rng_lib.root_key(seed), itertools.count()
+        run = self._run(
+            lambda images: jitted(self.state, images, rng_lib.step_key(root, next(index))), batches
+        )
+        return np.concatenate([out[mask] for out, mask, _ in run])
+
+    def has_dropout(self) -> bool:
+        """Whether the model has a dropout layer of rate > 0 (what MC dropout samples)."""
+        model = nnx.merge(self.graphdef, self.state)
+        return any(isinstance(m, nnx.Dropout) and m.rate > 0 for _, m in nnx.iter_modules(model))
+
+    def _dropout_graphdef(self):
+        """The graph of the eval-mode model with its dropout layers switched on."""
+        if not self.has_dropout():
+            raise ValueError(
+                "MC dropout: the model has no dropout layer with rate > 0; build it with "
+                "dropout (e.g. the WRN-40-2 preset, or model.options.dropout_rate=0.3 for "
+                "wrn/tiny) or drop the score."
+            )
+        model = nnx.merge(self.graphdef, self.state)
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.Dropout):
+                module.deterministic = False
+        return nnx.split(model)[0]
 
     def map_captured(
         self,

@@ -8,8 +8,8 @@ computed by the stage its ``consumes`` names:
 - :func:`score_outputs`: ``"outputs"`` and ``"fitted"`` scores from the cached
   logits and features of all datasets at once (one jitted call per score; a
   swept hyperparameter such as the temperature of MSP and energy is vmapped);
-- :func:`score_images`: ``"images"`` scores (ODIN) from the images through the
-  model, on seeded subsets when a ``max_examples`` budget is set;
+- :func:`score_images`: ``"images"`` scores (ODIN, MC dropout) from the images through
+  the model, on seeded subsets when a ``max_examples`` budget is set;
 - :func:`score_activations`: ``"activations"`` scores (ASH and SCALE on the
   feature map, RankFeat) in one more forward pass per dataset that captures the
   intermediates they name; skipped (no pass) when none is chosen.
@@ -20,6 +20,7 @@ Hyperparameters are resolved once by :func:`ood_jax.scores.resolve_hparams`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import jax
@@ -99,11 +100,15 @@ def score_images(
         score = get_score(name)
         if score.consumes != "images":
             continue
-        kwargs = dict(hp)
-
-        def fn(apply_logits, images, score=score, kwargs=kwargs):
-            return score.fn(apply_logits, images, std, **kwargs)
-
+        if score.stochastic and not forward.has_dropout():
+            warnings.warn(
+                f"scores: skipping {name!r}: the model has no dropout layer with rate > 0 "
+                "(build it with dropout, e.g. the WRN-40-2 preset or "
+                "model.options.dropout_rate=0.3, to score it).",
+                stacklevel=2,
+            )
+            continue
+        run = _image_runner(score, dict(hp), forward, std)
         sizes[name] = {}
         for dataset, ds in datasets.items():
             if isinstance(ds, D.ImageDataset):
@@ -112,9 +117,24 @@ def score_images(
                 )
             else:  # FloatImages (i.i.d. attacked noise): its first images
                 subset = ds.head(hp.get("max_examples"))
-            scores[dataset][name] = forward.map_batches(fn, batches(subset)).astype(np.float32)
+            scores[dataset][name] = run(batches(subset)).astype(np.float32)
             sizes[name][dataset] = len(subset)
     return scores, sizes
+
+
+def _image_runner(score, kwargs, forward: ForwardPass, std) -> Callable:
+    """``run(batches) -> [N]`` of one ``"images"`` score (its dropout passes if stochastic)."""
+    if score.stochastic:
+
+        def stochastic(apply_dropout, images, key):
+            return score.fn(apply_dropout, images, std, key, **kwargs)
+
+        return lambda batches: forward.map_stochastic(stochastic, batches, seed=kwargs["seed"])
+
+    def fn(apply_logits, images):
+        return score.fn(apply_logits, images, std, **kwargs)
+
+    return lambda batches: forward.map_batches(fn, batches)
 
 
 def score_activations(

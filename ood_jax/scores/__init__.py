@@ -92,6 +92,7 @@ from ood_jax.scores.bank import (  # noqa: E402
 )
 from ood_jax.scores.boundary import TrainMeanParams, fdbd_score, fit_train_mean, nci_score  # noqa: E402
 from ood_jax.scores.clipping import VRAParams, dice_score, fit_vra, vra_score  # noqa: E402
+from ood_jax.scores.dropout import mc_dropout  # noqa: E402  (registers "mc_dropout")
 from ood_jax.scores.openmax import OpenMaxParams, fit_openmax, openmax_score  # noqa: E402
 from ood_jax.scores.posterior import (  # noqa: E402
     KLMatchingParams,
@@ -115,6 +116,7 @@ from ood_jax.scores.vim import (  # noqa: E402
 )
 
 __all__ += [
+    "mc_dropout",
     "KLMatchingParams",
     "NNGuideParams",
     "OpenMaxParams",

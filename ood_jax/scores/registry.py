@@ -15,7 +15,10 @@ score names. A score declares:
   * ``"images"``: ``fn(apply_logits, images [B, H, W, C], std, **hparams) -> [B]``
     per batch of normalized images, with ``apply_logits`` the eval-mode model
     (ODIN). The evaluation runs it on seeded subsets of at most ``max_examples``
-    images per set when that hyperparameter is set (a CPU budget).
+    images per set when that hyperparameter is set (a CPU budget). A ``stochastic``
+    one is ``fn(apply_dropout, images, std, key, **hparams)``: ``apply_dropout(x, key)``
+    the model with dropout on, ``key`` the batch's (MC dropout); it is skipped, with a
+    warning, for a model without dropout.
   * ``"activations"``: ``fn(out, to_logits, **hparams) -> [B]`` per batch, inside
     the jitted forward pass, with ``out`` the model's ``logits``, ``features`` and
     the intermediates named by ``captures`` (``"pre_pool"`` [B, H, W, D],
@@ -90,6 +93,8 @@ class Score:
       sweep_label: short label of the swept value in result keys (``"T"``).
       jit: jit ``fn`` for ``"outputs"``/``"fitted"`` scores (hyperparameters static).
       captures: the model intermediates an ``"activations"`` score reads.
+      stochastic: an ``"images"`` score that runs the model with dropout active
+        (MC dropout): ``fn(apply_dropout, images, std, key, **hparams)``.
     """
 
     name: str
@@ -102,6 +107,7 @@ class Score:
     sweep_label: str = ""
     jit: bool = True
     captures: tuple[str, ...] = ()
+    stochastic: bool = False
 
     def __post_init__(self) -> None:
         if self.consumes not in CONSUMES:
@@ -110,6 +116,10 @@ class Score:
             )
         if (self.consumes == "fitted") != (self.fit is not None):
             raise ValueError(f"score {self.name!r}: a 'fitted' score needs fit=, others none.")
+        if self.stochastic and (self.consumes != "images" or "seed" not in self.defaults):
+            raise ValueError(
+                f"score {self.name!r}: a stochastic score is an 'images' score with a 'seed'."
+            )
         if (self.consumes == "activations") != bool(self.captures):
             raise ValueError(f"score {self.name!r}: an 'activations' score needs captures=.")
         if self.sweep is not None and self.sweep not in self.defaults:
