@@ -29,6 +29,9 @@ import numpy as np
 
 N_TRAIN, N_TEST, DIM, K = 2000, 500, 32, 10  # K = 10: OpenOOD's num_classes_dict["cifar10"]
 
+# Class weights for WeightedEBO (VOS trains them): two negative ones, which the ReLU drops.
+WEBO_WEIGHTS = (0.5, 1.0, 2.0, -1.0, 0.25, 1.5, 0.0, 3.0, -0.5, 1.0)
+
 # (ood_jax score, hyperparameter overrides, pytorch-ood detector or None, OpenOOD postprocessor
 # file or None, OpenOOD postprocessor_args): every reference's defaults matched to ours.
 CASES = [
@@ -48,6 +51,7 @@ CASES = [
     ("lts", {}, "LTS", None, {}),
     ("pnml", {}, "PNML", None, {}),
     ("openmax", {}, "OpenMax", None, {}),  # OpenOOD's needs libMR
+    ("weighted_energy", {"weights": WEBO_WEIGHTS}, "WeightedEBO", None, {}),
 ]
 
 
@@ -140,6 +144,9 @@ def pytorch_ood_scores(a, torch) -> dict[str, np.ndarray]:
             .fit_logits(f, y)
             .predict_logits(tf)
         ),
+        "WeightedEBO": lambda: detector.WeightedEBO(
+            None, torch.tensor(WEBO_WEIGHTS)
+        ).predict_logits(tf),
         "DICE": lambda: (
             detector.DICE(None, w=w, b=b, p=0.9).fit_features(z, y).predict_features(tz)
         ),

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,15 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
         return x
     pad = np.zeros((size - x.shape[0], *x.shape[1:]), dtype=x.dtype)
     return np.concatenate([x, pad], axis=0)
+
+
+def model_out(model: nnx.Module, images: jax.Array, capture: tuple[str, ...]) -> dict:
+    """``{"logits", "features", *capture}`` of ``model(images, capture=capture)``."""
+    if not capture:
+        logits, features = model(images)
+        return {"logits": logits, "features": features}
+    logits, features, out = model(images, capture=capture)
+    return {**out, "logits": logits, "features": features}
 
 
 class Tail:
@@ -136,27 +146,35 @@ class ForwardPass:
         self,
         fn: Callable[[Callable[[jax.Array], jax.Array], jax.Array], jax.Array],
         batches: Iterable[Mapping[str, np.ndarray]],
+        *,
+        capture: tuple[str, ...] | None = None,
     ) -> np.ndarray:
         """Per-example values ``fn(apply_logits, images) -> [B]`` over a dataset.
 
         For scores that need the model itself (ODIN's input gradients):
-        ``apply_logits`` is the eval-mode ``images -> logits`` function. ``fn`` is
-        jitted once (cached by identity) with the model state as an argument, not
-        a baked-in constant, and padding rows are dropped with the batch mask.
+        ``apply_logits`` is the eval-mode ``images -> logits`` function; with
+        ``capture`` (a tuple, possibly empty) it is ``apply_out(images) -> out``, the
+        dict of ``logits``, ``features`` and the intermediates named by ``capture``.
+        ``fn`` is jitted once (cached by identity) with the model state as an argument,
+        not a baked-in constant, and padding rows are dropped with the batch mask.
         """
-        jitted = self._map_cache.get(fn)
+        jitted = self._map_cache.get((fn, capture))
         if jitted is None:
             graphdef = self.graphdef
 
             def apply(state, images):
-                return fn(lambda x: nnx.merge(graphdef, state)(x)[0], images)
+                def apply_model(x):
+                    model = nnx.merge(graphdef, state)
+                    return model(x)[0] if capture is None else model_out(model, x, capture)
+
+                return fn(apply_model, images)
 
             jitted = jax.jit(
                 apply,
                 in_shardings=(self._replicated, self.batch_sharding),
                 out_shardings=self.batch_sharding,
             )
-            self._map_cache[fn] = jitted
+            self._map_cache[(fn, capture)] = jitted
         run = self._run(lambda images: jitted(self.state, images), batches)
         return np.concatenate([out[mask] for out, mask, _ in run])
 
@@ -230,15 +248,24 @@ class ForwardPass:
         computes intermediates; ``__call__`` never does. ``fn`` is jitted once per
         ``(fn, capture)``.
         """
+        run = [values for values, _ in self.iter_captured(fn, capture, batches)]
+        return {key: np.concatenate([values[key] for values in run]) for key in run[0]}
+
+    def iter_captured(
+        self,
+        fn: Callable[[Mapping[str, jax.Array], Callable[[jax.Array], jax.Array]], Any],
+        capture: tuple[str, ...],
+        batches: Iterable[Mapping[str, np.ndarray]],
+    ) -> Iterator[tuple[Any, np.ndarray]]:
+        """:meth:`map_captured`'s pass one batch at a time: yields ``(fn's pytree of [B, ...]
+        NumPy arrays, labels [B])`` of the real rows (a streaming fit's input)."""
         jitted = self._map_cache.get((fn, capture))
         if jitted is None:
             graphdef = self.graphdef
 
             def apply(state, images):
                 model = nnx.merge(graphdef, state)
-                logits, features, out = model(images, capture=capture)
-                out = {**out, "logits": logits, "features": features}
-                return fn(out, Tail(model, images))
+                return fn(model_out(model, images, capture), Tail(model, images))
 
             jitted = jax.jit(
                 apply,
@@ -246,8 +273,8 @@ class ForwardPass:
                 out_shardings=self.batch_sharding,
             )
             self._map_cache[(fn, capture)] = jitted
-        run = list(self._run(lambda images: jitted(self.state, images), batches))
-        return {key: np.concatenate([out[key][mask] for out, mask, _ in run]) for key in run[0][0]}
+        for out, mask, labels in self._run(lambda images: jitted(self.state, images), batches):
+            yield jax.tree.map(lambda x, mask=mask: x[mask], out), labels[mask]
 
     def bind(self, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         """``fn(apply_logits, images, *args)`` jitted with this model bound in.

@@ -20,7 +20,7 @@ from flax import nnx
 from ood_jax import data as D
 from ood_jax.evaluate import plots, report
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
-from ood_jax.evaluate.scoring import fit_scores
+from ood_jax.evaluate.scoring import fit_captured, fit_scores
 from ood_jax.evaluate.spec import EvalSpec
 from ood_jax.evaluate.stages import (
     ECE_BINS,
@@ -87,6 +87,7 @@ def run_evaluation(
             say(f"fitting {', '.join(spec.fitted_scores)} on {len(train_used)} training images")
             train_outputs = forward(batches(train_used))
             fitted = fit_scores(spec.score_hparams, train_outputs)
+            fitted.update(fit_captured(spec.score_hparams, forward, lambda: batches(train_used)))
     with _stopwatch(timings, "score_s"):
         say(f"scoring ({', '.join(spec.scores)})")
         scores = compute_scores(

@@ -33,8 +33,9 @@ from ood_jax.scores.registry import Head, compute, get_score
 
 
 def fit_scores(hparams: Mapping[str, Mapping], train: ModelOutputs) -> dict[str, object]:
-    """``{score: fitted params}`` for the ``"fitted"`` scores among ``hparams``' keys."""
-    names = [n for n in hparams if get_score(n).consumes == "fitted"]
+    """``{score: fitted params}`` for the scores among ``hparams``' keys fitted on the
+    training outputs (``"fitted"`` ones and fitted ``"images"`` ones without captures)."""
+    names = [n for n in hparams if get_score(n).fit is not None and not get_score(n).captures]
     if names and (train.labels < 0).any():
         raise ValueError(
             "train: fitted scores need labelled training outputs, found label -1; "
@@ -43,6 +44,38 @@ def fit_scores(hparams: Mapping[str, Mapping], train: ModelOutputs) -> dict[str,
     return {
         n: get_score(n).fit(train.logits, train.features, train.labels, **hparams[n]) for n in names
     }
+
+
+def fit_captured(
+    hparams: Mapping[str, Mapping], forward: ForwardPass, batches: Callable[[], object]
+) -> dict[str, object]:
+    """``{score: fitted params}`` for the fitted scores with captures among ``hparams``.
+
+    Each streams over one capturing pass of the training set (``batches()`` yields
+    its labelled batches): ``fit(((fit_features(out), labels) per batch), **hparams)``.
+    """
+    fitted = {}
+    for name, hp in hparams.items():
+        score = get_score(name)
+        if score.fit is None or not score.captures:
+            continue
+
+        def features(out, to_logits, score=score, hp=hp):
+            return score.fit_features(out, **hp)
+
+        stream = forward.iter_captured(features, score.captures, batches())
+        fitted[name] = score.fit(_labelled(stream, name), **hp)
+    return fitted
+
+
+def _labelled(stream, name: str):
+    for values, labels in stream:
+        if (labels < 0).any():
+            raise ValueError(
+                f"train: {name!r} is fitted on labelled training batches, found label -1; "
+                "pass the in-distribution training set."
+            )
+        yield values, labels
 
 
 def score_outputs(
@@ -87,12 +120,14 @@ def score_images(
     batches: Callable[[D.ImageDataset], object],
     std,
     seed: int,
+    fitted: Mapping[str, object] | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, int]]]:
     """The ``"images"`` scores among ``hparams``: ``({dataset: {key: [n]}}, sizes)``.
 
     ``sizes[score][dataset]`` is the number of images scored (a seeded subset of
     ``max_examples`` images when that budget is set, drawn with
     :func:`dataset_seeds`). ``batches(dataset)`` yields padded, normalized batches.
+    ``fitted``: the params of the fitted ones (:func:`fit_scores`, :func:`fit_captured`).
     """
     scores: dict[str, dict[str, np.ndarray]] = {name: {} for name in datasets}
     sizes: dict[str, dict[str, int]] = {}
@@ -108,7 +143,7 @@ def score_images(
                 stacklevel=2,
             )
             continue
-        run = _image_runner(score, dict(hp), forward, std)
+        run = _image_runner(score, dict(hp), forward, std, _params(fitted, score))
         sizes[name] = {}
         for dataset, ds in datasets.items():
             if isinstance(ds, D.ImageDataset):
@@ -122,8 +157,27 @@ def score_images(
     return scores, sizes
 
 
-def _image_runner(score, kwargs, forward: ForwardPass, std) -> Callable:
-    """``run(batches) -> [N]`` of one ``"images"`` score (its dropout passes if stochastic)."""
+def _params(fitted, score) -> tuple:
+    """``(params,)`` of a fitted score (an error when missing), ``()`` for the others."""
+    if score.fit is None:
+        return ()
+    if fitted is None or score.name not in fitted:
+        raise ValueError(
+            f"scores: {score.name!r} needs fitted statistics; fit it on the training set "
+            "first (fit_scores / fit_captured)."
+        )
+    return (fitted[score.name],)
+
+
+def _image_runner(score, kwargs, forward: ForwardPass, std, lead: tuple) -> Callable:
+    """``run(batches) -> [N]`` of one ``"images"`` score (its dropout passes if stochastic;
+    ``lead``: its fitted params, which then get ``apply_out`` instead of ``apply_logits``)."""
+    if lead:
+
+        def fitted_fn(apply_out, images):
+            return score.fn(*lead, apply_out, images, std, **kwargs)
+
+        return lambda batches: forward.map_batches(fitted_fn, batches, capture=score.captures)
     if score.stochastic:
 
         def stochastic(apply_dropout, images, key):
@@ -143,18 +197,19 @@ def score_activations(
     datasets: Mapping[str, object],
     *,
     batches: Callable[[object], object],
+    fitted: Mapping[str, object] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{dataset: {result key: float32 [N]}}`` of the ``"activations"`` scores in ``hparams``.
 
     All of them share one forward pass per dataset capturing the union of their
     intermediates; a swept hyperparameter is vmapped inside it. No pass when none is
-    chosen.
+    chosen. ``fitted``: the params of the fitted ones (:func:`fit_captured`).
     """
     chosen = [get_score(n) for n in hparams if get_score(n).consumes == "activations"]
     if not chosen:
         return {name: {} for name in datasets}
     capture = tuple(sorted({c for score in chosen for c in score.captures}))
-    fn = _batch_scores(chosen, hparams)
+    fn = _batch_scores(chosen, hparams, {score.name: _params(fitted, score) for score in chosen})
     return {
         name: {
             k: v.astype(np.float32)
@@ -164,21 +219,22 @@ def score_activations(
     }
 
 
-def _batch_scores(chosen, hparams) -> Callable:
-    """``fn(out, to_logits) -> {result key: [B]}`` for every chosen activation score."""
+def _batch_scores(chosen, hparams, leads) -> Callable:
+    """``fn(out, to_logits) -> {result key: [B]}`` for every chosen activation score
+    (``leads[name]``: ``(params,)`` of a fitted one, else ``()``)."""
 
     def fn(out, to_logits):
         result = {}
         for score in chosen:
-            hp = hparams[score.name]
+            hp, lead = hparams[score.name], leads[score.name]
             fixed = {k: v for k, v in hp.items() if k != score.sweep}
             if score.sweep is None:
-                result[score.name] = score.fn(out, to_logits, **fixed)
+                result[score.name] = score.fn(*lead, out, to_logits, **fixed)
                 continue
             values = tuple(hp[score.sweep])
-            swept = jax.vmap(lambda v, s=score, f=fixed: s.fn(out, to_logits, **f, **{s.sweep: v}))(
-                jax.numpy.asarray(values, jax.numpy.float32)
-            )
+            swept = jax.vmap(
+                lambda v, s=score, f=fixed, p=lead: s.fn(*p, out, to_logits, **f, **{s.sweep: v})
+            )(jax.numpy.asarray(values, jax.numpy.float32))
             result.update({score.key(v): swept[i] for i, v in enumerate(values)})
         return result
 

@@ -93,6 +93,8 @@ from ood_jax.scores.bank import (  # noqa: E402
 from ood_jax.scores.boundary import TrainMeanParams, fdbd_score, fit_train_mean, nci_score  # noqa: E402
 from ood_jax.scores.clipping import VRAParams, dice_score, fit_vra, vra_score  # noqa: E402
 from ood_jax.scores.dropout import mc_dropout  # noqa: E402  (registers "mc_dropout")
+from ood_jax.scores.gram import GramParams, fit_gram, gram_score, gram_vectors  # noqa: E402
+from ood_jax.scores.mds import mds_ensemble, preprocessed_mahalanobis  # noqa: E402
 from ood_jax.scores.openmax import OpenMaxParams, fit_openmax, openmax_score  # noqa: E402
 from ood_jax.scores.posterior import (  # noqa: E402
     KLMatchingParams,
@@ -116,7 +118,13 @@ from ood_jax.scores.vim import (  # noqa: E402
 )
 
 __all__ += [
+    "GramParams",
+    "fit_gram",
+    "gram_score",
+    "gram_vectors",
     "mc_dropout",
+    "mds_ensemble",
+    "preprocessed_mahalanobis",
     "KLMatchingParams",
     "NNGuideParams",
     "OpenMaxParams",

@@ -28,6 +28,15 @@ score names. A score declares:
     forward pass per dataset serves all such scores; without them the evaluation
     never computes intermediates (ASH and SCALE on the feature map, RankFeat).
 
+  An ``"images"`` or ``"activations"`` score may be fitted too (``fit=``; the
+  Mahalanobis scores with input preprocessing, MDSEns, Gram): it then receives the
+  fitted params first, ``fn(params, ...)``, and an ``"images"`` one gets
+  ``apply_out(x) -> out`` (the model called with ``capture=captures``: ``logits``,
+  ``features`` and those intermediates) instead of ``apply_logits``. Without
+  ``captures`` its ``fit`` is the ``"fitted"`` one (cached training outputs); with
+  them it is ``fit(stream, **hparams)`` over ``(fit_features(out), labels)`` of each
+  training batch (NumPy; one capturing pass, never all activations at once).
+
   ``head`` is a :class:`Head` (the final linear layer, ``kernel [D, K]``, ``bias
   [K]`` or None).
 - ``defaults``: every hyperparameter and its default (the only place defaults live).
@@ -95,6 +104,9 @@ class Score:
       captures: the model intermediates an ``"activations"`` score reads.
       stochastic: an ``"images"`` score that runs the model with dropout active
         (MC dropout): ``fn(apply_dropout, images, std, key, **hparams)``.
+      fit_features: for a fitted score with ``captures``, the per-example statistics
+        ``fit_features(out, **hparams) -> pytree of [B, ...]`` that the capturing pass
+        over the training set computes; ``fit`` then streams over them.
     """
 
     name: str
@@ -108,19 +120,29 @@ class Score:
     jit: bool = True
     captures: tuple[str, ...] = ()
     stochastic: bool = False
+    fit_features: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.consumes not in CONSUMES:
             raise ValueError(
                 f"score {self.name!r}: consumes must be one of {CONSUMES}, got {self.consumes!r}."
             )
-        if (self.consumes == "fitted") != (self.fit is not None):
-            raise ValueError(f"score {self.name!r}: a 'fitted' score needs fit=, others none.")
+        if (self.consumes == "fitted" and self.fit is None) or (
+            self.consumes == "outputs" and self.fit is not None
+        ):
+            raise ValueError(f"score {self.name!r}: a 'fitted' score needs fit=, 'outputs' none.")
+        if (self.fit is not None and bool(self.captures)) != (self.fit_features is not None):
+            raise ValueError(
+                f"score {self.name!r}: a fitted score with captures needs fit_features=, "
+                "others none."
+            )
         if self.stochastic and (self.consumes != "images" or "seed" not in self.defaults):
             raise ValueError(
                 f"score {self.name!r}: a stochastic score is an 'images' score with a 'seed'."
             )
-        if (self.consumes == "activations") != bool(self.captures):
+        if self.consumes in ("outputs", "fitted") and self.captures:
+            raise ValueError(f"score {self.name!r}: only a model score can have captures=.")
+        if self.consumes == "activations" and not self.captures:
             raise ValueError(f"score {self.name!r}: an 'activations' score needs captures=.")
         if self.sweep is not None and self.sweep not in self.defaults:
             raise ValueError(f"score {self.name!r}: sweep {self.sweep!r} is not in defaults.")
