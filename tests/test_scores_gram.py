@@ -3,12 +3,11 @@ evaluation's streaming fit on the training set's block outputs."""
 
 import numpy as np
 import pytest
-from flax import nnx
 from scipy.special import softmax
+from toy_models import labelled_batches, tiny_eval_model
 
 from ood_jax.evaluate.forward import ForwardPass
 from ood_jax.evaluate.scoring import fit_captured, score_activations
-from ood_jax.models import create_model
 from ood_jax.scores import get_score, gram_vectors, resolve_hparams
 
 RNG = np.random.default_rng(0)
@@ -39,17 +38,11 @@ def test_gram_vectors_are_the_row_sums_of_the_gram_matrix(p):
 
 
 def _tiny():
-    model = create_model("tiny", num_classes=3, rngs=nnx.Rngs(0), width=2)
-    model(RNG.normal(size=(8, 6, 6, 3)).astype(np.float32))
-    model.eval()
-    return model
+    return tiny_eval_model(width=2, image_size=6)
 
 
-def _batches(images, labels, size=10):
-    for start in range(0, len(images), size):
-        part = slice(start, start + size)
-        n = len(images[part])
-        yield {"image": images[part], "label": labels[part], "mask": np.ones(n, bool)}
+def _batches(images, labels):
+    return labelled_batches(images, labels, 10)
 
 
 def test_the_gram_score_from_streamed_per_class_bounds_and_held_out_norms():

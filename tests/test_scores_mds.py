@@ -4,12 +4,11 @@ evaluation's streaming fit of training-set intermediates."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from toy_models import labelled_batches, tiny_eval_model
 
 from ood_jax import data as D
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
 from ood_jax.evaluate.scoring import fit_captured, fit_scores, score_images
-from ood_jax.models import create_model
 from ood_jax.scores import get_score, mahalanobis_score, preprocessed_mahalanobis, resolve_hparams
 from ood_jax.scores.gaussian import ClassMoments
 
@@ -75,25 +74,12 @@ def test_preprocessing_steps_against_the_analytic_distance_gradient():
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
-def _tiny():
-    model = create_model("tiny", num_classes=3, rngs=nnx.Rngs(0), width=3)
-    model(RNG.normal(size=(8, 8, 8, 3)).astype(np.float32))
-    model.eval()
-    return model
-
-
-def _batches(images, labels, size=16):
-    for start in range(0, len(images), size):
-        part = slice(start, start + size)
-        yield {
-            "image": images[part],
-            "label": labels[part],
-            "mask": np.ones(len(images[part]), bool),
-        }
+def _batches(images, labels):
+    return labelled_batches(images, labels, 16)
 
 
 def test_the_evaluation_fits_every_block_streaming_and_sums_the_layers():
-    model, forward = _tiny(), None
+    model = tiny_eval_model(width=3, image_size=8)
     forward = ForwardPass(model)
     train_x = RNG.normal(size=(45, 8, 8, 3)).astype(np.float32)
     train_y = (np.arange(45) % 3).astype(np.int32)
@@ -106,15 +92,19 @@ def test_the_evaluation_fits_every_block_streaming_and_sums_the_layers():
     fitted.update(fit_scores(hp, train))
     assert set(fitted) == set(names)
     dataset = D.make_gaussian_noise(9, seed=1)  # stands in; the batches are given
-    got, _ = score_images(
-        hp,
-        forward,
-        {"set": dataset},
-        batches=lambda _: _batches(test_x, -np.ones(9, np.int32)),
-        std=(0.25, 0.25, 0.25),
-        seed=0,
-        fitted=fitted,
-    )
+
+    def score(hparams):
+        return score_images(
+            hparams,
+            forward,
+            {"set": dataset},
+            batches=lambda _: _batches(test_x, -np.ones(9, np.int32)),
+            std=(0.25, 0.25, 0.25),
+            seed=0,
+            fitted=fitted,
+        )[0]["set"]
+
+    got = score(hp)
     # Noise 0: the sum over blocks of the plain Mahalanobis score of their channel means.
     _, _, train_out = model(train_x, capture=("blocks",))
     logits, features, test_out = model(test_x, capture=("blocks",))
@@ -122,23 +112,15 @@ def test_the_evaluation_fits_every_block_streaming_and_sums_the_layers():
     for block_train, block_test in zip(train_out["blocks"], test_out["blocks"], strict=True):
         means, precision = _np_fit(np.asarray(block_train).mean(axis=(1, 2)), train_y)
         want = want + _np_score(means, precision, np.asarray(block_test).mean(axis=(1, 2)))
-    np.testing.assert_allclose(got["set"]["mds_ensemble"], want, rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(got["mds_ensemble"], want, rtol=2e-3, atol=1e-3)
     means, precision = _np_fit(train.features, train_y)
     np.testing.assert_allclose(
-        got["set"]["mahalanobis_odin"], _np_score(means, precision, features), rtol=2e-3
+        got["mahalanobis_odin"], _np_score(means, precision, features), rtol=2e-3
     )
     # The default step moves every input closer to its class: the score rises.
-    moved, _ = score_images(
-        resolve_hparams(names),
-        forward,
-        {"set": dataset},
-        batches=lambda _: _batches(test_x, -np.ones(9, np.int32)),
-        std=(0.25, 0.25, 0.25),
-        seed=0,
-        fitted=fitted,
-    )
+    moved = score(resolve_hparams(names))
     for name in names:
-        assert (moved["set"][name] >= got["set"][name] - 1e-4).all(), name
+        assert (moved[name] >= got[name] - 1e-4).all(), name
     assert get_score("mds_ensemble").defaults["noise"] == 0.0014
     assert get_score("mahalanobis_odin").defaults["eps"] == 0.002
     with pytest.raises(ValueError, match="fitted statistics"):
