@@ -1,11 +1,13 @@
-"""Gram-matrix deviations against NumPy loops over the Gram matrices, and the
-evaluation's streaming fit on the training set's block outputs."""
+"""Gram-matrix deviations against NumPy loops over the Gram matrices, the evaluation's
+streaming fit on the training set's block outputs, and the model detectors end to end."""
 
 import numpy as np
 import pytest
 from scipy.special import softmax
 from toy_models import labelled_batches, tiny_eval_model
 
+from ood_jax import data as D
+from ood_jax.evaluate import EvalSpec, run_evaluation
 from ood_jax.evaluate.forward import ForwardPass
 from ood_jax.evaluate.scoring import fit_captured, score_activations
 from ood_jax.scores import get_score, gram_vectors, resolve_hparams
@@ -96,3 +98,29 @@ def test_a_class_without_training_examples_is_an_error():
     hp = resolve_hparams(["gram"], {"gram": {"holdout": 0.0}})
     with pytest.raises(ValueError, match=r"none for \[1\]"):
         fit_captured(hp, forward, lambda: _batches(x, np.array([0, 0, 2, 2, 0, 2], np.int32)))
+
+
+def test_run_evaluation_fits_and_scores_the_model_detectors_end_to_end():
+    model = tiny_eval_model(width=2, image_size=8, dropout_rate=0.3)
+    id_test = D.make_gaussian_noise(20, seed=1)
+    id_test = D.from_arrays(id_test.images, np.arange(20) % 3, name="id", num_classes=3)
+    train = D.from_arrays(
+        D.make_blobs(30, seed=3).images, np.arange(30) % 3, name="train", num_classes=3
+    )
+    names = ["msp", "gram", "mds_ensemble", "mahalanobis_odin", "mc_dropout", "rankfeat_fused"]
+    spec = EvalSpec(
+        scores=names,
+        score_hparams={"mc_dropout": {"samples": 2}},
+        num_draws=1,
+        batch_size=16,
+        plot_scores=[],
+    )
+    assert set(spec.fitted_scores) == {"gram", "mds_ensemble", "mahalanobis_odin"}
+    ood = {"blobs": D.make_blobs(12, seed=2)}
+    results = run_evaluation(model, spec, id_test=id_test, ood_sets=ood, train=train)
+    assert results["scores"][0] == "msp" and set(results["scores"]) == set(names)
+    for protocol in results["ood"].values():
+        for name in names:
+            assert np.isfinite(protocol["metrics"][name]["blobs"]["auroc"]["mean"]), name
+    with pytest.raises(ValueError, match="train="):
+        run_evaluation(model, spec, id_test=id_test, ood_sets=ood)
