@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from scipy.special import softmax
+from toy_models import tiny_eval_model
 
 from ood_jax import data as D
 from ood_jax import rng as rng_lib
 from ood_jax.evaluate.forward import ForwardPass
 from ood_jax.evaluate.scoring import score_images
-from ood_jax.models import create_model
 from ood_jax.scores import get_score, mc_dropout, resolve_hparams
 
 RNG = np.random.default_rng(0)
@@ -49,12 +49,7 @@ def test_mc_dropout_aggregates_the_softmax_of_every_pass(mode):
 
 
 def _tiny(dropout_rate):
-    model = create_model(
-        "tiny", num_classes=3, rngs=nnx.Rngs(0), width=4, dropout_rate=dropout_rate
-    )
-    model(RNG.normal(size=(8, 8, 8, 3)).astype(np.float32))  # moves the BatchNorm statistics
-    model.eval()
-    return model
+    return tiny_eval_model(width=4, image_size=8, dropout_rate=dropout_rate)
 
 
 def _eager_mc_dropout(model, batches, *, seed, samples):
