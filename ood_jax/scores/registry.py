@@ -16,9 +16,7 @@ score names. A score declares:
     per batch of normalized images, with ``apply_logits`` the eval-mode model
     (ODIN). The evaluation runs it on seeded subsets of at most ``max_examples``
     images per set when that hyperparameter is set (a CPU budget). A ``stochastic``
-    one is ``fn(apply_dropout, images, std, key, **hparams)``: ``apply_dropout(x, key)``
-    the model with dropout on, ``key`` the batch's (MC dropout); it is skipped, with a
-    warning, for a model without dropout.
+    one (MC dropout) is ``fn(apply_dropout, images, std, key, **hparams)``.
   * ``"activations"``: ``fn(out, to_logits, **hparams) -> [B]`` per batch, inside
     the jitted forward pass, with ``out`` the model's ``logits``, ``features`` and
     the intermediates named by ``captures`` (``"pre_pool"`` [B, H, W, D],
@@ -28,14 +26,10 @@ score names. A score declares:
     forward pass per dataset serves all such scores; without them the evaluation
     never computes intermediates (ASH and SCALE on the feature map, RankFeat).
 
-  An ``"images"`` or ``"activations"`` score may be fitted too (``fit=``; the
-  Mahalanobis scores with input preprocessing, MDSEns, Gram): it then receives the
-  fitted params first, ``fn(params, ...)``, and an ``"images"`` one gets
-  ``apply_out(x) -> out`` (the model called with ``capture=captures``: ``logits``,
-  ``features`` and those intermediates) instead of ``apply_logits``. Without
-  ``captures`` its ``fit`` is the ``"fitted"`` one (cached training outputs); with
-  them it is ``fit(stream, **hparams)`` over ``(fit_features(out), labels)`` of each
-  training batch (NumPy; one capturing pass, never all activations at once).
+  A fitted ``"images"``/``"activations"`` score (``fit=``: MDSEns, Gram, ...) takes the
+  params first, an ``"images"`` one ``apply_out(x) -> out`` (``capture=captures``) for
+  ``apply_logits``; with ``captures`` its ``fit(stream, **hparams)`` streams over
+  ``(fit_features(out), labels)`` per training batch (``docs/detectors.md``).
 
   ``head`` is a :class:`Head` (the final linear layer, ``kernel [D, K]``, ``bias
   [K]`` or None).
@@ -71,11 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ood_jax.losses import l2_normalize
 from ood_jax.registry import Registry
-from ood_jax.scores import gaussian, knn, react
-from ood_jax.scores import logit as L
-from ood_jax.scores import model as M
 
 CONSUMES: tuple[str, ...] = ("outputs", "fitted", "images", "activations")
 
@@ -94,7 +84,7 @@ class Score:
     Attributes:
       name: registry name and result key.
       fn: the scoring function.
-      consumes: ``"outputs"``, ``"fitted"`` or ``"images"``.
+      consumes: one of ``CONSUMES``.
       display: name in tables and plots.
       defaults: every hyperparameter with its default.
       fit: for ``"fitted"`` scores, the fitting function.
@@ -102,11 +92,10 @@ class Score:
       sweep_label: short label of the swept value in result keys (``"T"``).
       jit: jit ``fn`` for ``"outputs"``/``"fitted"`` scores (hyperparameters static).
       captures: the model intermediates an ``"activations"`` score reads.
-      stochastic: an ``"images"`` score that runs the model with dropout active
-        (MC dropout): ``fn(apply_dropout, images, std, key, **hparams)``.
-      fit_features: for a fitted score with ``captures``, the per-example statistics
-        ``fit_features(out, **hparams) -> pytree of [B, ...]`` that the capturing pass
-        over the training set computes; ``fit`` then streams over them.
+      stochastic: an ``"images"`` score run with dropout on (skipped, with a warning,
+        for a model without): ``fn(apply_dropout, images, std, key, **hparams)``.
+      fit_features: a fitted score's with ``captures``: ``(out, **hparams) -> pytree of
+        [B, ...]`` per training batch, which ``fit`` streams over.
     """
 
     name: str
@@ -308,126 +297,5 @@ def compute(
     return {score.key(v): swept[i] for i, v in enumerate(values)}
 
 
-# --- The scores of ood_jax.scores, registered in the order reports print them. ---
-
-
-def _msp(logits, features, head, *, temperature):
-    return L.msp(logits, temperature=temperature)
-
-
-def _energy(logits, features, head, *, temperature):
-    return L.energy(logits, temperature=temperature)
-
-
-def _max_logit(logits, features, head):
-    return L.max_logit(logits)
-
-
-def _neg_entropy(logits, features, head):
-    return L.neg_entropy(logits)
-
-
-def _feature_norm(logits, features, head):
-    return L.feature_norm(features)
-
-
-def _odin(apply_logits, images, std, *, temperature, epsilon, max_examples):
-    return M.odin(apply_logits, images, temperature=temperature, epsilon=epsilon, std=std)
-
-
-def _gradnorm(logits, features, head, *, temperature):
-    return M.gradnorm(features, head.kernel, head.bias, temperature=temperature)
-
-
-def _fit_mahalanobis(logits, features, labels):
-    return gaussian.fit_mahalanobis(features, labels)
-
-
-def _mahalanobis(params, logits, features, head):
-    return gaussian.mahalanobis_score(params, features)
-
-
-def _fit_mahalanobis_l2(logits, features, labels):
-    return gaussian.fit_mahalanobis(l2_normalize(features), labels)
-
-
-def _mahalanobis_l2(params, logits, features, head):
-    return gaussian.mahalanobis_score(params, l2_normalize(features))
-
-
-def _fit_gmm_l2(logits, features, labels):
-    return gaussian.fit_gmm(l2_normalize(features), labels)
-
-
-def _gmm_l2(params, logits, features, head):
-    return gaussian.gmm_score(params, l2_normalize(features))
-
-
-def _fit_knn(logits, features, labels, *, k, max_train, seed):
-    if max_train is not None and len(features) > max_train:
-        keep = np.random.default_rng(seed).choice(len(features), max_train, replace=False)
-        features = features[np.sort(keep)]
-    return knn.fit_knn(features)
-
-
-def _knn(params, logits, features, head, *, k, max_train, seed):
-    return knn.knn_score(params, features, k=k)
-
-
-def _fit_gmm(logits, features, labels):
-    return gaussian.fit_gmm(features, labels)
-
-
-def _gmm(params, logits, features, head):
-    return gaussian.gmm_score(params, features)
-
-
-def _fit_react(logits, features, labels, *, percentile):
-    return react.fit_react(features, percentile=percentile)
-
-
-def _react(params, logits, features, head, *, percentile):
-    return react.react_score(params, features, head.kernel, head.bias)
-
-
-_T = {"sweep": "temperature", "sweep_label": "T"}
-for _score in (
-    Score("msp", _msp, "outputs", "MSP", {"temperature": 1.0}, **_T),
-    Score("max_logit", _max_logit, "outputs", "MaxLogit"),
-    Score("energy", _energy, "outputs", "Energy", {"temperature": 1.0}, **_T),
-    Score("neg_entropy", _neg_entropy, "outputs", "NegEntropy"),
-    Score("feature_norm", _feature_norm, "outputs", "FeatureNorm"),
-    Score(
-        "odin",
-        _odin,
-        "images",
-        "ODIN",
-        {"temperature": 1000.0, "epsilon": 0.0014, "max_examples": None},
-    ),
-    # Its own jitted function inside (chunked lax.map); the temperature is validated.
-    Score("gradnorm", _gradnorm, "outputs", "GradNorm", {"temperature": 1.0}, jit=False),
-    Score("mahalanobis", _mahalanobis, "fitted", "Mahalanobis", fit=_fit_mahalanobis, jit=False),
-    Score(
-        "knn",
-        _knn,
-        "fitted",
-        "KNN",
-        {"k": 50, "max_train": None, "seed": 0},
-        fit=_fit_knn,
-        jit=False,
-    ),
-    Score("gmm", _gmm, "fitted", "GMM", fit=_fit_gmm, jit=False),
-    # The density scores on unit-length features z / ||z||: the class-conditional
-    # Gaussians then model directions only, not the feature norm.
-    Score(
-        "mahalanobis_l2",
-        _mahalanobis_l2,
-        "fitted",
-        "Mahalanobis (L2)",
-        fit=_fit_mahalanobis_l2,
-        jit=False,
-    ),
-    Score("gmm_l2", _gmm_l2, "fitted", "GMM (L2)", fit=_fit_gmm_l2, jit=False),
-    Score("react", _react, "fitted", "ReAct", {"percentile": 90.0}, fit=_fit_react, jit=False),
-):
-    register_score(_score)
+# The built-in scores register as soon as the registry exists (reports print them first).
+from ood_jax.scores import builtin_entries  # noqa: E402,F401
