@@ -29,6 +29,9 @@ import numpy as np
 
 N_TRAIN, N_TEST, DIM, K = 2000, 500, 32, 10  # K = 10: OpenOOD's num_classes_dict["cifar10"]
 
+# Class weights for WeightedEBO (VOS trains them): two negative ones, which the ReLU drops.
+WEBO_WEIGHTS = (0.5, 1.0, 2.0, -1.0, 0.25, 1.5, 0.0, 3.0, -0.5, 1.0)
+
 # (ood_jax score, hyperparameter overrides, pytorch-ood detector or None, OpenOOD postprocessor
 # file or None, OpenOOD postprocessor_args): every reference's defaults matched to ours.
 CASES = [
@@ -48,6 +51,7 @@ CASES = [
     ("lts", {}, "LTS", None, {}),
     ("pnml", {}, "PNML", None, {}),
     ("openmax", {}, "OpenMax", None, {}),  # OpenOOD's needs libMR
+    ("weighted_energy", {"weights": WEBO_WEIGHTS}, "WeightedEBO", None, {}),
 ]
 
 
@@ -140,6 +144,9 @@ def pytorch_ood_scores(a, torch) -> dict[str, np.ndarray]:
             .fit_logits(f, y)
             .predict_logits(tf)
         ),
+        "WeightedEBO": lambda: detector.WeightedEBO(
+            None, torch.tensor(WEBO_WEIGHTS)
+        ).predict_logits(tf),
         "DICE": lambda: (
             detector.DICE(None, w=w, b=b, p=0.9).fit_features(z, y).predict_features(tz)
         ),
@@ -189,9 +196,27 @@ def _numpy_faiss():
     return faiss
 
 
-def openood_scores(a, torch, src: Path) -> dict[str, np.ndarray]:
+def openood_postprocessor(file: str, args: dict):
+    """OpenOOD's ``{file}_postprocessor.py`` class built on a CIFAR-10 config with ``args``
+    (after :func:`_openood_modules`)."""
     import importlib
 
+    module = importlib.import_module(f"openood.postprocessors.{file}_postprocessor")
+    cls = next(
+        v
+        for k, v in vars(module).items()
+        if k.endswith("Postprocessor") and k != "BasePostprocessor"
+    )
+    config = types.SimpleNamespace(
+        dataset=types.SimpleNamespace(name="cifar10"),
+        postprocessor=types.SimpleNamespace(
+            postprocessor_args=types.SimpleNamespace(**args), postprocessor_sweep={}
+        ),
+    )
+    return cls(config)
+
+
+def openood_scores(a, torch, src: Path) -> dict[str, np.ndarray]:
     _openood_modules(src, torch)
 
     class Net(torch.nn.Module):
@@ -227,19 +252,7 @@ def openood_scores(a, torch, src: Path) -> dict[str, np.ndarray]:
     for _, _, _, file, args in CASES:
         if file is None:
             continue
-        module = importlib.import_module(f"openood.postprocessors.{file}_postprocessor")
-        cls = next(
-            v
-            for k, v in vars(module).items()
-            if k.endswith("Postprocessor") and k != "BasePostprocessor"
-        )
-        config = types.SimpleNamespace(
-            dataset=types.SimpleNamespace(name="cifar10"),
-            postprocessor=types.SimpleNamespace(
-                postprocessor_args=types.SimpleNamespace(**args), postprocessor_sweep={}
-            ),
-        )
-        post = cls(config)
+        post = openood_postprocessor(file, args)
         post.setup(net, loaders, {})
         with torch.no_grad():
             _, conf = post.postprocess(net, data)
@@ -263,32 +276,38 @@ def run_references(arrays_path: str, out_path: str, openood_src: str | None) -> 
 
 def _auroc(scores: np.ndarray) -> float:
     """ID (first half) vs OOD (second half), higher = ID; ties count one half."""
-    id_s, ood_s = scores[:N_TEST], scores[N_TEST:]
+    half = len(scores) // 2
+    id_s, ood_s = scores[:half], scores[half:]
     greater = (id_s[:, None] > ood_s[None, :]).mean()
     return float(greater + 0.5 * (id_s[:, None] == ood_s[None, :]).mean())
 
 
-def table(ours: dict[str, np.ndarray], refs: dict[str, np.ndarray]) -> str:
+TABLE_HEADER = [
+    "| detector | reference | max abs diff / score range | Spearman rank correlation | "
+    "AUROC ood_jax | AUROC reference |",
+    "| --- | --- | --- | --- | --- | --- |",
+]
+
+
+def comparison_row(name: str, ref_key: str, mine: np.ndarray, ref: np.ndarray) -> str:
+    """One table row: ours against a reference on the same examples (ID half, then OOD)."""
     from scipy.stats import spearmanr
 
-    lines = [
-        "| detector | reference | max abs diff / score range | Spearman rank correlation | "
-        "AUROC ood_jax | AUROC reference |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    mine = np.asarray(mine, np.float64)
+    spread = float(np.ptp(mine)) or 1.0
+    rel = float(np.max(np.abs(mine - ref))) / spread
+    rho = spearmanr(mine, ref).statistic
+    return (
+        f"| `{name}` | {ref_key} | {rel:.2e} | {rho:.6f} | {_auroc(mine):.6f} | {_auroc(ref):.6f} |"
+    )
+
+
+def table(ours: dict[str, np.ndarray], refs: dict[str, np.ndarray]) -> str:
+    lines = list(TABLE_HEADER)
     for name, _, torch_name, file, _ in CASES:
-        mine = ours[name].astype(np.float64)
         for ref_key in (f"pytorch-ood/{torch_name}", f"OpenOOD/{file}"):
-            if ref_key not in refs:
-                continue
-            ref = refs[ref_key]
-            spread = float(np.ptp(mine)) or 1.0
-            rel = float(np.max(np.abs(mine - ref))) / spread
-            rho = spearmanr(mine, ref).statistic
-            lines.append(
-                f"| `{name}` | {ref_key} | {rel:.2e} | {rho:.6f} | {_auroc(mine):.6f} | "
-                f"{_auroc(ref):.6f} |"
-            )
+            if ref_key in refs:
+                lines.append(comparison_row(name, ref_key, ours[name], refs[ref_key]))
     return "\n".join(lines)
 
 

@@ -40,8 +40,8 @@ from benchmarks.tpu_plan import (
     INPUT_IMAGES_PER_S_2_CORES,
     PRECISIONS,
     Slice,
-    _abstract,
     _batch,
+    abstract,
     check_batch,
     markdown,
     preset_config,
@@ -214,7 +214,7 @@ def plan(method: str, preset: str, gpu: str, count: int, precision: str = "bfloa
         build_model(model_identity(config, 10), 0), optimizer.tx, seed=0
     )
     train_step, eval_step = make_run_steps(config, model_def, optimizer, mesh)
-    state_abs = _abstract(state, sharding.replicated(mesh))
+    state_abs = abstract(state, sharding.replicated(mesh))
     data = sharding.batch_sharding(mesh)
     outliers = get_objective(config.objective.name).uses_outliers
     aux = _batch(batch * config.data.outliers.ratio, data, labels=False) if outliers else None

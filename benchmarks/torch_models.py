@@ -1,5 +1,5 @@
-"""PyTorch reference models for the train-throughput benchmark only (torch is not
-an ood_jax dependency: ``pip install torch==2.13.0``).
+"""PyTorch reference models for the train-throughput benchmark and the cross-checks only
+(torch is not an ood_jax dependency: ``pip install torch==2.13.0``).
 
 - ``ResNet18``: kuangliu/pytorch-cifar ``models/resnet.py`` (CIFAR stem: 3x3
   conv stride 1, no max-pool; BasicBlock; PyTorch default initialization).
@@ -13,6 +13,18 @@ import math
 
 import torch.nn.functional as F
 from torch import nn
+
+
+def randomize_batch_norm(model: nn.Module) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters (from torch's global seed), so that
+    a conversion check exercises them; returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
 
 
 class BasicBlock(nn.Module):

@@ -19,17 +19,12 @@ import numpy as np
 def write(folder: str) -> None:
     import torch
     import torchvision
+    from torch_models import randomize_batch_norm
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, 224, 224)
     for name in ("resnet18", "resnet50"):
-        model = getattr(torchvision.models, name)(num_classes=10).eval()
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.2, 0.2)
+        model = randomize_batch_norm(getattr(torchvision.models, name)(num_classes=10).eval())
         with torch.no_grad():
             logits = model(x).numpy()
         torch.save(model.state_dict(), os.path.join(folder, f"{name}.pt"))

@@ -19,6 +19,7 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 # Fixed stream indices. Append new streams at the end so that existing runs keep
 # their random numbers.
@@ -54,3 +55,22 @@ def stream_key(key: jax.Array, stream: str) -> jax.Array:
         index = len(STREAMS) + zlib.crc32(stream.encode()) % (2**31 - len(STREAMS))
     typed = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
     return jax.random.fold_in(typed, index)
+
+
+def reseeded(state, key: jax.Array | None):
+    """``state`` (an nnx state) as new Variables, its RNG streams re-seeded from ``key``.
+
+    Every ``RngKey`` becomes :func:`stream_key` ``(key, its stream)`` (kept when ``key``
+    is None) and every ``RngCount`` 0, so that the draws depend on ``(key, stream)``
+    only. New Variable objects on every call: variables captured from outside a jax
+    trace cannot be mutated inside it.
+    """
+
+    def fresh(variable):
+        if isinstance(variable, nnx.RngKey) and key is not None:
+            return variable.replace(stream_key(key, variable.tag))
+        if isinstance(variable, nnx.RngCount):
+            return variable.replace(jnp.zeros_like(variable.get_value()))
+        return variable.replace(variable.get_value())
+
+    return jax.tree.map(fresh, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

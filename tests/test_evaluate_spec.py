@@ -20,6 +20,7 @@ def test_defaults_resolve_to_every_registered_score_and_their_defaults():
     fitted = {"mahalanobis", "knn", "gmm", "react", "mahalanobis_l2", "gmm_l2"}
     fitted |= {"fdbd", "rmds", "relation", "vim", "temp_scale", "klm", "nnguide", "nci", "she"}
     fitted |= {"dice", "vra", "residual", "pnml", "openmax"}
+    fitted |= {"gram", "mahalanobis_odin", "mds_ensemble"}  # fitted scores of the model
     assert set(spec.fitted_scores) == fitted
 
 

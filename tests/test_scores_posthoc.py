@@ -258,6 +258,26 @@ def test_nnguide_scales_the_mean_top_k_similarity_by_the_energy():
     assert small.guide.shape == (math.ceil(0.1 * N_TRAIN), DIM)
 
 
+# ----------------------------------------------------------------------------- energy variants
+
+
+def test_weighted_energy_is_the_log_of_the_relu_weighted_exponential_sum():
+    weights = np.array([0.5, -1.0, 2.0, 0.0])
+    expected = [
+        math.log(sum(max(w, 0.0) * math.exp(f) for w, f in zip(weights, row, strict=True)))
+        for row in TEST_F.astype(np.float64)
+    ]
+    _close(scores.weighted_energy(TEST_F, weights), expected)
+    # Huge logits stay finite (max-shifted); all-ones weights are the energy.
+    assert np.isfinite(np.asarray(scores.weighted_energy(TEST_F + 1e4, weights))).all()
+    hparams = resolve_hparams(["weighted_energy"], {"weighted_energy": {"weights": [1.0] * K}})
+    test = ModelOutputs(TEST_F, TEST_Z, -np.ones(N_TEST, np.int32))
+    scored = score_outputs(hparams, {"id": test}, head=Head(KERNEL, BIAS))
+    _close(scored["id"]["weighted_energy"], logsumexp(TEST_F.astype(np.float64), axis=-1))
+    with pytest.raises(ValueError, match="one per class"):
+        scores.weighted_energy(TEST_F, weights[:2])
+
+
 # ----------------------------------------------------------------------------- the evaluation
 
 NEW = (
@@ -277,6 +297,7 @@ NEW = (
     "lts",
     "pnml",
     "openmax",
+    "weighted_energy",
 )
 
 

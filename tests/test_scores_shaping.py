@@ -95,6 +95,7 @@ def test_reference_defaults():
     assert get_score("scale").defaults == {"percentile": 85.0}  # OpenOOD scale.yml
     assert get_score("ash_s").defaults == {"percentile": 65.0}  # pytorch-ood ASH
     assert get_score("rankfeat").defaults == {"temperature": 1.0}
+    assert get_score("rankfeat_fused").defaults == {"temperature": 1.0}
 
 
 def test_rank1_removed_matches_numpy_svd():
@@ -152,6 +153,42 @@ def test_map_scores_and_rankfeat_through_the_forward_pass():
         removed.append((flat - s[0] * np.outer(u[:, 0], vt[0])).reshape(m.shape))
     want = logsumexp(_np_map_logits(model, np.stack(removed)), axis=-1)
     np.testing.assert_allclose(got["rankfeat"], want[rows], rtol=1e-4, atol=1e-4)
+
+
+def _np_rank1_removed(maps):
+    """Each ``[H, W, C]`` map minus ``s_1 u_1 v_1^T`` of its ``[H*W, C]`` matrix (float64 SVD)."""
+    removed = []
+    for m in np.asarray(maps, np.float64):
+        flat = m.reshape(-1, m.shape[-1])
+        u, s, vt = np.linalg.svd(flat, full_matrices=False)
+        removed.append((flat - s[0] * np.outer(u[:, 0], vt[0])).reshape(m.shape))
+    return np.stack(removed)
+
+
+def test_rankfeat_fused_averages_the_block4_and_block3_paths():
+    model = _tiny()
+    x = np.random.default_rng(4).normal(size=(5, 8, 8, 3)).astype(np.float32)
+    _, _, out = model(x, capture=("pre_pool", "blocks"))
+    block4 = _np_map_logits(model, _np_rank1_removed(out["pre_pool"]))
+    # The tiny model's block before the last is its first stage; its second stage by hand.
+    edited = _np_rank1_removed(out["blocks"][0]).astype(np.float32)
+    rerun = np.asarray(model.act(model.bn2(model.conv2(edited))))
+    block3 = _np_map_logits(model, rerun)
+    want = logsumexp((block4 + block3) / 2, axis=-1)
+    hp = resolve_hparams(["rankfeat_fused", "rankfeat"])
+
+    def batches(_):
+        yield {"image": x, "mask": np.ones(5, bool)}
+
+    got = score_activations(hp, ForwardPass(model), {"set": None}, batches=batches)["set"]
+    np.testing.assert_allclose(got["rankfeat_fused"], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["rankfeat"], logsumexp(block4, axis=-1), rtol=1e-4, atol=1e-4)
+    # An identity edit of any block gives the ordinary logits.
+    for index in (0, 1):
+        same = model.logits_with_block_edit(x, index, lambda a: a)
+        np.testing.assert_allclose(same, model(x)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2 blocks"):
+        model.logits_with_block_edit(x, 2, lambda a: a)
 
 
 def _count_passes(monkeypatch):

@@ -1,7 +1,10 @@
-"""A model with closed-form gradients and random batches, shared by the training tests."""
+"""Toy models and batches shared by the tests: a model with closed-form gradients, a tiny
+CNN in eval mode, random and labelled batches."""
 
 import numpy as np
 from flax import nnx
+
+from ood_jax.models import create_model
 
 
 class FlatLinear(nnx.Module):
@@ -22,3 +25,20 @@ def make_batch(rng, n, shape=(2, 2, 3), num_classes=4):
         "label": rng.integers(0, num_classes, n).astype(np.int32),
         "mask": np.ones(n, bool),
     }
+
+
+def tiny_eval_model(*, width, image_size, num_classes=3, **options):
+    """The ``tiny`` CNN after one training-mode call (BatchNorm statistics moved), in eval mode."""
+    model = create_model("tiny", num_classes=num_classes, rngs=nnx.Rngs(0), width=width, **options)
+    images = np.random.default_rng(5).normal(size=(8, image_size, image_size, 3))
+    model(images.astype(np.float32))
+    model.eval()
+    return model
+
+
+def labelled_batches(images, labels, size):
+    """Batches of ``size`` of ``images`` and ``labels`` (the last one shorter), masks all True."""
+    for start in range(0, len(images), size):
+        part = slice(start, start + size)
+        n = len(images[part])
+        yield {"image": images[part], "label": labels[part], "mask": np.ones(n, bool)}

@@ -48,7 +48,7 @@ from ood_jax.evaluate.protocol import (
 )
 from ood_jax.evaluate.report import atomic_directory, markdown_report
 from ood_jax.evaluate.runner import run_evaluation, write_report
-from ood_jax.evaluate.scoring import fit_scores, score_images, score_outputs
+from ood_jax.evaluate.scoring import fit_captured, fit_scores, score_images, score_outputs
 from ood_jax.evaluate.spec import EvalSpec
 from ood_jax.evaluate.stages import (
     ScoreTable,
@@ -79,6 +79,7 @@ __all__ = [
     "evaluate_ood",
     "evaluate_protocols",
     "feature_geometry",
+    "fit_captured",
     "fit_scores",
     "head_weights",
     "load_ood_sets",

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ood_jax import rng as rng_lib
 from ood_jax import sharding
 
 
@@ -59,6 +62,34 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
         return x
     pad = np.zeros((size - x.shape[0], *x.shape[1:]), dtype=x.dtype)
     return np.concatenate([x, pad], axis=0)
+
+
+def model_out(model: nnx.Module, images: jax.Array, capture: tuple[str, ...]) -> dict:
+    """``{"logits", "features", *capture}`` of ``model(images, capture=capture)``."""
+    if not capture:
+        logits, features = model(images)
+        return {"logits": logits, "features": features}
+    logits, features, out = model(images, capture=capture)
+    return {**out, "logits": logits, "features": features}
+
+
+class Tail:
+    """The network after an intermediate, for one batch of ``images``.
+
+    ``tail(pre_pool)`` is ``model.logits_from_pre_pool``; ``tail.edited(index, edit)``
+    the logits with block ``index``'s output replaced by ``edit`` of itself
+    (``model.logits_with_block_edit``: the later blocks run again).
+    """
+
+    def __init__(self, model: nnx.Module, images: jax.Array) -> None:
+        self.model = model
+        self.images = images
+
+    def __call__(self, pre_pool: jax.Array) -> jax.Array:
+        return self.model.logits_from_pre_pool(pre_pool)
+
+    def edited(self, index: int, edit: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        return self.model.logits_with_block_edit(self.images, index, edit)
 
 
 class ForwardPass:
@@ -123,36 +154,103 @@ class ForwardPass:
         self,
         fn: Callable[[Callable[[jax.Array], jax.Array], jax.Array], jax.Array],
         batches: Iterable[Mapping[str, np.ndarray]],
+        *,
+        capture: tuple[str, ...] | None = None,
     ) -> np.ndarray:
         """Per-example values ``fn(apply_logits, images) -> [B]`` over a dataset.
 
         For scores that need the model itself (ODIN's input gradients):
-        ``apply_logits`` is the eval-mode ``images -> logits`` function. ``fn`` is
-        jitted once (cached by identity) with the model state as an argument, not
-        a baked-in constant, and padding rows are dropped with the batch mask.
+        ``apply_logits`` is the eval-mode ``images -> logits`` function; with
+        ``capture`` (a tuple, possibly empty) it is ``apply_out(images) -> out``, the
+        dict of ``logits``, ``features`` and the intermediates named by ``capture``.
+        ``fn`` is jitted once (cached by identity) with the model state as an argument,
+        not a baked-in constant, and padding rows are dropped with the batch mask.
         """
-        jitted = self.jitted_map(fn)
+        jitted = self.jitted_map(fn, capture=capture)
         run = self._run(lambda images: jitted(self.state, images), batches)
         return np.concatenate([out[mask] for out, mask, _ in run])
 
     def jitted_map(
-        self, fn: Callable[[Callable[[jax.Array], jax.Array], jax.Array], jax.Array]
+        self,
+        fn: Callable[[Callable[[jax.Array], jax.Array], jax.Array], jax.Array],
+        *,
+        capture: tuple[str, ...] | None = None,
     ) -> Callable:
         """The ``jax.jit`` of ``(state, images) -> [B]`` that :meth:`map_batches` runs."""
-        jitted = self._map_cache.get(fn)
+        jitted = self._map_cache.get((fn, capture))
         if jitted is None:
             graphdef = self.graphdef
 
             def apply(state, images):
-                return fn(lambda x: nnx.merge(graphdef, state)(x)[0], images)
+                def apply_model(x):
+                    model = nnx.merge(graphdef, state)
+                    return model(x)[0] if capture is None else model_out(model, x, capture)
+
+                return fn(apply_model, images)
 
             jitted = jax.jit(
                 apply,
                 in_shardings=(self._replicated, self.batch_sharding),
                 out_shardings=self.batch_sharding,
             )
-            self._map_cache[fn] = jitted
+            self._map_cache[(fn, capture)] = jitted
         return jitted
+
+    def map_stochastic(
+        self,
+        fn: Callable[..., jax.Array],
+        batches: Iterable[Mapping[str, np.ndarray]],
+        *,
+        seed: int,
+    ) -> np.ndarray:
+        """Per-example values ``fn(apply_dropout, images, key) -> [B]`` over a dataset.
+
+        For Monte Carlo dropout: ``apply_dropout(images, key) -> logits`` is the model
+        with its dropout layers active (BatchNorm still on running statistics), its RNG
+        streams seeded from the raw key ``key``; batch ``i`` gets ``fold_in(root_key(seed),
+        i)``. Raises a ValueError when the model has no dropout of rate > 0
+        (:meth:`has_dropout`).
+        """
+        jitted = self._map_cache.get(("stochastic", fn))
+        if jitted is None:
+            graphdef = self._dropout_graphdef()
+
+            def apply(state, images, key):
+                def apply_dropout(x, k):
+                    return nnx.merge(graphdef, rng_lib.reseeded(state, k))(x)[0]
+
+                return fn(apply_dropout, images, key)
+
+            jitted = jax.jit(
+                apply,
+                in_shardings=(self._replicated, self.batch_sharding, self._replicated),
+                out_shardings=self.batch_sharding,
+            )
+            self._map_cache[("stochastic", fn)] = jitted
+        root, index = rng_lib.root_key(seed), itertools.count()
+        run = self._run(
+            lambda images: jitted(self.state, images, rng_lib.step_key(root, next(index))), batches
+        )
+        return np.concatenate([out[mask] for out, mask, _ in run])
+
+    def has_dropout(self) -> bool:
+        """Whether the model has a dropout layer of rate > 0 (what MC dropout samples)."""
+        model = nnx.merge(self.graphdef, self.host_state)
+        return any(isinstance(m, nnx.Dropout) and m.rate > 0 for _, m in nnx.iter_modules(model))
+
+    def _dropout_graphdef(self):
+        """The graph of the eval-mode model with its dropout layers switched on."""
+        if not self.has_dropout():
+            raise ValueError(
+                "MC dropout: the model has no dropout layer with rate > 0; build it with "
+                "dropout (e.g. the WRN-40-2 preset, or model.options.dropout_rate=0.3 for "
+                "wrn/tiny) or drop the score."
+            )
+        model = nnx.merge(self.graphdef, self.host_state)
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.Dropout):
+                module.deterministic = False
+        return nnx.split(model)[0]
 
     def map_captured(
         self,
@@ -164,19 +262,28 @@ class ForwardPass:
 
         For scores of the model's intermediates: ``out`` holds ``logits``,
         ``features`` and the intermediates named by ``capture`` (the model called with
-        ``capture=``), ``to_logits`` is ``model.logits_from_pre_pool``. Only this pass
+        ``capture=``), ``to_logits`` a :class:`Tail` of the model. Only this pass
         computes intermediates; ``__call__`` never does. ``fn`` is jitted once per
         ``(fn, capture)``.
         """
+        run = [values for values, _ in self.iter_captured(fn, capture, batches)]
+        return {key: np.concatenate([values[key] for values in run]) for key in run[0]}
+
+    def iter_captured(
+        self,
+        fn: Callable[[Mapping[str, jax.Array], Callable[[jax.Array], jax.Array]], Any],
+        capture: tuple[str, ...],
+        batches: Iterable[Mapping[str, np.ndarray]],
+    ) -> Iterator[tuple[Any, np.ndarray]]:
+        """:meth:`map_captured`'s pass one batch at a time: yields ``(fn's pytree of [B, ...]
+        NumPy arrays, labels [B])`` of the real rows (a streaming fit's input)."""
         jitted = self._map_cache.get((fn, capture))
         if jitted is None:
             graphdef = self.graphdef
 
             def apply(state, images):
                 model = nnx.merge(graphdef, state)
-                logits, features, out = model(images, capture=capture)
-                out = {**out, "logits": logits, "features": features}
-                return fn(out, model.logits_from_pre_pool)
+                return fn(model_out(model, images, capture), Tail(model, images))
 
             jitted = jax.jit(
                 apply,
@@ -184,8 +291,8 @@ class ForwardPass:
                 out_shardings=self.batch_sharding,
             )
             self._map_cache[(fn, capture)] = jitted
-        run = list(self._run(lambda images: jitted(self.state, images), batches))
-        return {key: np.concatenate([out[key][mask] for out, mask, _ in run]) for key in run[0][0]}
+        for out, mask, labels in self._run(lambda images: jitted(self.state, images), batches):
+            yield jax.tree.map(lambda x, mask=mask: x[mask], out), labels[mask]
 
     def bind(self, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         """``fn(apply_logits, images, *args)`` jitted with this model bound in.

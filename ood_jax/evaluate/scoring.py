@@ -8,8 +8,8 @@ computed by the stage its ``consumes`` names:
 - :func:`score_outputs`: ``"outputs"`` and ``"fitted"`` scores from the cached
   logits and features of all datasets at once (one jitted call per score; a
   swept hyperparameter such as the temperature of MSP and energy is vmapped);
-- :func:`score_images`: ``"images"`` scores (ODIN) from the images through the
-  model, on seeded subsets when a ``max_examples`` budget is set;
+- :func:`score_images`: ``"images"`` scores (ODIN, MC dropout) from the images through
+  the model, on seeded subsets when a ``max_examples`` budget is set;
 - :func:`score_activations`: ``"activations"`` scores (ASH and SCALE on the
   feature map, RankFeat) in one more forward pass per dataset that captures the
   intermediates they name; skipped (no pass) when none is chosen.
@@ -20,6 +20,7 @@ Hyperparameters are resolved once by :func:`ood_jax.scores.resolve_hparams`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import jax
@@ -32,8 +33,9 @@ from ood_jax.scores.registry import Head, compute, get_score
 
 
 def fit_scores(hparams: Mapping[str, Mapping], train: ModelOutputs) -> dict[str, object]:
-    """``{score: fitted params}`` for the ``"fitted"`` scores among ``hparams``' keys."""
-    names = [n for n in hparams if get_score(n).consumes == "fitted"]
+    """``{score: fitted params}`` for the scores among ``hparams``' keys fitted on the
+    training outputs (``"fitted"`` ones and fitted ``"images"`` ones without captures)."""
+    names = [n for n in hparams if get_score(n).fit is not None and not get_score(n).captures]
     if names and (train.labels < 0).any():
         raise ValueError(
             "train: fitted scores need labelled training outputs, found label -1; "
@@ -42,6 +44,38 @@ def fit_scores(hparams: Mapping[str, Mapping], train: ModelOutputs) -> dict[str,
     return {
         n: get_score(n).fit(train.logits, train.features, train.labels, **hparams[n]) for n in names
     }
+
+
+def fit_captured(
+    hparams: Mapping[str, Mapping], forward: ForwardPass, batches: Callable[[], object]
+) -> dict[str, object]:
+    """``{score: fitted params}`` for the fitted scores with captures among ``hparams``.
+
+    Each streams over one capturing pass of the training set (``batches()`` yields
+    its labelled batches): ``fit(((fit_features(out), labels) per batch), **hparams)``.
+    """
+    fitted = {}
+    for name, hp in hparams.items():
+        score = get_score(name)
+        if score.fit is None or not score.captures:
+            continue
+
+        def features(out, to_logits, score=score, hp=hp):
+            return score.fit_features(out, **hp)
+
+        stream = forward.iter_captured(features, score.captures, batches())
+        fitted[name] = score.fit(_labelled(stream, name), **hp)
+    return fitted
+
+
+def _labelled(stream, name: str):
+    for values, labels in stream:
+        if (labels < 0).any():
+            raise ValueError(
+                f"train: {name!r} is fitted on labelled training batches, found label -1; "
+                "pass the in-distribution training set."
+            )
+        yield values, labels
 
 
 def score_outputs(
@@ -86,12 +120,14 @@ def score_images(
     batches: Callable[[D.ImageDataset], object],
     std,
     seed: int,
+    fitted: Mapping[str, object] | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, int]]]:
     """The ``"images"`` scores among ``hparams``: ``({dataset: {key: [n]}}, sizes)``.
 
     ``sizes[score][dataset]`` is the number of images scored (a seeded subset of
     ``max_examples`` images when that budget is set, drawn with
     :func:`dataset_seeds`). ``batches(dataset)`` yields padded, normalized batches.
+    ``fitted``: the params of the fitted ones (:func:`fit_scores`, :func:`fit_captured`).
     """
     scores: dict[str, dict[str, np.ndarray]] = {name: {} for name in datasets}
     sizes: dict[str, dict[str, int]] = {}
@@ -99,7 +135,15 @@ def score_images(
         score = get_score(name)
         if score.consumes != "images":
             continue
-        fn = image_score_fn(name, hp, std=std)
+        if score.stochastic and not forward.has_dropout():
+            warnings.warn(
+                f"scores: skipping {name!r}: the model has no dropout layer with rate > 0 "
+                "(build it with dropout, e.g. the WRN-40-2 preset or "
+                "model.options.dropout_rate=0.3, to score it).",
+                stacklevel=2,
+            )
+            continue
+        run = _image_runner(name, hp, forward, std, _params(fitted, score))
         sizes[name] = {}
         for dataset, ds in datasets.items():
             if isinstance(ds, D.ImageDataset):
@@ -108,14 +152,47 @@ def score_images(
                 )
             else:  # FloatImages (i.i.d. attacked noise): its first images
                 subset = ds.head(hp.get("max_examples"))
-            scores[dataset][name] = forward.map_batches(fn, batches(subset)).astype(np.float32)
+            scores[dataset][name] = run(batches(subset)).astype(np.float32)
             sizes[name][dataset] = len(subset)
     return scores, sizes
 
 
+def _params(fitted, score) -> tuple:
+    """``(params,)`` of a fitted score (an error when missing), ``()`` for the others."""
+    if score.fit is None:
+        return ()
+    if fitted is None or score.name not in fitted:
+        raise ValueError(
+            f"scores: {score.name!r} needs fitted statistics; fit it on the training set "
+            "first (fit_scores / fit_captured)."
+        )
+    return (fitted[score.name],)
+
+
+def _image_runner(name: str, hparams: Mapping, forward: ForwardPass, std, lead: tuple) -> Callable:
+    """``run(batches) -> [N]`` of one ``"images"`` score (its dropout passes if stochastic;
+    ``lead``: its fitted params, which then get ``apply_out`` instead of ``apply_logits``)."""
+    score, kwargs = get_score(name), dict(hparams)
+    if lead:
+
+        def fitted_fn(apply_out, images):
+            return score.fn(*lead, apply_out, images, std, **kwargs)
+
+        return lambda batches: forward.map_batches(fitted_fn, batches, capture=score.captures)
+    if score.stochastic:
+
+        def stochastic(apply_dropout, images, key):
+            return score.fn(apply_dropout, images, std, key, **kwargs)
+
+        return lambda batches: forward.map_stochastic(stochastic, batches, seed=kwargs["seed"])
+    fn = image_score_fn(name, hparams, std=std)
+    return lambda batches: forward.map_batches(fn, batches)
+
+
 def image_score_fn(name: str, hparams: Mapping, *, std) -> Callable:
-    """``fn(apply_logits, images) -> [B]`` of the ``"images"`` score ``name``: what
-    :func:`score_images` maps over a dataset with :meth:`ForwardPass.map_batches`."""
+    """``fn(apply_logits, images) -> [B]`` of an ``"images"`` score ``name`` that is
+    neither fitted nor stochastic (ODIN): what :func:`score_images` maps over a dataset
+    with :meth:`ForwardPass.map_batches`."""
     score, kwargs = get_score(name), dict(hparams)
 
     def fn(apply_logits, images):
@@ -130,18 +207,19 @@ def score_activations(
     datasets: Mapping[str, object],
     *,
     batches: Callable[[object], object],
+    fitted: Mapping[str, object] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{dataset: {result key: float32 [N]}}`` of the ``"activations"`` scores in ``hparams``.
 
     All of them share one forward pass per dataset capturing the union of their
     intermediates; a swept hyperparameter is vmapped inside it. No pass when none is
-    chosen.
+    chosen. ``fitted``: the params of the fitted ones (:func:`fit_captured`).
     """
     chosen = [get_score(n) for n in hparams if get_score(n).consumes == "activations"]
     if not chosen:
         return {name: {} for name in datasets}
     capture = tuple(sorted({c for score in chosen for c in score.captures}))
-    fn = _batch_scores(chosen, hparams)
+    fn = _batch_scores(chosen, hparams, {score.name: _params(fitted, score) for score in chosen})
     return {
         name: {
             k: v.astype(np.float32)
@@ -151,21 +229,22 @@ def score_activations(
     }
 
 
-def _batch_scores(chosen, hparams) -> Callable:
-    """``fn(out, to_logits) -> {result key: [B]}`` for every chosen activation score."""
+def _batch_scores(chosen, hparams, leads) -> Callable:
+    """``fn(out, to_logits) -> {result key: [B]}`` for every chosen activation score
+    (``leads[name]``: ``(params,)`` of a fitted one, else ``()``)."""
 
     def fn(out, to_logits):
         result = {}
         for score in chosen:
-            hp = hparams[score.name]
+            hp, lead = hparams[score.name], leads[score.name]
             fixed = {k: v for k, v in hp.items() if k != score.sweep}
             if score.sweep is None:
-                result[score.name] = score.fn(out, to_logits, **fixed)
+                result[score.name] = score.fn(*lead, out, to_logits, **fixed)
                 continue
             values = tuple(hp[score.sweep])
-            swept = jax.vmap(lambda v, s=score, f=fixed: s.fn(out, to_logits, **f, **{s.sweep: v}))(
-                jax.numpy.asarray(values, jax.numpy.float32)
-            )
+            swept = jax.vmap(
+                lambda v, s=score, f=fixed, p=lead: s.fn(*p, out, to_logits, **f, **{s.sweep: v})
+            )(jax.numpy.asarray(values, jax.numpy.float32))
             result.update({score.key(v): swept[i] for i, v in enumerate(values)})
         return result
 

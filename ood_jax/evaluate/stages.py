@@ -215,10 +215,18 @@ def compute_scores(
     """
     id_name, *ood_names = datasets
     scored = score_outputs(spec.score_hparams, outputs, head=head, fitted=fitted)
-    activations = score_activations(spec.score_hparams, forward, datasets, batches=batches)
+    activations = score_activations(
+        spec.score_hparams, forward, datasets, batches=batches, fitted=fitted
+    )
     scored = {name: {**scored[name], **activations[name]} for name in datasets}
     image_scores, image_examples = score_images(
-        spec.score_hparams, forward, datasets, batches=batches, std=spec.std, seed=spec.seed
+        spec.score_hparams,
+        forward,
+        datasets,
+        batches=batches,
+        std=spec.std,
+        seed=spec.seed,
+        fitted=fitted,
     )
     groups: list[ScoreGroup] = [(scored[id_name], {name: scored[name] for name in ood_names})]
     for key in image_examples:

@@ -29,7 +29,7 @@ from ood_jax import data as D
 from ood_jax import metrics as M
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
 from ood_jax.evaluate.protocol import dataset_seeds
-from ood_jax.evaluate.scoring import fit_scores
+from ood_jax.evaluate.scoring import fit_captured, fit_scores
 from ood_jax.evaluate.spec import EvalSpec
 from ood_jax.evaluate.stages import Batches, compute_outputs, compute_scores, registered_score
 from ood_jax.scores.registry import Head, get_score
@@ -217,7 +217,10 @@ def fit_and_tune(
     hparams, fitted = test_spec.score_hparams, {}
     if train_outputs is not None:
         say(f"fitting {', '.join(on_train)}")
-        fitted = fit_scores({n: hparams[n] for n in on_train}, train_outputs)
+        on_train_hparams = {n: hparams[n] for n in on_train}
+        fitted = fit_scores(on_train_hparams, train_outputs)
+        # Scores fitted on intermediates (Gram, MDSEns) stream one capturing pass.
+        fitted.update(fit_captured(on_train_hparams, forward, lambda: batches(train_used)))
     if spec.fit_on_val:
         on_val = {n: hparams[n] for n in spec.fit_on_val}
         fitted.update(fit_scores(on_val, val_outputs[val_id.name]))

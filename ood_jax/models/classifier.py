@@ -164,6 +164,17 @@ class Classifier(nnx.Module):
         ``out["pre_pool"]`` (for scores that reshape that map, e.g. ASH, RankFeat)."""
         return self.head(global_pool(pre_pool.astype(jnp.float32), self.pooling))
 
+    def logits_with_block_edit(
+        self, images: jax.Array, index: int, edit: Callable[[jax.Array], jax.Array]
+    ) -> jax.Array:
+        """Eval-mode logits with ``out["blocks"][index]`` replaced by ``edit`` of itself and
+        the network after it run on that (``index`` counts from 0, the stem)."""
+        edited = BlockEdit(index, edit)
+        pre_pool = self.feature_map(images.astype(self.dtype), edited)
+        if len(edited) <= index:
+            raise ValueError(f"index: the model has {len(edited)} blocks, got {index}.")
+        return self.logits_from_pre_pool(pre_pool)
+
     def __call__(
         self, images: jax.Array, *, capture: tuple[str, ...] = ()
     ) -> tuple[jax.Array, ...]:
@@ -198,8 +209,25 @@ class Classifier(nnx.Module):
         return logits, z, out
 
 
+class BlockEdit(list):
+    """A ``blocks`` list that replaces block ``index``'s output by ``edit(output)``.
+
+    Passed as ``feature_map``'s ``blocks``, it makes the rest of the network run on
+    the edited activations (RankFeat's block-3 path); the list records the edited ones.
+    """
+
+    def __init__(self, index: int, edit: Callable[[jax.Array], jax.Array]):
+        super().__init__()
+        self.index = index
+        self.edit = edit
+
+
 def keep(blocks: list | None, x: jax.Array) -> jax.Array:
-    """Appends ``x`` to ``blocks`` when capturing (a list), returns ``x``."""
-    if blocks is not None:
-        blocks.append(x)
+    """Appends ``x`` to ``blocks`` when capturing (a list), returns ``x`` (edited where a
+    :class:`BlockEdit` says so)."""
+    if blocks is None:
+        return x
+    if isinstance(blocks, BlockEdit) and len(blocks) == blocks.index:
+        x = blocks.edit(x)
+    blocks.append(x)
     return x

@@ -113,7 +113,7 @@ class DenseNet(Classifier):
                 x = layer(x)
             if b < len(self.transitions):
                 x = self.transitions[b](x)
-            keep(blocks, x)
+            x = keep(blocks, x)
         return self.act(self.bn(x))
 
 

@@ -172,12 +172,12 @@ class ResNet(Classifier):
         x = self.act(self.bn1(self.conv1(images)))
         if self.stem == "imagenet":
             x = max_pool_3x3_stride2(x)
-        keep(blocks, x)
+        x = keep(blocks, x)
         last = {sum(self.stage_sizes[: s + 1]) - 1 for s in range(len(self.stage_sizes))}
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in last:
-                keep(blocks, x)
+                x = keep(blocks, x)
         return x
 
 

@@ -112,7 +112,7 @@ class WideResNet(Classifier):
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i % per_group == per_group - 1:
-                keep(blocks, x)
+                x = keep(blocks, x)
         return self.act(self.bn(x))
 
 

@@ -21,7 +21,14 @@ from ood_jax.scores.gaussian import (
     mahalanobis_score,
 )
 from ood_jax.scores.knn import KNNParams, fit_knn, knn_score
-from ood_jax.scores.logit import energy, feature_norm, max_logit, msp, neg_entropy
+from ood_jax.scores.logit import (
+    energy,
+    feature_norm,
+    max_logit,
+    msp,
+    neg_entropy,
+    weighted_energy,
+)
 from ood_jax.scores.model import CIFAR10_STD, gradnorm, odin
 from ood_jax.scores.react import ReActParams, fit_react, react_score
 from ood_jax.scores.registry import (
@@ -64,6 +71,7 @@ __all__ = [
     "msp",
     "neg_entropy",
     "odin",
+    "weighted_energy",
     "react_score",
     "ash_b",
     "ash_p",
@@ -84,6 +92,9 @@ from ood_jax.scores.bank import (  # noqa: E402
 )
 from ood_jax.scores.boundary import TrainMeanParams, fdbd_score, fit_train_mean, nci_score  # noqa: E402
 from ood_jax.scores.clipping import VRAParams, dice_score, fit_vra, vra_score  # noqa: E402
+from ood_jax.scores.dropout import mc_dropout  # noqa: E402  (registers "mc_dropout")
+from ood_jax.scores.gram import GramParams, fit_gram, gram_score, gram_vectors  # noqa: E402
+from ood_jax.scores.mds import mds_ensemble, preprocessed_mahalanobis  # noqa: E402
 from ood_jax.scores.openmax import OpenMaxParams, fit_openmax, openmax_score  # noqa: E402
 from ood_jax.scores.posterior import (  # noqa: E402
     KLMatchingParams,
@@ -107,6 +118,13 @@ from ood_jax.scores.vim import (  # noqa: E402
 )
 
 __all__ += [
+    "GramParams",
+    "fit_gram",
+    "gram_score",
+    "gram_vectors",
+    "mc_dropout",
+    "mds_ensemble",
+    "preprocessed_mahalanobis",
     "KLMatchingParams",
     "NNGuideParams",
     "OpenMaxParams",

@@ -29,11 +29,13 @@ from jax.typing import ArrayLike
 from ood_jax.scores.fitted import HIGHEST, _score_features, _train_features, _train_labels
 
 __all__ = [
+    "ClassMoments",
     "GMMParams",
     "MahalanobisParams",
     "fit_gmm",
     "fit_mahalanobis",
     "gmm_score",
+    "mahalanobis_params",
     "mahalanobis_score",
 ]
 
@@ -124,7 +126,17 @@ def fit_mahalanobis(
     labels, num_classes = _train_labels(train_labels, x.shape[0], num_classes)
     means = _class_means(x, labels, num_classes)
     centered = x - means[labels]
-    whitener, _ = _regularized_whitener(centered.T @ centered / x.shape[0], shrinkage)
+    return mahalanobis_params(means, centered.T @ centered / x.shape[0], shrinkage=shrinkage)
+
+
+def mahalanobis_params(
+    means: np.ndarray, cov: np.ndarray, *, shrinkage: float = 1e-6
+) -> MahalanobisParams:
+    """:class:`MahalanobisParams` of class ``means [C, D]`` and a shared covariance ``[D, D]``
+    (regularized as the module docstring says)."""
+    _check_shrinkage(shrinkage)
+    means = np.asarray(means, np.float64)
+    whitener, _ = _regularized_whitener(np.asarray(cov, np.float64), shrinkage)
     center = means.mean(axis=0)
     return MahalanobisParams(
         center=jnp.asarray(center, jnp.float32),
@@ -154,6 +166,50 @@ def mahalanobis_score(params: MahalanobisParams, features: ArrayLike) -> jax.Arr
     z = _score_features(features, params.whitener.shape[0])
     whitened = jnp.matmul(z - params.center, params.whitener, precision=HIGHEST)
     return -jnp.min(_squared_distances(whitened, params.whitened_means), axis=0)
+
+
+class ClassMoments:
+    """Streaming class counts, class sums and the scatter of ``[B, D]`` features (float64).
+
+    ``add(features, labels)`` per batch, then :meth:`fit` gives the
+    :func:`fit_mahalanobis` statistics of everything added, without keeping the
+    features: the within-class scatter is ``Σ_i d_i d_iᵀ − Σ_c n_c m_c m_cᵀ`` with ``d``
+    the features minus the first batch's mean (``m_c`` the class means of ``d``), which
+    keeps the cancellation small.
+    """
+
+    def __init__(self) -> None:
+        self.shift: np.ndarray | None = None
+        self.counts = np.zeros(0)
+        self.sums = np.zeros((0, 0))
+        self.scatter = np.zeros((0, 0))
+
+    def add(self, features: ArrayLike, labels: ArrayLike) -> None:
+        x = np.asarray(features, np.float64)
+        labels = np.asarray(labels, np.int64)
+        if self.shift is None:
+            self.shift = x.mean(axis=0)
+            self.sums = np.zeros((0, x.shape[1]))
+            self.scatter = np.zeros((x.shape[1], x.shape[1]))
+        d = x - self.shift
+        grow = int(labels.max()) + 1 - len(self.counts)
+        if grow > 0:
+            self.counts = np.concatenate([self.counts, np.zeros(grow)])
+            self.sums = np.concatenate([self.sums, np.zeros((grow, x.shape[1]))])
+        self.counts += np.bincount(labels, minlength=len(self.counts))
+        np.add.at(self.sums, labels, d)
+        self.scatter += d.T @ d
+
+    def fit(self, *, shrinkage: float = 1e-6) -> MahalanobisParams:
+        """The class means and the maximum-likelihood tied covariance of what was added."""
+        if self.shift is None or not (self.counts > 0).all():
+            missing = np.flatnonzero(self.counts == 0).tolist() if self.shift is not None else []
+            raise ValueError(f"train: every class needs training examples; none for {missing}.")
+        means = self.sums / self.counts[:, None]
+        within = self.scatter - (means.T * self.counts) @ means
+        return mahalanobis_params(
+            means + self.shift, within / self.counts.sum(), shrinkage=shrinkage
+        )
 
 
 # --------------------------------------------------------------------------- GMM

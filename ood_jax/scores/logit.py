@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-__all__ = ["energy", "feature_norm", "max_logit", "msp", "neg_entropy"]
+__all__ = ["energy", "feature_norm", "max_logit", "msp", "neg_entropy", "weighted_energy"]
 
 
 def _as_float(x: ArrayLike, name: str) -> jax.Array:
@@ -126,6 +126,30 @@ def energy(logits: ArrayLike, *, temperature: ArrayLike = 1.0) -> jax.Array:
     _check_positive(temperature, "temperature")
     x = _as_float(logits, "logits")
     return temperature * jax.nn.logsumexp(x / temperature, axis=-1)
+
+
+def weighted_energy(logits: ArrayLike, weights: ArrayLike) -> jax.Array:
+    r"""Weighted negative energy (Du et al., "VOS", ICLR 2022).
+
+    .. math:: s(x) = \log \sum_k \operatorname{relu}(w_k) \exp f_k(x)
+
+    ``w`` is the class weight vector VOS trains with its uncertainty loss
+    (pytorch-ood's ``WeightedEBO`` clips it with a ReLU, as here); all-ones
+    weights give :func:`energy` at ``T = 1``. Max-shifted through ``logsumexp``'s
+    scale factor ``b``, so huge logits stay finite; classes of weight 0 drop out.
+
+    Args:
+      logits: ``[..., num_classes]``.
+      weights: ``[num_classes]``, at least one positive.
+
+    Returns:
+      ``[...]`` scores.
+    """
+    x = _as_float(logits, "logits")
+    w = jnp.asarray(weights, x.dtype)
+    if w.shape != (x.shape[-1],):
+        raise ValueError(f"weights must have shape [{x.shape[-1]}] (one per class), got {w.shape}.")
+    return jax.nn.logsumexp(x, axis=-1, b=jax.nn.relu(w))
 
 
 def neg_entropy(logits: ArrayLike) -> jax.Array:

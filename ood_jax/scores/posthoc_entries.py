@@ -1,7 +1,7 @@
 """Registry entries of the post-hoc detectors that need logits, features and the head only.
 
 TempScale, KL matching, GEN, ViM, RMDS, NNGuide, fDBD, Relation, NCI, SHE,
-DICE, VRA, Residual, LTS, pNML and OpenMax, registered after the scores of
+DICE, VRA, Residual, LTS, pNML, OpenMax and WeightedEBO, registered after the scores of
 :mod:`ood_jax.scores.registry` (reports print them in this order). Defaults are the reference
 implementations' (``docs/detectors.md`` names each reference file); a ``grid`` is
 OpenOOD v1.5's ``postprocessor_sweep`` of a detector it searches on validation data
@@ -10,7 +10,10 @@ OpenOOD v1.5's ``postprocessor_sweep`` of a detector it searches on validation d
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from ood_jax.scores import bank, boundary, clipping, openmax, posterior, rescaling, rmds, she, vim
+from ood_jax.scores.logit import weighted_energy
 from ood_jax.scores.registry import Score, register_score
 
 
@@ -129,6 +132,11 @@ def _openmax(params, logits, features, head, *, tailsize, euclid_weight, alpha):
     return openmax.openmax_score(params, logits, alpha=alpha)
 
 
+def _weighted_energy(logits, features, head, *, weights):
+    w = jnp.ones(logits.shape[-1]) if weights is None else jnp.asarray(weights, jnp.float32)
+    return weighted_energy(logits, w)
+
+
 _FITTED = {"consumes": "fitted"}
 for _score in (
     Score(
@@ -229,6 +237,16 @@ for _score in (
         defaults={"tailsize": 25, "euclid_weight": 1.0, "alpha": 10},
         fit=_fit_openmax,
         **_FITTED,
+    ),
+    # pytorch-ood webo.py takes the weights VOS trains (no default); None = all ones (= energy).
+    # Not jitted: weights given as a list in a config are not hashable static arguments.
+    Score(
+        "weighted_energy",
+        _weighted_energy,
+        "outputs",
+        "WeightedEBO",
+        {"weights": None},
+        jit=False,
     ),
 ):
     register_score(_score)

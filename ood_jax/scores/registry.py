@@ -15,14 +15,21 @@ score names. A score declares:
   * ``"images"``: ``fn(apply_logits, images [B, H, W, C], std, **hparams) -> [B]``
     per batch of normalized images, with ``apply_logits`` the eval-mode model
     (ODIN). The evaluation runs it on seeded subsets of at most ``max_examples``
-    images per set when that hyperparameter is set (a CPU budget).
+    images per set when that hyperparameter is set (a CPU budget). A ``stochastic``
+    one (MC dropout) is ``fn(apply_dropout, images, std, key, **hparams)``.
   * ``"activations"``: ``fn(out, to_logits, **hparams) -> [B]`` per batch, inside
     the jitted forward pass, with ``out`` the model's ``logits``, ``features`` and
     the intermediates named by ``captures`` (``"pre_pool"`` [B, H, W, D],
     ``"blocks"``; see ``ood_jax.models.classifier``) and ``to_logits`` the rest of
-    the network after ``pre_pool`` (global pooling, then the head). One extra
+    the network after ``pre_pool`` (global pooling, then the head; ``to_logits.edited(i,
+    edit)`` the logits with block ``i`` edited, see ``ood_jax.evaluate.forward.Tail``). One extra
     forward pass per dataset serves all such scores; without them the evaluation
     never computes intermediates (ASH and SCALE on the feature map, RankFeat).
+
+  A fitted ``"images"``/``"activations"`` score (``fit=``: MDSEns, Gram, ...) takes the
+  params first, an ``"images"`` one ``apply_out(x) -> out`` (``capture=captures``) for
+  ``apply_logits``; with ``captures`` its ``fit(stream, **hparams)`` streams over
+  ``(fit_features(out), labels)`` per training batch (``docs/detectors.md``).
 
   ``head`` is a :class:`Head` (the final linear layer, ``kernel [D, K]``, ``bias
   [K]`` or None).
@@ -58,11 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ood_jax.losses import l2_normalize
 from ood_jax.registry import Registry
-from ood_jax.scores import gaussian, knn, react
-from ood_jax.scores import logit as L
-from ood_jax.scores import model as M
 
 CONSUMES: tuple[str, ...] = ("outputs", "fitted", "images", "activations")
 
@@ -81,7 +84,7 @@ class Score:
     Attributes:
       name: registry name and result key.
       fn: the scoring function.
-      consumes: ``"outputs"``, ``"fitted"`` or ``"images"``.
+      consumes: one of ``CONSUMES``.
       display: name in tables and plots.
       defaults: every hyperparameter with its default.
       fit: for ``"fitted"`` scores, the fitting function.
@@ -91,6 +94,10 @@ class Score:
       captures: the model intermediates an ``"activations"`` score reads.
       grid: ``{hyperparameter: values}`` searched on a validation pair when the
         evaluation tunes this score (OpenOOD v1.5's ``postprocessor_sweep``).
+      stochastic: an ``"images"`` score run with dropout on (skipped, with a warning,
+        for a model without): ``fn(apply_dropout, images, std, key, **hparams)``.
+      fit_features: a fitted score's with ``captures``: ``(out, **hparams) -> pytree of
+        [B, ...]`` per training batch, which ``fit`` streams over.
     """
 
     name: str
@@ -104,15 +111,30 @@ class Score:
     jit: bool = True
     captures: tuple[str, ...] = ()
     grid: Mapping[str, tuple] = field(default_factory=dict)
+    stochastic: bool = False
+    fit_features: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.consumes not in CONSUMES:
             raise ValueError(
                 f"score {self.name!r}: consumes must be one of {CONSUMES}, got {self.consumes!r}."
             )
-        if (self.consumes == "fitted") != (self.fit is not None):
-            raise ValueError(f"score {self.name!r}: a 'fitted' score needs fit=, others none.")
-        if (self.consumes == "activations") != bool(self.captures):
+        if (self.consumes == "fitted" and self.fit is None) or (
+            self.consumes == "outputs" and self.fit is not None
+        ):
+            raise ValueError(f"score {self.name!r}: a 'fitted' score needs fit=, 'outputs' none.")
+        if (self.fit is not None and bool(self.captures)) != (self.fit_features is not None):
+            raise ValueError(
+                f"score {self.name!r}: a fitted score with captures needs fit_features=, "
+                "others none."
+            )
+        if self.stochastic and (self.consumes != "images" or "seed" not in self.defaults):
+            raise ValueError(
+                f"score {self.name!r}: a stochastic score is an 'images' score with a 'seed'."
+            )
+        if self.consumes in ("outputs", "fitted") and self.captures:
+            raise ValueError(f"score {self.name!r}: only a model score can have captures=.")
+        if self.consumes == "activations" and not self.captures:
             raise ValueError(f"score {self.name!r}: an 'activations' score needs captures=.")
         if self.sweep is not None and self.sweep not in self.defaults:
             raise ValueError(f"score {self.name!r}: sweep {self.sweep!r} is not in defaults.")
@@ -281,139 +303,5 @@ def compute(
     return {score.key(v): swept[i] for i, v in enumerate(values)}
 
 
-# --- The scores of ood_jax.scores, registered in the order reports print them. ---
-# Grids: OpenOOD v1.5 configs/postprocessors/<name>.yml, postprocessor_sweep of the
-# detectors it searches (APS_mode: True).
-
-
-def _msp(logits, features, head, *, temperature):
-    return L.msp(logits, temperature=temperature)
-
-
-def _energy(logits, features, head, *, temperature):
-    return L.energy(logits, temperature=temperature)
-
-
-def _max_logit(logits, features, head):
-    return L.max_logit(logits)
-
-
-def _neg_entropy(logits, features, head):
-    return L.neg_entropy(logits)
-
-
-def _feature_norm(logits, features, head):
-    return L.feature_norm(features)
-
-
-def _odin(apply_logits, images, std, *, temperature, epsilon, max_examples):
-    return M.odin(apply_logits, images, temperature=temperature, epsilon=epsilon, std=std)
-
-
-def _gradnorm(logits, features, head, *, temperature):
-    return M.gradnorm(features, head.kernel, head.bias, temperature=temperature)
-
-
-def _fit_mahalanobis(logits, features, labels):
-    return gaussian.fit_mahalanobis(features, labels)
-
-
-def _mahalanobis(params, logits, features, head):
-    return gaussian.mahalanobis_score(params, features)
-
-
-def _fit_mahalanobis_l2(logits, features, labels):
-    return gaussian.fit_mahalanobis(l2_normalize(features), labels)
-
-
-def _mahalanobis_l2(params, logits, features, head):
-    return gaussian.mahalanobis_score(params, l2_normalize(features))
-
-
-def _fit_gmm_l2(logits, features, labels):
-    return gaussian.fit_gmm(l2_normalize(features), labels)
-
-
-def _gmm_l2(params, logits, features, head):
-    return gaussian.gmm_score(params, l2_normalize(features))
-
-
-def _fit_knn(logits, features, labels, *, k, max_train, seed):
-    if max_train is not None and len(features) > max_train:
-        keep = np.random.default_rng(seed).choice(len(features), max_train, replace=False)
-        features = features[np.sort(keep)]
-    return knn.fit_knn(features)
-
-
-def _knn(params, logits, features, head, *, k, max_train, seed):
-    return knn.knn_score(params, features, k=k)
-
-
-def _fit_gmm(logits, features, labels):
-    return gaussian.fit_gmm(features, labels)
-
-
-def _gmm(params, logits, features, head):
-    return gaussian.gmm_score(params, features)
-
-
-def _fit_react(logits, features, labels, *, percentile):
-    return react.fit_react(features, percentile=percentile)
-
-
-def _react(params, logits, features, head, *, percentile):
-    return react.react_score(params, features, head.kernel, head.bias)
-
-
-_T = {"sweep": "temperature", "sweep_label": "T"}
-for _score in (
-    Score("msp", _msp, "outputs", "MSP", {"temperature": 1.0}, **_T),
-    Score("max_logit", _max_logit, "outputs", "MaxLogit"),
-    Score("energy", _energy, "outputs", "Energy", {"temperature": 1.0}, **_T),
-    Score("neg_entropy", _neg_entropy, "outputs", "NegEntropy"),
-    Score("feature_norm", _feature_norm, "outputs", "FeatureNorm"),
-    Score(
-        "odin",
-        _odin,
-        "images",
-        "ODIN",
-        {"temperature": 1000.0, "epsilon": 0.0014, "max_examples": None},
-        grid={"temperature": (1.0, 10.0, 100.0, 1000.0), "epsilon": (0.0014, 0.0028)},
-    ),
-    # Its own jitted function inside (chunked lax.map); the temperature is validated.
-    Score("gradnorm", _gradnorm, "outputs", "GradNorm", {"temperature": 1.0}, jit=False),
-    Score("mahalanobis", _mahalanobis, "fitted", "Mahalanobis", fit=_fit_mahalanobis, jit=False),
-    Score(
-        "knn",
-        _knn,
-        "fitted",
-        "KNN",
-        {"k": 50, "max_train": None, "seed": 0},
-        fit=_fit_knn,
-        jit=False,
-        grid={"k": (50, 100, 200, 500, 1000)},
-    ),
-    Score("gmm", _gmm, "fitted", "GMM", fit=_fit_gmm, jit=False),
-    # The density scores on unit-length features z / ||z||: the class-conditional
-    # Gaussians then model directions only, not the feature norm.
-    Score(
-        "mahalanobis_l2",
-        _mahalanobis_l2,
-        "fitted",
-        "Mahalanobis (L2)",
-        fit=_fit_mahalanobis_l2,
-        jit=False,
-    ),
-    Score("gmm_l2", _gmm_l2, "fitted", "GMM (L2)", fit=_fit_gmm_l2, jit=False),
-    Score(
-        "react",
-        _react,
-        "fitted",
-        "ReAct",
-        {"percentile": 90.0},
-        fit=_fit_react,
-        jit=False,
-        grid={"percentile": (85.0, 90.0, 95.0, 99.0)},
-    ),
-):
-    register_score(_score)
+# The built-in scores register as soon as the registry exists (reports print them first).
+from ood_jax.scores import builtin_entries  # noqa: E402,F401

@@ -95,6 +95,10 @@ def rank1_removed(feature_map: jax.Array) -> jax.Array:
     return (m - top).reshape(b, h, w, c)
 
 
+def _rank1_removed_f32(x: jax.Array) -> jax.Array:
+    return rank1_removed(x.astype(jnp.float32)).astype(x.dtype)
+
+
 # --- Registry entries (registered when ood_jax.scores is imported). ---
 
 
@@ -119,6 +123,14 @@ def _on_pre_pool(shaping):
 
 def _rankfeat(out, to_logits, *, temperature):
     return energy(to_logits(rank1_removed(out["pre_pool"])), temperature=temperature)
+
+
+def _rankfeat_fused(out, to_logits, *, temperature):
+    # OpenOOD's fusion: the mean of the block-4 path's logits and those of the last stage
+    # run again on the rank-1-removed block-3 map (the block before the last).
+    block4 = to_logits(rank1_removed(out["pre_pool"]))
+    block3 = to_logits.edited(len(out["blocks"]) - 2, _rank1_removed_f32)
+    return energy((block4 + block3) / 2, temperature=temperature)
 
 
 # Defaults: OpenOOD v1.5 configs/postprocessors/ash.yml (ASH-B, percentile 90) and
@@ -163,5 +175,15 @@ register_score(
         "RankFeat",
         {"temperature": 1.0},
         captures=("pre_pool",),
+    )
+)
+register_score(
+    Score(
+        "rankfeat_fused",
+        _rankfeat_fused,
+        "activations",
+        "RankFeat (blocks 3+4)",
+        {"temperature": 1.0},
+        captures=("pre_pool", "blocks"),
     )
 )

@@ -72,17 +72,7 @@ class ModelDef:
         return nnx.merge(graph, params, self._fresh_rng_state(key), batch_stats)
 
     def _fresh_rng_state(self, key: jax.Array | None) -> Any:
-        # New Variable objects on every call: variables captured from outside a jax
-        # trace cannot be mutated inside it, and a stream's count must restart at 0
-        # so that the draws depend on (key, stream) only.
-        def fresh(variable):
-            if isinstance(variable, nnx.RngKey) and key is not None:
-                return variable.replace(rng_lib.stream_key(key, variable.tag))
-            if isinstance(variable, nnx.RngCount):
-                return variable.replace(jnp.zeros_like(variable.get_value()))
-            return variable.replace(variable.get_value())
-
-        return jax.tree.map(fresh, self.rng_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return rng_lib.reseeded(self.rng_state, key)
 
 
 def split_model(model: nnx.Module) -> tuple[ModelDef, Any, Any]:
