@@ -43,7 +43,7 @@ def run_rows(
     kept = [row for key, row in done.items() if key not in wanted]
     rows = []
     for fields, plan in jobs:
-        if key_of(fields) in done:
+        if key_of(fields) in done and not _crashed(done[key_of(fields)]):
             rows.append(done[key_of(fields)])
             continue
         try:
@@ -84,6 +84,12 @@ def heading(title: str, header: dict, notes: Sequence[str]) -> list[str]:
         *(f"- {n}" for n in notes),
         "",
     ]
+
+
+def _crashed(row: dict) -> bool:
+    """A row whose compile raised (not a plan's verdict such as "does not fit"): a later
+    run tries it again."""
+    return str(row.get("error", "")).startswith("compile failed")
 
 
 def _previous_rows(output: str, key_of: Callable[[dict], tuple]) -> dict:

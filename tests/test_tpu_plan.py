@@ -297,3 +297,32 @@ def test_a_run_killed_mid_table_loses_no_earlier_row(tmp_path):
         plan_table.run_rows([job("b", 2), job("a"), job("c"), ({"name": "d"}, crash)], **kwargs)
     rows = json.loads((tmp_path / "table.json").read_text())["rows"]
     assert sorted((r["name"], r["value"]) for r in rows) == [("a", 1), ("b", 2), ("c", 3)]
+
+
+def test_a_compile_that_raised_is_tried_again_by_the_next_run(tmp_path):
+    from benchmarks import plan_table
+
+    out, calls = str(tmp_path / "table"), []
+
+    def broken():
+        raise SyntaxError("a half-edited module")
+
+    def ok():
+        calls.append("a")
+        return {"name": "a", "value": 1}
+
+    def refused():
+        from benchmarks.tpu_program import PlanError
+
+        calls.append("b")
+        raise PlanError("does not fit")
+
+    def table(rows, header):
+        return "\n".join(f"| {r['name']} |" for r in rows) + "\n"
+
+    kwargs = {"key_fields": ("name",), "markdown": table, "output": out, "command": "test"}
+    plan_table.run_rows([({"name": "a"}, broken), ({"name": "b"}, refused)], **kwargs)
+    rows = plan_table.run_rows([({"name": "a"}, ok), ({"name": "b"}, refused)], **kwargs)
+    # a is compiled again; b's verdict (a PlanError) stands without a second compile.
+    assert calls == ["b", "a"]
+    assert rows[0] == {"name": "a", "value": 1} and rows[1]["error"] == "does not fit"
