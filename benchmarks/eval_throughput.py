@@ -1,4 +1,5 @@
-"""Evaluation throughput: forward images/s, ODIN images/s, and per-score time from cache.
+"""Evaluation throughput: forward images/s, every model-running score's images/s, and
+per-score time from cache.
 
 Usage (from the repository root, ``ood_jax`` importable: ``pip install -e .`` or
 ``PYTHONPATH=.``)::
@@ -14,6 +15,13 @@ ReLU-like features of the model's feature size and logits from its head;
 each score's time is given for the first call (with compilation) and the
 best of ``--repeats`` later calls, plus the host-side fit time. Metrics: the
 papers' protocol (10 draws per set) over all scores.
+
+Scores that run the model (``"images"``: ODIN, MC dropout, Mahalanobis with input
+preprocessing, MDSEns; ``"activations"``: ASH/SCALE on the map, RankFeat, Gram):
+images/s of each alone on ``--num-odin`` random images after a warm-up call, and
+the fits that stream over a capturing pass of the training set (Gram, MDSEns) in
+training images/s on ``--num-fit`` labelled random images. Together with the
+forward pass these give what ``--scores all`` costs on a set of N images.
 """
 
 from __future__ import annotations
@@ -32,7 +40,15 @@ import numpy as np
 from flax import nnx
 
 from ood_jax import data as D
-from ood_jax.evaluate import ForwardPass, ModelOutputs, fit_scores, score_images, score_outputs
+from ood_jax.evaluate import (
+    ForwardPass,
+    ModelOutputs,
+    fit_captured,
+    fit_scores,
+    score_activations,
+    score_images,
+    score_outputs,
+)
 from ood_jax.evaluate.protocol import evaluate_ood
 from ood_jax.models import create_model
 from ood_jax.scores import Head, available_scores, get_score, resolve_hparams
@@ -61,6 +77,46 @@ def _time(fn, repeats):
     return first, best
 
 
+def _model_score_rows(forward, images, labels, batches, hparams, train_outputs, num_fit):
+    """``(rows, fit rows)``: images/s of each model-running score alone, and of the
+    captured fits' streaming pass."""
+    ds = D.from_arrays(images, name="random", num_classes=0)
+    fit_ds = D.from_arrays(images[:num_fit], labels[:num_fit], name="train", num_classes=10)
+    fitted = fit_scores(hparams, train_outputs)
+    fit_rows = []
+    for name in [n for n in hparams if get_score(n).fit is not None and get_score(n).captures]:
+        start = time.perf_counter()
+        fitted.update(fit_captured({name: hparams[name]}, forward, lambda: batches(fit_ds)))
+        fit_rows.append(
+            (f"fit {name} (streamed capturing pass)", num_fit / (time.perf_counter() - start))
+        )
+    rows = []
+    for name, hp in hparams.items():
+        score = get_score(name)
+        if score.stochastic and not forward.has_dropout():
+            rows.append((f"{name} (skipped: the model has no dropout)", None))
+            continue
+        if score.consumes == "images":
+            run = lambda name=name, hp=hp: score_images(
+                {name: hp},
+                forward,
+                {"random": ds},
+                batches=batches,
+                std=D.CIFAR10_STD,
+                seed=0,
+                fitted=fitted,
+            )
+        else:
+            run = lambda name=name, hp=hp: score_activations(
+                {name: hp}, forward, {"random": ds}, batches=batches, fitted=fitted
+            )
+        run()  # compile
+        start = time.perf_counter()
+        run()
+        rows.append((f"{name} ({score.consumes})", len(ds) / (time.perf_counter() - start)))
+    return rows, fit_rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet9")  # the cpu preset's model
@@ -72,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-ood", type=int, default=2_000)
     p.add_argument("--num-ood-sets", type=int, default=6)
     p.add_argument("--num-train", type=int, default=50_000)
+    p.add_argument("--num-fit", type=int, default=2048, help="images of the captured fits")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = p.parse_args(argv)
@@ -113,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     outputs = {"id": _synthetic_outputs(rng, args.num_id, kernel, bias, 1.0, True)}
     for s in range(args.num_ood_sets):
         outputs[f"ood{s}"] = _synthetic_outputs(rng, args.num_ood, kernel, bias, 0.5, False)
-    cached = [n for n in available_scores() if get_score(n).consumes != "images"]
+    cached = [n for n in available_scores() if get_score(n).consumes in ("outputs", "fitted")]
     sweeps = {n: {"temperature": TEMPERATURES} for n in cached if get_score(n).sweep}
     hparams = resolve_hparams(cached, sweeps)
     rows = []
@@ -139,6 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     ood_scores = {k: v for k, v in scored.items() if k != "id"}
     first, best = _time(lambda: evaluate_ood(id_scores, ood_scores, protocol="papers"), 0)
     rows.append((f"metrics, papers' protocol ({len(id_scores)} score keys)", first, None))
+    modelled = [n for n in available_scores() if get_score(n).consumes in ("images", "activations")]
+    model_rows, fit_rows = _model_score_rows(
+        forward,
+        images[: args.num_odin],
+        rng.integers(0, 10, args.num_odin),
+        batches,
+        resolve_hparams(modelled),
+        train,
+        min(args.num_fit, args.num_odin),
+    )
 
     lines = [
         "# Evaluation throughput",
@@ -155,6 +222,14 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|",
         f"| forward (logits + features) | {fwd_rate:.0f} |",
         f"| ODIN (per-example input gradient + second forward) | {odin_rate:.0f} |",
+        "",
+        f"Scores that run the model, each alone on {args.num_odin} random images (after a "
+        "warm-up call); the captured fits stream one capturing pass over labelled random "
+        "images:",
+        "",
+        "| score (kind) | images/s |",
+        "|---|---|",
+        *(f"| {n} | {'' if r is None else f'{r:.0f}'} |" for n, r in model_rows + fit_rows),
         "",
         f"Scores from cached outputs: {args.num_id} ID + {args.num_ood_sets} x "
         f"{args.num_ood} OOD = {total_examples} examples; fitted on {args.num_train} "

@@ -234,6 +234,10 @@ def _interrupt_after_loading(monkeypatch):
         return sets
 
     monkeypatch.setattr(experiments.evaluation, "load_ood_sets", load_then_interrupt)
+    # A process started in the background (`cmd &` without job control) inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt: install Python's own
+    # handler, the one a foreground run has anyway.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_ctrl_c_during_the_evaluation_command(run, own, monkeypatch, capsys):
