@@ -10,9 +10,10 @@ description (``jax.experimental.topologies.get_topology_desc(platform="cuda",
 target_config=<GpuTargetConfigProto text>, topology="1x1xN")``), and
 ``jax.jit(...).lower(...).compile()`` then runs XLA's GPU pipeline for them (fusion,
 cuDNN convolutions, SPMD partitioning, buffer assignment, code generation). The rest is
-:mod:`benchmarks.plan_core`'s, as for TPUs: the runner's own train and eval steps of the preset's
-config, the same checks of the design's sharding promises, per-device memory against
-the GPU's memory and a **roofline estimate** of the step time, never a measurement.
+:func:`benchmarks.plan_core.plan_steps`, as for TPUs: the runner's own train and eval
+steps of the preset's config, the same checks of the design's sharding promises,
+per-device memory against the GPU's memory and a **roofline estimate** of the step
+time, never a measurement.
 
 The GPU compiler reports no cost analysis; the FLOPs are XLA's count of the step as
 written (before optimization, over the global batch) divided by the devices, and the

@@ -33,8 +33,9 @@ client": it has no device memory). The step is therefore lowered from
 ``ShapeDtypeStruct`` s of the global batch with the batch sharding (the array that
 function returns), and :func:`benchmarks.plan_core.check_process_rows` checks what
 the per-host path rests on: under that sharding, every host's devices (their
-``process_index`` in the topology) hold exactly the per-host batch (global batch / hosts) each host reads,
-which is the local shape ``make_array_from_process_local_data`` maps onto them.
+``process_index`` in the topology) hold exactly the per-host batch (global batch /
+hosts) each host reads, which is the local shape ``make_array_from_process_local_data``
+maps onto them.
 """
 
 from __future__ import annotations
