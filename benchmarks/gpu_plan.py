@@ -2,15 +2,18 @@
 
     pip install "jax-cuda12-plugin==0.10.2"   # the plugin alone: no CUDA wheels, no driver
     python -m benchmarks.gpu_plan --method ce --preset cpu --gpu h100 --count 8
+    python -m benchmarks.gpu_plan --method logitnorm,l2norm --preset paper --gpu h100,a100 \
+        --precision bfloat16,float32 --output benchmarks/results/gpu_plan
 
 The CUDA plugin's PJRT client builds compile-only devices from a deviceless target
 description (``jax.experimental.topologies.get_topology_desc(platform="cuda",
 target_config=<GpuTargetConfigProto text>, topology="1x1xN")``), and
 ``jax.jit(...).lower(...).compile()`` then runs XLA's GPU pipeline for them (fusion,
 cuDNN convolutions, SPMD partitioning, buffer assignment, code generation). The rest is
-:mod:`benchmarks.tpu_plan`'s: the runner's own train and eval steps of the preset's
-config, the same checks of the design's sharding promises, per-device memory against
-the GPU's memory and a **roofline estimate** of the step time, never a measurement.
+:func:`benchmarks.plan_core.plan_steps`, as for TPUs: the runner's own train and eval
+steps of the preset's config, the same checks of the design's sharding promises,
+per-device memory against the GPU's memory and a **roofline estimate** of the step
+time, never a measurement.
 
 The GPU compiler reports no cost analysis; the FLOPs are XLA's count of the step as
 written (before optimization, over the global batch) divided by the devices, and the
@@ -22,10 +25,10 @@ replicated optimizer update once over all devices, a few FLOPs per parameter sho
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
-import time
 from collections.abc import Sequence
 
 # The CUDA backend itself is never opened (there is no GPU), only its compiler; without
@@ -35,26 +38,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import numpy as np
 
-from benchmarks.tpu_plan import (
-    CIFAR_TRAIN_IMAGES,
-    INPUT_IMAGES_PER_S_2_CORES,
-    PRECISIONS,
-    Slice,
-    _batch,
-    abstract,
-    check_batch,
-    markdown,
-    preset_config,
-)
-from benchmarks.tpu_program import (
-    _DTYPE_BYTES,
-    PlanError,
-    bn_channels,
-    check_program,
-    collectives,
-    compiled_memory,
-)
+from benchmarks import plan_core, plan_table
+from benchmarks.plan_core import PRECISIONS, Slice, listed, preset_config
+from benchmarks.tpu_program import DTYPE_BYTES, PlanError
 from experiments import cli
+
+TITLE = "Compile-only GPU plans of the presets' train steps"
 
 # Per GPU: published peak dense bf16 FLOP/s and memory bandwidth (NVIDIA's H100 SXM5 and
 # A100 SXM4 80GB data sheets), and what the CUDA driver reports (the target description
@@ -146,7 +135,7 @@ def gpu_slice(gpu: str, count: int) -> Slice:
             '"jax-cuda12-plugin==0.10.2", and without CUDA libraries start jax with '
             "JAX_PLATFORMS=cpu (the plugin's CUDA check then skips)."
         ) from None
-    return Slice(f"{gpu}:{count}", gpu, tuple(topology.devices), 1)
+    return Slice(f"{gpu}:{count}", gpu, tuple(topology.devices), 1, GPUS[gpu]["device_memory_size"])
 
 
 # One instruction of an HLO module's text: name, result shape(s), opcode, operands.
@@ -155,7 +144,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (.+?) ([\w-]+)\((.*?)\)")
 
 def _shape_bytes(shape: str) -> int:
     return sum(
-        _DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+        DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
         for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape)
         if dtype not in ("u8", "s8")  # cuDNN's and cuBLAS's scratch, not data they access
     )
@@ -197,72 +186,13 @@ def gpu_cost(lowered, compiled, devices: int) -> dict:
 
 def plan(method: str, preset: str, gpu: str, count: int, precision: str = "bfloat16") -> dict:
     """Compiles ``method``'s ``preset`` train and eval steps for ``count`` ``gpu``s."""
-    from experiments.run_config import eval_batch_size
-    from experiments.steps import make_run_optimizer, make_run_steps
-    from experiments.workdir import model_identity
-    from ood_jax import sharding
-    from ood_jax.models import build_model
-    from ood_jax.train import create_train_state, get_objective
-
-    config = preset_config(method, preset, precision)
-    gpus = gpu_slice(gpu, count)
-    check_batch(config, gpus)
-    mesh = sharding.make_mesh(devices=gpus.devices)
-    batch = config.train.batch_size
-    optimizer = make_run_optimizer(config, CIFAR_TRAIN_IMAGES // batch)
-    model_def, state = create_train_state(
-        build_model(model_identity(config, 10), 0), optimizer.tx, seed=0
+    return plan_core.plan_steps(
+        preset_config(method, preset, precision),
+        gpu_slice(gpu, count),
+        chips=GPUS,
+        cost_fn=functools.partial(gpu_cost, devices=count),
+        versions=_versions(),
     )
-    train_step, eval_step = make_run_steps(config, model_def, optimizer, mesh)
-    state_abs = abstract(state, sharding.replicated(mesh))
-    data = sharding.batch_sharding(mesh)
-    outliers = get_objective(config.objective.name).uses_outliers
-    aux = _batch(batch * config.data.outliers.ratio, data, labels=False) if outliers else None
-    start = time.perf_counter()
-    lowered = train_step.jitted.lower(state_abs, _batch(batch, data), aux)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
-    name = f"{method}/{preset} on {gpus.name}"
-    checks = check_program(compiled, state, bn_channels=bn_channels(state.batch_stats), name=name)
-    memory, cost, spec = compiled_memory(compiled), gpu_cost(lowered, compiled, count), GPUS[gpu]
-    if memory["peak_bytes"] > spec["device_memory_size"]:
-        raise PlanError(
-            f"{name}: needs {memory['peak_bytes'] / 2**30:.1f} GiB per device, the GPU has "
-            f"{spec['device_memory_size'] / 2**30:.1f} GiB; lower --config.train.batch_size."
-        )
-    eval_batch = eval_batch_size(config, mesh)
-    eval_lowered = eval_step.lower(state_abs, _batch(eval_batch, data))
-    eval_compiled = eval_lowered.compile()
-    step_s = max(cost["flops"] / spec["peak_flops"], cost["bytes_accessed"] / spec["hbm_bw"])
-    return {
-        "method": method,
-        "preset": preset,
-        "topology": gpus.name,
-        "versions": _versions(),
-        "devices": count,
-        "processes": 1,
-        "precision": precision,
-        "global_batch": batch,
-        "compile_s": compile_s,
-        "memory": memory,
-        "hbm_per_device": spec["device_memory_size"],
-        "cost": cost,
-        "collectives": collectives(compiled.as_text()),
-        "checks": checks,
-        "eval": {
-            "batch": eval_batch,
-            "memory": compiled_memory(eval_compiled),
-            "cost": gpu_cost(eval_lowered, eval_compiled, count),
-        },
-        "estimate": {
-            "step_s": step_s,
-            "images_per_s": batch / step_s,
-            "epoch_s": optimizer.steps_per_epoch * step_s,
-            "total_s": optimizer.num_steps * step_s,
-            "input_images_per_s_per_host": batch / step_s,
-            "input_bound_on_2_cores": batch / step_s > INPUT_IMAGES_PER_S_2_CORES,
-        },
-    }
 
 
 def _versions() -> str:
@@ -275,34 +205,40 @@ def _versions() -> str:
     return f"jax {jax.__version__}, jax-cuda12-plugin {plugin}"
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> list[dict]:
     from experiments.configs import methods
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="ce", choices=methods.METHODS)
+    parser.add_argument("--method", default="ce", help="a method, or several: ce,oe")
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--gpu", default="h100", choices=tuple(GPUS))
+    parser.add_argument("--gpu", default="h100", help=f"one or several of {','.join(GPUS)}")
     parser.add_argument("--count", type=int, default=8, help="GPUs on the one host")
-    parser.add_argument("--precision", default="bfloat16", choices=PRECISIONS)
+    parser.add_argument("--precision", default="bfloat16", help="bfloat16, float32 or both")
+    parser.add_argument("--output", default="", help="write (or add to) OUTPUT.md, OUTPUT.json")
     args = parser.parse_args(argv)
-    if args.preset not in methods.presets_of(args.method):
-        raise cli.UsageError(
-            f"--preset {args.preset!r}: {args.method} has {methods.presets_of(args.method)}."
-        )
+    names = {flag: listed(getattr(args, flag)) for flag in ("method", "gpu", "precision")}
+    allowed = {"method": methods.METHODS, "gpu": tuple(GPUS), "precision": PRECISIONS}
+    plan_core.check_choices(names, allowed, preset=args.preset)
     if args.count < 1:
         raise cli.UsageError(f"--count {args.count}: at least one GPU.")
-    try:
-        row = plan(args.method, args.preset, args.gpu, args.count, args.precision)
-    except PlanError as err:
-        raise cli.UsageError(str(err)) from None
-    header = {
-        "command": "python -m benchmarks.gpu_plan " + " ".join(argv or sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": row["versions"],
-    }
-    table = markdown([row], header).splitlines()[1:]  # tpu_plan's table under a GPU title
-    print("\n".join(["# Compile-only GPU plan of a preset's train step", *table]))
-    return row
+    key_fields = ("method", "preset", "topology", "precision")
+    jobs = [
+        (
+            dict(zip(key_fields, (m, args.preset, f"{g}:{args.count}", p), strict=True)),
+            functools.partial(plan, m, args.preset, g, args.count, p),
+        )
+        for m in names["method"]
+        for g in names["gpu"]
+        for p in names["precision"]
+    ]
+    return plan_table.run_rows(
+        jobs,
+        key_fields=key_fields,
+        markdown=functools.partial(plan_core.markdown, title=TITLE),
+        output=args.output,
+        command="python -m benchmarks.gpu_plan " + " ".join(argv or sys.argv[1:]),
+        versions=_versions(),
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A plan can take minutes per row, so :func:`run_rows` writes the JSON after every
 row and a later run with the same ``--output`` keeps the rows it does not redo
-(:mod:`benchmarks.tpu_plan`'s train-step table and
+(:mod:`benchmarks.tpu_plan`'s and :mod:`benchmarks.gpu_plan`'s train-step tables and
 :mod:`benchmarks.tpu_eval_plan`'s evaluation table).
 """
 
@@ -29,8 +29,11 @@ def run_rows(
     markdown: Callable[[Sequence[dict], dict], str],
     output: str,
     command: str,
+    versions: str | None = None,
 ) -> list[dict]:
     """Runs every job not already in ``output``.json; returns (and writes) all rows.
+
+    ``versions``: the header's software versions (default: jax's and libtpu's).
 
     A failed job is an error row when there are several (one failure must not end a
     long run); a single one raises (a :class:`PlanError` as a usage error)."""
@@ -63,7 +66,7 @@ def run_rows(
     header = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": f"jax {jax.__version__}, libtpu {libtpu_version()}",
+        "versions": versions or f"jax {jax.__version__}, libtpu {libtpu_version()}",
     }
     rows = kept + rows
     text = markdown(rows, header)

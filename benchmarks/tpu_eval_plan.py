@@ -46,8 +46,15 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import plan_table
-from benchmarks.tpu_plan import abstract, duration, gib, preset_config, tpu_slice
-from benchmarks.tpu_program import PlanError, compiled_cost, compiled_memory, roofline
+from benchmarks.plan_core import abstract, duration, gib, preset_config
+from benchmarks.tpu_plan import tpu_slice
+from benchmarks.tpu_program import (
+    PlanError,
+    compiled_cost,
+    compiled_memory,
+    required_bytes,
+    roofline,
+)
 
 KEY = ("model", "preset", "topology", "precision")
 PROGRAMS = ("forward", "odin", "gradnorm", "attack chunk")
@@ -100,7 +107,7 @@ def _compile(jitted, args: tuple, chip: str, hbm: float, *, batch: int, trips: i
         "batch": batch,
         "compile_s": compile_s,
         "memory": memory,
-        "fits": max(memory["peak_bytes"], memory["xla_peak_bytes"]) <= hbm,
+        "fits": required_bytes(memory) <= hbm,
         "loop_trips": trips,
         "cost": cost,
         "call_s": call_s,

@@ -1,12 +1,13 @@
 """What a compiled TPU program says: memory, cost, collectives, and the design's promises.
 
-Helpers of :mod:`benchmarks.tpu_plan`, on the ``jax.stages.Compiled`` object of a
-train step compiled for compile-only TPU devices.
+Helpers of :mod:`benchmarks.plan_core`, on the ``jax.stages.Compiled`` object of a
+train step compiled for compile-only devices (TPU, and GPU: :mod:`benchmarks.gpu_plan`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ CHIPS = {
     "v6e": {"peak_flops": 918e12, "hbm_bytes": 32e9, "hbm_bw": 1640e9},
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
 
 
 class PlanError(ValueError):
@@ -43,7 +44,7 @@ def collectives(hlo: str) -> list[dict]:
         )
         entry["count"] += 1
         entry["elements"] += sum(n for _, n in sizes)
-        entry["bytes"] += sum(_DTYPE_BYTES.get(dtype, 4) * n for dtype, n in sizes)
+        entry["bytes"] += sum(DTYPE_BYTES.get(dtype, 4) * n for dtype, n in sizes)
     return list(found.values())
 
 
@@ -126,7 +127,14 @@ def compiled_cost(compiled) -> dict:
     }
 
 
-def roofline(cost: dict, chip: str) -> float:
-    """Estimated seconds per step per device: max(compute-bound, memory-bound)."""
-    spec = CHIPS[chip]
+def required_bytes(memory: dict) -> float:
+    """The memory a program needs per device: the larger of its two peaks (rows planned
+    before XLA's own peak was kept lack it)."""
+    return max(memory["peak_bytes"], memory.get("xla_peak_bytes", 0))
+
+
+def roofline(cost: dict, chip: str, *, chips: Mapping[str, dict] = CHIPS) -> float:
+    """Estimated seconds per step per device: max(compute-bound, memory-bound), from
+    ``chips[chip]``'s ``peak_flops`` and ``hbm_bw``."""
+    spec = chips[chip]
     return max(cost["flops"] / spec["peak_flops"], cost["bytes_accessed"] / spec["hbm_bw"])

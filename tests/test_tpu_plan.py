@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import tpu_plan, tpu_program
+from benchmarks import plan_core, tpu_program
 from ood_jax import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +60,11 @@ class _Device:
 
 
 def test_a_batch_that_does_not_divide_is_one_line_naming_the_fix():
-    config = tpu_plan.preset_config("ce", "cpu", "float32")
+    config = plan_core.preset_config("ce", "cpu", "float32")
     config.train.batch_size = 250
-    tpu = tpu_plan.Slice("v5e:2x2", "v5e", tuple(_Device(i, 0) for i in range(4)), 1)
+    tpu = plan_core.Slice("v5e:2x2", "v5e", tuple(_Device(i, 0) for i in range(4)), 1, 16e9)
     with pytest.raises(tpu_program.PlanError) as err:
-        tpu_plan.check_batch(config, tpu)
+        plan_core.check_batch(config, tpu)
     message = str(err.value)
     assert "\n" not in message
     assert "batch_size 250 does not divide over the 4 devices" in message
@@ -72,9 +72,9 @@ def test_a_batch_that_does_not_divide_is_one_line_naming_the_fix():
 
 
 def test_per_process_batch_on_a_multi_host_slice():
-    config = tpu_plan.preset_config("logitnorm", "paper", "bfloat16")
-    tpu = tpu_plan.Slice("v5e:4x4", "v5e", tuple(_Device(i, i // 4) for i in range(16)), 4)
-    assert tpu_plan.check_batch(config, tpu) == config.train.batch_size // 4
+    config = plan_core.preset_config("logitnorm", "paper", "bfloat16")
+    tpu = plan_core.Slice("v5e:4x4", "v5e", tuple(_Device(i, i // 4) for i in range(16)), 4, 16e9)
+    assert plan_core.check_batch(config, tpu) == config.train.batch_size // 4
 
 
 def _compiled_step(state_sharded: bool):
@@ -85,7 +85,7 @@ def _compiled_step(state_sharded: bool):
     from ood_jax.models import build_model
     from ood_jax.train import create_train_state
 
-    config = tpu_plan.preset_config("ce", "smoke", "float32")
+    config = plan_core.preset_config("ce", "smoke", "float32")
     mesh = sharding.make_mesh()
     optimizer = make_run_optimizer(config, 10)
     model_def, state = create_train_state(
@@ -188,9 +188,9 @@ def test_bn_channels_count_running_means_only():
 
 def test_process_rows_of_one_process_are_the_whole_batch():
     mesh = sharding.make_mesh()
-    assert tpu_plan.check_process_rows(mesh, 16, 16, name="cpu") == {0: 16}
+    assert plan_core.check_process_rows(mesh, 16, 16, name="cpu") == {0: 16}
     with pytest.raises(tpu_program.PlanError) as err:
-        tpu_plan.check_process_rows(mesh, 16, 4, name="cpu")
+        plan_core.check_process_rows(mesh, 16, 4, name="cpu")
     assert "\n" not in str(err.value) and "{0: 16}" in str(err.value)
 
 
@@ -198,10 +198,11 @@ def test_process_rows_of_one_process_are_the_whole_batch():
 def test_each_host_of_a_v5e_4x4_slice_holds_a_quarter_of_the_batch(tmp_path):
     out = tmp_path / "rows.json"
     script = (
-        "import json, sys; from benchmarks import tpu_plan; from ood_jax import sharding\n"
+        "import json, sys; from benchmarks import plan_core, tpu_plan\n"
+        "from ood_jax import sharding\n"
         "tpu = tpu_plan.tpu_slice('v5e:4x4')\n"
         "mesh = sharding.make_mesh(devices=tpu.devices)\n"
-        "rows = tpu_plan.check_process_rows(mesh, 1024, 256, name='v5e:4x4')\n"
+        "rows = plan_core.check_process_rows(mesh, 1024, 256, name='v5e:4x4')\n"
         "open(sys.argv[1], 'w').write(json.dumps([tpu.processes, rows]))\n"
     )
     _run_with_libtpu("-c", script, str(out))

@@ -1,0 +1,287 @@
+"""The device-generic core of the compile-only plans: a preset's train and eval step
+compiled for some compile-only devices, and the table of such plans.
+
+:mod:`benchmarks.tpu_plan` (TPU slices, libtpu) and :mod:`benchmarks.gpu_plan` (N GPUs
+of one host, the CUDA plugin) each build the devices and say how a compiled program's
+cost is read; :func:`plan_steps` does the rest: the runner's own steps of the config,
+the design's checks, the memory against the device's, and a roofline estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import plan_table
+from benchmarks.tpu_program import (
+    PlanError,
+    bn_channels,
+    check_program,
+    collectives,
+    compiled_memory,
+    required_bytes,
+    roofline,
+)
+from experiments import cli
+
+PRECISIONS = ("bfloat16", "float32")
+# The input pipeline's measured rate (benchmarks/results/input_pipeline.md: train,
+# augment, batch 1024, on 2 CPU cores): a TPU host has more cores; a lower bound.
+INPUT_IMAGES_PER_S_2_CORES = 41_887
+CIFAR_TRAIN_IMAGES = 50_000
+
+# How a compiled program's FLOPs and bytes per device are read: (lowered, compiled) -> cost.
+CostFn = Callable[[Any, Any], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """Compile-only devices of one chip type (a TPU slice, a host's GPUs)."""
+
+    name: str
+    chip: str
+    devices: tuple
+    processes: int
+    hbm_per_device: float
+
+
+def preset_config(method: str, preset: str, precision: str):
+    """The resolved config a user's ``--preset`` gives (``finetune`` recipes for OE and
+    energy fine-tuning, as the runner builds them with ``--init_from``)."""
+    from experiments.configs import methods
+    from experiments.run_config import complete_config, validate_config
+
+    config = methods.get_config(method, preset, finetune=method in ("oe", "energy_ft"))
+    config.model.mixed_precision = precision == "bfloat16"
+    complete_config(config)
+    validate_config(config)
+    return config
+
+
+def check_batch(config, target: Slice) -> int:
+    """The per-process batch; a global batch that does not split over the devices is
+    a :class:`PlanError` naming the fix."""
+    batch, n = config.train.batch_size, len(target.devices)
+    if batch % n:
+        lower = batch - batch % n or n
+        raise PlanError(
+            f"{config.method} --preset {config.preset}: batch_size {batch} does not divide over "
+            f"the {n} devices of {target.name}; use --config.train.batch_size={lower} (a multiple "
+            f"of {n}) or a slice whose device count divides {batch}."
+        )
+    return batch // target.processes
+
+
+def check_process_rows(mesh, batch: int, per_process: int, *, name: str) -> dict[int, int]:
+    """``{process: rows}`` of a ``batch``-row global batch under the batch sharding.
+
+    What each host must hand :func:`ood_jax.sharding.global_batch`:
+    ``jax.make_array_from_process_local_data`` maps a process's rows onto its own
+    devices' slices, in order, wherever the mesh puts them. A process whose devices hold
+    other than ``per_process`` rows (what the runner reads per host) is a
+    :class:`PlanError`.
+    """
+    from ood_jax import sharding
+
+    rows: dict[int, int] = {}
+    for device, index in sharding.batch_sharding(mesh).devices_indices_map((batch,)).items():
+        held = len(range(*index[0].indices(batch)))
+        rows[device.process_index] = rows.get(device.process_index, 0) + held
+    wrong = {p: n for p, n in sorted(rows.items()) if n != per_process}
+    if wrong:
+        raise PlanError(
+            f"{name}: the batch sharding gives processes {wrong} rows, not the {per_process} "
+            "each host reads; the mesh must split the batch evenly over the hosts."
+        )
+    return rows
+
+
+def check_fits(memory: dict, hbm_per_device: float, *, name: str) -> None:
+    """A program needing more than the device's memory is a :class:`PlanError`; the need
+    is the larger of the two peaks (:func:`~benchmarks.tpu_program.required_bytes`)."""
+    needed = required_bytes(memory)
+    if needed > hbm_per_device:
+        raise PlanError(
+            f"{name}: needs {needed / 2**30:.1f} GiB per device, the device has "
+            f"{hbm_per_device / 2**30:.1f} GiB; lower --config.train.batch_size or use "
+            "more devices."
+        )
+
+
+def abstract(tree: Any, sharding) -> Any:
+    """``tree``'s arrays as ``ShapeDtypeStruct`` s placed with ``sharding``."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree
+    )
+
+
+def batch_spec(size: int, sharding, *, labels: bool = True) -> dict:
+    """An abstract CIFAR batch of ``size`` images (with labels and mask unless not)."""
+    spec = {"image": jax.ShapeDtypeStruct((size, 32, 32, 3), jnp.float32, sharding=sharding)}
+    if labels:
+        spec["label"] = jax.ShapeDtypeStruct((size,), jnp.int32, sharding=sharding)
+        spec["mask"] = jax.ShapeDtypeStruct((size,), jnp.bool_, sharding=sharding)
+    return spec
+
+
+def plan_steps(
+    config, target: Slice, *, chips: Mapping[str, dict], cost_fn: CostFn, versions: str
+) -> dict:
+    """Compiles the runner's train and eval step of ``config`` for ``target``'s devices.
+
+    ``chips[target.chip]``: the device's published ``peak_flops`` and ``hbm_bw`` (the
+    roofline); ``cost_fn``: how FLOPs and bytes per device are read from a compiled step.
+    Returns the plan's row (what :func:`markdown` reads)."""
+    from experiments.run_config import eval_batch_size
+    from experiments.steps import make_run_optimizer, make_run_steps
+    from experiments.workdir import model_identity
+    from ood_jax import sharding
+    from ood_jax.models import build_model
+    from ood_jax.train import create_train_state, get_objective
+
+    per_process = check_batch(config, target)
+    mesh = sharding.make_mesh(devices=target.devices)
+    batch = config.train.batch_size
+    optimizer = make_run_optimizer(config, CIFAR_TRAIN_IMAGES // batch)
+    model_def, state = create_train_state(
+        build_model(model_identity(config, 10), 0), optimizer.tx, seed=0
+    )
+    train_step, eval_step = make_run_steps(config, model_def, optimizer, mesh)
+    state_abs = abstract(state, sharding.replicated(mesh))
+    data = sharding.batch_sharding(mesh)
+    outliers = get_objective(config.objective.name).uses_outliers
+    aux = batch_spec(batch * config.data.outliers.ratio, data, labels=False) if outliers else None
+    name = f"{config.method}/{config.preset} on {target.name}"
+    start = time.perf_counter()
+    lowered = train_step.jitted.lower(state_abs, batch_spec(batch, data), aux)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    checks = check_program(compiled, state, bn_channels=bn_channels(state.batch_stats), name=name)
+    checks["process_rows"] = check_process_rows(mesh, batch, per_process, name=name)
+    memory, cost = compiled_memory(compiled), cost_fn(lowered, compiled)
+    check_fits(memory, target.hbm_per_device, name=name)
+    eval_batch = eval_batch_size(config, mesh)  # the runner's one rounding to the devices
+    eval_lowered = eval_step.lower(state_abs, batch_spec(eval_batch, data))
+    eval_compiled = eval_lowered.compile()
+    step_s = roofline(cost, target.chip, chips=chips)
+    images_per_s = batch / step_s
+    return {
+        "method": config.method,
+        "preset": config.preset,
+        "topology": target.name,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": versions,
+        "devices": len(target.devices),
+        "processes": target.processes,
+        "precision": "bfloat16" if config.model.mixed_precision else "float32",
+        "model": config.model.name,
+        "global_batch": batch,
+        "per_process_batch": per_process,
+        "compile_s": compile_s,
+        "memory": memory,
+        "hbm_per_device": target.hbm_per_device,
+        "cost": cost,
+        "collectives": collectives(compiled.as_text()),
+        "checks": checks,
+        "eval": {
+            "batch": eval_batch,
+            "memory": compiled_memory(eval_compiled),
+            "cost": cost_fn(eval_lowered, eval_compiled),
+        },
+        "estimate": {
+            "step_s": step_s,
+            "images_per_s": images_per_s,
+            "epoch_s": optimizer.steps_per_epoch * step_s,
+            "total_s": optimizer.num_steps * step_s,
+            "input_images_per_s_per_host": images_per_s / target.processes,
+            "input_bound_on_2_cores": images_per_s / target.processes > INPUT_IMAGES_PER_S_2_CORES,
+        },
+    }
+
+
+def listed(text: str) -> list[str]:
+    """The values of a comma-separated flag (``ce,oe``)."""
+    return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def check_choices(names: Mapping[str, Sequence[str]], allowed: Mapping, *, preset: str) -> None:
+    """Values of a flag (``names[flag]``) outside ``allowed[flag]``, or a method without
+    ``preset``, are a :class:`~experiments.cli.UsageError` naming the choices."""
+    from experiments.configs import methods
+
+    for flag, choices in allowed.items():
+        unknown = [n for n in names[flag] if n not in choices]
+        if unknown:
+            raise cli.UsageError(f"--{flag} {','.join(unknown)}: choose from {','.join(choices)}.")
+    for method in names["method"]:
+        if preset not in methods.presets_of(method):
+            raise cli.UsageError(f"--preset {preset!r}: {method} has {methods.presets_of(method)}.")
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f}"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _memory_cell(m: dict) -> str:
+    """args / temp / peak / XLA peak GiB (rows planned before XLA's peak was kept lack it)."""
+    xla_peak = gib(m["xla_peak_bytes"]) if "xla_peak_bytes" in m else "-"
+    return (
+        f"{gib(m['argument_bytes'])} / {gib(m['temp_bytes'])} / {gib(m['peak_bytes'])} / {xla_peak}"
+    )
+
+
+def markdown(rows: Sequence[dict], header: dict, *, title: str) -> str:
+    """The plans as a Markdown table under ``title`` (failures as one line each)."""
+    note = (
+        "memory, FLOPs and bytes are XLA's, per device per train step (peak: arguments + "
+        "outputs - donated + temp; XLA peak: the compiled program's peak_memory_in_bytes; "
+        "the larger must fit); step time, images/s "
+        "and run time are **roofline estimates** (max of FLOPs / peak bf16 FLOP/s and bytes "
+        "/ HBM bandwidth, published per-chip figures), not measurements: real steps are "
+        "slower (latency, collectives, input)."
+    )
+    lines = [
+        *plan_table.heading(title, header, [note]),
+        "| method | preset | topology | devices (hosts) | precision | batch | compile s "
+        "| args / temp / peak / XLA peak GiB | HBM GiB | GFLOP | GB accessed "
+        "| all-reduce (ops, MB) | est. step | est. images/s | est. epoch | est. run "
+        "| input/host needed |",
+        "|" + "---|" * 17,
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(
+                f"| {r['method']} | {r['preset']} | {r['topology']} | | {r['precision']} | "
+                f"| | | | | | | | | | | **{r['error']}** |"
+            )
+            continue
+        c, e = r["cost"], r["estimate"]
+        ar = next(
+            (x for x in r["collectives"] if x["op"] == "all-reduce"), {"count": 0, "bytes": 0}
+        )
+        lines.append(
+            f"| {r['method']} | {r['preset']} | {r['topology']} "
+            f"| {r['devices']} ({r['processes']}) "
+            f"| {r['precision']} | {r['global_batch']} | {r['compile_s']:.0f} "
+            f"| {_memory_cell(r['memory'])} "
+            f"| {gib(r['hbm_per_device'])} | {c['flops'] / 1e9:.1f} "
+            f"| {c['bytes_accessed'] / 1e9:.2f} "
+            f"| {ar['count']}, {ar['bytes'] / 1e6:.1f} | {e['step_s'] * 1e3:.2f} ms "
+            f"| {e['images_per_s']:,.0f} | {duration(e['epoch_s'])} | {duration(e['total_s'])} "
+            f"| {e['input_images_per_s_per_host']:,.0f}"
+            + (" (input-bound on 2 cores)" if e["input_bound_on_2_cores"] else "")
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
