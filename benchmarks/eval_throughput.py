@@ -45,11 +45,11 @@ from ood_jax.evaluate import (
     ModelOutputs,
     fit_captured,
     fit_scores,
-    score_activations,
     score_images,
     score_outputs,
 )
 from ood_jax.evaluate.protocol import evaluate_ood
+from ood_jax.evaluate.scoring import score_activations
 from ood_jax.models import create_model
 from ood_jax.scores import Head, available_scores, get_score, resolve_hparams
 
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     for s in range(args.num_ood_sets):
         outputs[f"ood{s}"] = _synthetic_outputs(rng, args.num_ood, kernel, bias, 0.5, False)
     cached = [n for n in available_scores() if get_score(n).consumes in ("outputs", "fitted")]
-    sweeps = {n: {"temperature": TEMPERATURES} for n in cached if get_score(n).sweep}
+    swept = [n for n in cached if get_score(n).sweep == "temperature"]
+    sweeps = {n: {"temperature": TEMPERATURES} for n in swept}
     hparams = resolve_hparams(cached, sweeps)
     rows = []
     fitted = {}
