@@ -177,7 +177,7 @@ class ForwardPass:
         capture: tuple[str, ...] | None = None,
     ) -> Callable:
         """The ``jax.jit`` of ``(state, images) -> [B]`` that :meth:`map_batches` runs."""
-        jitted = self._map_cache.get((fn, capture))
+        jitted = self._map_cache.get(("map", fn, capture))
         if jitted is None:
             graphdef = self.graphdef
 
@@ -193,7 +193,7 @@ class ForwardPass:
                 in_shardings=(self._replicated, self.batch_sharding),
                 out_shardings=self.batch_sharding,
             )
-            self._map_cache[(fn, capture)] = jitted
+            self._map_cache[("map", fn, capture)] = jitted
         return jitted
 
     def map_stochastic(
@@ -277,7 +277,7 @@ class ForwardPass:
     ) -> Iterator[tuple[Any, np.ndarray]]:
         """:meth:`map_captured`'s pass one batch at a time: yields ``(fn's pytree of [B, ...]
         NumPy arrays, labels [B])`` of the real rows (a streaming fit's input)."""
-        jitted = self._map_cache.get((fn, capture))
+        jitted = self._map_cache.get(("captured", fn, capture))
         if jitted is None:
             graphdef = self.graphdef
 
@@ -290,7 +290,7 @@ class ForwardPass:
                 in_shardings=(self._replicated, self.batch_sharding),
                 out_shardings=self.batch_sharding,
             )
-            self._map_cache[(fn, capture)] = jitted
+            self._map_cache[("captured", fn, capture)] = jitted
         for out, mask, labels in self._run(lambda images: jitted(self.state, images), batches):
             yield jax.tree.map(lambda x, mask=mask: x[mask], out), labels[mask]
 

@@ -66,6 +66,21 @@ def holdout_split(
     return part(~held, f"without the {size} held out"), part(held, f"{size} held out")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSet:
+    """The training images the fits see and their forward pass."""
+
+    images: D.ImageDataset
+    outputs: ModelOutputs
+
+    def fit(self, hparams: Mapping[str, Mapping], forward: ForwardPass, batches) -> dict:
+        """``{score: params}`` of the fitted scores among ``hparams``: from the cached
+        outputs, or streamed over one capturing pass (Gram, MDSEns)."""
+        fitted = fit_scores(hparams, self.outputs)
+        fitted.update(fit_captured(hparams, forward, lambda: batches(self.images)))
+        return fitted
+
+
 def _combinations(grid: Mapping[str, tuple], sweep: str | None) -> list[dict]:
     """The grid's combinations of the hyperparameters other than ``sweep``, in order."""
     names = [k for k in grid if k != sweep]
@@ -79,15 +94,15 @@ def tune_scores(
     val_sets: Mapping[str, D.ImageDataset],
     val_outputs: Mapping[str, ModelOutputs],
     *,
-    train_outputs: ModelOutputs | None,
+    train: TrainSet | None,
     head: Head,
     batches: Batches,
 ) -> tuple[EvalSpec, dict]:
     """``(the spec of the test pass, {score: search record})`` for ``spec.tune``.
 
     ``val_sets``: ``{ID validation name: images, OOD validation name: images}`` in
-    that order, ``val_outputs`` their forward passes; ``train_outputs``: the fits'
-    (None when no tuned score is fitted). The test spec holds each tuned score's
+    that order, ``val_outputs`` their forward passes; ``train``: the fits' training
+    set (None when no tuned score is fitted). The test spec holds each tuned score's
     chosen hyperparameters (a swept one as a single value) and tunes nothing more.
     Each record: ``display``, ``grid``, ``candidates`` (``[{"hparams", "auroc"}]`` in grid
     order), ``chosen``, ``val_auroc`` and ``key``, the result key of the test pass.
@@ -103,7 +118,7 @@ def tune_scores(
             if sweep is not None:
                 hp[sweep] = tuple(float(v) for v in grid[sweep])
             aurocs = _validation_aurocs(
-                spec, name, hp, forward, val_sets, val_outputs, train_outputs, head, batches
+                spec, name, hp, forward, val_sets, val_outputs, train, head, batches
             )
             for value in hp[sweep] if sweep is not None else (None,):
                 chosen = {**combo, **({} if sweep is None else {sweep: value})}
@@ -126,7 +141,7 @@ def tune_scores(
 
 
 def _validation_aurocs(
-    spec, name, hp, forward, val_sets, val_outputs, train_outputs, head, batches
+    spec, name, hp, forward, val_sets, val_outputs, train, head, batches
 ) -> dict[str, float]:
     """``{result key: validation AUROC}`` of score ``name`` at ``hp`` (one swept call).
 
@@ -136,7 +151,7 @@ def _validation_aurocs(
     one = dataclasses.replace(
         spec, scores=(name,), score_hparams={name: hp}, tune=(), tune_grids=None, fit_on_val=()
     )
-    fitted = fit_scores(one.score_hparams, train_outputs) if one.fitted_scores else {}
+    fitted = train.fit(one.score_hparams, forward, batches) if one.fitted_scores else {}
     table = compute_scores(
         one, forward, val_sets, val_outputs, head=head, fitted=fitted, batches=batches
     )
@@ -189,12 +204,12 @@ def fit_and_tune(
     fit_set, val_id = (train, None)
     if spec.uses_val:
         fit_set, val_id = holdout_split(train, spec.val_size, seed=spec.seed)
-    train_used = train_outputs = None
+    train = None
     on_train = [n for n in spec.fitted_scores if n not in spec.fit_on_val]
     if on_train:
         train_used = D.random_subset(fit_set, spec.max_train, seed=spec.seed)
         say(f"forward pass over {len(train_used)} training images for the fits")
-        train_outputs = forward(batches(train_used))
+        train = TrainSet(train_used, forward(batches(train_used)))
     val_sets: dict[str, D.ImageDataset] = {}
     if val_id is not None:
         val_sets[val_id.name] = val_id
@@ -210,25 +225,22 @@ def fit_and_tune(
             forward,
             val_sets,
             val_outputs,
-            train_outputs=train_outputs,
+            train=train,
             head=head,
             batches=batches,
         )
     hparams, fitted = test_spec.score_hparams, {}
-    if train_outputs is not None:
+    if train is not None:
         say(f"fitting {', '.join(on_train)}")
-        on_train_hparams = {n: hparams[n] for n in on_train}
-        fitted = fit_scores(on_train_hparams, train_outputs)
-        # Scores fitted on intermediates (Gram, MDSEns) stream one capturing pass.
-        fitted.update(fit_captured(on_train_hparams, forward, lambda: batches(train_used)))
+        fitted = train.fit({n: hparams[n] for n in on_train}, forward, batches)
     if spec.fit_on_val:
         on_val = {n: hparams[n] for n in spec.fit_on_val}
         fitted.update(fit_scores(on_val, val_outputs[val_id.name]))
     return Fits(
         test_spec,
         fitted,
-        train_used=train_used,
-        train_outputs=train_outputs,
+        train_used=None if train is None else train.images,
+        train_outputs=None if train is None else train.outputs,
         val_id=val_id,
         val_ood=val_sets.get(val_ood.name) if val_ood is not None else None,
         tuning=tuning,
