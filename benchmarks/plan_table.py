@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,6 +24,40 @@ from experiments import cli
 
 # A job: the row's key fields, and the plan that computes the row.
 Job = tuple[dict, Callable[[], dict]]
+
+
+class CompilerCrash(Exception):
+    """The compiler killed its process (a signal, e.g. libtpu's SIGSEGV): an error row
+    that stands until the software versions change."""
+
+
+def isolated(module: str, args: Sequence[str]) -> Callable[[], dict]:
+    """A plan run as ``python -m module *args --output TMP`` in a process of its own,
+    so that a compiler that crashes its process (libtpu 0.0.42.1 on WRN-40-2 for
+    v6e) becomes a :class:`CompilerCrash` row instead of ending the table.
+
+    The child plans one row: its row is read back from its ``TMP.json``; its one-line
+    refusal (exit 2, a :class:`PlanError` verdict) is raised here as the same
+    :class:`PlanError`; any other exit is a ``RuntimeError`` (tried again next run)."""
+
+    def plan() -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "row")
+            argv = [sys.executable, "-m", module, *args, "--output", out]
+            done = subprocess.run(argv, stderr=subprocess.PIPE, text=True, check=False)
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            if done.returncode == 0:
+                with open(f"{out}.json") as f:
+                    return json.load(f)["rows"][0]
+            if done.returncode < 0:
+                name = signal.Signals(-done.returncode).name
+                raise CompilerCrash(f"the compiler crashed its process ({name})")
+            sys.stderr.write(done.stderr[-4000:])
+            if done.returncode == 2:
+                raise PlanError(last.removeprefix("error: "))
+            raise RuntimeError(f"exit {done.returncode}: {last}")
+
+    return plan
 
 
 def run_rows(
@@ -41,12 +79,13 @@ def run_rows(
     def key_of(row: dict) -> tuple:
         return tuple(row[f] for f in key_fields)
 
+    versions = versions or f"jax {jax.__version__}, libtpu {libtpu_version()}"
     wanted = {key_of(fields) for fields, _ in jobs}
     done = _previous_rows(output, key_of)
     kept = [row for key, row in done.items() if key not in wanted]
     rows = []
     for fields, plan in jobs:
-        if key_of(fields) in done and not _crashed(done[key_of(fields)]):
+        if key_of(fields) in done and not _retry(done[key_of(fields)], versions):
             rows.append(done[key_of(fields)])
             continue
         try:
@@ -56,9 +95,11 @@ def run_rows(
                 if isinstance(err, PlanError):
                     raise cli.UsageError(str(err)) from None
                 raise
-            if not isinstance(err, PlanError):
+            if isinstance(err, CompilerCrash):
+                err = f"{err} ({versions})"
+            elif not isinstance(err, PlanError):
                 err = f"compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            rows.append({**fields, "error": str(err)})
+            rows.append({**fields, "error": str(err), "versions": versions})
         print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
         done[key_of(fields)] = rows[-1]
         if output:  # after every row, every row so far: a stopped --all run resumes
@@ -66,7 +107,7 @@ def run_rows(
     header = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": versions or f"jax {jax.__version__}, libtpu {libtpu_version()}",
+        "versions": versions,
     }
     rows = kept + rows
     text = markdown(rows, header)
@@ -89,10 +130,13 @@ def heading(title: str, header: dict, notes: Sequence[str]) -> list[str]:
     ]
 
 
-def _crashed(row: dict) -> bool:
-    """A row whose compile raised (not a plan's verdict such as "does not fit"): a later
-    run tries it again."""
-    return str(row.get("error", "")).startswith("compile failed")
+def _retry(row: dict, versions: str) -> bool:
+    """Whether a later run plans an earlier row again: a compile that raised (not a
+    plan's verdict such as "does not fit"), or a compiler crash under other versions."""
+    error = str(row.get("error", ""))
+    if error.startswith("the compiler crashed"):
+        return row.get("versions") != versions
+    return error.startswith("compile failed")
 
 
 def _previous_rows(output: str, key_of: Callable[[dict], tuple]) -> dict:

@@ -115,6 +115,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "per model of the methods' presets",
     )
     parser.add_argument("--output", default="", help="write (or add to) OUTPUT.md, OUTPUT.json")
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="plan every row in this process (default with several rows: one process per "
+        "row, so that a compiler crash is an error row, not the end of the table)",
+    )
     args = parser.parse_args(argv)
     names = {
         "method": methods.METHODS if args.all else listed(args.method),
@@ -145,9 +151,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         jobs = [
             (dict(zip(key_fields, run, strict=True)), functools.partial(plan, *run)) for run in runs
         ]
+    if len(jobs) > 1 and not args.in_process:
+        # Each job's plan is a partial of (method, preset, topology, precision).
+        jobs = [(fields, _isolated(*plan.args, eval_=args.eval)) for fields, plan in jobs]
     return plan_table.run_rows(
         jobs, key_fields=key_fields, markdown=table, output=args.output, command=command
     )
+
+
+def _isolated(method: str, preset: str, topology: str, precision: str, *, eval_: bool):
+    """The plan of one row in a process of its own (:func:`plan_table.isolated`)."""
+    args = ["--method", method, "--preset", preset, "--topology", topology]
+    args += ["--precision", precision] + (["--eval"] if eval_ else [])
+    return plan_table.isolated("benchmarks.tpu_plan", args)
 
 
 if __name__ == "__main__":

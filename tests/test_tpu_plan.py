@@ -327,3 +327,50 @@ def test_a_compile_that_raised_is_tried_again_by_the_next_run(tmp_path):
     # a is compiled again; b's verdict (a PlanError) stands without a second compile.
     assert calls == ["b", "a"]
     assert rows[0] == {"name": "a", "value": 1} and rows[1]["error"] == "does not fit"
+
+
+FAKE_PLAN = """
+import json, os, signal, sys
+what, out = sys.argv[1], sys.argv[sys.argv.index("--output") + 1]
+if what == "segfault":
+    os.kill(os.getpid(), signal.SIGSEGV)
+if what == "refuse":
+    print("error: 8 GiB does not fit a v5e chip's 16 GiB", file=sys.stderr)
+    sys.exit(2)
+if what == "broken":
+    sys.exit(1)
+with open(out + ".json", "w") as f:
+    json.dump({"rows": [{"name": what, "value": 7}]}, f)
+"""
+
+
+def test_a_compiler_that_kills_its_process_is_an_error_row_and_the_table_goes_on(
+    tmp_path, monkeypatch
+):
+    # libtpu 0.0.42.1 dies of SIGSEGV compiling WRN-40-2 for v6e: with one process per
+    # row, that row says so and the others are still planned; a refusal (exit 2) is the
+    # plan's verdict, and any other exit a failure tried again by the next run.
+    from benchmarks import plan_table
+
+    (tmp_path / "fake_plan.py").write_text(FAKE_PLAN)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    out = str(tmp_path / "table")
+
+    def job(what):
+        return {"name": what}, plan_table.isolated("fake_plan", [what])
+
+    def table(rows, header):
+        return "\n".join(f"| {r['name']} | {r.get('error', '')} |" for r in rows) + "\n"
+
+    kwargs = {"key_fields": ("name",), "markdown": table, "output": out, "command": "test"}
+    jobs = [job("segfault"), job("refuse"), job("broken"), job("fine")]
+    rows = plan_table.run_rows(jobs, versions="libtpu 1", **kwargs)
+    errors = {r["name"]: r.get("error") for r in rows}
+    assert errors["segfault"] == "the compiler crashed its process (SIGSEGV) (libtpu 1)"
+    assert errors["refuse"] == "8 GiB does not fit a v5e chip's 16 GiB"
+    assert errors["broken"].startswith("compile failed: RuntimeError: exit 1")
+    assert rows[-1] == {"name": "fine", "value": 7}
+    # The crash stands under the same versions and is planned again under new ones.
+    assert plan_table._retry(rows[0], "libtpu 1") is False
+    assert plan_table._retry(rows[0], "libtpu 2") is True
+    assert plan_table._retry(rows[2], "libtpu 1") is True
