@@ -114,3 +114,16 @@ def test_report_says_which_sets_were_used_whole_and_shows_no_std_for_them():
     assert far_rows and all("(all 80, one draw)" in row for row in far_rows)
     assert all("±" not in row for row in far_rows)
     assert any("±" in row for row in near_rows)
+
+
+def test_non_finite_scores_are_named_by_score_and_set_in_one_error():
+    ood = {name: {k: v.copy() for k, v in scores.items()} for name, scores in OOD.items()}
+    ood["far"]["t"][[3, 9]] = [np.inf, np.nan]
+    ids = {"s": ID["s"].copy(), "t": ID["t"]}
+    ids["s"][0] = -np.inf
+    with pytest.raises(ValueError) as err:
+        evaluate_ood(ids, ood, protocol="full")
+    assert str(err.value).startswith(
+        "NaN or infinite scores: 's' on 1 of 500 'in-distribution' examples; "
+        "'t' on 2 of 80 'far' examples;"
+    )

@@ -172,6 +172,15 @@ def test_lts_scales_the_logits_by_the_top_activation_share(p):
     _close(scores.lts_score(TEST_F, TEST_Z - 0.5, p=p), expected)
 
 
+def test_lts_of_an_example_without_positive_activation_keeps_its_logits():
+    # The reference's 0 / 0 is NaN; here the scale is 1: the plain energy of its logits.
+    z = np.array([[-1.0, -0.5, 0.0, -2.0], [1.0, 0.0, 3.0, 0.5]], np.float32)
+    logits = np.array([[0.3, -1.2, 2.0], [1.0, 0.5, -0.5]], np.float32)
+    got = np.asarray(scores.lts_score(logits, z, p=0.5))
+    _close(got[0], logsumexp(logits[0]))
+    _close(got[1], logsumexp(logits[1] * (4.5 / 4.0) ** 2))  # top 2 of 4: 3 + 1
+
+
 def test_pnml_regret_from_the_normalized_training_gram_matrix():
     normalized = TRAIN_Z / np.linalg.norm(TRAIN_Z, axis=1, keepdims=True)
     projector = np.linalg.inv(normalized.T @ normalized)

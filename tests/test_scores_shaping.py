@@ -90,6 +90,25 @@ def test_feature_scores_are_the_energy_of_the_shaped_features_and_sweep(variant)
         np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["ash_s", "scale"])
+def test_an_all_zero_feature_vector_scores_the_energy_of_the_bias(variant):
+    # 0 / 0 in s1 / s2 (the references give NaN): the shaped vector stays zero, so the
+    # score is logsumexp(bias), as for any finite factor; the other rows are unchanged.
+    rng = np.random.default_rng(3)
+    features = _relu_features(rng, (4, 16))
+    features[2] = 0.0
+    head = _head(rng, 16, 4)
+    score = get_score(variant)
+    hp = resolve_hparams([variant], {})
+    got = compute(score, hp[variant], features @ head.kernel + head.bias, features, head)[variant]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[2], logsumexp(head.bias), rtol=1e-6)
+    keep = [0, 1, 3]
+    shaped = np_shape(features[keep], variant, score.defaults["percentile"])
+    want = logsumexp(shaped @ head.kernel + head.bias, axis=-1)
+    np.testing.assert_allclose(got[keep], want, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_defaults():
     assert get_score("ash_b").defaults == {"percentile": 90.0}  # OpenOOD ash.yml
     assert get_score("scale").defaults == {"percentile": 85.0}  # OpenOOD scale.yml

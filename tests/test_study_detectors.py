@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -53,3 +54,25 @@ def test_cells_are_set_means_then_seed_mean_and_std(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| vim |"))
     expected = 100 * np.mean([draws[k, 1, :, 0].mean() for k in range(2)])
     assert f"{expected:.1f} ±" in row and "88.68 / 93.48" in row  # OpenOOD's ViM beside
+
+
+def test_a_failed_evaluation_costs_its_row_only_and_ctrl_c_stops_the_run(tmp_path, monkeypatch):
+    def command(name, out):
+        path = os.path.join(out, name, detectors.RESULTS)
+        code = {"fails": "raise SystemExit(2)", "ctrl_c": "raise SystemExit(130)"}.get(
+            name.split("/")[0],
+            f"import os; os.makedirs({os.path.dirname(path)!r}); open({path!r}, 'w').write('{{}}')",
+        )
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(detectors, "evaluate_command", command)
+    out = str(tmp_path)
+    names = ["ok1/ce/seed0", "fails/ce/seed0", "ok2/ce/seed0"]
+    assert detectors.run(out, names) == ["fails/ce/seed0"]
+    assert all(
+        os.path.exists(os.path.join(out, n, detectors.RESULTS))
+        for n in ("ok1/ce/seed0", "ok2/ce/seed0")
+    )
+    with pytest.raises(KeyboardInterrupt):
+        detectors.run(out, ["ctrl_c/ce/seed0", "ok3/ce/seed0"])
+    assert not os.path.exists(os.path.join(out, "ok3/ce/seed0"))

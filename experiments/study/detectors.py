@@ -88,8 +88,10 @@ def evaluate_command(name: str, out: str) -> list[str]:
     ]
 
 
-def run(out: str, names: Sequence[str]) -> None:
-    """Evaluates each checkpoint without a ``results.json`` under ``out``."""
+def run(out: str, names: Sequence[str]) -> list[str]:
+    """Evaluates each checkpoint without a ``results.json`` under ``out``; returns the
+    ones whose evaluation failed (the others still run: one failure costs one row)."""
+    failed = []
     for i, name in enumerate(names, 1):
         if os.path.exists(os.path.join(out, name, RESULTS)):
             print(f"[{i}/{len(names)}] {name}: done", flush=True)
@@ -97,9 +99,14 @@ def run(out: str, names: Sequence[str]) -> None:
         print(f"[{i}/{len(names)}] {name}: evaluating", flush=True)
         start = time.perf_counter()
         done = subprocess.run(evaluate_command(name, out), check=False)
+        if done.returncode == 130:  # Ctrl-C in the evaluation: stop here
+            raise KeyboardInterrupt
         if done.returncode:
-            raise cli.UsageError(f"{name}: the evaluation exited {done.returncode}; see above.")
+            print(f"[{i}/{len(names)}] {name}: exited {done.returncode}", flush=True)
+            failed.append(name)
+            continue
         print(f"[{i}/{len(names)}] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return failed
 
 
 def collect(out: str, names: Sequence[str]) -> dict[str, dict[str, dict]]:
@@ -172,10 +179,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", default="", help="only these methods, e.g. ce,logitnorm")
     args = parser.parse_args(argv)
     names = study_checkpoints([m for m in args.methods.split(",") if m])
-    if args.action == "run":
-        run(args.workdir, names)
+    failed = run(args.workdir, names) if args.action == "run" else []
     table = collect(args.workdir, names)
-    if not table:
+    if not table and not failed:
         raise cli.UsageError(f"{args.workdir}: no evaluated checkpoint; run `run` first.")
     evaluated = sum(os.path.exists(os.path.join(args.workdir, n, RESULTS)) for n in names)
     header = {
@@ -184,12 +190,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "checkpoints": f"{evaluated} of {len(names)} published study runs evaluated",
     }
-    os.makedirs(args.report, exist_ok=True)
     path = os.path.join(args.report, "detectors")
-    with open(f"{path}.md", "w") as f:
-        f.write(markdown(table, header))
-    write_json({"header": header, "table": table}, f"{path}.json")
-    print(f"wrote {path}.md")
+    if table:
+        os.makedirs(args.report, exist_ok=True)
+        with open(f"{path}.md", "w") as f:
+            f.write(markdown(table, header))
+        write_json({"header": header, "table": table}, f"{path}.json")
+        print(f"wrote {path}.md")
+    if failed:
+        raise cli.UsageError(
+            f"{len(failed)} evaluation(s) failed ({', '.join(failed)}); see their errors "
+            "above, fix them and run again (finished checkpoints are kept)."
+        )
 
 
 if __name__ == "__main__":

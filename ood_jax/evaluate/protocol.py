@@ -94,6 +94,7 @@ def evaluate_ood(
         raise ValueError(
             f"num_ood and num_draws must be >= 1, got num_ood={num_ood}, num_draws={num_draws}."
         )
+    _check_finite(id_scores, ood_scores)
     draws: dict[str, dict] = {}
     per_set: dict[str, dict[str, dict[str, list[float]]]] = {k: {} for k in keys}
     for set_name, set_scores in ood_scores.items():
@@ -123,6 +124,27 @@ def evaluate_ood(
         "draws": draws,
         "metrics": out_metrics,
     }
+
+
+def _check_finite(
+    id_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, Mapping[str, np.ndarray]]
+) -> None:
+    """Every non-finite score, named by score and set, in one error (metrics are
+    undefined for them)."""
+    sets = {"in-distribution": id_scores, **ood_scores}
+    bad = []
+    for set_name, set_scores in sets.items():
+        for key, values in set_scores.items():
+            values = np.asarray(values)
+            if np.issubdtype(values.dtype, np.number):
+                count = int(np.count_nonzero(~np.isfinite(values)))
+                if count:
+                    bad.append(f"{key!r} on {count} of {values.size} {set_name!r} examples")
+    if bad:
+        raise ValueError(
+            f"NaN or infinite scores: {'; '.join(bad)}; metrics are undefined for them. "
+            "Drop those scores (--scores) or those examples."
+        )
 
 
 def _draws(

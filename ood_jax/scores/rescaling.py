@@ -18,6 +18,7 @@ from jax.typing import ArrayLike
 from ood_jax.losses import l2_normalize
 from ood_jax.scores.fitted import HIGHEST, _check_unused_labels, _score_features, _train_features
 from ood_jax.scores.logit import _as_float, _linear_head, energy
+from ood_jax.scores.shaping import share_ratio
 
 __all__ = ["PNMLParams", "fit_pnml", "lts_score", "pnml_score"]
 
@@ -29,7 +30,8 @@ def lts_score(logits: ArrayLike, features: ArrayLike, *, p: float = 0.05) -> jax
     .. math:: S(z) = \Big( \frac{\sum_d \max(z_d, 0)}{\sum_{d \in \mathrm{top}_k} \max(z_d, 0)}
         \Big)^2, \qquad s(x) = \log \sum_k e^{S(z) f_k(x)}
 
-    with ``k = max(1, D - round((1 - p) D))``. Default ``p = 0.05`` (pytorch-ood 0.4
+    with ``k = max(1, D - round((1 - p) D))``, and ``S(z) = 1`` where no activation
+    is positive (the reference's 0 / 0 gives NaN there). Default ``p = 0.05`` (pytorch-ood 0.4
     ``detector/lts.py``, which follows the authors' code, ReLU included).
 
     Args:
@@ -47,7 +49,8 @@ def lts_score(logits: ArrayLike, features: ArrayLike, *, p: float = 0.05) -> jax
     # Python's round (half to even) as torch's round in the reference.
     k = max(1, dim - round(dim * (1 - p)))
     top, _ = jax.lax.top_k(z, k)
-    scale = jnp.square(jnp.sum(z, axis=-1) / jnp.sum(top, axis=-1))
+    # No positive activation: scale 1 (the reference's 0 / 0 is NaN), the logits kept.
+    scale = jnp.square(share_ratio(jnp.sum(z, axis=-1), jnp.sum(top, axis=-1)))
     return energy(_as_float(logits, "logits") * scale[..., None])
 
 

@@ -20,7 +20,9 @@ kept entries with ``torch.topk``; here ties go to the lower flat index (an
 argsort rank), which matters for ASH-B only (where the fill lands among equal
 values, e.g. zeros after a ReLU when fewer than ``k`` entries are positive).
 The rank is computed with sorts rather than ``lax.top_k`` so that the
-percentile can be vmapped (``k`` is traced).
+percentile can be vmapped (``k`` is traced). Where the kept entries sum to zero
+(an all-zero feature vector) ``s1 / s2`` is taken as 1 (:func:`share_ratio`):
+the references' 0 / 0 gives NaN there.
 """
 
 from __future__ import annotations
@@ -64,18 +66,32 @@ def ash_b(x: jax.Array, *, percentile) -> jax.Array:
     return jnp.where(keep, fill, 0.0).reshape(x.shape)
 
 
+def share_ratio(total: jax.Array, kept: jax.Array) -> jax.Array:
+    """``total / kept``, and 1 where ``kept`` is 0.
+
+    ``kept == 0`` is an example whose largest activations are all zero (after a
+    ReLU: an all-zero feature vector, which ACET's models give some OOD images).
+    The references divide anyway and score it NaN; 1 is the ratio's lower bound
+    for non-negative activations (all the mass in the kept entries), and for an
+    all-zero vector the shaped features are zero whatever the factor, so the
+    score is the energy of the head's bias."""
+    empty = kept == 0
+    return jnp.where(empty, 1.0, total / jnp.where(empty, 1.0, kept))
+
+
 def ash_s(x: jax.Array, *, percentile) -> jax.Array:
     """ASH-S of ``x [B, ...]``: the kept entries times ``exp(s1 / s2)``, the rest zero."""
     flat, keep, s1 = _sums(x, percentile)
     pruned = jnp.where(keep, flat, 0.0)
-    return (pruned * jnp.exp(s1 / pruned.sum(axis=-1, keepdims=True))).reshape(x.shape)
+    ratio = share_ratio(s1, pruned.sum(axis=-1, keepdims=True))
+    return (pruned * jnp.exp(ratio)).reshape(x.shape)
 
 
 def scale(x: jax.Array, *, percentile) -> jax.Array:
     """SCALE of ``x [B, ...]``: all of ``x`` times ``exp(s1 / s2)`` (``s2``: the kept sum)."""
     flat, keep, s1 = _sums(x, percentile)
     s2 = jnp.where(keep, flat, 0.0).sum(axis=-1, keepdims=True)
-    return (flat * jnp.exp(s1 / s2)).reshape(x.shape)
+    return (flat * jnp.exp(share_ratio(s1, s2))).reshape(x.shape)
 
 
 SHAPINGS = {"ash_p": ash_p, "ash_b": ash_b, "ash_s": ash_s, "scale": scale}
