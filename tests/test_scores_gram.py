@@ -124,3 +124,46 @@ def test_run_evaluation_fits_and_scores_the_model_detectors_end_to_end():
             assert np.isfinite(protocol["metrics"][name]["blobs"]["auroc"]["mean"]), name
     with pytest.raises(ValueError, match="train="):
         run_evaluation(model, spec, id_test=id_test, ood_sets=ood)
+
+
+def test_tuned_gram_and_mdsens_candidates_each_get_their_own_training_fit():
+    # Each candidate of a tuned grid is fitted on the training split and scored on the
+    # validation pair; the same values fixed, in a plain evaluation of that pair (its
+    # own fit stage), must give the same AUROC.
+    from ood_jax.evaluate.tuning import holdout_split
+
+    model = tiny_eval_model(width=2, image_size=8)
+
+    def labelled(ds, name):
+        return D.from_arrays(ds.images, np.arange(len(ds)) % 3, name=name, num_classes=3)
+
+    train = labelled(D.make_blobs(48, seed=3), "train")
+    id_test = labelled(D.make_gaussian_noise(12, seed=1), "id")
+    val_ood = D.make_gaussian_noise(14, seed=5)
+    grids = {"gram": {"holdout": (0.0, 0.25)}, "mds_ensemble": {"noise": (0.0, 0.05)}}
+    common = {"protocols": ("full",), "batch_size": 16, "plots": False}
+    spec = EvalSpec(scores=tuple(grids), tune=tuple(grids), tune_grids=grids, val_size=16, **common)
+    results = run_evaluation(
+        model,
+        spec,
+        id_test=id_test,
+        ood_sets={"blobs": D.make_blobs(10, seed=2)},
+        train=train,
+        val_ood=val_ood,
+    )
+    fit_set, val_id = holdout_split(train, 16, seed=0)
+    for name, grid in grids.items():
+        ((hparam, values),) = grid.items()
+        candidates = results["tuning"][name]["candidates"]
+        assert [c["hparams"][hparam] for c in candidates] == list(values)
+        for candidate in candidates:
+            fixed = EvalSpec(
+                scores=(name,),
+                score_hparams={name: {hparam: candidate["hparams"][hparam]}},
+                **common,
+            )
+            alone = run_evaluation(
+                model, fixed, id_test=val_id, ood_sets={"val": val_ood}, train=fit_set
+            )
+            auroc = alone["ood"]["full"]["metrics"][name]["val"]["auroc"]["mean"]
+            assert candidate["auroc"] == pytest.approx(auroc, abs=1e-6), (name, candidate)
