@@ -250,7 +250,10 @@ def markdown(rows: Sequence[dict], header: dict, *, title: str) -> str:
         "the larger must fit); step time, images/s "
         "and run time are **roofline estimates** (max of FLOPs / peak bf16 FLOP/s and bytes "
         "/ HBM bandwidth, published per-chip figures), not measurements: real steps are "
-        "slower (latency, collectives, input)."
+        "slower (latency, collectives, input). compile s: wall seconds of XLA's TPU/GPU "
+        "compiler on the 2-core machine that built the row, with whatever else ran there "
+        "(1-4 min for a paper preset when idle; rows built beside another job at nice 19 "
+        "took up to 40 min): a cost of planning, not of the run."
     )
     lines = [
         *plan_table.heading(title, header, [note]),
