@@ -98,6 +98,8 @@ def test_study_command_runs_resumes_and_reports(tmp_path):
     argv = [sys.executable, "-m", "experiments.study", f"--workdir={work}"]
     argv += ["--preset=smoke", f"--data={tmp_path}", "--epochs=1"]
     argv += ["--only=ce/seed0,logitnorm/seed0,oe/seed0", f"--report_dir={work / 'report'}"]
+    # Not every registered detector (40 s of compiling per run): the report's own and KNN.
+    argv += ["--scores=knn"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -111,6 +113,9 @@ def test_study_command_runs_resumes_and_reports(tmp_path):
     assert "Outlier exposure (FT) (msp) †" in md
     ce = json.loads((work / "ce" / "seed0" / "eval" / "results.json").read_text())
     acc = ce["classification"]["accuracy"]
+    expected_scores = {"msp", "max_logit", "energy", "feature_norm", "knn"}
+    expected_scores |= {"mahalanobis", "mahalanobis_l2", "gmm", "gmm_l2"}
+    assert set(ce["ood"]["papers"]["metrics"]) == expected_scores
     assert report["rows"]["ce"]["accuracy"]["mean"] == pytest.approx(acc)
     # The report's synthetic average is the mean of the run's per-set means.
     per_set = ce["ood"]["papers"]["metrics"]["msp"]
@@ -318,3 +323,16 @@ def test_noise_claims_show_the_id_confidence_per_seed():
     assert (
         "MMC on the ID test images 50.0 ± 22.6 (per seed 72.6, 27.4) vs 81.0" in claim["evidence"]
     )
+
+
+def test_study_scores_flag_names_an_unknown_score_in_one_line(tmp_path, capsys):
+    from experiments import cli
+    from experiments.study.__main__ import main
+
+    argv = [f"--workdir={tmp_path}", "--scores=knn,bogus", "--preset=smoke"]
+    with pytest.raises(SystemExit) as stop:
+        cli.run_main(main, argv)
+    assert stop.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "unknown score(s) 'bogus'" in err[0], err
+    assert not (tmp_path / "study.jsonl").exists()  # stopped before any run

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from experiments import cli, study
 from experiments.study.execute import run_study
-from experiments.study.plan import EPOCHS, plan, print_plan
+from experiments.study.plan import EPOCHS, REPORT_SCORES, plan, print_plan
 from experiments.study.publish import publish
 
 
@@ -33,9 +33,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--preset", default="cpu", choices=("cpu", "smoke"), help="smoke: a quick trial"
     )
+    parser.add_argument(
+        "--scores",
+        default="",
+        help="comma-separated detectors each run scores (default: every registered one); "
+        f"the report's own ({', '.join(REPORT_SCORES)}) are always added",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         raise cli.UsageError(f"--epochs must be >= 1, got {args.epochs}.")
+    scores = _scores(args.scores)
     root = os.path.abspath(args.workdir)
     if args.plan:
         print_plan(root, args.epochs)
@@ -44,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.report_only:
         only = [s for s in args.only.split(",") if s]
         complete = run_study(
-            root, data=args.data, only=only, epochs=args.epochs, preset=args.preset
+            root, data=args.data, only=only, epochs=args.epochs, preset=args.preset, scores=scores
         )
     from experiments.study import report
 
@@ -55,6 +62,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = " ".join(["python -m experiments.study", *(argv or [])])
     report.write(root, report_dir, plan(args.epochs), complete=complete, command=command)
     print(f"report: {os.path.join(report_dir, 'results.md')}")
+
+
+def _scores(flag: str) -> tuple[str, ...]:
+    """``--scores`` with the report's own scores added; () (every score) when empty."""
+    named = [s.strip() for s in flag.split(",") if s.strip()]
+    if not named:
+        return ()
+    from ood_jax.scores import available_scores
+
+    unknown = [s for s in named if s not in available_scores()]
+    if unknown:
+        raise cli.UsageError(
+            f"--scores: unknown score(s) {', '.join(map(repr, unknown))}; "
+            f"available: {', '.join(available_scores())}."
+        )
+    return tuple(dict.fromkeys([*REPORT_SCORES, *named]))
 
 
 if __name__ == "__main__":

@@ -38,14 +38,16 @@ def run_study(
     only: Sequence[str] = (),
     epochs: int = EPOCHS,
     preset: str = "cpu",
+    scores: Sequence[str] = (),
 ) -> bool:
-    """Runs every unfinished run of the plan (or those named in ``only``), in order.
+    """Runs every unfinished run of the plan (or those named in ``only``), in order;
+    ``scores``: the detectors each run scores (default: every registered one).
 
     Returns True when every planned run is done. A run that fails stops the study
     with its exit status; its workdir keeps what it saved.
     """
     runs = [r for r in plan(epochs) if not only or r.name in only or r.method in only]
-    execute(root, runs, lambda run: command(run, root, data, preset))
+    execute(root, runs, lambda run: command(run, root, data, preset, scores))
     return all(state_of(r, root) == "done" for r in plan(epochs))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Sequence
 
 from experiments.configs.default import get_config
 from experiments.configs.methods import NOISE_CPU_LR
@@ -49,6 +50,20 @@ class Run:
     args: tuple[str, ...] = ()
     init_from: str | None = None
     group: str = "main"
+
+
+# The scores the study's report reads (each method's own, the logit-shift table's and
+# the density split's): a study run with --scores always scores these too.
+REPORT_SCORES = (
+    "msp",
+    "max_logit",
+    "energy",
+    "feature_norm",
+    "mahalanobis",
+    "mahalanobis_l2",
+    "gmm",
+    "gmm_l2",
+)
 
 
 def plan(epochs: int = EPOCHS) -> list[Run]:
@@ -112,8 +127,11 @@ def _sweep(epochs: int) -> list[Run]:
     ]
 
 
-def command(run: Run, root: str, data: str, preset: str = "cpu") -> list[str]:
-    """The command line that trains and evaluates ``run`` (what a user would type)."""
+def command(
+    run: Run, root: str, data: str, preset: str = "cpu", scores: Sequence[str] = ()
+) -> list[str]:
+    """The command line that trains and evaluates ``run`` (what a user would type);
+    ``scores``: the detectors it scores (default: every registered one)."""
     argv = [
         sys.executable,
         "-m",
@@ -125,6 +143,8 @@ def command(run: Run, root: str, data: str, preset: str = "cpu") -> list[str]:
         f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
         "--config.eval.ood=true",
     ]
+    if scores:
+        argv.append(f"--config.eval.scores={','.join(scores)}")
     if run.init_from is not None:
         argv.append(f"--init_from={os.path.join(root, run.init_from)}")
     return argv + list(run.args)
