@@ -56,6 +56,8 @@ from benchmarks.tpu_program import (
     roofline,
 )
 
+# A row to plan: (method, preset, topology, precision).
+Run = tuple[str, str, str, str]
 KEY = ("model", "preset", "topology", "precision")
 PROGRAMS = ("forward", "odin", "gradnorm", "attack chunk")
 # GradNorm's rows: 10 of its lax.map chunks of chunk_size (1024), no remainder.
@@ -71,15 +73,21 @@ def model_label(config) -> str:
     return f"{config.model.name}({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
 
 
-def jobs(runs: Sequence[tuple[str, str, str, str]]) -> list[plan_table.Job]:
-    """One job per distinct :data:`KEY` of ``(method, preset, topology, precision)`` runs."""
-    found: dict[tuple, plan_table.Job] = {}
-    for method, preset, topology, precision in runs:
+def keyed_runs(runs: Sequence[Run]) -> list[tuple[dict, Run]]:
+    """One ``(key fields, first run)`` per distinct :data:`KEY` of
+    ``(method, preset, topology, precision)`` runs."""
+    found: dict[tuple, tuple[dict, Run]] = {}
+    for run in runs:
+        method, preset, topology, precision = run
         label = model_label(preset_config(method, preset, precision))
         fields = dict(zip(KEY, (label, preset, topology, precision), strict=True))
-        plan = functools.partial(plan_eval, method, preset, topology, precision)
-        found.setdefault(tuple(fields.values()), (fields, plan))
+        found.setdefault(tuple(fields.values()), (fields, run))
     return list(found.values())
+
+
+def jobs(runs: Sequence[Run]) -> list[plan_table.Job]:
+    """One job per distinct :data:`KEY` of ``runs``, planned in this process."""
+    return [(fields, functools.partial(plan_eval, *run)) for fields, run in keyed_runs(runs)]
 
 
 def _methods_of(label: str, preset: str, precision: str) -> list[str]:

@@ -140,20 +140,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.eval:
         from benchmarks import tpu_eval_plan  # it imports this module: not at the top
 
-        jobs, key_fields, table = (
-            tpu_eval_plan.jobs(runs),
-            tpu_eval_plan.KEY,
-            tpu_eval_plan.markdown,
-        )
+        key_fields, table = tpu_eval_plan.KEY, tpu_eval_plan.markdown
+        keyed, plan_here = tpu_eval_plan.keyed_runs(runs), tpu_eval_plan.plan_eval
     else:
         key_fields = ("method", "preset", "topology", "precision")
         table = functools.partial(plan_core.markdown, title=TITLE)
-        jobs = [
-            (dict(zip(key_fields, run, strict=True)), functools.partial(plan, *run)) for run in runs
-        ]
-    if len(jobs) > 1 and not args.in_process:
-        # Each job's plan is a partial of (method, preset, topology, precision).
-        jobs = [(fields, _isolated(*plan.args, eval_=args.eval)) for fields, plan in jobs]
+        keyed = [(dict(zip(key_fields, run, strict=True)), run) for run in runs]
+        plan_here = plan
+    # With several rows, each row in a process of its own unless --in_process.
+    isolate = len(keyed) > 1 and not args.in_process
+    jobs = [
+        (
+            fields,
+            _isolated(*run, eval_=args.eval) if isolate else functools.partial(plan_here, *run),
+        )
+        for fields, run in keyed
+    ]
     return plan_table.run_rows(
         jobs, key_fields=key_fields, markdown=table, output=args.output, command=command
     )

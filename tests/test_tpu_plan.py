@@ -374,3 +374,47 @@ def test_a_compiler_that_kills_its_process_is_an_error_row_and_the_table_goes_on
     assert plan_table._retry(rows[0], "libtpu 1") is False
     assert plan_table._retry(rows[0], "libtpu 2") is True
     assert plan_table._retry(rows[2], "libtpu 1") is True
+
+
+@pytest.mark.parametrize("eval_", [False, True])
+def test_several_rows_each_get_a_process_with_their_own_arguments(tmp_path, monkeypatch, eval_):
+    # main hands plan_table.isolated each row's own command line (one per model for
+    # --eval: LogitNorm and CE share WRN-40-2); one row, or --in_process, stays here.
+    from benchmarks import plan_table, tpu_plan
+
+    children = []
+
+    def isolated(module, args):
+        children.append((module, args))
+        flag = dict(zip(args[::2], args[1::2], strict=False))
+        name = "model" if eval_ else "method"
+        key = {"preset": flag["--preset"], "topology": flag["--topology"]}
+        key |= {"precision": flag["--precision"], name: flag["--method"]}
+        return lambda: key
+
+    monkeypatch.setattr(plan_table, "isolated", isolated)
+    argv = ["--method", "logitnorm,ce,l2norm", "--topology", "v5e:2x2,v4:2x2x1"]
+    argv += ["--output", str(tmp_path / "t")] + (["--eval"] if eval_ else [])
+    monkeypatch.setattr(tpu_plan.plan_core, "markdown", lambda rows, header, **_: "|\n")
+    if eval_:
+        from benchmarks import tpu_eval_plan
+
+        monkeypatch.setattr(tpu_eval_plan, "markdown", lambda rows, header: "|\n")
+    tpu_plan.main(argv)
+    methods = ["logitnorm", "l2norm"] if eval_ else ["logitnorm", "ce", "l2norm"]
+    expected = [
+        [
+            "--method", m, "--preset", "paper", "--topology", t, "--precision", "bfloat16",
+            *(["--eval"] if eval_ else []),
+        ]
+        for m in methods
+        for t in ("v5e:2x2", "v4:2x2x1")
+    ]  # fmt: skip
+    assert [args for _, args in children] == expected
+    assert {module for module, _ in children} == {"benchmarks.tpu_plan"}
+    # One row: planned in this process, no child.
+    children.clear()
+    monkeypatch.setattr(tpu_plan, "plan", lambda method, *_: {"method": method})
+    if not eval_:
+        one = tpu_plan.main(["--method", "ce", "--topology", "v5e:2x2", "--output", ""])
+        assert children == [] and one[0]["method"] == "ce"
