@@ -49,7 +49,8 @@ def isolated(module: str, args: Sequence[str]) -> Callable[[], dict]:
             if done.returncode == 0:
                 with open(f"{out}.json") as f:
                     return json.load(f)["rows"][0]
-            if done.returncode < 0:
+            if done.returncode < 0:  # its stack trace, for a bug report
+                sys.stderr.write(done.stderr[-4000:])
                 name = signal.Signals(-done.returncode).name
                 raise CompilerCrash(f"the compiler crashed its process ({name})")
             sys.stderr.write(done.stderr[-4000:])
