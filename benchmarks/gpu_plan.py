@@ -184,15 +184,24 @@ def gpu_cost(lowered, compiled, devices: int) -> dict:
     }
 
 
-def plan(method: str, preset: str, gpu: str, count: int, precision: str = "bfloat16") -> dict:
-    """Compiles ``method``'s ``preset`` train and eval steps for ``count`` ``gpu``s."""
-    return plan_core.plan_steps(
-        preset_config(method, preset, precision),
+def plan(
+    method: str,
+    preset: str,
+    gpu: str,
+    count: int,
+    precision: str = "bfloat16",
+    overrides: Sequence[str] = (),
+) -> dict:
+    """Compiles ``method``'s ``preset`` train and eval steps for ``count`` ``gpu``s, with
+    the runner's ``--config.<field>=<value>`` ``overrides``."""
+    row = plan_core.plan_steps(
+        preset_config(method, preset, precision, overrides),
         gpu_slice(gpu, count),
         chips=GPUS,
         cost_fn=functools.partial(gpu_cost, devices=count),
         versions=_versions(),
     )
+    return {**row, "overrides": plan_core.overrides_label(overrides)}
 
 
 def _versions() -> str:
@@ -208,24 +217,32 @@ def _versions() -> str:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     from experiments.configs import methods
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Any --config.<field>=<value> the runner takes changes the planned preset "
+        "the same way.",
+    )
     parser.add_argument("--method", default="ce", help="a method, or several: ce,oe")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--gpu", default="h100", help=f"one or several of {','.join(GPUS)}")
     parser.add_argument("--count", type=int, default=8, help="GPUs on the one host")
     parser.add_argument("--precision", default="bfloat16", help="bfloat16, float32 or both")
     parser.add_argument("--output", default="", help="write (or add to) OUTPUT.md, OUTPUT.json")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    cli.split_overrides(overrides)  # anything but --config.<field>=<value> is refused
     names = {flag: listed(getattr(args, flag)) for flag in ("method", "gpu", "precision")}
     allowed = {"method": methods.METHODS, "gpu": tuple(GPUS), "precision": PRECISIONS}
     plan_core.check_choices(names, allowed, preset=args.preset)
     if args.count < 1:
         raise cli.UsageError(f"--count {args.count}: at least one GPU.")
-    key_fields = ("method", "preset", "topology", "precision")
+    for method in names["method"]:  # a bad override: one line, before any compile
+        preset_config(method, args.preset, names["precision"][0], overrides)
+    key_fields = ("method", "preset", "topology", "precision", "overrides")
+    label = plan_core.overrides_label(overrides)
     jobs = [
         (
-            dict(zip(key_fields, (m, args.preset, f"{g}:{args.count}", p), strict=True)),
-            functools.partial(plan, m, args.preset, g, args.count, p),
+            dict(zip(key_fields, (m, args.preset, f"{g}:{args.count}", p, label), strict=True)),
+            functools.partial(plan, m, args.preset, g, args.count, p, tuple(overrides)),
         )
         for m in names["method"]
         for g in names["gpu"]

@@ -51,17 +51,38 @@ class Slice:
     hbm_per_device: float
 
 
-def preset_config(method: str, preset: str, precision: str):
+def preset_config(method: str, preset: str, precision: str, overrides: Sequence[str] = ()):
     """The resolved config a user's ``--preset`` gives (``finetune`` recipes for OE and
-    energy fine-tuning, as the runner builds them with ``--init_from``)."""
+    energy fine-tuning, as the runner builds them with ``--init_from``), with the
+    runner's ``--config.<field>=<value>`` ``overrides`` applied (a bad one is a
+    :class:`~experiments.cli.UsageError`)."""
     from experiments.configs import methods
-    from experiments.run_config import complete_config, validate_config
+    from experiments.run_config import SCHEMA_FIELDS, complete_config, validate_config
 
     config = methods.get_config(method, preset, finetune=method in ("oe", "energy_ft"))
     config.model.mixed_precision = precision == "bfloat16"
+    if overrides:
+        if any(o.startswith("--config.model.mixed_precision") for o in overrides):
+            raise cli.UsageError(
+                "--config.model.mixed_precision: the plans take --precision "
+                "(bfloat16, float32 or both) instead."
+            )
+        config = cli.apply_overrides(
+            config, overrides, first=SCHEMA_FIELDS, prepare=complete_config
+        )
     complete_config(config)
     validate_config(config)
     return config
+
+
+def overrides_label(overrides: Sequence[str]) -> str:
+    """A row's ``overrides`` field: ``train.batch_size=256 ...`` ("" for the preset)."""
+    return " ".join(o.removeprefix("--config.") for o in overrides)
+
+
+def preset_cell(row: Mapping) -> str:
+    """A table's preset cell: the preset, and the overrides it was planned with."""
+    return row["preset"] + (f" ({row['overrides']})" if row.get("overrides") else "")
 
 
 def check_batch(config, target: Slice) -> int:
@@ -266,7 +287,7 @@ def markdown(rows: Sequence[dict], header: dict, *, title: str) -> str:
     for r in rows:
         if "error" in r:
             lines.append(
-                f"| {r['method']} | {r['preset']} | {r['topology']} | | {r['precision']} | "
+                f"| {r['method']} | {preset_cell(r)} | {r['topology']} | | {r['precision']} | "
                 f"| | | | | | | | | | | **{r['error']}** |"
             )
             continue
@@ -275,7 +296,7 @@ def markdown(rows: Sequence[dict], header: dict, *, title: str) -> str:
             (x for x in r["collectives"] if x["op"] == "all-reduce"), {"count": 0, "bytes": 0}
         )
         lines.append(
-            f"| {r['method']} | {r['preset']} | {r['topology']} "
+            f"| {r['method']} | {preset_cell(r)} | {r['topology']} "
             f"| {r['devices']} ({r['processes']}) "
             f"| {r['precision']} | {r['global_batch']} | {r['compile_s']:.0f} "
             f"| {_memory_cell(r['memory'])} "

@@ -77,8 +77,8 @@ def run_rows(
     A failed job is an error row when there are several (one failure must not end a
     long run); a single one raises (a :class:`PlanError` as a usage error)."""
 
-    def key_of(row: dict) -> tuple:
-        return tuple(row[f] for f in key_fields)
+    def key_of(row: dict) -> tuple:  # a field older rows lack (overrides) is ""
+        return tuple(row.get(f, "") for f in key_fields)
 
     versions = versions or f"jax {jax.__version__}, libtpu {libtpu_version()}"
     wanted = {key_of(fields) for fields, _ in jobs}

@@ -46,7 +46,14 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import plan_table
-from benchmarks.plan_core import abstract, duration, gib, preset_config
+from benchmarks.plan_core import (
+    abstract,
+    duration,
+    gib,
+    overrides_label,
+    preset_cell,
+    preset_config,
+)
 from benchmarks.tpu_plan import tpu_slice
 from benchmarks.tpu_program import (
     PlanError,
@@ -56,9 +63,9 @@ from benchmarks.tpu_program import (
     roofline,
 )
 
-# A row to plan: (method, preset, topology, precision).
-Run = tuple[str, str, str, str]
-KEY = ("model", "preset", "topology", "precision")
+# A row to plan: (method, preset, topology, precision, the runner's config overrides).
+Run = tuple[str, str, str, str, tuple[str, ...]]
+KEY = ("model", "preset", "topology", "precision", "overrides")
 PROGRAMS = ("forward", "odin", "gradnorm", "attack chunk")
 # GradNorm's rows: 10 of its lax.map chunks of chunk_size (1024), no remainder.
 GRADNORM_TRIPS = 10
@@ -75,12 +82,14 @@ def model_label(config) -> str:
 
 def keyed_runs(runs: Sequence[Run]) -> list[tuple[dict, Run]]:
     """One ``(key fields, first run)`` per distinct :data:`KEY` of
-    ``(method, preset, topology, precision)`` runs."""
+    ``(method, preset, topology, precision, overrides)`` runs."""
     found: dict[tuple, tuple[dict, Run]] = {}
     for run in runs:
-        method, preset, topology, precision = run
-        label = model_label(preset_config(method, preset, precision))
-        fields = dict(zip(KEY, (label, preset, topology, precision), strict=True))
+        method, preset, topology, precision, overrides = run
+        label = model_label(preset_config(method, preset, precision, overrides))
+        fields = dict(
+            zip(KEY, (label, preset, topology, precision, overrides_label(overrides)), strict=True)
+        )
         found.setdefault(tuple(fields.values()), (fields, run))
     return list(found.values())
 
@@ -90,14 +99,14 @@ def jobs(runs: Sequence[Run]) -> list[plan_table.Job]:
     return [(fields, functools.partial(plan_eval, *run)) for fields, run in keyed_runs(runs)]
 
 
-def _methods_of(label: str, preset: str, precision: str) -> list[str]:
+def _methods_of(label: str, preset: str, precision: str, overrides: Sequence[str]) -> list[str]:
     from experiments.configs import methods
 
     return [
         m
         for m in methods.METHODS
         if preset in methods.presets_of(m)
-        and model_label(preset_config(m, preset, precision)) == label
+        and model_label(preset_config(m, preset, precision, overrides)) == label
     ]
 
 
@@ -195,13 +204,15 @@ def plan_eval(
     preset: str,
     topology: str,
     precision: str = "bfloat16",
+    overrides: Sequence[str] = (),
     *,
     programs: Sequence[str] = PROGRAMS,
 ) -> dict:
-    """Compiles the evaluation's ``programs`` (all :data:`PROGRAMS`) for ``topology``."""
+    """Compiles the evaluation's ``programs`` (all :data:`PROGRAMS`) for ``topology``,
+    with the runner's ``--config.<field>=<value>`` ``overrides``."""
     from ood_jax import sharding
 
-    config = preset_config(method, preset, precision)
+    config = preset_config(method, preset, precision, overrides)
     tpu = tpu_slice(topology)
     # The evaluation runs in one process, on its host's devices.
     host = [d for d in tpu.devices if d.process_index == 0]
@@ -219,8 +230,10 @@ def plan_eval(
         attack["estimate_s"] = attack["chunk_calls"] * compiled["attack chunk"]["call_s"]
     label = model_label(config)
     return {
-        **dict(zip(KEY, (label, preset, topology, precision), strict=True)),
-        "methods": _methods_of(label, preset, precision),
+        **dict(
+            zip(KEY, (label, preset, topology, precision, overrides_label(overrides)), strict=True)
+        ),
+        "methods": _methods_of(label, preset, precision, overrides),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "versions": f"jax {jax.__version__}, libtpu {plan_table.libtpu_version()}",
         "devices": len(host),
@@ -260,7 +273,7 @@ def markdown(rows: Sequence[dict], header: dict) -> str:
         "|" + "---|" * 15,
     ]
     for r in rows:
-        lead = f"| {r['model']} | {', '.join(r.get('methods', []))} | {r['preset']} "
+        lead = f"| {r['model']} | {', '.join(r.get('methods', []))} | {preset_cell(r)} "
         if "error" in r:
             lines.append(
                 f"{lead}| {r['topology']} | | {r['precision']} | | | | | | | | | **{r['error']}** |"

@@ -3,6 +3,8 @@
     pip install "jax[tpu]==0.10.2"        # or: pip install -e ".[tpu]" (adds libtpu)
     python -m benchmarks.tpu_plan --method logitnorm --preset paper --topology v5e:4x4
     python -m benchmarks.tpu_plan --all --output benchmarks/results/tpu_plan
+    python -m benchmarks.tpu_plan --method l2norm --topology v5e:4x4 \
+        --config.train.batch_size=2048     # the runner's overrides: plan your own run
     python -m benchmarks.tpu_plan --eval --method logitnorm,l2norm \
         --output benchmarks/results/tpu_eval_plan    # the evaluation's functions
 
@@ -84,21 +86,33 @@ def tpu_slice(name: str) -> Slice:
     return Slice(name, chip, devices, len({d.process_index for d in devices}), hbm_per_device)
 
 
-def plan(method: str, preset: str, topology: str, precision: str = "bfloat16") -> dict:
-    """Compiles ``method``'s ``preset`` train and eval steps for ``topology``."""
-    return plan_core.plan_steps(
-        preset_config(method, preset, precision),
+def plan(
+    method: str,
+    preset: str,
+    topology: str,
+    precision: str = "bfloat16",
+    overrides: Sequence[str] = (),
+) -> dict:
+    """Compiles ``method``'s ``preset`` train and eval steps for ``topology``, with the
+    runner's ``--config.<field>=<value>`` ``overrides``."""
+    row = plan_core.plan_steps(
+        preset_config(method, preset, precision, overrides),
         tpu_slice(topology),
         chips=CHIPS,
         cost_fn=lambda lowered, compiled: compiled_cost(compiled),
         versions=f"jax {jax.__version__}, libtpu {plan_table.libtpu_version()}",
     )
+    return {**row, "overrides": plan_core.overrides_label(overrides)}
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     from experiments.configs import methods
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Any --config.<field>=<value> the runner takes (python -m "
+        "experiments.cifar10_<method> --help) changes the planned preset the same way.",
+    )
     parser.add_argument("--method", default="logitnorm", help="a method, or several: ce,oe")
     parser.add_argument("--preset", default="paper")
     parser.add_argument(
@@ -121,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         help="plan every row in this process (default with several rows: one process per "
         "row, so that a compiler crash is an error row, not the end of the table)",
     )
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    cli.split_overrides(overrides)  # anything but --config.<field>=<value> is refused
     names = {
         "method": methods.METHODS if args.all else listed(args.method),
         "topology": TOPOLOGIES if args.all else listed(args.topology),
@@ -130,8 +145,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     preset = "paper" if args.all else args.preset
     allowed = {"method": methods.METHODS, "precision": PRECISIONS}
     plan_core.check_choices(names, allowed, preset=preset)
+    overrides = tuple(overrides)
+    for method in names["method"]:  # a bad override: one line, before any compile
+        preset_config(method, preset, names["precision"][0], overrides)
     runs = [
-        (m, preset, t, p)
+        (m, preset, t, p, overrides)
         for m in names["method"]
         for t in names["topology"]
         for p in names["precision"]
@@ -143,9 +161,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         key_fields, table = tpu_eval_plan.KEY, tpu_eval_plan.markdown
         keyed, plan_here = tpu_eval_plan.keyed_runs(runs), tpu_eval_plan.plan_eval
     else:
-        key_fields = ("method", "preset", "topology", "precision")
+        key_fields = ("method", "preset", "topology", "precision", "overrides")
         table = functools.partial(plan_core.markdown, title=TITLE)
-        keyed = [(dict(zip(key_fields, run, strict=True)), run) for run in runs]
+        keyed = [
+            (dict(zip(key_fields, (*run[:4], plan_core.overrides_label(run[4])), strict=True)), run)
+            for run in runs
+        ]
         plan_here = plan
     # With several rows, each row in a process of its own unless --in_process.
     isolate = len(keyed) > 1 and not args.in_process
@@ -161,10 +182,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     )
 
 
-def _isolated(method: str, preset: str, topology: str, precision: str, *, eval_: bool):
+def _isolated(
+    method: str,
+    preset: str,
+    topology: str,
+    precision: str,
+    overrides: Sequence[str],
+    *,
+    eval_: bool,
+):
     """The plan of one row in a process of its own (:func:`plan_table.isolated`)."""
     args = ["--method", method, "--preset", preset, "--topology", topology]
-    args += ["--precision", precision] + (["--eval"] if eval_ else [])
+    args += ["--precision", precision, *overrides] + (["--eval"] if eval_ else [])
     return plan_table.isolated("benchmarks.tpu_plan", args)
 
 

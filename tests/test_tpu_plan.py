@@ -247,7 +247,7 @@ def test_cpu_preset_odin_and_attack_chunk_compile_for_a_v5e_slice(tmp_path):
 def test_eval_jobs_are_one_per_model_whatever_the_objective():
     from benchmarks import tpu_eval_plan
 
-    runs = [(m, "paper", "v5e:2x2", "bfloat16") for m in ("logitnorm", "ce", "l2norm", "acet")]
+    runs = [(m, "paper", "v5e:2x2", "bfloat16", ()) for m in ("logitnorm", "ce", "l2norm", "acet")]
     models = [fields["model"] for fields, _ in tpu_eval_plan.jobs(runs)]
     # LogitNorm and CE train the same WRN-40-2; L2 a spectral-norm ResNet-18; ACET a plain one.
     assert models == [
@@ -378,11 +378,13 @@ def test_a_compiler_that_kills_its_process_is_an_error_row_and_the_table_goes_on
 
 @pytest.mark.parametrize("eval_", [False, True])
 def test_several_rows_each_get_a_process_with_their_own_arguments(tmp_path, monkeypatch, eval_):
-    # main hands plan_table.isolated each row's own command line (one per model for
-    # --eval: LogitNorm and CE share WRN-40-2); one row, or --in_process, stays here.
+    # main hands plan_table.isolated each row's own command line, the runner's config
+    # overrides included (one per model for --eval: LogitNorm and CE share WRN-40-2);
+    # one row, or --in_process, stays here.
     from benchmarks import plan_table, tpu_plan
 
     children = []
+    override = "--config.train.batch_size=256"
 
     def isolated(module, args):
         children.append((module, args))
@@ -390,31 +392,62 @@ def test_several_rows_each_get_a_process_with_their_own_arguments(tmp_path, monk
         name = "model" if eval_ else "method"
         key = {"preset": flag["--preset"], "topology": flag["--topology"]}
         key |= {"precision": flag["--precision"], name: flag["--method"]}
-        return lambda: key
+        return lambda: {**key, "overrides": "train.batch_size=256" if override in args else ""}
 
     monkeypatch.setattr(plan_table, "isolated", isolated)
-    argv = ["--method", "logitnorm,ce,l2norm", "--topology", "v5e:2x2,v4:2x2x1"]
+    argv = ["--method", "logitnorm,ce,l2norm", "--topology", "v5e:2x2,v4:2x2x1", override]
     argv += ["--output", str(tmp_path / "t")] + (["--eval"] if eval_ else [])
     monkeypatch.setattr(tpu_plan.plan_core, "markdown", lambda rows, header, **_: "|\n")
     if eval_:
         from benchmarks import tpu_eval_plan
 
         monkeypatch.setattr(tpu_eval_plan, "markdown", lambda rows, header: "|\n")
-    tpu_plan.main(argv)
+    rows = tpu_plan.main(argv)
     methods = ["logitnorm", "l2norm"] if eval_ else ["logitnorm", "ce", "l2norm"]
     expected = [
         [
             "--method", m, "--preset", "paper", "--topology", t, "--precision", "bfloat16",
-            *(["--eval"] if eval_ else []),
+            override, *(["--eval"] if eval_ else []),
         ]
         for m in methods
         for t in ("v5e:2x2", "v4:2x2x1")
     ]  # fmt: skip
     assert [args for _, args in children] == expected
     assert {module for module, _ in children} == {"benchmarks.tpu_plan"}
+    assert {r["overrides"] for r in rows} == {"train.batch_size=256"}
     # One row: planned in this process, no child.
     children.clear()
     monkeypatch.setattr(tpu_plan, "plan", lambda method, *_: {"method": method})
     if not eval_:
         one = tpu_plan.main(["--method", "ce", "--topology", "v5e:2x2", "--output", ""])
         assert children == [] and one[0]["method"] == "ce"
+
+
+def test_a_planned_run_takes_the_runners_overrides_and_refuses_bad_ones():
+    from benchmarks import plan_core
+    from experiments import cli
+
+    config = plan_core.preset_config(
+        "l2norm", "paper", "float32", ["--config.train.batch_size=256", "--config.optim.lr=0.2"]
+    )
+    assert (config.train.batch_size, config.optim.lr, config.model.mixed_precision) == (
+        256,
+        0.2,
+        False,
+    )
+    assert plan_core.preset_cell({"preset": "paper", "overrides": "train.batch_size=256"}) == (
+        "paper (train.batch_size=256)"
+    )
+    for bad, says in [
+        ("--config.train.no_such_field=1", "unknown config field"),
+        ("--config.model.mixed_precision=true", "--precision"),
+    ]:
+        with pytest.raises(cli.UsageError, match=says):
+            plan_core.preset_config("ce", "paper", "bfloat16", [bad])
+    # On the command line, before any compile (no TPU compiler is loaded for these).
+    from benchmarks import tpu_plan
+
+    with pytest.raises(cli.UsageError, match="unrecognized argument '--batch=3'"):
+        tpu_plan.main(["--method", "ce", "--batch=3"])
+    with pytest.raises(cli.UsageError, match="unknown config field"):
+        tpu_plan.main(["--method", "ce,oe", "--config.train.batchsize=3"])
