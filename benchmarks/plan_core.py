@@ -22,6 +22,7 @@ from benchmarks import plan_table
 from benchmarks.tpu_program import (
     PlanError,
     bn_channels,
+    check_lowered,
     check_program,
     collectives,
     compiled_memory,
@@ -151,15 +152,28 @@ def batch_spec(size: int, sharding, *, labels: bool = True) -> dict:
     return spec
 
 
-def plan_steps(
-    config, target: Slice, *, chips: Mapping[str, dict], cost_fn: CostFn, versions: str
-) -> dict:
-    """Compiles the runner's train and eval step of ``config`` for ``target``'s devices.
+@dataclasses.dataclass(frozen=True)
+class RunSteps:
+    """What :func:`lower_train_step` built: the runner's state, mesh, optimizer and
+    eval step, the batch each process reads, and the facts checked on the lowered step."""
 
-    ``chips[target.chip]``: the device's published ``peak_flops`` and ``hbm_bw`` (the
-    roofline); ``cost_fn``: how FLOPs and bytes per device are read from a compiled step.
-    Returns the plan's row (what :func:`markdown` reads)."""
-    from experiments.run_config import eval_batch_size
+    state: Any
+    mesh: Any
+    optimizer: Any
+    eval_step: Any
+    per_process: int
+    checks: dict
+
+
+def lower_train_step(config, target: Slice):
+    """``(lowered, RunSteps)``: the runner's train step of ``config`` lowered for
+    ``target``'s devices (state replicated and donated, batch split over ``data``,
+    the objective's outlier batch beside it), not yet compiled.
+
+    What can be checked before the compile is (a :class:`PlanError` names what is
+    wrong): the batch divides over the devices, every host's devices hold the batch
+    that host reads, the lowered step's state is replicated and donated and its
+    batch split over ``data``."""
     from experiments.steps import make_run_optimizer, make_run_steps
     from experiments.workdir import model_identity
     from ood_jax import sharding
@@ -178,13 +192,34 @@ def plan_steps(
     data = sharding.batch_sharding(mesh)
     outliers = get_objective(config.objective.name).uses_outliers
     aux = batch_spec(batch * config.data.outliers.ratio, data, labels=False) if outliers else None
-    name = f"{config.method}/{config.preset} on {target.name}"
-    start = time.perf_counter()
     lowered = train_step.jitted.lower(state_abs, batch_spec(batch, data), aux)
+    name = f"{config.method}/{config.preset} on {target.name}"
+    checks = check_lowered(lowered, state, name=name)
+    checks["process_rows"] = check_process_rows(mesh, batch, per_process, name=name)
+    return lowered, RunSteps(state, mesh, optimizer, eval_step, per_process, checks)
+
+
+def plan_steps(
+    config, target: Slice, *, chips: Mapping[str, dict], cost_fn: CostFn, versions: str
+) -> dict:
+    """Compiles the runner's train and eval step of ``config`` for ``target``'s devices.
+
+    ``chips[target.chip]``: the device's published ``peak_flops`` and ``hbm_bw`` (the
+    roofline); ``cost_fn``: how FLOPs and bytes per device are read from a compiled step.
+    Returns the plan's row (what :func:`markdown` reads)."""
+    from experiments.run_config import eval_batch_size
+    from ood_jax import sharding
+
+    start = time.perf_counter()
+    lowered, steps = lower_train_step(config, target)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    state, mesh, optimizer, eval_step = steps.state, steps.mesh, steps.optimizer, steps.eval_step
+    state_abs, data = abstract(state, sharding.replicated(mesh)), sharding.batch_sharding(mesh)
+    batch, per_process = config.train.batch_size, steps.per_process
+    name = f"{config.method}/{config.preset} on {target.name}"
     checks = check_program(compiled, state, bn_channels=bn_channels(state.batch_stats), name=name)
-    checks["process_rows"] = check_process_rows(mesh, batch, per_process, name=name)
+    checks["process_rows"] = steps.checks["process_rows"]
     memory, cost = compiled_memory(compiled), cost_fn(lowered, compiled)
     check_fits(memory, target.hbm_per_device, name=name)
     eval_batch = eval_batch_size(config, mesh)  # the runner's one rounding to the devices

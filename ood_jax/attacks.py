@@ -23,12 +23,36 @@ device from the batch and the step key) as well as in the evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The platform a step is being traced for (compile_train_step sets it from its mesh),
+# when it is not jax.default_backend(): a TPU program compiled on a CPU machine.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "ood_jax_target_platform", default=None
+)
+
+
+@contextlib.contextmanager
+def tracing_for(platform: str) -> Iterator[None]:
+    """Inside it, attacks traced are built for ``platform`` ("cpu", "tpu", "gpu")
+    rather than for ``jax.default_backend()``: their ``unroll`` default follows it."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def _default_unroll() -> bool:
+    return (_TARGET_PLATFORM.get() or jax.default_backend()) == "cpu"
+
 
 LOWPASS_RADIUS = 7  # the kernel is (2 * 7 + 1)^2 = 15 x 15
 LOWPASS_SIGMA = (1.0, 2.5)
@@ -194,7 +218,7 @@ def pgd_advance(
 
     carry = (state.x, state.best, state.best_conf)
     if unroll is None:
-        unroll = jax.default_backend() == "cpu"
+        unroll = _default_unroll()
     if unroll:  # what fori_loop(..., unroll=True) means, also for a single step
         for i in range(steps):
             carry = body(i, carry)
@@ -248,9 +272,11 @@ def pgd_confidence(
       steps: number of steps (``jax.lax.fori_loop``); 0 returns the start.
       step_size: default ``eps / steps``.
       random_start: start from a random point of the ball instead of ``x_0``.
-      unroll: unroll the ``fori_loop`` (default: on the CPU backend only, where XLA
-        runs convolutions inside a rolled loop about 3x slower: 1.0 s against
-        0.31 s per step for ResNet-9 at batch 128, benchmarks/results/acet_cost.md).
+      unroll: unroll the ``fori_loop`` (default: only when compiled for CPU, the
+        platform set by :func:`tracing_for` (the train step's mesh) or else the
+        default backend; XLA on CPU runs convolutions inside a rolled loop about 3x
+        slower: 1.0 s against 0.31 s per step for ResNet-9 at batch 128,
+        benchmarks/results/acet_cost.md).
         Unrolling costs compile time (a few seconds per step) and memory: every
         step's buffers stay allocated (about 1.2 MB per image per step for ResNet-9
         width 16). A long attack on CPU is better run in chunks of steps, each its

@@ -97,6 +97,27 @@ def test_pgd_jits_and_zero_steps_returns_the_start():
     np.testing.assert_array_equal(np.asarray(run(x0, jax.random.key(0))), np.asarray(x0))
 
 
+def test_the_attack_is_a_loop_when_traced_for_an_accelerator_and_unrolled_for_cpu():
+    # What matters for a TPU program compiled on a CPU host: the step's mesh decides
+    # (attacks.tracing_for), not this process's default backend.
+    w, b = _linear()
+    x0 = jnp.asarray(_images(2), jnp.float32)
+    apply = lambda x: x.reshape(x.shape[0], -1) @ jnp.asarray(w, jnp.float32) + b
+
+    def loops(**kwargs):
+        attack = lambda x, k: attacks.pgd_confidence(apply, x, k, steps=5, **kwargs)
+        jaxpr = str(jax.make_jaxpr(attack)(x0, jax.random.key(0)))
+        return jaxpr.count("while[") + jaxpr.count("scan[")  # fori_loop is either
+
+    assert jax.default_backend() == "cpu" and loops() == 0
+    with attacks.tracing_for("tpu"):
+        assert loops() == 1
+        assert loops(unroll=True) == 0  # an explicit choice wins
+    with attacks.tracing_for("cpu"):
+        assert loops() == 0
+    assert loops() == 0  # the context is left as it was
+
+
 def test_permutation_keeps_each_images_pixel_multiset():
     x = jnp.asarray(_images(5, seed=4), jnp.float32)
     p = np.asarray(attacks.permute_pixels(x, jax.random.key(0)))

@@ -11,6 +11,7 @@ v5e-16 slice's hosts are checked to hold a quarter of the batch each.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,14 @@ def test_per_process_batch_on_a_multi_host_slice():
 
 
 def _compiled_step(state_sharded: bool):
-    """The runner's own cpu-preset CE step compiled for the 8 CPU devices; with
-    ``state_sharded`` the state's first axis is split over ``data`` where it divides."""
+    lowered, state = _lowered_step(state_sharded)
+    return lowered.compile(), state
+
+
+def _lowered_step(state_sharded: bool, donate: bool = True):
+    """The runner's own smoke-preset CE step lowered for the 8 CPU devices; with
+    ``state_sharded`` the state's first axis is split over ``data`` where it divides;
+    without ``donate``, a copy of the step that does not donate the state."""
     from experiments.steps import make_run_optimizer, make_run_steps
     from experiments.workdir import model_identity
     from ood_jax.models import build_model
@@ -104,15 +111,84 @@ def _compiled_step(state_sharded: bool):
         "label": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=data),
         "mask": jax.ShapeDtypeStruct((16,), jnp.bool_, sharding=data),
     }
-    if state_sharded:
+    if state_sharded or not donate:
         # The runner's jit pins the state replicated; a broken step shards it.
         jitted = jax.jit(
             train_step.jitted.__wrapped__,
             in_shardings=(jax.tree.map(lambda s: s.sharding, state_abs), data, data),
-            donate_argnums=0,
+            donate_argnums=0 if donate else (),
         )
-        return jitted.lower(state_abs, batch, None).compile(), state
-    return train_step.jitted.lower(state_abs, batch, None).compile(), state
+        return jitted.lower(state_abs, batch, None), state
+    return train_step.jitted.lower(state_abs, batch, None), state
+
+
+class _FakeCompiled:
+    """What check_program reads of a compiled step: shardings, HLO text, memory."""
+
+    def __init__(self, hlo, state):
+        self._hlo, self._state = hlo, state
+
+    @property
+    def input_shardings(self):
+        mesh = sharding.make_mesh()
+        rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        return (jax.tree.map(lambda _: rep, self._state), {"image": data}, None), {}
+
+    def as_text(self):
+        return self._hlo
+
+    def memory_analysis(self):
+        class Memory:
+            alias_size_in_bytes = 10**9
+
+        return Memory()
+
+
+def test_batchnorm_statistics_must_be_all_reduced_beyond_the_gradients():
+    # A conv kernel [3,3,16,16] and a BatchNorm of 16 channels (scale, bias): 2,336
+    # parameters. Its gradients alone are not enough; the forward pass's per-channel
+    # mean and mean of squares (2 x 16 elements) are.
+    params = {"conv": np.zeros((3, 3, 16, 16)), "bn": {"scale": np.zeros(16), "bias": np.zeros(16)}}
+
+    class State:
+        pass
+
+    state = State()
+    state.params = params
+    grads = "  %all-reduce.1 = (f32[3,3,16,16]{3,2,1,0}, f32[16]{0}, f32[16]{0}) all-reduce(%g)\n"
+    stats = "  %all-reduce.2 = (f32[16]{0}, f32[16]{0}) all-reduce(%s)\n"
+    with pytest.raises(tpu_program.PlanError, match="BatchNorm statistics are not reduced"):
+        tpu_program.check_program(_FakeCompiled(grads, params), state, bn_channels=16, name="x")
+    facts = tpu_program.check_program(
+        _FakeCompiled(grads + stats, params), state, bn_channels=16, name="x"
+    )
+    assert (facts["params"], facts["all_reduced_elements"]) == (2304 + 32, 2304 + 32 + 32)
+
+
+def test_the_lowered_step_is_checked_before_any_compile():
+    lowered, state = _lowered_step(state_sharded=False)
+    facts = tpu_program.check_lowered(lowered, state, name="ce/smoke")
+    # image, label, mask; no outliers for CE.
+    assert facts == {"state_leaves": len(jax.tree.leaves(state)), "batch_leaves": 3}
+    for broken, says in [
+        (_lowered_step(state_sharded=True), "a train state leaf is split as [['data']"),
+        (_lowered_step(state_sharded=False, donate=False), "is not donated"),
+    ]:
+        with pytest.raises(tpu_program.PlanError, match=re.escape(says)) as err:
+            tpu_program.check_lowered(*broken, name="broken")
+        assert "\n" not in str(err.value)
+
+
+def test_lowered_arguments_are_read_by_hand():
+    text = """
+  func.func public @main(%arg0: tensor<i32> {sdy.sharding = #sdy.sharding<@mesh, []>,
+      tf.aliasing_output = 0 : i32}, %arg1: tensor<16x3xf32> {sdy.sharding =
+      #sdy.sharding<@mesh, [{"data"}, {}]>}) -> (tensor<i32>) {
+"""
+    assert tpu_program.lowered_arguments(text) == [
+        {"dims": [], "aliased": True},
+        {"dims": [["data"], []], "aliased": False},
+    ]
 
 
 def test_the_runners_step_keeps_the_designs_promises_on_8_devices():
@@ -175,6 +251,47 @@ def test_cpu_preset_compiles_for_a_v5e_slice_with_the_tpu_compiler(tmp_path):
     assert row["cost"]["flops"] > 1e9 and row["eval"]["cost"]["flops"] > 1e9
     assert row["estimate"]["images_per_s"] > 0
     assert "| ce | cpu | v5e:2x2 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_every_paper_presets_train_step_lowers_for_v5e_slices(tmp_path):
+    # Compiling a paper preset takes 1-4 minutes (benchmarks/results/tpu_plan.md), too
+    # long for every CI run; lowering it for the TPU slice is a few seconds: every
+    # method's real step and config, checked before XLA's compile (state replicated and
+    # donated, batch and outliers over 'data', each v5e-16 host holding its quarter).
+    # CI compiles the cpu preset's step for TPU (above); the paper presets' compiled
+    # programs are in the committed table.
+    out = tmp_path / "lowered.json"
+    script = (
+        "import json, sys\n"
+        "from benchmarks import plan_core, tpu_plan\n"
+        "from experiments.configs import methods\n"
+        "found = {}\n"
+        "for topology in ('v5e:2x2', 'v5e:4x4'):\n"
+        "    target = tpu_plan.tpu_slice(topology)\n"
+        "    for m in methods.METHODS:\n"
+        "        config = plan_core.preset_config(m, 'paper', 'bfloat16')\n"
+        "        lowered, steps = plan_core.lower_train_step(config, target)\n"
+        "        loops = lowered.as_text().count('stablehlo.while')\n"
+        "        found[f'{m} {topology}'] = [config.model.name, config.train.batch_size,\n"
+        "                                    steps.checks, loops]\n"
+        "open(sys.argv[1], 'w').write(json.dumps(found))\n"
+    )
+    _run_with_libtpu("-c", script, str(out))
+    found = json.loads(out.read_text())
+    models = {"logitnorm": "wrn40_2", "ce": "wrn40_2", "oe": "wrn40_2", "energy_ft": "wrn40_2"}
+    models |= {"ceda": "resnet18", "acet": "resnet18", "l2norm": "resnet18"}
+    for method, model in models.items():
+        for topology, hosts in (("v5e:2x2", 1), ("v5e:4x4", 4)):
+            name, batch, checks, loops = found[f"{method} {topology}"]
+            assert name == model, method
+            # ACET's 40-step attack is a loop on TPU, as the runner builds it there, though
+            # this process's default backend is the CPU (it would unroll it there).
+            assert (loops > 0) == (method == "acet"), (method, loops)
+            # image, label, mask; the outlier methods add their outlier images.
+            assert checks["batch_leaves"] == (4 if method in ("oe", "energy_ft") else 3), method
+            assert checks["state_leaves"] > 100
+            assert checks["process_rows"] == {str(h): batch // hosts for h in range(hosts)}
 
 
 def test_bn_channels_count_running_means_only():

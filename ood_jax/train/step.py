@@ -11,6 +11,7 @@ the same function.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +21,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from ood_jax import attacks, sharding
 from ood_jax import rng as rng_lib
-from ood_jax import sharding
 from ood_jax.train.objectives import Loss
 from ood_jax.train.state import ModelDef, TrainState
 
@@ -174,8 +175,17 @@ def compile_train_step(step: StepFn, mesh: Mesh) -> StepFn:
     """
     rep = sharding.replicated(mesh)
     data = sharding.batch_sharding(mesh)
+    platform = mesh.devices.flat[0].platform
+
+    @functools.wraps(step)
+    def traced(state: TrainState, batch: Batch, aux_batch: Batch | None):
+        # An attack inside the step (ACET) is a loop on TPU/GPU, unrolled on CPU: for
+        # the mesh's devices, also when they are compile-only TPU devices on a CPU host.
+        with attacks.tracing_for(platform):
+            return step(state, batch, aux_batch)
+
     jitted = jax.jit(
-        step,
+        traced,
         in_shardings=(rep, data, data),
         out_shardings=(rep, rep),
         donate_argnums=0,
