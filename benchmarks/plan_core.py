@@ -9,6 +9,7 @@ the design's checks, the memory against the device's, and a roofline estimate.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -199,6 +200,35 @@ def lower_train_step(config, target: Slice):
     return lowered, RunSteps(state, mesh, optimizer, eval_step, per_process, checks)
 
 
+def attack_loop_cost(config, target: Slice, cost_fn: CostFn, counted_once: dict) -> dict | None:
+    """The cost of a step whose attack is a loop (ACET's ``attack_steps`` PGD steps on
+    TPU/GPU), or None for a step without one.
+
+    XLA's cost analysis counts a loop body once, so the compiled step's
+    ``counted_once`` cost is one attack step plus the rest. One attack step's cost
+    (``body``) is the difference of two unrolled copies of the step, with a 2-step and
+    a 1-step attack; the step's cost is ``counted_once + (trips - 1) * body``."""
+    from ood_jax import attacks
+
+    trips = int(config.objective.hparams.get("attack_steps", 0))
+    if trips < 2 or target.devices[0].platform == "cpu":  # no loop: unrolled on CPU
+        return None
+    unrolled = {}
+    for steps in (1, 2):
+        short = copy.deepcopy(config)
+        short.objective.hparams.attack_steps = steps
+        with attacks.unrolling():
+            lowered, _ = lower_train_step(short, target)
+            unrolled[steps] = cost_fn(lowered, lowered.compile())
+    body = {k: unrolled[2][k] - unrolled[1][k] for k in counted_once}
+    return {
+        "trips": trips,
+        "counted_once": counted_once,
+        "body": body,
+        "cost": {k: counted_once[k] + (trips - 1) * body[k] for k in counted_once},
+    }
+
+
 def plan_steps(
     config, target: Slice, *, chips: Mapping[str, dict], cost_fn: CostFn, versions: str
 ) -> dict:
@@ -222,6 +252,9 @@ def plan_steps(
     checks["process_rows"] = steps.checks["process_rows"]
     memory, cost = compiled_memory(compiled), cost_fn(lowered, compiled)
     check_fits(memory, target.hbm_per_device, name=name)
+    loop = attack_loop_cost(config, target, cost_fn, cost)
+    if loop is not None:
+        cost = loop["cost"]
     eval_batch = eval_batch_size(config, mesh)  # the runner's one rounding to the devices
     eval_lowered = eval_step.lower(state_abs, batch_spec(eval_batch, data))
     eval_compiled = eval_lowered.compile()
@@ -245,6 +278,7 @@ def plan_steps(
         "cost": cost,
         "collectives": collectives(compiled.as_text()),
         "checks": checks,
+        "attack_loop": loop,
         "eval": {
             "batch": eval_batch,
             "memory": compiled_memory(eval_compiled),

@@ -50,7 +50,26 @@ def tracing_for(platform: str) -> Iterator[None]:
         _TARGET_PLATFORM.reset(token)
 
 
+_FORCE_UNROLL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ood_jax_force_unroll", default=False
+)
+
+
+@contextlib.contextmanager
+def unrolling() -> Iterator[None]:
+    """Inside it, attacks traced with the default ``unroll`` are unrolled whatever the
+    platform: XLA's cost analysis counts a loop body once, so a planner counts an
+    attack's steps on an unrolled copy (``benchmarks.plan_core``)."""
+    token = _FORCE_UNROLL.set(True)
+    try:
+        yield
+    finally:
+        _FORCE_UNROLL.reset(token)
+
+
 def _default_unroll() -> bool:
+    if _FORCE_UNROLL.get():
+        return True
     return (_TARGET_PLATFORM.get() or jax.default_backend()) == "cpu"
 
 
