@@ -345,8 +345,17 @@ def markdown(rows: Sequence[dict], header: dict, *, title: str) -> str:
         "(1-4 min for a paper preset when idle; rows built beside another job at nice 19 "
         "took up to 40 min): a cost of planning, not of the run."
     )
+    notes = [note]
+    if any(r.get("attack_loop") for r in rows):
+        notes.append(
+            "ACET: its training attack is a loop on TPU/GPU (as the runner builds it there) "
+            "and XLA's cost analysis counts a loop body once, so GFLOP and GB add the other "
+            "attack_steps - 1 trips, each costed as the difference of the step compiled "
+            "with a 2-step and a 1-step attack, unrolled (the row's attack_loop in the JSON); "
+            "memory is the loop program's."
+        )
     lines = [
-        *plan_table.heading(title, header, [note]),
+        *plan_table.heading(title, header, notes),
         "| method | preset | topology | devices (hosts) | precision | batch | compile s "
         "| args / temp / peak / XLA peak GiB | HBM GiB | GFLOP | GB accessed "
         "| all-reduce (ops, MB) | est. step | est. images/s | est. epoch | est. run "
