@@ -236,6 +236,13 @@ def _run_with_libtpu(*args: str) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+def _json_with_libtpu(script: str, tmp_path) -> object:
+    """What ``script`` (run with libtpu, its output path as ``sys.argv[1]``) wrote as JSON."""
+    out = tmp_path / "out.json"
+    _run_with_libtpu("-c", script, str(out))
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_cpu_preset_compiles_for_a_v5e_slice_with_the_tpu_compiler(tmp_path):
     out = tmp_path / "plan"
@@ -261,7 +268,6 @@ def test_every_paper_presets_train_step_lowers_for_v5e_slices(tmp_path):
     # donated, batch and outliers over 'data', each v5e-16 host holding its quarter).
     # CI compiles the cpu preset's step for TPU (above); the paper presets' compiled
     # programs are in the committed table.
-    out = tmp_path / "lowered.json"
     script = (
         "import json, sys\n"
         "from benchmarks import plan_core, tpu_plan\n"
@@ -277,8 +283,7 @@ def test_every_paper_presets_train_step_lowers_for_v5e_slices(tmp_path):
         "                                    steps.checks, loops]\n"
         "open(sys.argv[1], 'w').write(json.dumps(found))\n"
     )
-    _run_with_libtpu("-c", script, str(out))
-    found = json.loads(out.read_text())
+    found = _json_with_libtpu(script, tmp_path)
     models = {"logitnorm": "wrn40_2", "ce": "wrn40_2", "oe": "wrn40_2", "energy_ft": "wrn40_2"}
     models |= {"ceda": "resnet18", "acet": "resnet18", "l2norm": "resnet18"}
     for method, model in models.items():
@@ -299,7 +304,6 @@ def test_a_loop_attacks_cost_is_counted_for_every_step(tmp_path):
     # XLA counts a loop body once: the planner adds the other steps, each costed as
     # the difference of 2-step and 1-step unrolled copies. Checked against the whole
     # attack unrolled (smoke preset's tiny model, a 4-step attack, v5e:2x2).
-    out = tmp_path / "cost.json"
     script = (
         "import json, sys\n"
         "from benchmarks import plan_core, tpu_plan, tpu_program\n"
@@ -314,8 +318,7 @@ def test_a_loop_attacks_cost_is_counted_for_every_step(tmp_path):
         "    unrolled = cost(plan_core.lower_train_step(config, target)[0])\n"
         "open(sys.argv[1], 'w').write(json.dumps([loop, planned, unrolled]))\n"
     )
-    _run_with_libtpu("-c", script, str(out))
-    loop, planned, unrolled = json.loads(out.read_text())
+    loop, planned, unrolled = _json_with_libtpu(script, tmp_path)
     assert planned["trips"] == 4
     assert loop["flops"] < 0.8 * unrolled["flops"]  # the loop's body counted once
     assert planned["cost"]["flops"] == pytest.approx(unrolled["flops"], rel=0.02)
@@ -343,7 +346,6 @@ def test_process_rows_of_one_process_are_the_whole_batch():
 
 @pytest.mark.slow
 def test_each_host_of_a_v5e_4x4_slice_holds_a_quarter_of_the_batch(tmp_path):
-    out = tmp_path / "rows.json"
     script = (
         "import json, sys; from benchmarks import plan_core, tpu_plan\n"
         "from ood_jax import sharding\n"
@@ -352,8 +354,7 @@ def test_each_host_of_a_v5e_4x4_slice_holds_a_quarter_of_the_batch(tmp_path):
         "rows = plan_core.check_process_rows(mesh, 1024, 256, name='v5e:4x4')\n"
         "open(sys.argv[1], 'w').write(json.dumps([tpu.processes, rows]))\n"
     )
-    _run_with_libtpu("-c", script, str(out))
-    processes, rows = json.loads(out.read_text())
+    processes, rows = _json_with_libtpu(script, tmp_path)
     # 16 chips, 4 hosts of 4: each host reads 1024 / 4 rows.
     assert processes == 4
     assert rows == {"0": 256, "1": 256, "2": 256, "3": 256}
@@ -361,15 +362,13 @@ def test_each_host_of_a_v5e_4x4_slice_holds_a_quarter_of_the_batch(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_preset_odin_and_attack_chunk_compile_for_a_v5e_slice(tmp_path):
-    out = tmp_path / "eval.json"
     script = (
         "import json, sys; from benchmarks import tpu_eval_plan\n"
         "row = tpu_eval_plan.plan_eval('ce', 'cpu', 'v5e:2x2', 'bfloat16',\n"
         "                              programs=('odin', 'attack chunk'))\n"
         "open(sys.argv[1], 'w').write(json.dumps(row, default=str))\n"
     )
-    _run_with_libtpu("-c", script, str(out))
-    row = json.loads(out.read_text())
+    row = _json_with_libtpu(script, tmp_path)
     assert row["model"] == "resnet9(pooling=max, width=16)" and row["devices"] == 4
     assert set(row["programs"]) == {"odin", "attack chunk"}
     odin, chunk = row["programs"]["odin"], row["programs"]["attack chunk"]
