@@ -194,14 +194,16 @@ def plan(
 ) -> dict:
     """Compiles ``method``'s ``preset`` train and eval steps for ``count`` ``gpu``s, with
     the runner's ``--config.<field>=<value>`` ``overrides``."""
-    row = plan_core.plan_steps(
-        preset_config(method, preset, precision, overrides),
+    return plan_core.plan_preset(
+        method,
+        preset,
+        precision,
+        overrides,
         gpu_slice(gpu, count),
         chips=GPUS,
         cost_fn=functools.partial(gpu_cost, devices=count),
         versions=_versions(),
     )
-    return {**row, "overrides": plan_core.overrides_label(overrides)}
 
 
 def _versions() -> str:

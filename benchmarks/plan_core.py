@@ -295,6 +295,20 @@ def plan_steps(
     }
 
 
+def plan_preset(
+    method: str,
+    preset: str,
+    precision: str,
+    overrides: Sequence[str],
+    target: Slice,
+    **kwargs: Any,
+) -> dict:
+    """:func:`plan_steps` of ``method``'s ``preset`` with the runner's ``overrides``;
+    the row names the overrides it was planned with."""
+    row = plan_steps(preset_config(method, preset, precision, overrides), target, **kwargs)
+    return {**row, "overrides": overrides_label(overrides)}
+
+
 def listed(text: str) -> list[str]:
     """The values of a comma-separated flag (``ce,oe``)."""
     return [t for t in (s.strip() for s in text.split(",")) if t]

@@ -86,12 +86,17 @@ def keyed_runs(runs: Sequence[Run]) -> list[tuple[dict, Run]]:
     found: dict[tuple, tuple[dict, Run]] = {}
     for run in runs:
         method, preset, topology, precision, overrides = run
-        label = model_label(preset_config(method, preset, precision, overrides))
-        fields = dict(
-            zip(KEY, (label, preset, topology, precision, overrides_label(overrides)), strict=True)
-        )
+        fields = _key(preset_config(method, preset, precision, overrides), *run[1:])
         found.setdefault(tuple(fields.values()), (fields, run))
     return list(found.values())
+
+
+def _key(config, preset: str, topology: str, precision: str, overrides: Sequence[str]) -> dict:
+    """A row's :data:`KEY` fields: the model ``config`` builds, and how it was planned."""
+    label = model_label(config)
+    return dict(
+        zip(KEY, (label, preset, topology, precision, overrides_label(overrides)), strict=True)
+    )
 
 
 def jobs(runs: Sequence[Run]) -> list[plan_table.Job]:
@@ -228,12 +233,10 @@ def plan_eval(
             compiled[name]["batch_axis"] = _check_sharded(program, f"{name} of {method}/{preset}")
     if "attack chunk" in compiled:
         attack["estimate_s"] = attack["chunk_calls"] * compiled["attack chunk"]["call_s"]
-    label = model_label(config)
+    key = _key(config, preset, topology, precision, overrides)
     return {
-        **dict(
-            zip(KEY, (label, preset, topology, precision, overrides_label(overrides)), strict=True)
-        ),
-        "methods": _methods_of(label, preset, precision, overrides),
+        **key,
+        "methods": _methods_of(key["model"], preset, precision, overrides),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "versions": f"jax {jax.__version__}, libtpu {plan_table.libtpu_version()}",
         "devices": len(host),

@@ -95,14 +95,16 @@ def plan(
 ) -> dict:
     """Compiles ``method``'s ``preset`` train and eval steps for ``topology``, with the
     runner's ``--config.<field>=<value>`` ``overrides``."""
-    row = plan_core.plan_steps(
-        preset_config(method, preset, precision, overrides),
+    return plan_core.plan_preset(
+        method,
+        preset,
+        precision,
+        overrides,
         tpu_slice(topology),
         chips=CHIPS,
         cost_fn=lambda lowered, compiled: compiled_cost(compiled),
         versions=f"jax {jax.__version__}, libtpu {plan_table.libtpu_version()}",
     )
-    return {**row, "overrides": plan_core.overrides_label(overrides)}
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

@@ -37,34 +37,32 @@ import numpy as np
 _TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "ood_jax_target_platform", default=None
 )
-
-
-@contextlib.contextmanager
-def tracing_for(platform: str) -> Iterator[None]:
-    """Inside it, attacks traced are built for ``platform`` ("cpu", "tpu", "gpu")
-    rather than for ``jax.default_backend()``: their ``unroll`` default follows it."""
-    token = _TARGET_PLATFORM.set(platform)
-    try:
-        yield
-    finally:
-        _TARGET_PLATFORM.reset(token)
-
-
+# Unroll whatever the platform (a planner's unrolled copy of a step).
 _FORCE_UNROLL: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "ood_jax_force_unroll", default=False
 )
 
 
 @contextlib.contextmanager
-def unrolling() -> Iterator[None]:
-    """Inside it, attacks traced with the default ``unroll`` are unrolled whatever the
-    platform: XLA's cost analysis counts a loop body once, so a planner counts an
-    attack's steps on an unrolled copy (``benchmarks.plan_core``)."""
-    token = _FORCE_UNROLL.set(True)
+def _setting(var: contextvars.ContextVar, value) -> Iterator[None]:
+    token = var.set(value)
     try:
         yield
     finally:
-        _FORCE_UNROLL.reset(token)
+        var.reset(token)
+
+
+def tracing_for(platform: str) -> contextlib.AbstractContextManager[None]:
+    """Inside it, attacks traced are built for ``platform`` ("cpu", "tpu", "gpu")
+    rather than for ``jax.default_backend()``: their ``unroll`` default follows it."""
+    return _setting(_TARGET_PLATFORM, platform)
+
+
+def unrolling() -> contextlib.AbstractContextManager[None]:
+    """Inside it, attacks traced with the default ``unroll`` are unrolled whatever the
+    platform: XLA's cost analysis counts a loop body once, so a planner counts an
+    attack's steps on an unrolled copy (``benchmarks.plan_core``)."""
+    return _setting(_FORCE_UNROLL, True)
 
 
 def _default_unroll() -> bool:

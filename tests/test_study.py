@@ -336,3 +336,14 @@ def test_study_scores_flag_names_an_unknown_score_in_one_line(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "unknown score(s) 'bogus'" in err[0], err
     assert not (tmp_path / "study.jsonl").exists()  # stopped before any run
+
+
+def test_report_scores_cover_every_score_the_report_reads():
+    # --scores always adds REPORT_SCORES: they must include each method's own score,
+    # the logit-shift table's and the density split's (named in the report modules).
+    from experiments.study.plan import REPORT_SCORES
+    from experiments.study.report.density import DENSITY
+    from experiments.study.report.runs import HEADLINE
+
+    needed = set(HEADLINE.values()) | set(DENSITY) | {"msp", "energy", "max_logit"}
+    assert needed <= set(REPORT_SCORES), needed - set(REPORT_SCORES)
