@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from experiments import cli
 from experiments.study import regime
 
 
@@ -57,4 +58,21 @@ def test_command_keeps_one_checkpoint_per_epoch():
     assert argv[2] == "experiments.cifar10_logitnorm"
     assert "--workdir=/r/logitnorm/seed0" in argv
     assert "--config.train.checkpoint_every=0" in argv
-    assert "--config.train.max_to_keep=13" in argv
+    assert "--config.train.max_to_keep=14" in argv
+
+
+def test_recipes_change_one_thing_and_checkpoint_every_measured_epochs():
+    pilot = regime.pilot_run(80, "subset10k")
+    assert pilot.name == "pilot/ce_subset10k_e80"
+    assert "--config.data.train_limit=10000" in pilot.args
+    # 10,000 images at batch 256: 39 steps an epoch, a checkpoint every 4 epochs.
+    argv = regime.command(pilot, "/r", measure_every=4)
+    assert "--config.train.checkpoint_every=156" in argv
+    assert "--config.train.max_to_keep=22" in argv
+    # Full data, no augmentation: the main runs all carry the recipe.
+    runs = regime.plan(15, seeds=1, recipe="noaug")
+    assert runs[0] == regime.pilot_run(15, "noaug")
+    assert all("--config.data.augment=false" in r.args for r in runs)
+    assert "--config.train.checkpoint_every=780" in regime.command(runs[1], "/r", 4)
+    with pytest.raises(cli.UsageError, match="--recipe must be one of"):
+        regime.pilot_run(10, "bigger")

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments import cli
+from experiments.configs.default import get_config
 from experiments.study.execute import execute
 from experiments.study.plan import Run, state_of
 from experiments.workdir import Workdir
@@ -74,32 +75,61 @@ SEEDS = 3
 TRAIN_SUBSET = 10000
 REGIME_FILE = "regime.jsonl"
 PILOT_EPOCHS = 30
+# CIFAR-10's training split; a recipe with a train_limit trains on that many instead.
+TRAIN_IMAGES = 50000
+# The candidate recipes of the pilots: name -> overrides of the ``cpu`` preset. Each is
+# one departure from it (the papers train on all 50,000 images with crop + flip).
+RECIPES = {
+    # The cpu preset as it is: ResNet-9 width 16, crop + flip, all 50,000 images.
+    "cpu": (),
+    # No augmentation: the classic route to an overfitted, overconfident CE.
+    "noaug": ("--config.data.augment=false",),
+    # Crop + flip kept, on a seeded random 10,000-image subset (about 1,000 a class).
+    "subset10k": ("--config.data.train_limit=10000",),
+    # Crop + flip kept, all images, a 4x wider model (width 32: about 1.6M parameters).
+    "wide32": ("--config.model.options.width=32",),
+}
 
 
-def pilot_run(epochs: int = PILOT_EPOCHS) -> Run:
-    """The pilot: CE alone, seed 0, ``epochs`` epochs."""
-    return Run(f"pilot/ce_e{epochs}", "ce", 0, (f"--config.train.epochs={epochs}",), group="pilot")
+def _recipe_args(recipe: str) -> tuple[str, ...]:
+    if recipe not in RECIPES:
+        raise cli.UsageError(f"--recipe must be one of {sorted(RECIPES)}, got {recipe!r}.")
+    return RECIPES[recipe]
 
 
-def plan(epochs: int, seeds: int = SEEDS) -> list[Run]:
+def pilot_run(epochs: int = PILOT_EPOCHS, recipe: str = "cpu") -> Run:
+    """The pilot: CE alone, seed 0, ``epochs`` epochs of ``recipe``."""
+    name = f"pilot/ce_e{epochs}" if recipe == "cpu" else f"pilot/ce_{recipe}_e{epochs}"
+    args = (f"--config.train.epochs={epochs}", *_recipe_args(recipe))
+    return Run(name, "ce", 0, args, group="pilot")
+
+
+def plan(epochs: int, seeds: int = SEEDS, recipe: str = "cpu") -> list[Run]:
     """The main runs, seed 0 of every run first; CE seed 0 is the pilot of ``epochs``
-    epochs (the same run: CE, seed 0, that schedule), trained once."""
+    epochs of ``recipe`` (the same run: CE, seed 0, that schedule), trained once."""
     runs = []
     for seed in range(seeds):
         for name, (method, args) in RUNS.items():
             if name == "ce" and seed == 0:
-                runs.append(pilot_run(epochs))
+                runs.append(pilot_run(epochs, recipe))
                 continue
-            runs.append(
-                Run(f"{name}/seed{seed}", method, seed, (f"--config.train.epochs={epochs}", *args))
-            )
+            run_args = (f"--config.train.epochs={epochs}", *_recipe_args(recipe), *args)
+            runs.append(Run(f"{name}/seed{seed}", method, seed, run_args))
     return runs
 
 
-def command(run: Run, root: str) -> list[str]:
+def _train_images(run: Run) -> int:
+    limits = [a for a in run.args if a.startswith("--config.data.train_limit=")]
+    return int(limits[-1].split("=")[1]) if limits else TRAIN_IMAGES
+
+
+def command(run: Run, root: str, measure_every: int = 1) -> list[str]:
     """The training command of ``run``: the ``cpu`` preset on the offline files, a
-    checkpoint every epoch, every one kept (each is measured), then the OOD report."""
+    checkpoint every ``measure_every`` epochs, every one kept (each is measured), then
+    the OOD report."""
     epochs = int(next(a for a in run.args if a.startswith("--config.train.epochs=")).split("=")[1])
+    batch = get_config("cpu").train.batch_size
+    every = 0 if measure_every == 1 else measure_every * (_train_images(run) // batch)
     return [
         sys.executable,
         "-m",
@@ -108,8 +138,8 @@ def command(run: Run, root: str) -> list[str]:
         "--preset=cpu",
         "--data=local",
         f"--config.seed={run.seed}",
-        "--config.train.checkpoint_every=0",
-        f"--config.train.max_to_keep={epochs + 1}",
+        f"--config.train.checkpoint_every={every}",
+        f"--config.train.max_to_keep={epochs // measure_every + 2}",
         "--config.eval.ood=true",
         *run.args,
     ]
@@ -203,19 +233,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="the study's root (a run: measure)")
     parser.add_argument("--epochs", type=int, default=PILOT_EPOCHS, help="epochs of every run")
     parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds of each main run")
+    parser.add_argument(
+        "--recipe", default="cpu", help=f"the cpu preset's variant, one of {sorted(RECIPES)}"
+    )
+    parser.add_argument(
+        "--measure_every", type=int, default=1, help="epochs between measured checkpoints"
+    )
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.seeds < 1:
-        raise cli.UsageError(f"--epochs and --seeds must be >= 1, got {args.epochs}, {args.seeds}.")
+    if min(args.epochs, args.seeds, args.measure_every) < 1:
+        raise cli.UsageError(
+            "--epochs, --seeds and --measure_every must be >= 1, got "
+            f"{args.epochs}, {args.seeds}, {args.measure_every}."
+        )
     root = os.path.abspath(args.workdir)
     if args.action == "measure":
         _measure_and_judge(root)
         return
-    runs = [pilot_run(args.epochs)] if args.action == "pilot" else plan(args.epochs, args.seeds)
+    if args.action == "pilot":
+        runs = [pilot_run(args.epochs, args.recipe)]
+    else:
+        runs = plan(args.epochs, args.seeds, args.recipe)
     if args.action == "plan":
         for run in runs:
             print(f"{state_of(run, root):8s} {run.name:28s} " + " ".join(run.args))
         return
-    execute(root, runs, lambda run: command(run, root))
+    execute(root, runs, lambda run: command(run, root, args.measure_every))
     for run in runs:
         _measure_and_judge(os.path.join(root, run.name))
 
