@@ -29,7 +29,7 @@ How it measures:
 The JAX step is ``ood_jax.train.make_train_step`` jitted by
 ``compile_train_step`` (state donated) on a one-device mesh, with the XLA flag
 the experiments use (``experiments/__init__.py``). PyTorch runs the reference
-models of ``benchmarks/torch_models.py`` in NCHW; parameter counts are checked
+models of ``tests/conformance/torch_models.py`` in NCHW; parameter counts are checked
 equal.
 """
 
@@ -150,7 +150,7 @@ def torch_step(name: str, objective: str, args: argparse.Namespace):
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(ROOT / "tests" / "conformance"))
     import torch_models
 
     torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """A run's optimizer and jitted steps, built from its resolved config.
 
 The one assembly of the training runner (``experiments.train``) and of the
-compile-only TPU planner (``benchmarks.tpu_plan``): the planner compiles exactly
+compile-only TPU planner (``experiments.plan.tpu``): the planner compiles exactly
 the functions a run executes, so what it reports (memory, FLOPs, collectives,
 sharding) is what the runner would run.
 """

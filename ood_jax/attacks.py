@@ -61,7 +61,7 @@ def tracing_for(platform: str) -> contextlib.AbstractContextManager[None]:
 def unrolling() -> contextlib.AbstractContextManager[None]:
     """Inside it, attacks traced with the default ``unroll`` are unrolled whatever the
     platform: XLA's cost analysis counts a loop body once, so a planner counts an
-    attack's steps on an unrolled copy (``benchmarks.plan_core``)."""
+    attack's steps on an unrolled copy (``experiments.plan.core``)."""
     return _setting(_FORCE_UNROLL, True)
 
 

@@ -1,10 +1,10 @@
-"""The compile-only GPU planner's own parsing (benchmarks.gpu_plan).
+"""The compile-only GPU planner's own parsing (experiments.plan.gpu).
 
 A real compile needs ``jax-cuda12-plugin`` (about 480 MB), which CI does not install;
-``python -m benchmarks.gpu_plan`` is run by hand (README, "Scale").
+``python -m experiments.plan.gpu`` is run by hand (README, "Scale").
 """
 
-from benchmarks import gpu_plan
+from experiments.plan import gpu as gpu_plan
 
 # The shape of a compiled GPU program's text: operands by name only.
 HLO = """

@@ -1,7 +1,7 @@
 """PyTorch checkpoints in (ood_jax.interop, experiments.torch_import); no torch needed.
 
 The golden fixtures in tests/fixtures/torch/ were written by
-benchmarks/torch_fixtures.py with torch 2.13: reduced-width copies of each
+tests/conformance/torch_fixtures.py with torch 2.13: reduced-width copies of each
 architecture in the authors' key layout, with random BatchNorm statistics, and
 PyTorch's eval-mode logits and features on random and real CIFAR-10 inputs.
 """
@@ -24,7 +24,7 @@ from ood_jax import interop
 from ood_jax.models import create_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch"
-# The reduced widths benchmarks/torch_fixtures.py builds (same depth and key names).
+# The reduced widths tests/conformance/torch_fixtures.py builds (same depth and key names).
 SMALL_OPTIONS = {
     "wrn40_2": {"base_width": 2},
     "resnet18_32x32": {"widths": (2, 4, 8, 16)},
@@ -261,7 +261,7 @@ def test_conversion_layouts(wrn_state):
     [  # PyTorch's sum(p.numel() for p in model.parameters()) at full width
         ("resnet18_imagenet", 1000, 11_689_512),  # torchvision resnet18()
         ("resnet50_imagenet", 1000, 25_557_032),  # torchvision resnet50()
-        ("densenet100", 10, 769_162),  # DenseNet3(100, 10), benchmarks/torch_fixtures.py
+        ("densenet100", 10, 769_162),  # DenseNet3(100, 10), tests/conformance/torch_fixtures.py
     ],
 )
 def test_new_models_have_pytorchs_parameter_counts(name, classes, count):
@@ -351,7 +351,7 @@ def test_imported_model_through_the_evaluation_pipeline(golden):
     imported = torch_import.load_for_evaluation(
         FIXTURES / "resnet18_cifar_wrapped.pt",
         "resnet18_cifar",
-        normalization="openood_cifar10",  # what benchmarks/torch_fixtures.py normalized with
+        normalization="openood_cifar10",  # what tests/conformance/torch_fixtures.py normalized with
         options=SMALL_OPTIONS["resnet18_cifar"],
     )
     images = data.load_dataset("cifar10_jpeg", "test", limit=4)

@@ -79,7 +79,7 @@ def _np_tiny_forward(model, images, *, slope: float) -> tuple[np.ndarray, np.nda
     "name, expected",
     [
         # torch: sum(p.numel() for p in model.parameters()) of kuangliu ResNet18(10 classes)
-        # and hendrycks WideResNet(40, 10, 2, dropRate=0.3); see benchmarks/torch_models.py.
+        # and hendrycks WideResNet(40, 10, 2, dropRate=0.3); see tests/conformance/torch_models.py.
         ("resnet18", 11_173_962),
         ("resnet34", 21_282_122),
         ("resnet50", 23_520_842),

@@ -1,12 +1,13 @@
-"""The device-generic plan core (benchmarks.plan_core): the memory fit check and the table.
+"""The device-generic plan core (experiments.plan.core): the memory fit check and the table.
 
 Compiles of real steps are in tests/test_tpu_plan.py (libtpu) and, by hand only,
-``python -m benchmarks.gpu_plan`` (README, "Scale").
+``python -m experiments.plan.gpu`` (README, "Scale").
 """
 
 import pytest
 
-from benchmarks import plan_core, tpu_program
+from experiments.plan import core as plan_core
+from experiments.plan import program as tpu_program
 
 GIB = 2**30
 

@@ -1,9 +1,9 @@
-"""The compile-only TPU planner (benchmarks.tpu_plan): parsing, checks, and one real TPU compile.
+"""The compile-only TPU planner (experiments.plan.tpu): parsing, checks, and one real TPU compile.
 
 The checks are exercised on programs compiled for the 8 virtual CPU devices (a
 correct step, and the same step with its state deliberately sharded); the real
 path compiles the ``cpu`` preset's train and eval step, and the evaluation's ODIN
-and attack chunk (benchmarks.tpu_eval_plan), for a v5e-4 slice with XLA's TPU
+and attack chunk (experiments.plan.tpu_eval), for a v5e-4 slice with XLA's TPU
 compiler (libtpu, installed by ``.ci/run`` into ``.ci/libtpu``; see
 ``LIBTPU_DIR``), in a subprocess so that libtpu never loads into this one; a
 v5e-16 slice's hosts are checked to hold a quarter of the batch each.
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import plan_core, tpu_program
+from experiments.plan import core as plan_core
+from experiments.plan import program as tpu_program
 from ood_jax import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +248,7 @@ def _json_with_libtpu(script: str, tmp_path) -> object:
 def test_cpu_preset_compiles_for_a_v5e_slice_with_the_tpu_compiler(tmp_path):
     out = tmp_path / "plan"
     argv = ["--method", "ce", "--preset", "cpu", "--topology", "v5e:2x2", "--output", str(out)]
-    _run_with_libtpu("-m", "benchmarks.tpu_plan", *argv)
+    _run_with_libtpu("-m", "experiments.plan.tpu", *argv)
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["devices"] == 4 and row["processes"] == 1
     assert row["checks"]["batch_sharded"] and row["checks"]["state_replicated"]
@@ -262,7 +263,7 @@ def test_cpu_preset_compiles_for_a_v5e_slice_with_the_tpu_compiler(tmp_path):
 
 @pytest.mark.slow
 def test_every_paper_presets_train_step_lowers_for_v5e_slices(tmp_path):
-    # Compiling a paper preset takes 1-4 minutes (benchmarks/results/tpu_plan.md), too
+    # Compiling a paper preset takes 1-4 minutes (results/plans/tpu_plan.md), too
     # long for every CI run; lowering it for the TPU slice is a few seconds: every
     # method's real step and config, checked before XLA's compile (state replicated and
     # donated, batch and outliers over 'data', each v5e-16 host holding its quarter).
@@ -270,7 +271,7 @@ def test_every_paper_presets_train_step_lowers_for_v5e_slices(tmp_path):
     # programs are in the committed table.
     script = (
         "import json, sys\n"
-        "from benchmarks import plan_core, tpu_plan\n"
+        "from experiments.plan import core as plan_core, tpu as tpu_plan\n"
         "from experiments.configs import methods\n"
         "found = {}\n"
         "for topology in ('v5e:2x2', 'v5e:4x4'):\n"
@@ -306,7 +307,7 @@ def test_a_loop_attacks_cost_is_counted_for_every_step(tmp_path):
     # attack unrolled (smoke preset's tiny model, a 4-step attack, v5e:2x2).
     script = (
         "import json, sys\n"
-        "from benchmarks import plan_core, tpu_plan, tpu_program\n"
+        "from experiments.plan import core as plan_core, tpu as tpu_plan, program as tpu_program\n"
         "from ood_jax import attacks\n"
         "config = plan_core.preset_config('acet', 'smoke', 'bfloat16',\n"
         "                                 ['--config.objective.hparams.attack_steps=4'])\n"
@@ -347,7 +348,7 @@ def test_process_rows_of_one_process_are_the_whole_batch():
 @pytest.mark.slow
 def test_each_host_of_a_v5e_4x4_slice_holds_a_quarter_of_the_batch(tmp_path):
     script = (
-        "import json, sys; from benchmarks import plan_core, tpu_plan\n"
+        "import json, sys; from experiments.plan import core as plan_core, tpu as tpu_plan\n"
         "from ood_jax import sharding\n"
         "tpu = tpu_plan.tpu_slice('v5e:4x4')\n"
         "mesh = sharding.make_mesh(devices=tpu.devices)\n"
@@ -363,7 +364,7 @@ def test_each_host_of_a_v5e_4x4_slice_holds_a_quarter_of_the_batch(tmp_path):
 @pytest.mark.slow
 def test_cpu_preset_odin_and_attack_chunk_compile_for_a_v5e_slice(tmp_path):
     script = (
-        "import json, sys; from benchmarks import tpu_eval_plan\n"
+        "import json, sys; from experiments.plan import tpu_eval as tpu_eval_plan\n"
         "row = tpu_eval_plan.plan_eval('ce', 'cpu', 'v5e:2x2', 'bfloat16',\n"
         "                              programs=('odin', 'attack chunk'))\n"
         "open(sys.argv[1], 'w').write(json.dumps(row, default=str))\n"
@@ -391,7 +392,7 @@ def test_cpu_preset_odin_and_attack_chunk_compile_for_a_v5e_slice(tmp_path):
 
 
 def test_eval_jobs_are_one_per_model_whatever_the_objective():
-    from benchmarks import tpu_eval_plan
+    from experiments.plan import tpu_eval as tpu_eval_plan
 
     runs = [(m, "paper", "v5e:2x2", "bfloat16", ()) for m in ("logitnorm", "ce", "l2norm", "acet")]
     models = [fields["model"] for fields, _ in tpu_eval_plan.jobs(runs)]
@@ -404,7 +405,7 @@ def test_eval_jobs_are_one_per_model_whatever_the_objective():
 
 
 def test_a_table_keeps_earlier_rows_and_compiles_only_new_ones(tmp_path):
-    from benchmarks import plan_table
+    from experiments.plan import table as plan_table
 
     out, calls = str(tmp_path / "table"), []
 
@@ -425,7 +426,7 @@ def test_a_table_keeps_earlier_rows_and_compiles_only_new_ones(tmp_path):
 def test_a_run_killed_mid_table_loses_no_earlier_row(tmp_path):
     # The rows a run re-lists (a, c) are in the file while it plans a new one (b), so
     # a crash in a later compile (d) keeps them all: every row written so far.
-    from benchmarks import plan_table
+    from experiments.plan import table as plan_table
 
     out = str(tmp_path / "table")
 
@@ -447,7 +448,7 @@ def test_a_run_killed_mid_table_loses_no_earlier_row(tmp_path):
 
 
 def test_a_compile_that_raised_is_tried_again_by_the_next_run(tmp_path):
-    from benchmarks import plan_table
+    from experiments.plan import table as plan_table
 
     out, calls = str(tmp_path / "table"), []
 
@@ -459,7 +460,7 @@ def test_a_compile_that_raised_is_tried_again_by_the_next_run(tmp_path):
         return {"name": "a", "value": 1}
 
     def refused():
-        from benchmarks.tpu_program import PlanError
+        from experiments.plan.program import PlanError
 
         calls.append("b")
         raise PlanError("does not fit")
@@ -496,7 +497,7 @@ def test_a_compiler_that_kills_its_process_is_an_error_row_and_the_table_goes_on
     # libtpu 0.0.42.1 dies of SIGSEGV compiling WRN-40-2 for v6e: with one process per
     # row, that row says so and the others are still planned; a refusal (exit 2) is the
     # plan's verdict, and any other exit a failure tried again by the next run.
-    from benchmarks import plan_table
+    from experiments.plan import table as plan_table
 
     (tmp_path / "fake_plan.py").write_text(FAKE_PLAN)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
@@ -527,7 +528,8 @@ def test_several_rows_each_get_a_process_with_their_own_arguments(tmp_path, monk
     # main hands plan_table.isolated each row's own command line, the runner's config
     # overrides included (one per model for --eval: LogitNorm and CE share WRN-40-2);
     # one row, or --in_process, stays here.
-    from benchmarks import plan_table, tpu_plan
+    from experiments.plan import table as plan_table
+    from experiments.plan import tpu as tpu_plan
 
     children = []
     override = "--config.train.batch_size=256"
@@ -545,7 +547,7 @@ def test_several_rows_each_get_a_process_with_their_own_arguments(tmp_path, monk
     argv += ["--output", str(tmp_path / "t")] + (["--eval"] if eval_ else [])
     monkeypatch.setattr(tpu_plan.plan_core, "markdown", lambda rows, header, **_: "|\n")
     if eval_:
-        from benchmarks import tpu_eval_plan
+        from experiments.plan import tpu_eval as tpu_eval_plan
 
         monkeypatch.setattr(tpu_eval_plan, "markdown", lambda rows, header: "|\n")
     rows = tpu_plan.main(argv)
@@ -559,7 +561,7 @@ def test_several_rows_each_get_a_process_with_their_own_arguments(tmp_path, monk
         for t in ("v5e:2x2", "v4:2x2x1")
     ]  # fmt: skip
     assert [args for _, args in children] == expected
-    assert {module for module, _ in children} == {"benchmarks.tpu_plan"}
+    assert {module for module, _ in children} == {"experiments.plan.tpu"}
     assert {r["overrides"] for r in rows} == {"train.batch_size=256"}
     # One row: planned in this process, no child.
     children.clear()
@@ -570,8 +572,8 @@ def test_several_rows_each_get_a_process_with_their_own_arguments(tmp_path, monk
 
 
 def test_a_planned_run_takes_the_runners_overrides_and_refuses_bad_ones():
-    from benchmarks import plan_core
     from experiments import cli
+    from experiments.plan import core as plan_core
 
     config = plan_core.preset_config(
         "l2norm", "paper", "float32", ["--config.train.batch_size=256", "--config.optim.lr=0.2"]
@@ -591,7 +593,7 @@ def test_a_planned_run_takes_the_runners_overrides_and_refuses_bad_ones():
         with pytest.raises(cli.UsageError, match=says):
             plan_core.preset_config("ce", "paper", "bfloat16", [bad])
     # On the command line, before any compile (no TPU compiler is loaded for these).
-    from benchmarks import tpu_plan
+    from experiments.plan import tpu as tpu_plan
 
     with pytest.raises(cli.UsageError, match="unrecognized argument '--batch=3'"):
         tpu_plan.main(["--method", "ce", "--batch=3"])

@@ -1,18 +1,18 @@
 """Compile-only TPU plans of a preset's real steps: does it fit, shard, and how long would it take?
 
     pip install "jax[tpu]==0.10.2"        # or: pip install -e ".[tpu]" (adds libtpu)
-    python -m benchmarks.tpu_plan --method logitnorm --preset paper --topology v5e:4x4
-    python -m benchmarks.tpu_plan --all --output benchmarks/results/tpu_plan
-    python -m benchmarks.tpu_plan --method l2norm --topology v5e:4x4 \
+    python -m experiments.plan.tpu --method logitnorm --preset paper --topology v5e:4x4
+    python -m experiments.plan.tpu --all --output results/plans/tpu_plan
+    python -m experiments.plan.tpu --method l2norm --topology v5e:4x4 \
         --config.train.batch_size=2048     # the runner's overrides: plan your own run
-    python -m benchmarks.tpu_plan --eval --method logitnorm,l2norm \
-        --output benchmarks/results/tpu_eval_plan    # the evaluation's functions
+    python -m experiments.plan.tpu --eval --method logitnorm,l2norm \
+        --output results/plans/tpu_eval_plan    # the evaluation's functions
 
 XLA's TPU compiler (libtpu) runs on a CPU-only machine through its compile-only
 client: ``jax.experimental.topologies.get_topology_desc`` describes a slice of
 any size, and ``jax.jit(...).lower(...).compile()`` builds the real TPU program
-for it. What is compiled (:func:`benchmarks.plan_core.plan_steps`, as for GPUs by
-:mod:`benchmarks.gpu_plan`) is the runner's own train and eval step
+for it. What is compiled (:func:`experiments.plan.core.plan_steps`, as for GPUs by
+:mod:`experiments.plan.gpu`) is the runner's own train and eval step
 (:mod:`experiments.steps`, the functions ``python -m experiments.cifar10_<method>``
 executes) with the preset's real config: model, batch, outliers, attack steps,
 spectral norm, dropout, precision. From the compiled program this reports
@@ -22,7 +22,7 @@ collectives, and checks the sharding the design promises (batch split over
 statistics reduced over the global batch). The step time is a **roofline
 estimate** (max of FLOPs / peak FLOP/s and bytes / HBM bandwidth, from the
 chips' published figures), never a measurement. ``--eval`` compiles the
-evaluation's jitted functions instead (:mod:`benchmarks.tpu_eval_plan`).
+evaluation's jitted functions instead (:mod:`experiments.plan.tpu_eval`).
 
 Multi-host slices (``v5e:4x4``: 4 hosts, ``v6e:2x4``: 2) cannot be fed the way the
 runner feeds them, so the per-host data path is checked, not run. The runner hands
@@ -33,7 +33,7 @@ the local one and then places the data with ``device_put``, which the compile-on
 client refuses ("MakeArraysFromHostBufferShards not available with compile-only
 client": it has no device memory). The step is therefore lowered from
 ``ShapeDtypeStruct`` s of the global batch with the batch sharding (the array that
-function returns), and :func:`benchmarks.plan_core.check_process_rows` checks what
+function returns), and :func:`experiments.plan.core.check_process_rows` checks what
 the per-host path rests on: under that sharding, every host's devices (their
 ``process_index`` in the topology) hold exactly the per-host batch (global batch /
 hosts) each host reads, which is the local shape ``make_array_from_process_local_data``
@@ -54,36 +54,16 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 
-from benchmarks import plan_core, plan_table
-from benchmarks.plan_core import PRECISIONS, Slice, listed, preset_config
-from benchmarks.tpu_program import CHIPS, PlanError, compiled_cost
 from experiments import cli
+from experiments.configs import methods
+from experiments.plan import core as plan_core
+from experiments.plan import table as plan_table
+from experiments.plan import tpu_eval
+from experiments.plan.core import PRECISIONS, listed, preset_config, tpu_slice
+from experiments.plan.program import CHIPS, compiled_cost
 
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5e:4x4", "v6e:2x4")
 TITLE = "Compile-only TPU plans of the presets' train steps"
-
-
-def tpu_slice(name: str) -> Slice:
-    """The compile-only devices of topology ``name`` (``v5e:2x2``); needs libtpu."""
-    from jax.experimental import topologies
-
-    chip = name.split(":")[0]
-    if chip not in CHIPS:
-        raise PlanError(f"--topology {name!r}: chip must be one of {sorted(CHIPS)}.")
-    try:
-        # v4 runs megacore (one device per chip, both TensorCores), as on a TPU VM.
-        extra = {"chip_config_name": "megacore"} if chip == "v4" else {}
-        topology = topologies.get_topology_desc(name, "tpu", **extra)
-    except Exception as err:  # the plugin's own errors are RuntimeError/ValueError/Xla
-        raise PlanError(
-            f"--topology {name!r}: XLA's TPU compiler is not available or refused it "
-            f"({str(err).splitlines()[0][:160]}); install it with pip install "
-            '"jax[tpu]==0.10.2" (adds libtpu).'
-        ) from None
-    devices = tuple(topology.devices)
-    chips = len({(tuple(d.coords), getattr(d, "slice_index", 0)) for d in devices})
-    hbm_per_device = CHIPS[chip]["hbm_bytes"] * chips / len(devices)
-    return Slice(name, chip, devices, len({d.process_index for d in devices}), hbm_per_device)
 
 
 def plan(
@@ -108,8 +88,6 @@ def plan(
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    from experiments.configs import methods
-
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="Any --config.<field>=<value> the runner takes (python -m "
@@ -127,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--eval",
         action="store_true",
-        help="the evaluation's jitted functions instead (benchmarks.tpu_eval_plan), one row "
+        help="the evaluation's jitted functions instead (experiments.plan.tpu_eval), one row "
         "per model of the methods' presets",
     )
     parser.add_argument("--output", default="", help="write (or add to) OUTPUT.md, OUTPUT.json")
@@ -156,12 +134,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         for t in names["topology"]
         for p in names["precision"]
     ]
-    command = "python -m benchmarks.tpu_plan " + " ".join(argv or sys.argv[1:])
+    command = "python -m experiments.plan.tpu " + " ".join(argv or sys.argv[1:])
     if args.eval:
-        from benchmarks import tpu_eval_plan  # it imports this module: not at the top
-
-        key_fields, table = tpu_eval_plan.KEY, tpu_eval_plan.markdown
-        keyed, plan_here = tpu_eval_plan.keyed_runs(runs), tpu_eval_plan.plan_eval
+        key_fields, table = tpu_eval.KEY, tpu_eval.markdown
+        keyed, plan_here = tpu_eval.keyed_runs(runs), tpu_eval.plan_eval
     else:
         key_fields = ("method", "preset", "topology", "precision", "overrides")
         table = functools.partial(plan_core.markdown, title=TITLE)
@@ -196,7 +172,7 @@ def _isolated(
     """The plan of one row in a process of its own (:func:`plan_table.isolated`)."""
     args = ["--method", method, "--preset", preset, "--topology", topology]
     args += ["--precision", precision, *overrides] + (["--eval"] if eval_ else [])
-    return plan_table.isolated("benchmarks.tpu_plan", args)
+    return plan_table.isolated("experiments.plan.tpu", args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Full-size torchvision ResNets against their ood_jax conversions (outside CI).
 
     python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.14.1 torchvision==0.29.1 numpy
-    /tmp/tv/bin/python benchmarks/torchvision_crosscheck.py /tmp/tvx     # torch side: files
-    python benchmarks/torchvision_crosscheck.py /tmp/tvx --compare         # ood_jax side
+    /tmp/tv/bin/python tests/conformance/torchvision_crosscheck.py /tmp/tvx     # torch side: files
+    python tests/conformance/torchvision_crosscheck.py /tmp/tvx --compare         # ood_jax side
 
 The committed fixtures (tests/fixtures/torch) are reduced-width models written from
 the torchvision source; this checks the real ``torchvision.models.resnet18`` and

@@ -1,7 +1,7 @@
 """What a compiled TPU program says: memory, cost, collectives, and the design's promises.
 
-Helpers of :mod:`benchmarks.plan_core`, on the ``jax.stages.Compiled`` object of a
-train step compiled for compile-only devices (TPU, and GPU: :mod:`benchmarks.gpu_plan`).
+Helpers of :mod:`experiments.plan.core`, on the ``jax.stages.Compiled`` object of a
+train step compiled for compile-only devices (TPU, and GPU: :mod:`experiments.plan.gpu`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Compile-only TPU plans of the evaluation's jitted functions (the second table).
 
-    python -m benchmarks.tpu_plan --eval --method logitnorm,l2norm --preset paper \\
-        --topology v5e:2x2 --output benchmarks/results/tpu_eval_plan
+    python -m experiments.plan.tpu --eval --method logitnorm,l2norm --preset paper \\
+        --topology v5e:2x2 --output results/plans/tpu_eval_plan
 
 What is compiled are the jax.jit objects the evaluation (:mod:`ood_jax.evaluate`)
 runs, taken from the objects it builds for the preset's model and eval settings:
@@ -31,7 +31,7 @@ The programs do not depend on the training objective: a row is keyed by
 :data:`KEY` (model, preset, topology, precision) and names the methods whose preset
 builds that model. The evaluation runs in one process (``ForwardPass`` refuses
 several), on the devices of its host: a multi-host topology's row is compiled for
-process 0's devices. Times are roofline estimates (:func:`~benchmarks.tpu_program.roofline`).
+process 0's devices. Times are roofline estimates (:func:`~experiments.plan.program.roofline`).
 """
 
 from __future__ import annotations
@@ -45,23 +45,35 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from benchmarks import plan_table
-from benchmarks.plan_core import (
+from experiments.configs import methods
+from experiments.evaluation import eval_spec
+from experiments.plan import table as plan_table
+from experiments.plan.core import (
     abstract,
     duration,
     gib,
     overrides_label,
     preset_cell,
     preset_config,
+    tpu_slice,
 )
-from benchmarks.tpu_plan import tpu_slice
-from benchmarks.tpu_program import (
+from experiments.plan.program import (
     PlanError,
     compiled_cost,
     compiled_memory,
     required_bytes,
     roofline,
 )
+from experiments.run_config import eval_batch_size
+from experiments.workdir import model_identity
+from ood_jax import sharding
+from ood_jax.evaluate import ForwardPass
+from ood_jax.evaluate.adversarial import CHUNK_STEPS, noise_attack
+from ood_jax.evaluate.scoring import image_score_fn
+from ood_jax.evaluate.stages import head_weights
+from ood_jax.models import build_model
+from ood_jax.scores import get_score
+from ood_jax.scores import gradnorm as gradnorm_score
 
 # A row to plan: (method, preset, topology, precision, the runner's config overrides).
 Run = tuple[str, str, str, str, tuple[str, ...]]
@@ -74,7 +86,6 @@ IMAGE_SHAPE = (32, 32, 3)
 
 def model_label(config) -> str:
     """The model a preset builds, as ``name(option=value, ...)`` (precision apart)."""
-    from experiments.workdir import model_identity
 
     options = {k: v for k, v in model_identity(config, 10)["options"].items() if k != "dtype"}
     return f"{config.model.name}({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
@@ -105,7 +116,6 @@ def jobs(runs: Sequence[Run]) -> list[plan_table.Job]:
 
 
 def _methods_of(label: str, preset: str, precision: str, overrides: Sequence[str]) -> list[str]:
-    from experiments.configs import methods
 
     return [
         m
@@ -152,17 +162,6 @@ def _check_sharded(compiled, name: str) -> str:
 def evaluation_programs(config, mesh) -> tuple[dict, dict]:
     """``({program: (jitted, abstract args, batch)}, attack)`` of the evaluation that
     ``config`` runs on ``mesh`` (see the module docstring); ``attack``: its size."""
-    from experiments.evaluation import eval_spec
-    from experiments.run_config import eval_batch_size
-    from experiments.workdir import model_identity
-    from ood_jax import sharding
-    from ood_jax.evaluate import ForwardPass
-    from ood_jax.evaluate.adversarial import CHUNK_STEPS, noise_attack
-    from ood_jax.evaluate.scoring import image_score_fn
-    from ood_jax.evaluate.stages import head_weights
-    from ood_jax.models import build_model
-    from ood_jax.scores import get_score
-    from ood_jax.scores import gradnorm as gradnorm_score
 
     batch = eval_batch_size(config, mesh)
     spec = eval_spec(config, batch_size=batch)
@@ -215,7 +214,6 @@ def plan_eval(
 ) -> dict:
     """Compiles the evaluation's ``programs`` (all :data:`PROGRAMS`) for ``topology``,
     with the runner's ``--config.<field>=<value>`` ``overrides``."""
-    from ood_jax import sharding
 
     config = preset_config(method, preset, precision, overrides)
     tpu = tpu_slice(topology)

@@ -2,8 +2,8 @@
 
 A plan can take minutes per row, so :func:`run_rows` writes the JSON after every
 row and a later run with the same ``--output`` keeps the rows it does not redo
-(:mod:`benchmarks.tpu_plan`'s and :mod:`benchmarks.gpu_plan`'s train-step tables and
-:mod:`benchmarks.tpu_eval_plan`'s evaluation table).
+(:mod:`experiments.plan.tpu`'s and :mod:`experiments.plan.gpu`'s train-step tables and
+:mod:`experiments.plan.tpu_eval`'s evaluation table).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from benchmarks.tpu_program import PlanError
 from experiments import cli
+from experiments.plan.program import PlanError
 
 # A job: the row's key fields, and the plan that computes the row.
 Job = tuple[dict, Callable[[], dict]]

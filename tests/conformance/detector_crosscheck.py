@@ -12,8 +12,8 @@ with ``--reference``. OpenOOD is not a package on PyPI; pass a checkout's root
 postprocessors are loaded one file at a time with ``.cuda()`` made a no-op and
 faiss replaced by an exact NumPy inner-product search.
 
-    python benchmarks/detector_crosscheck.py --torch_python /work/ood_venv/bin/python \
-        --openood_src /work/openood_src --out benchmarks/results/detector_crosscheck.md
+    python tests/conformance/detector_crosscheck.py --torch_python /work/ood_venv/bin/python \
+        --openood_src /work/openood_src --out tests/conformance/results/detector_crosscheck.md
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--torch_python", help="a Python with torch and pytorch-ood 0.4")
     parser.add_argument("--openood_src", help="folder holding openood/postprocessors")
-    parser.add_argument("--out", default="benchmarks/results/detector_crosscheck.md")
+    parser.add_argument("--out", default="tests/conformance/results/detector_crosscheck.md")
     parser.add_argument("--reference", nargs=2, metavar=("ARRAYS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference:
@@ -340,7 +340,7 @@ def main() -> None:
     )
     header = (
         "# Detector cross-check\n\n"
-        f"`python benchmarks/detector_crosscheck.py` on {N_TRAIN} training and "
+        f"`python tests/conformance/detector_crosscheck.py` on {N_TRAIN} training and "
         f"{N_TEST} + {N_TEST} (ID + OOD) test feature vectors, D = {DIM}, K = {K}, a "
         "least-squares head; references' outlier scores negated. Differences are "
         "explained in `docs/detectors.md`.\n\n"

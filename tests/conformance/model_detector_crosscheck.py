@@ -1,6 +1,6 @@
 """Cross-check of the detectors that need the model against OpenOOD v1.5 and pytorch-ood 0.4.
 
-A kuangliu ResNet-18 (``benchmarks/torch_models.py``, the ``resnet18_cifar`` interop
+A kuangliu ResNet-18 (``tests/conformance/torch_models.py``, the ``resnet18_cifar`` interop
 architecture; random weights, BatchNorm statistics randomized) scores the same images in
 PyTorch (the references) and, converted by ``ood_jax.interop.load_torch``, in ood_jax
 (through the evaluation's ``fit_captured`` / ``fit_scores`` / ``score_images`` /
@@ -9,8 +9,8 @@ PyTorch (the references) and, converted by ``ood_jax.interop.load_torch``, in oo
 gives, per detector and reference, the largest difference relative to the score's spread,
 the rank correlation and both AUROCs (ID vs OOD images).
 
-    python benchmarks/model_detector_crosscheck.py --torch_python /work/ood_venv/bin/python \
-        --openood_src /work/openood_src --out benchmarks/results/model_detector_crosscheck.md
+    python tests/conformance/model_detector_crosscheck.py --torch_python /work/ood_venv/bin/python \
+        --openood_src /work/openood_src --out tests/conformance/results/model_detector_crosscheck.md
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument(
         "--openood_src", required=True, help="folder holding openood/postprocessors"
     )
-    parser.add_argument("--out", default="benchmarks/results/model_detector_crosscheck.md")
+    parser.add_argument("--out", default="tests/conformance/results/model_detector_crosscheck.md")
     parser.add_argument("--reference", metavar="FOLDER", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference:
@@ -249,7 +249,7 @@ def main() -> None:
     lines[1] += " --- |"
     header = (
         "# Cross-check of the detectors that need the model\n\n"
-        f"`python benchmarks/model_detector_crosscheck.py`: a random kuangliu ResNet-18 "
+        f"`python tests/conformance/model_detector_crosscheck.py`: a random kuangliu ResNet-18 "
         f"(BatchNorm statistics randomized) in PyTorch and converted to ood_jax, {N_TRAIN} "
         f"training and {N_TEST} + {N_TEST} (ID + OOD) test images of {SIZE}x{SIZE}, K = {K}, "
         f"std {STD[0]}; references' outlier scores negated. `mds_ensemble_0` is `mds_ensemble` "

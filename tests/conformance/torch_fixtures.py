@@ -4,7 +4,7 @@ Run with torch in its own venv (torch is never an ood_jax dependency):
 
     python3 -m venv /work/torch_venv
     /work/torch_venv/bin/pip install torch==2.13.0 numpy safetensors pillow
-    /work/torch_venv/bin/python benchmarks/torch_fixtures.py
+    /work/torch_venv/bin/python tests/conformance/torch_fixtures.py
 
 For each architecture it builds a reduced-width instance with the authors' key
 layout (same depth and module names, fewer channels), draws non-trivial
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from torch_models import BasicBlock  # kuangliu's block; this script runs from benchmarks/
+from torch_models import BasicBlock  # kuangliu's block; this script runs from tests/conformance/
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "torch"
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10_test.npz"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

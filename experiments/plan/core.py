@@ -1,7 +1,7 @@
 """The device-generic core of the compile-only plans: a preset's train and eval step
 compiled for some compile-only devices, and the table of such plans.
 
-:mod:`benchmarks.tpu_plan` (TPU slices, libtpu) and :mod:`benchmarks.gpu_plan` (N GPUs
+:mod:`experiments.plan.tpu` (TPU slices, libtpu) and :mod:`experiments.plan.gpu` (N GPUs
 of one host, the CUDA plugin) each build the devices and say how a compiled program's
 cost is read; :func:`plan_steps` does the rest: the runner's own steps of the config,
 the design's checks, the memory against the device's, and a roofline estimate.
@@ -18,9 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 
-from benchmarks import plan_table
-from benchmarks.tpu_program import (
+from experiments import cli
+from experiments.configs import methods
+from experiments.plan import table as plan_table
+from experiments.plan.program import (
+    CHIPS,
     PlanError,
     bn_channels,
     check_lowered,
@@ -30,7 +34,12 @@ from benchmarks.tpu_program import (
     required_bytes,
     roofline,
 )
-from experiments import cli
+from experiments.run_config import SCHEMA_FIELDS, complete_config, eval_batch_size, validate_config
+from experiments.steps import make_run_optimizer, make_run_steps
+from experiments.workdir import model_identity
+from ood_jax import attacks, sharding
+from ood_jax.models import build_model
+from ood_jax.train import create_train_state, get_objective
 
 PRECISIONS = ("bfloat16", "float32")
 # The input pipeline's measured rate (benchmarks/results/input_pipeline.md: train,
@@ -53,13 +62,32 @@ class Slice:
     hbm_per_device: float
 
 
+def tpu_slice(name: str) -> Slice:
+    """The compile-only devices of topology ``name`` (``v5e:2x2``); needs libtpu."""
+    chip = name.split(":")[0]
+    if chip not in CHIPS:
+        raise PlanError(f"--topology {name!r}: chip must be one of {sorted(CHIPS)}.")
+    try:
+        # v4 runs megacore (one device per chip, both TensorCores), as on a TPU VM.
+        extra = {"chip_config_name": "megacore"} if chip == "v4" else {}
+        topology = topologies.get_topology_desc(name, "tpu", **extra)
+    except Exception as err:  # the plugin's own errors are RuntimeError/ValueError/Xla
+        raise PlanError(
+            f"--topology {name!r}: XLA's TPU compiler is not available or refused it "
+            f"({str(err).splitlines()[0][:160]}); install it with pip install "
+            '"jax[tpu]==0.10.2" (adds libtpu).'
+        ) from None
+    devices = tuple(topology.devices)
+    chips = len({(tuple(d.coords), getattr(d, "slice_index", 0)) for d in devices})
+    hbm_per_device = CHIPS[chip]["hbm_bytes"] * chips / len(devices)
+    return Slice(name, chip, devices, len({d.process_index for d in devices}), hbm_per_device)
+
+
 def preset_config(method: str, preset: str, precision: str, overrides: Sequence[str] = ()):
     """The resolved config a user's ``--preset`` gives (``finetune`` recipes for OE and
     energy fine-tuning, as the runner builds them with ``--init_from``), with the
     runner's ``--config.<field>=<value>`` ``overrides`` applied (a bad one is a
     :class:`~experiments.cli.UsageError`)."""
-    from experiments.configs import methods
-    from experiments.run_config import SCHEMA_FIELDS, complete_config, validate_config
 
     config = methods.get_config(method, preset, finetune=method in ("oe", "energy_ft"))
     config.model.mixed_precision = precision == "bfloat16"
@@ -110,7 +138,6 @@ def check_process_rows(mesh, batch: int, per_process: int, *, name: str) -> dict
     other than ``per_process`` rows (what the runner reads per host) is a
     :class:`PlanError`.
     """
-    from ood_jax import sharding
 
     rows: dict[int, int] = {}
     for device, index in sharding.batch_sharding(mesh).devices_indices_map((batch,)).items():
@@ -127,7 +154,7 @@ def check_process_rows(mesh, batch: int, per_process: int, *, name: str) -> dict
 
 def check_fits(memory: dict, hbm_per_device: float, *, name: str) -> None:
     """A program needing more than the device's memory is a :class:`PlanError`; the need
-    is the larger of the two peaks (:func:`~benchmarks.tpu_program.required_bytes`)."""
+    is the larger of the two peaks (:func:`~experiments.plan.program.required_bytes`)."""
     needed = required_bytes(memory)
     if needed > hbm_per_device:
         raise PlanError(
@@ -175,11 +202,6 @@ def lower_train_step(config, target: Slice):
     wrong): the batch divides over the devices, every host's devices hold the batch
     that host reads, the lowered step's state is replicated and donated and its
     batch split over ``data``."""
-    from experiments.steps import make_run_optimizer, make_run_steps
-    from experiments.workdir import model_identity
-    from ood_jax import sharding
-    from ood_jax.models import build_model
-    from ood_jax.train import create_train_state, get_objective
 
     per_process = check_batch(config, target)
     mesh = sharding.make_mesh(devices=target.devices)
@@ -208,7 +230,6 @@ def attack_loop_cost(config, target: Slice, cost_fn: CostFn, counted_once: dict)
     ``counted_once`` cost is one attack step plus the rest. One attack step's cost
     (``body``) is the difference of two unrolled copies of the step, with a 2-step and
     a 1-step attack; the step's cost is ``counted_once + (trips - 1) * body``."""
-    from ood_jax import attacks
 
     trips = int(config.objective.hparams.get("attack_steps", 0))
     if trips < 2 or target.devices[0].platform == "cpu":  # no loop: unrolled on CPU
@@ -237,8 +258,6 @@ def plan_steps(
     ``chips[target.chip]``: the device's published ``peak_flops`` and ``hbm_bw`` (the
     roofline); ``cost_fn``: how FLOPs and bytes per device are read from a compiled step.
     Returns the plan's row (what :func:`markdown` reads)."""
-    from experiments.run_config import eval_batch_size
-    from ood_jax import sharding
 
     start = time.perf_counter()
     lowered, steps = lower_train_step(config, target)
@@ -317,7 +336,6 @@ def listed(text: str) -> list[str]:
 def check_choices(names: Mapping[str, Sequence[str]], allowed: Mapping, *, preset: str) -> None:
     """Values of a flag (``names[flag]``) outside ``allowed[flag]``, or a method without
     ``preset``, are a :class:`~experiments.cli.UsageError` naming the choices."""
-    from experiments.configs import methods
 
     for flag, choices in allowed.items():
         unknown = [n for n in names[flag] if n not in choices]

@@ -1,16 +1,16 @@
 """Compile-only GPU plans of a preset's real steps: XLA's CUDA compiler without a GPU.
 
     pip install "jax-cuda12-plugin==0.10.2"   # the plugin alone: no CUDA wheels, no driver
-    python -m benchmarks.gpu_plan --method ce --preset cpu --gpu h100 --count 8
-    python -m benchmarks.gpu_plan --method logitnorm,l2norm --preset paper --gpu h100,a100 \
-        --precision bfloat16,float32 --output benchmarks/results/gpu_plan
+    python -m experiments.plan.gpu --method ce --preset cpu --gpu h100 --count 8
+    python -m experiments.plan.gpu --method logitnorm,l2norm --preset paper --gpu h100,a100 \
+        --precision bfloat16,float32 --output results/plans/gpu_plan
 
 The CUDA plugin's PJRT client builds compile-only devices from a deviceless target
 description (``jax.experimental.topologies.get_topology_desc(platform="cuda",
 target_config=<GpuTargetConfigProto text>, topology="1x1xN")``), and
 ``jax.jit(...).lower(...).compile()`` then runs XLA's GPU pipeline for them (fusion,
 cuDNN convolutions, SPMD partitioning, buffer assignment, code generation). The rest is
-:func:`benchmarks.plan_core.plan_steps`, as for TPUs: the runner's own train and eval
+:func:`experiments.plan.core.plan_steps`, as for TPUs: the runner's own train and eval
 steps of the preset's config, the same checks of the design's sharding promises,
 per-device memory against the GPU's memory and a **roofline estimate** of the step
 time, never a measurement.
@@ -38,10 +38,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import numpy as np
 
-from benchmarks import plan_core, plan_table
-from benchmarks.plan_core import PRECISIONS, Slice, listed, preset_config
-from benchmarks.tpu_program import DTYPE_BYTES, PlanError
 from experiments import cli
+from experiments.configs import methods
+from experiments.plan import core as plan_core
+from experiments.plan import table as plan_table
+from experiments.plan.core import PRECISIONS, Slice, listed, preset_config
+from experiments.plan.program import DTYPE_BYTES, PlanError
 
 TITLE = "Compile-only GPU plans of the presets' train steps"
 
@@ -217,8 +219,6 @@ def _versions() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    from experiments.configs import methods
-
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="Any --config.<field>=<value> the runner takes changes the planned preset "
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         key_fields=key_fields,
         markdown=functools.partial(plan_core.markdown, title=TITLE),
         output=args.output,
-        command="python -m benchmarks.gpu_plan " + " ".join(argv or sys.argv[1:]),
+        command="python -m experiments.plan.gpu " + " ".join(argv or sys.argv[1:]),
         versions=_versions(),
     )
 
