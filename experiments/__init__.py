@@ -1,9 +1,36 @@
 """Experiment entry points (the only code that reads configs).
 
-Importing this package imports ``ood_jax`` first, before JAX starts, so that
-its default XLA CPU flag (``ood_jax.CPU_XLA_FLAG``: YNNPACK fusion of dots and
-reductions) applies to every ``python -m experiments.<name>`` run. Set
-``OOD_JAX_DEFAULT_XLA_FLAGS=0`` to leave ``XLA_FLAGS`` untouched.
+Every ``python -m experiments.<name>`` imports this package first, before JAX
+starts; it sets three process defaults for the commands, each only where the
+user has not chosen:
+
+- ``XLA_FLAGS`` gets ``ood_jax.CPU_XLA_FLAG`` (:func:`ood_jax.use_cpu_xla_flag`;
+  ``OOD_JAX_DEFAULT_XLA_FLAGS=0`` leaves it untouched).
+- ``OOD_JAX_DATA_DIR``: the offline data folder beside the checkout
+  (``<checkout>/../shared/data``), where there is one.
+- ``OOD_JAX_PRETRAINED``: the checkout's published checkpoints
+  (``<checkout>/results/cpu_study/checkpoints``), where there are.
+
+The library itself (``ood_jax``) reads only those variables or its arguments.
 """
 
-import ood_jax  # noqa: F401  (sets the default CPU flag before JAX starts)
+import os
+from pathlib import Path
+
+import ood_jax
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+CHECKOUT_DEFAULTS = {
+    "OOD_JAX_DATA_DIR": CHECKOUT.parent / "shared" / "data",
+    "OOD_JAX_PRETRAINED": CHECKOUT / "results" / "cpu_study" / "checkpoints",
+}
+
+
+def _use_checkout_defaults() -> None:
+    for name, folder in CHECKOUT_DEFAULTS.items():
+        if not os.environ.get(name) and folder.is_dir():
+            os.environ[name] = str(folder)
+
+
+ood_jax.use_cpu_xla_flag()
+_use_checkout_defaults()

@@ -14,10 +14,11 @@ test accuracy measured when it was published. :func:`load` refuses a file whose
 hash differs from the manifest's, an unknown name, and a file whose arrays do not
 fit the model.
 
-The checkpoints live in the repository (``results/cpu_study/checkpoints``, the
-reproduction study's runs); from a checkout or an editable install they are
-found there. Elsewhere pass ``root=`` (a folder with ``manifest.json``) or set
-``OOD_JAX_PRETRAINED``.
+The checkpoints are published in the repository (``results/cpu_study/checkpoints``,
+the reproduction study's runs), not in the installed package: pass ``root=`` (a
+folder with ``manifest.json``) or set ``OOD_JAX_PRETRAINED`` to that folder. The
+project's commands and notebooks, run from a checkout, set it to the checkout's
+folder (:mod:`experiments`).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from ood_jax.models import build_model
 
 MANIFEST = "manifest.json"
 ENV = "OOD_JAX_PRETRAINED"
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SUBDIR = Path("results") / "cpu_study" / "checkpoints"
+# Where a checkout of the repository keeps them (what the commands default to).
+CHECKOUT_SUBDIR = Path("results") / "cpu_study" / "checkpoints"
 # What load() reads of an entry.
 _REQUIRED_FIELDS = ("file", "sha256", "model")
 
@@ -51,8 +52,14 @@ class PretrainedError(ValueError):
 
 
 def default_root() -> Path:
-    """``$OOD_JAX_PRETRAINED``, else the repository's ``results/cpu_study/checkpoints``."""
-    return Path(os.environ.get(ENV) or _REPO_ROOT / DEFAULT_SUBDIR)
+    """``$OOD_JAX_PRETRAINED``; a :class:`PretrainedError` saying what to set if unset."""
+    env = os.environ.get(ENV)
+    if not env:
+        raise PretrainedError(
+            f"no folder of published checkpoints: pass root= or set {ENV} to a folder with "
+            f"{MANIFEST} (a checkout of the ood_jax repository has one in {CHECKOUT_SUBDIR})."
+        )
+    return Path(env)
 
 
 def _manifest(root: str | os.PathLike | None) -> tuple[Path, dict[str, dict]]:

@@ -9,7 +9,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# The tests run the project's commands and read the checkout's files: the commands'
+# process defaults (the CPU XLA flag, the offline data, the published checkpoints).
 import jax  # noqa: E402
+
+import experiments  # noqa: E402, F401
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")

@@ -3,7 +3,7 @@
 Energy fine-tuning (Liu et al., 2020) and Outlier Exposure (Hendrycks et al.,
 2019) pair each in-distribution batch of 128 with 256 auxiliary images
 (``ratio = 2``). The papers drew them from 80 Million Tiny Images (withdrawn);
-offline we use the Tiny ImageNet train subset of ``../shared/data``
+offline we use the Tiny ImageNet train subset of the offline data folder
 (``load_dataset("tinyimagenet_train", "train")``: 20,200 images, 64x64 JPEG,
 grayscale replicated to RGB, downsampled to 32x32 by a 2x2 box average, see
 :mod:`ood_jax.data.tinyimagenet`). Its classes overlap Tiny ImageNet test, so

@@ -163,7 +163,7 @@ def load_dataset(
         ``folder:<root>``.
       split: split name (``"train"``, ``"test"``, a tfds slice such as ``"test[:2000]"``).
       data_dir: folder of the offline npz files (default ``$OOD_JAX_DATA_DIR`` or
-        ``../shared/data``).
+        the offline data folder).
       local_path: the user's files for ``name`` (an .npz file, or a folder holding
         ``<split>/<class>/`` images); takes precedence over every other source. Labels
         are checked against the spec's class count. Folder images that are not 32x32

@@ -29,12 +29,13 @@ class DatasetUnavailableError(RuntimeError):
 
 
 def default_data_dir() -> Path | None:
-    """``$OOD_JAX_DATA_DIR`` if set, else ``<repo>/../shared/data`` if it exists, else None."""
+    """The offline data folder: ``$OOD_JAX_DATA_DIR`` if set, else None.
+
+    The library never guesses it from where it is installed; the project's commands,
+    run from a checkout, set the variable to the workplace's folder (:mod:`experiments`).
+    """
     env = os.environ.get("OOD_JAX_DATA_DIR")
-    if env:
-        return Path(env)
-    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return shared if shared.is_dir() else None
+    return Path(env) if env else None
 
 
 def open_npz(path: str | os.PathLike):
@@ -306,6 +307,6 @@ def _unavailable_message(
     if offline:
         lines.append(
             f"An offline stand-in exists: load_dataset({offline!r}, ...) reads it from "
-            "$OOD_JAX_DATA_DIR (default ../shared/data)."
+            "$OOD_JAX_DATA_DIR (or data_dir=)."
         )
     return " ".join(lines)
