@@ -82,7 +82,9 @@ def test_gpu_runtime_with_another_jax_gets_the_tested_cuda_build(installed):
 
 
 def test_cpu_runtime():
-    assert commands("cpu", packages("0.10.2"), tensorflow=True) == [ood_jax_install("", PREPARE_REST)]
+    assert commands("cpu", packages("0.10.2"), tensorflow=True) == [
+        ood_jax_install("", PREPARE_REST)
+    ]
     assert commands("cpu", packages("0.5.3", "jax-cuda12-plugin"), tensorflow=True) == [
         ["uninstall", "-y", "jax-cuda12-plugin"],  # built for the old jaxlib
         ["install", "-q", "jax==0.10.2"],
