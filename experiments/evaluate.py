@@ -35,7 +35,8 @@ import ml_collections
 from experiments import cli
 from experiments.configs.default import PRESETS
 from experiments.evaluate_torch import TORCH_FLAGS, evaluate_torch_args
-from experiments.evaluation import Provenance, config_with_overrides, report_from_config
+from experiments.evaluation import Provenance, report_config, report_from_settings
+from experiments.run_config import resolve
 from experiments.workdir import Workdir
 
 
@@ -113,9 +114,9 @@ def evaluate_workdir(
         default_dir = os.path.join(workdir, Workdir.EVAL if step is None else f"eval_step{step}")
         model, metadata, step = restore_model(workdir, step=step)
         provenance = Provenance(command=command, step=step, workdir=workdir)
-    config = config_with_overrides(saved_config(metadata["config"]), data=data, overrides=overrides)
-    return report_from_config(
-        config,
+    config = report_config(saved_config(metadata["config"]), data=data, overrides=overrides)
+    return report_from_settings(
+        resolve(config),
         model,
         provenance,
         out_dir=default_dir if out_dir is None else out_dir,

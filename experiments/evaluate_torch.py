@@ -2,7 +2,7 @@
 
 The file is read without running code from it (``ood_jax.interop``), converted to
 the ood_jax model of ``--arch``, and evaluated through the same path as a
-workdir (:func:`experiments.evaluation.report_from_config`).
+workdir (:func:`experiments.evaluation.report_from_settings`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import ml_collections
 
 from experiments import cli, torch_import
 from experiments.configs import methods
-from experiments.evaluation import Provenance, config_with_overrides, report_from_config
+from experiments.evaluation import Provenance, report_config, report_from_settings
+from experiments.run_config import resolve
 from ood_jax import data as D
 from ood_jax import interop
 
@@ -53,7 +54,7 @@ def evaluate_torch(
         raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
     base = methods.get_config("ce", preset)
     base.model.options = ml_collections.ConfigDict()  # the preset's model is replaced
-    config = config_with_overrides(base, data=data, overrides=overrides)
+    config = report_config(base, data=data, overrides=overrides)
     imported = torch_import.load_for_evaluation(
         path,
         arch,
@@ -83,8 +84,8 @@ def evaluate_torch(
         normalization=(imported.mean, imported.std),
     )
     stem = os.path.splitext(os.path.basename(path))[0]
-    return report_from_config(
-        config,
+    return report_from_settings(
+        resolve(config),
         imported.model,
         provenance,
         out_dir=os.path.join("runs", "torch", stem, "eval") if out_dir is None else out_dir,

@@ -1,9 +1,9 @@
-"""A run's OOD report: its config -> an ``EvalSpec`` -> ``ood_jax.evaluate.run_evaluation``.
+"""A run's OOD report: its resolved settings -> ``ood_jax.evaluate.run_evaluation``.
 
 The one path behind both the end-of-training report (``experiments.train``) and
-``python -m experiments.evaluate``: the same config gives the same sets, scores,
-hyperparameters, budgets and seeds, so both give identical numbers for the same
-checkpoint.
+``python -m experiments.evaluate``: the same :class:`~experiments.run_config.RunSettings`
+give the same sets, scores, hyperparameters, budgets and seeds, so both give
+identical numbers for the same checkpoint.
 """
 
 from __future__ import annotations
@@ -17,18 +17,11 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from experiments import cli
 from experiments.data import display_name, load_splits, near_auxiliary_notes
-from experiments.run_config import (
-    SCHEMA_FIELDS,
-    complete_config,
-    eval_batch_size,
-    ood_set_names,
-    validate_config,
-)
+from experiments.run_config import RunSettings, eval_batch_size, parse
 from ood_jax import data as D
 from ood_jax import sharding
-from ood_jax.evaluate import EvalSpec, load_ood_sets, run_evaluation
+from ood_jax.evaluate import load_ood_sets, run_evaluation
 from ood_jax.evaluate.datasets import load_ood_set
 
 
@@ -63,32 +56,6 @@ class Provenance:
         return {"workdir": os.path.abspath(self.workdir), "step": self.step}
 
 
-def eval_spec(config: ml_collections.ConfigDict, *, batch_size: int) -> EvalSpec:
-    """The :class:`~ood_jax.evaluate.EvalSpec` of ``config.eval`` (0 budgets = none)."""
-    settings = config.eval
-    dataset = D.get_dataset_spec(config.data.dataset)
-    return EvalSpec(
-        scores=[s for s in settings.scores if s] or None,
-        score_hparams=settings.score_hparams.to_dict(),
-        protocols=tuple(settings.protocols),
-        convention=settings.convention,
-        num_draws=settings.num_draws,
-        seed=config.seed,
-        max_train=settings.max_train or None,
-        max_ood=settings.max_ood or None,
-        adversarial_noise=settings.adversarial_noise,
-        attack_steps=settings.attack_steps,
-        attack_eps=settings.attack_eps,
-        batch_size=batch_size,
-        mean=dataset.mean,
-        std=dataset.std,
-        tune=[s for s in settings.tune if s],
-        tune_grids=settings.tune_grids.to_dict(),
-        val_size=settings.val_size,
-        fit_on_val=[s for s in settings.fit_on_val if s],
-    )
-
-
 def finished_report(out_dir: str, *, step: int, config: ml_collections.ConfigDict) -> dict | None:
     """The complete report in ``out_dir`` of this ``step`` and ``config`` (``eval.force``
     aside), or None: a rerun of a finished run need not redo it."""
@@ -115,7 +82,7 @@ def _settings(config: Any) -> Any:
 
 
 def ood_report(
-    config: ml_collections.ConfigDict,
+    settings: RunSettings,
     model: nnx.Module,
     *,
     train_ds: D.ImageDataset,
@@ -125,13 +92,13 @@ def ood_report(
     batch_size: int,
     data_dir: str | None = None,
 ) -> dict:
-    """The OOD report of a trained model, as ``config.eval`` describes it.
+    """The OOD report of a trained model, as ``settings`` describe it.
 
-    ``data_dir``: the folder of the offline OOD files (default: the shared one).
+    ``data_dir``: the folder of the offline OOD files (default: ``$OOD_JAX_DATA_DIR``).
     Returns the ``results.json`` dict.
     """
-    names = ood_set_names(config)  # checked with the rest of the config (validate_config)
-    spec = eval_spec(config, batch_size=batch_size)
+    config, names = settings.config, list(settings.ood_sets)
+    spec = dataclasses.replace(settings.eval, batch_size=batch_size)
     if provenance.normalization is not None:
         mean, std = provenance.normalization
         spec = dataclasses.replace(spec, mean=mean, std=std)
@@ -174,21 +141,20 @@ def ood_report(
     )
 
 
-def config_with_overrides(
+def report_config(
     config: ml_collections.ConfigDict, *, data: str | None, overrides: Sequence[str]
 ) -> ml_collections.ConfigDict:
-    """``config`` with ``--data`` and the ``--config.*`` overrides, completed and checked."""
+    """``config`` with ``--data`` and the ``--config.*`` overrides (:func:`parse`), its
+    OOD report on (whatever the run itself did at its end); :func:`resolve` it next."""
     if data is not None:
         config.data.source = data
-    config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)
-    complete_config(config)
-    config.eval.ood = True  # this is the OOD report, whatever the run itself did at its end
-    validate_config(config)
+    config = parse(config, overrides)
+    config.eval.ood = True
     return config
 
 
-def report_from_config(
-    config: ml_collections.ConfigDict,
+def report_from_settings(
+    settings: RunSettings,
     model: Any,
     provenance: Provenance,
     *,
@@ -196,11 +162,12 @@ def report_from_config(
     batch_size: int | None,
     data_dir: str | None,
 ) -> dict:
-    """:func:`ood_report` on the splits ``config.data`` names (the CLI's evaluations)."""
-    train_ds, test_ds = load_splits(config, data_dir=data_dir)
-    default_batch = eval_batch_size(config, sharding.make_mesh())
+    """:func:`ood_report` on the splits ``settings.config.data`` names (the CLI's
+    evaluations)."""
+    train_ds, test_ds = load_splits(settings.config, data_dir=data_dir)
+    default_batch = eval_batch_size(settings.config, sharding.make_mesh())
     return ood_report(
-        config,
+        settings,
         model,
         train_ds=train_ds,
         test_ds=test_ds,

@@ -58,8 +58,8 @@ def set_auto_hparams(
     mean: Any,
     std: Any,
     batch_size: int,
-) -> None:
-    """Sets ``config.objective.auto`` hyperparameters from the initial model, in place.
+) -> dict[str, float]:
+    """The ``config.objective.auto`` hyperparameters from the initial model.
 
     ``m_in`` / ``m_out``: the model's mean free energy on (a seeded subset of at most
     10,000 of) the in-distribution training images and the auxiliary outliers: the
@@ -86,9 +86,8 @@ def set_auto_hparams(
             batch_size=batch_size,
             mesh=mesh,
         )
-    for name, value in values.items():
-        config.objective.hparams[name] = value
     print(
         "automatic margins from the initial model's mean energies: "
         + ", ".join(f"{k} = {v:.4f}" for k, v in values.items())
     )
+    return values

@@ -1,28 +1,129 @@
-"""Resolving a run's config: user imports, registry-implied fields, validation.
+"""A run's settings, resolved once: overrides, registry-implied fields, validation.
 
-Only the experiments read configs. Before anything is built, a config is
-completed from the registries (the objective's hyperparameter defaults, the
-dataset spec's values, every score's defaults) and its values are checked, so a
-bad value is one clear error before any data is loaded or file written.
+Only the experiments read configs, and each command resolves its config once,
+in two steps, before anything is built:
+
+1. :func:`parse`: the preset with the ``--config.*`` overrides, completed from the
+   registries (the objective's hyperparameter defaults, the dataset spec's values,
+   every score's defaults) between the schema-deciding overrides and the rest;
+2. :func:`resolve`: the values checked, and what they imply derived once (the OOD
+   sets, the report's :class:`~ood_jax.evaluate.EvalSpec`, the model's identity),
+   into a frozen :class:`RunSettings`.
+
+A bad value is one clear error before any data is loaded or file written; after
+:func:`resolve` nothing changes the settings (energy fine-tuning's data-derived
+margins give a new :class:`RunSettings`, :meth:`RunSettings.with_objective_hparams`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
 from experiments import cli
 from ood_jax import data as D
+from ood_jax.evaluate import EvalSpec, check_ood_set_names
+from ood_jax.models import MODEL_NAMES
+from ood_jax.scores import check_score_names
 from ood_jax.scores import merge_hparams as merge_score_hparams
 from ood_jax.train import SCHEDULES, get_objective
 from ood_jax.train import resolve_hparams as resolve_objective_hparams
 
 # Overrides applied before the rest: they decide which other fields exist.
 SCHEMA_FIELDS = ("imports", "objective.name", "data.dataset")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """A command's settings, resolved once (:func:`resolve`).
+
+    Attributes:
+      config: the completed, validated config, frozen.
+      ood_sets: the OOD test sets of the report (``()`` when ``config.eval.ood`` is off).
+      eval: the report's settings (None when ``config.eval.ood`` is off); its
+        ``batch_size`` is the config's, made a multiple of the devices when the mesh is
+        known (:func:`eval_batch_size`).
+    """
+
+    config: ml_collections.FrozenConfigDict
+    ood_sets: tuple[str, ...]
+    eval: EvalSpec | None
+
+    def model_identity(self, num_classes: int) -> dict[str, Any]:
+        """The run's model identity (:func:`model_identity`)."""
+        return model_identity(self.config, num_classes)
+
+    def with_objective_hparams(self, values: Mapping[str, float]) -> RunSettings:
+        """These settings with objective hyperparameters set from data (energy
+        fine-tuning's automatic margins), the rest unchanged."""
+        config = self.config.as_configdict()
+        for name, value in values.items():
+            config.objective.hparams[name] = value
+        return dataclasses.replace(self, config=ml_collections.FrozenConfigDict(config))
+
+
+def parse(
+    config: ml_collections.ConfigDict, overrides: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the ``--config.*`` ``overrides`` applied and completed
+    from the registries (:func:`complete_config`, once, after the schema's fields)."""
+    return cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)
+
+
+def resolve(config: ml_collections.ConfigDict) -> RunSettings:
+    """The settings of a parsed (:func:`parse`) ``config``: checked, derived, frozen."""
+    validate_config(config)
+    if not config.eval.ood:
+        return RunSettings(ml_collections.FrozenConfigDict(config), (), None)
+    names = ood_set_names(config)
+    with _config_field("eval.ood_sets"):
+        check_ood_set_names(names)
+    with _config_field("eval"):
+        spec = eval_spec(config, batch_size=config.data.eval_batch_size)
+    _check_tuning(config, names)
+    return RunSettings(ml_collections.FrozenConfigDict(config), tuple(names), spec)
+
+
+def model_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    """What must match between a checkpoint and the model restoring it (the
+    identity :func:`ood_jax.models.build_model` builds from)."""
+    options = dict(config.model.options.to_dict())
+    options.update(get_objective(config.objective.name).model_options)
+    if config.model.mixed_precision:
+        options["dtype"] = "bfloat16"
+    return {"name": config.model.name, "num_classes": num_classes, "options": options}
+
+
+def eval_spec(config: ml_collections.ConfigDict, *, batch_size: int) -> EvalSpec:
+    """The :class:`~ood_jax.evaluate.EvalSpec` of ``config.eval`` (0 budgets = none)."""
+    settings = config.eval
+    dataset = D.get_dataset_spec(config.data.dataset)
+    return EvalSpec(
+        scores=[s for s in settings.scores if s] or None,
+        score_hparams=settings.score_hparams.to_dict(),
+        protocols=tuple(settings.protocols),
+        convention=settings.convention,
+        num_draws=settings.num_draws,
+        seed=config.seed,
+        max_train=settings.max_train or None,
+        max_ood=settings.max_ood or None,
+        adversarial_noise=settings.adversarial_noise,
+        attack_steps=settings.attack_steps,
+        attack_eps=settings.attack_eps,
+        batch_size=batch_size,
+        mean=dataset.mean,
+        std=dataset.std,
+        tune=[s for s in settings.tune if s],
+        tune_grids=settings.tune_grids.to_dict(),
+        val_size=settings.val_size,
+        fit_on_val=[s for s in settings.fit_on_val if s],
+    )
 
 
 def import_user_modules(config: ml_collections.ConfigDict) -> None:
@@ -87,7 +188,8 @@ def _score_hparams_node(hparams: dict[str, dict]) -> ml_collections.ConfigDict:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks values that would fail late or silently, before any data is loaded."""
+    """Checks values that would fail late or silently, before any data is loaded (the
+    OOD sets and the report's settings: :func:`resolve`)."""
     t, d = config.train, config.data
     checks = [
         (t.batch_size >= 1, f"config.train.batch_size must be >= 1, got {t.batch_size}"),
@@ -107,8 +209,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (t.log_every >= 1, f"config.train.log_every must be >= 1, got {t.log_every}"),
         (config.seed >= 0, f"config.seed must be >= 0, got {config.seed}"),
     ]
-    from ood_jax.models import MODEL_NAMES
-
     checks.append(
         (
             config.model.name in MODEL_NAMES,
@@ -119,30 +219,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for ok, message in checks + _optim_checks(config.optim):
         if not ok:
             raise cli.UsageError(message + ".")
-    if config.eval.ood:
-        from ood_jax.evaluate import check_ood_set_names
-        from ood_jax.scores import check_score_names
-
-        scores = [s for s in config.eval.scores if s]
-        if scores:
-            with _config_field("eval.scores"):
-                check_score_names(scores)
-        names = ood_set_names(config)
-        with _config_field("eval.ood_sets"):
-            check_ood_set_names(names)
-        _check_tuning(config, names)
+    scores = [s for s in config.eval.scores if s]
+    if config.eval.ood and scores:
+        with _config_field("eval.scores"):
+            check_score_names(scores)
 
 
 def _check_tuning(config: ml_collections.ConfigDict, ood_sets: list[str]) -> None:
-    """The validation settings, before training: the search, its grids and its OOD set."""
+    """The validation settings, before training: the search's OOD set."""
     settings = config.eval
-    if not any(settings.tune) and not any(settings.fit_on_val):
-        return
-    from experiments.evaluation import eval_spec  # it imports this module
-    from ood_jax.evaluate import check_ood_set_names
-
-    with _config_field("eval"):
-        eval_spec(config, batch_size=1)
     if any(settings.tune):
         if settings.tune_ood in ood_sets:
             raise cli.UsageError(

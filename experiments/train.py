@@ -41,13 +41,16 @@ from experiments.evaluation import Provenance, finished_report, ood_report
 from experiments.finetune import check_auto_hparams, set_auto_hparams
 from experiments.run_config import (
     SCHEMA_FIELDS,
+    RunSettings,
     complete_config,
     eval_batch_size,
     import_user_modules,
-    validate_config,
+    model_identity,
+    parse,
+    resolve,
 )
 from experiments.steps import Optimizer, make_run_optimizer, make_run_steps, num_train_steps
-from experiments.workdir import Workdir, model_identity
+from experiments.workdir import Workdir
 from ood_jax import data as D
 from ood_jax import sharding
 from ood_jax.models import build_model
@@ -55,17 +58,19 @@ from ood_jax.train import create_train_state, get_objective
 from ood_jax.train.loop import CheckpointPolicy, Evaluation, TrainData, evaluate, fit
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(
+    config: RunSettings | ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict:
     """Train (or resume) per ``config`` in ``workdir``, then run the final evaluation.
 
-    Returns the final evaluation summary (also written to ``workdir/final.json``).
-    A second run on the same workdir refuses to start (``workdir/.lock``).
+    ``config``: the command's resolved settings (:func:`parse_args`), or a preset's
+    ConfigDict (from Python: resolved here, once). Returns the final evaluation
+    summary (also written to ``workdir/final.json``). A second run on the same
+    workdir refuses to start (``workdir/.lock``).
     """
-    config = ml_collections.ConfigDict(config.to_dict())
-    complete_config(config)
-    validate_config(config)
-    with Workdir(workdir, max_to_keep=config.train.max_to_keep) as run:
-        return _train_and_evaluate(config, run)
+    settings = config if isinstance(config, RunSettings) else resolve(parse(config))
+    with Workdir(workdir, max_to_keep=settings.config.train.max_to_keep) as run:
+        return _train_and_evaluate(settings, run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +87,11 @@ class _Inputs:
     eval_batch: int
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, run: Workdir) -> dict:
+def _train_and_evaluate(settings: RunSettings, run: Workdir) -> dict:
+    config = settings.config
     inputs = _load_inputs(config)
     num_classes = D.get_dataset_spec(config.data.dataset).num_classes
-    identity = model_identity(config, num_classes or inputs.train_ds.num_classes)
+    identity = settings.model_identity(num_classes or inputs.train_ds.num_classes)
     model_def, state, optimizer = _initial_state(config, inputs, identity)
     if config.objective.auto:
         check_auto_hparams(config)
@@ -95,7 +101,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: Workdir) -> dict
     # written.
     run.lock()
     if config.objective.auto:
-        set_auto_hparams(
+        margins = set_auto_hparams(
             config,
             model_def,
             state,
@@ -106,6 +112,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: Workdir) -> dict
             batch_size=inputs.eval_batch,
             **inputs.norm,
         )
+        settings = settings.with_objective_hparams(margins)
+        config = settings.config
     run.check_resume(config, identity)
     run.save_config(config)
     if jax.process_index() == 0:
@@ -117,7 +125,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: Workdir) -> dict
         )
     train_step, eval_step = make_run_steps(config, model_def, optimizer, inputs.mesh)
     state = _fit(config, run, inputs, state, train_step, eval_step, identity)
-    return _final_evaluation(config, run, inputs, model_def, state, eval_step)
+    return _final_evaluation(settings, run, inputs, model_def, state, eval_step)
 
 
 def _load_inputs(config: ml_collections.ConfigDict) -> _Inputs:
@@ -221,8 +229,11 @@ def _test_batches(inputs: _Inputs):
     return D.eval_batches(inputs.test_ds, batch_size=inputs.eval_batch, **inputs.norm)
 
 
-def _final_evaluation(config, run: Workdir, inputs: _Inputs, model_def, state, eval_step) -> dict:
+def _final_evaluation(
+    settings: RunSettings, run: Workdir, inputs: _Inputs, model_def, state, eval_step
+) -> dict:
     """Test accuracy (and the OOD report if ``config.eval.ood``), saved as ``final.json``."""
+    config = settings.config
     test = evaluate(eval_step, state, _test_batches(inputs), inputs.mesh)
     step = int(sharding.fetch(state.step))
     summary: dict[str, Any] = {
@@ -247,7 +258,7 @@ def _final_evaluation(config, run: Workdir, inputs: _Inputs, model_def, state, e
         params, batch_stats = sharding.fetch((state.params, state.batch_stats))
         model = model_def.merge(params, batch_stats, train=False, key=None)
         report = ood_report(
-            config,
+            settings,
             model,
             train_ds=inputs.train_ds,
             test_ds=inputs.test_ds,
@@ -268,8 +279,9 @@ def _final_evaluation(config, run: Workdir, inputs: _Inputs, model_def, state, e
 
 def parse_args(
     argv: Sequence[str] | None, *, method: str, description: str
-) -> tuple[ml_collections.ConfigDict, str]:
-    """``(config, workdir)`` from the command line (preset, ``--data``, overrides)."""
+) -> tuple[RunSettings, str]:
+    """``(settings, workdir)`` from the command line (preset, ``--data``, overrides),
+    resolved once (:func:`experiments.run_config.resolve`)."""
     parser = argparse.ArgumentParser(
         prog=_prog(method),
         description=description,
@@ -317,13 +329,14 @@ def parse_args(
         elif value is not None:
             overrides.append(f"--config.objective.hparams.{margin}={value}")
     config.objective.auto = tuple(auto)
-    config = cli.apply_overrides(config, overrides, first=SCHEMA_FIELDS, prepare=complete_config)
+    settings = resolve(parse(config, overrides))
+    config = settings.config
     if chosen:
         print(
             f"no --preset given: using '{preset}' for the {jax.default_backend()} backend "
             f"(model {config.model.name}, data source {config.data.source})"
         )
-    return config, args.workdir
+    return settings, args.workdir
 
 
 def _prog(method: str) -> str:
@@ -367,8 +380,8 @@ def main(argv: Sequence[str] | None = None, *, method: str = "logitnorm") -> dic
     """Command-line entry point shared by the training experiments."""
 
     def run(argv):
-        config, workdir = parse_args(argv, method=method, description=_description(method))
-        return train_and_evaluate(config, workdir)
+        settings, workdir = parse_args(argv, method=method, description=_description(method))
+        return train_and_evaluate(settings, workdir)
 
     return cli.run_main(run, argv)
 
@@ -381,6 +394,8 @@ __all__ = [
     "load_splits",
     "main",
     "model_identity",
+    "parse",
+    "resolve",
     "near_auxiliary_notes",
     "ood_report",
     "train_and_evaluate",

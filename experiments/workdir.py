@@ -39,7 +39,7 @@ from ood_jax.checkpoint import (
     abstract_like,
 )
 from ood_jax.models import build_model
-from ood_jax.train import create_train_state, get_objective, make_optimizer
+from ood_jax.train import create_train_state, make_optimizer
 from ood_jax.train.logging import METRICS_FILE
 
 # Config fields that define what a run computes: a resume that changes any of them
@@ -62,16 +62,6 @@ RUN_FIELDS = (
 
 # Reads of a still-training run's newest checkpoint before giving up (each lost to pruning).
 _NEWEST_ATTEMPTS = 3
-
-
-def model_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
-    """What must match between a checkpoint and the model restoring it (the
-    identity :func:`ood_jax.models.build_model` builds from)."""
-    options = dict(config.model.options.to_dict())
-    options.update(get_objective(config.objective.name).model_options)
-    if config.model.mixed_precision:
-        options["dtype"] = "bfloat16"
-    return {"name": config.model.name, "num_classes": num_classes, "options": options}
 
 
 class RestoredRun(NamedTuple):

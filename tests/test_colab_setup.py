@@ -150,9 +150,11 @@ def test_import_warns_outside_the_tested_range(tmp_path, version):
 
 def notebook_ood_sets(backend, data):
     argv = ["--workdir=unused", *C.notebook_run_args(backend, data, smoke=False)]
-    config, _ = parse_args(argv, method="logitnorm", description="")
-    assert config.data.source == data
-    return ood_set_names(config)
+    settings, _ = parse_args(argv, method="logitnorm", description="")
+    assert settings.config.data.source == data
+    # Resolved once: the sets the report will load are those the config names.
+    assert list(settings.ood_sets) == ood_set_names(settings.config)
+    return list(settings.ood_sets)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
@@ -166,4 +168,4 @@ def test_notebook_with_tfds_data_reads_only_what_tfds_serves(backend):
 def test_notebook_with_the_offline_files_keeps_the_cpu_preset():
     assert notebook_ood_sets("cpu", "local") == list(presets.CPU_OOD_SETS)
     argv = ["--workdir=unused", *C.notebook_run_args("tpu", "local", smoke=False)]
-    assert parse_args(argv, method="logitnorm", description="")[0].train.epochs == 30
+    assert parse_args(argv, method="logitnorm", description="")[0].config.train.epochs == 30

@@ -104,7 +104,7 @@ def test_cli_writes_report_for_latest_checkpoint(workdir):
 
 
 def test_the_spec_is_built_from_config_eval():
-    from experiments.evaluation import eval_spec
+    from experiments.run_config import eval_spec
 
     config = presets.get_config("smoke", "logitnorm")
     config.eval.scores = ("msp", "", "knn")

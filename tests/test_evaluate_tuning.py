@@ -17,8 +17,7 @@ from toy_models import FlatLinear
 
 from experiments import cli
 from experiments.configs import default as presets
-from experiments.evaluation import eval_spec
-from experiments.run_config import validate_config
+from experiments.run_config import eval_spec, validate_config
 from experiments.train import SCHEMA_FIELDS, complete_config
 from experiments.train import main as train_main
 from ood_jax import data as D

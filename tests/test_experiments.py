@@ -10,9 +10,9 @@ import pytest
 
 from experiments import cli
 from experiments.configs import default as presets
+from experiments.run_config import model_identity
 from experiments.train import SCHEMA_FIELDS, complete_config, train_and_evaluate
 from experiments.train import main as train_main
-from experiments.workdir import model_identity
 from ood_jax.checkpoint import CheckpointError
 from ood_jax.train.logging import read_metrics
 
@@ -143,7 +143,7 @@ def test_a_swept_hyperparameter_takes_several_values_from_the_command_line():
 def test_config_errors_name_the_field_before_any_work():
     import ml_collections
 
-    from experiments.run_config import validate_config
+    from experiments.run_config import resolve
 
     config = presets.get_config("smoke")
     config.objective.hparams = ml_collections.ConfigDict({"temprature": 0.1})
@@ -157,10 +157,10 @@ def test_config_errors_name_the_field_before_any_work():
     config = parse(["--config.data.dataset=svhn", "--config.eval.ood=true"])
     config.eval.ood_sets = ()
     with pytest.raises(cli.UsageError, match="'svhn' has no default OOD suite"):
-        validate_config(config)
+        resolve(config)
     config = parse(["--config.eval.ood=true", "--config.eval.ood_sets=gaussian,svhm"])
     with pytest.raises(cli.UsageError, match="^config.eval.ood_sets: unknown OOD set 'svhm'"):
-        validate_config(config)
+        resolve(config)
 
 
 @pytest.mark.parametrize(

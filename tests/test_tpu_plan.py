@@ -88,8 +88,8 @@ def _lowered_step(state_sharded: bool, donate: bool = True):
     """The runner's own smoke-preset CE step lowered for the 8 CPU devices; with
     ``state_sharded`` the state's first axis is split over ``data`` where it divides;
     without ``donate``, a copy of the step that does not donate the state."""
+    from experiments.run_config import model_identity
     from experiments.steps import make_run_optimizer, make_run_steps
-    from experiments.workdir import model_identity
     from ood_jax.models import build_model
     from ood_jax.train import create_train_state
 

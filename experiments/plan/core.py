@@ -34,9 +34,8 @@ from experiments.plan.program import (
     required_bytes,
     roofline,
 )
-from experiments.run_config import SCHEMA_FIELDS, complete_config, eval_batch_size, validate_config
+from experiments.run_config import eval_batch_size, model_identity, parse, resolve
 from experiments.steps import make_run_optimizer, make_run_steps
-from experiments.workdir import model_identity
 from ood_jax import attacks, sharding
 from ood_jax.models import build_model
 from ood_jax.train import create_train_state, get_objective
@@ -91,17 +90,13 @@ def preset_config(method: str, preset: str, precision: str, overrides: Sequence[
 
     config = methods.get_config(method, preset, finetune=method in ("oe", "energy_ft"))
     config.model.mixed_precision = precision == "bfloat16"
-    if overrides:
-        if any(o.startswith("--config.model.mixed_precision") for o in overrides):
-            raise cli.UsageError(
-                "--config.model.mixed_precision: the plans take --precision "
-                "(bfloat16, float32 or both) instead."
-            )
-        config = cli.apply_overrides(
-            config, overrides, first=SCHEMA_FIELDS, prepare=complete_config
+    if any(o.startswith("--config.model.mixed_precision") for o in overrides):
+        raise cli.UsageError(
+            "--config.model.mixed_precision: the plans take --precision "
+            "(bfloat16, float32 or both) instead."
         )
-    complete_config(config)
-    validate_config(config)
+    config = parse(config, overrides)
+    resolve(config)  # the checks a launched run makes; the plan edits its copies (ACET's loop)
     return config
 
 

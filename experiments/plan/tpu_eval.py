@@ -46,7 +46,6 @@ import jax
 import jax.numpy as jnp
 
 from experiments.configs import methods
-from experiments.evaluation import eval_spec
 from experiments.plan import table as plan_table
 from experiments.plan.core import (
     abstract,
@@ -64,8 +63,7 @@ from experiments.plan.program import (
     required_bytes,
     roofline,
 )
-from experiments.run_config import eval_batch_size
-from experiments.workdir import model_identity
+from experiments.run_config import eval_batch_size, eval_spec, model_identity
 from ood_jax import sharding
 from ood_jax.evaluate import ForwardPass
 from ood_jax.evaluate.adversarial import CHUNK_STEPS, noise_attack
