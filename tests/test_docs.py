@@ -73,3 +73,17 @@ def test_mkdocs_build_strict(tmp_path):
     # the API reference is generated from the docstrings, not left as "::: ood_jax.losses"
     api = (tmp_path / "site" / "api" / "losses" / "index.html").read_text(encoding="utf-8")
     assert "logitnorm_loss" in api and ":::" not in api
+
+
+def test_ci_runs_exactly_the_readmes_set_up_and_test_commands():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Test\n") :]
+    block = section[section.index("```bash\n") + 8 : section.index("```\n", 8)]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["bash .ci/setup", ". .venv/bin/activate && python -m pytest tests"]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci = [line for line in ci if line and not line.startswith("#")]
+    assert ci.index("bash .ci/setup") < ci.index(". .venv/bin/activate")
+    assert ci.index(". .venv/bin/activate") < ci.index("python -m pytest tests")
+    setup = (ROOT / ".ci" / "setup").read_text()
+    assert "--target .ci/libtpu" in setup and "requirements-test.txt -c constraints.txt" in setup

@@ -4,7 +4,7 @@ The checks are exercised on programs compiled for the 8 virtual CPU devices (a
 correct step, and the same step with its state deliberately sharded); the real
 path compiles the ``cpu`` preset's train and eval step, and the evaluation's ODIN
 and attack chunk (experiments.plan.tpu_eval), for a v5e-4 slice with XLA's TPU
-compiler (libtpu, installed by ``.ci/run`` into ``.ci/libtpu``; see
+compiler (libtpu, installed by ``.ci/setup`` into ``.ci/libtpu``; see
 ``LIBTPU_DIR``), in a subprocess so that libtpu never loads into this one; a
 v5e-16 slice's hosts are checked to hold a quarter of the batch each.
 """
@@ -26,7 +26,7 @@ from experiments.plan import program as tpu_program
 from ood_jax import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where .ci/run installs libtpu (pip install --target): kept off this process's path.
+# Where .ci/setup installs libtpu (pip install --target): kept off this process's path.
 LIBTPU_DIR = Path(os.environ.get("OOD_JAX_LIBTPU_DIR", ROOT / ".ci" / "libtpu"))
 
 HLO = """
@@ -216,7 +216,7 @@ def _libtpu_env() -> dict:
     if not (LIBTPU_DIR / "libtpu").is_dir():
         pytest.fail(
             f"libtpu is not in {LIBTPU_DIR}: pip install --target {LIBTPU_DIR} --no-deps "
-            "libtpu==0.0.42.1 (what .ci/run does), or set OOD_JAX_LIBTPU_DIR."
+            "libtpu==0.0.42.1 (what .ci/setup does), or set OOD_JAX_LIBTPU_DIR."
         )
     return {
         **os.environ,
