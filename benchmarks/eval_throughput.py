@@ -49,9 +49,21 @@ from ood_jax.evaluate import (
     score_outputs,
 )
 from ood_jax.evaluate.protocol import evaluate_ood
-from ood_jax.evaluate.scoring import score_activations
+from ood_jax.evaluate.scoring import (
+    fitted_on_captures,
+    fitted_on_outputs,
+    runs_on,
+    score_activations,
+)
 from ood_jax.models import create_model
-from ood_jax.scores import Head, available_scores, get_score, resolve_hparams
+from ood_jax.scores import (
+    ArrayScore,
+    Head,
+    ModelScore,
+    available_scores,
+    get_score,
+    resolve_hparams,
+)
 
 TEMPERATURES = (1.0, 10.0, 100.0, 1000.0)
 
@@ -84,7 +96,7 @@ def _model_score_rows(forward, images, labels, batches, hparams, train_outputs, 
     fit_ds = D.from_arrays(images[:num_fit], labels[:num_fit], name="train", num_classes=10)
     fitted = fit_scores(hparams, train_outputs)
     fit_rows = []
-    for name in [n for n in hparams if get_score(n).fit is not None and get_score(n).captures]:
+    for name in [n for n in hparams if fitted_on_captures(get_score(n))]:
         start = time.perf_counter()
         fitted.update(fit_captured({name: hparams[name]}, forward, lambda: batches(fit_ds)))
         fit_rows.append(
@@ -93,11 +105,13 @@ def _model_score_rows(forward, images, labels, batches, hparams, train_outputs, 
     rows = []
     for name, hp in hparams.items():
         score = get_score(name)
-        if score.stochastic and not forward.has_dropout():
+        if not runs_on(score, forward):
             rows.append((f"{name} (skipped: the model has no dropout)", None))
             continue
-        if score.consumes == "images":
-            run = lambda name=name, hp=hp: score_images(
+        # The evaluation's two model stages: each computes the scores of its kind and
+        # passes over the others (no forward pass for them).
+        run = lambda name=name, hp=hp: (
+            score_images(
                 {name: hp},
                 forward,
                 {"random": ds},
@@ -105,11 +119,9 @@ def _model_score_rows(forward, images, labels, batches, hparams, train_outputs, 
                 std=D.CIFAR10_STD,
                 seed=0,
                 fitted=fitted,
-            )
-        else:
-            run = lambda name=name, hp=hp: score_activations(
-                {name: hp}, forward, {"random": ds}, batches=batches, fitted=fitted
-            )
+            ),
+            score_activations({name: hp}, forward, {"random": ds}, batches=batches, fitted=fitted),
+        )
         run()  # compile
         start = time.perf_counter()
         run()
@@ -170,14 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     outputs = {"id": _synthetic_outputs(rng, args.num_id, kernel, bias, 1.0, True)}
     for s in range(args.num_ood_sets):
         outputs[f"ood{s}"] = _synthetic_outputs(rng, args.num_ood, kernel, bias, 0.5, False)
-    cached = [n for n in available_scores() if get_score(n).consumes in ("outputs", "fitted")]
+    cached = [n for n in available_scores() if isinstance(get_score(n), ArrayScore)]
     swept = [n for n in cached if get_score(n).sweep == "temperature"]
     sweeps = {n: {"temperature": TEMPERATURES} for n in swept}
     hparams = resolve_hparams(cached, sweeps)
     rows = []
     fitted = {}
     for name in cached:
-        if get_score(name).consumes == "fitted":
+        if fitted_on_outputs(get_score(name)):
             start = time.perf_counter()
             fitted.update(fit_scores({name: hparams[name]}, train))
             rows.append((f"fit {name}", time.perf_counter() - start, None))
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ood_scores = {k: v for k, v in scored.items() if k != "id"}
     first, best = _time(lambda: evaluate_ood(id_scores, ood_scores, protocol="papers"), 0)
     rows.append((f"metrics, papers' protocol ({len(id_scores)} score keys)", first, None))
-    modelled = [n for n in available_scores() if get_score(n).consumes in ("images", "activations")]
+    modelled = [n for n in available_scores() if isinstance(get_score(n), ModelScore)]
     model_rows, fit_rows = _model_score_rows(
         forward,
         images[: args.num_odin],

@@ -1,18 +1,24 @@
 """Stages 2 and 3 of the evaluation: fitted statistics, then scores.
 
 Every score comes from the registry (:mod:`ood_jax.scores.registry`) and is
-computed by the stage its ``consumes`` names:
+computed by the stage of its kind; each stage takes the scores of its kind among
+those it is given and passes over the others:
 
-- :func:`fit_scores`: ``"fitted"`` scores' statistics from the training set's
-  cached outputs (host, float64 where it matters);
-- :func:`score_outputs`: ``"outputs"`` and ``"fitted"`` scores from the cached
-  logits and features of all datasets at once (one jitted call per score; a
-  swept hyperparameter such as the temperature of MSP and energy is vmapped);
-- :func:`score_images`: ``"images"`` scores (ODIN, MC dropout) from the images through
-  the model, on seeded subsets when a ``max_examples`` budget is set;
-- :func:`score_activations`: ``"activations"`` scores (ASH and SCALE on the
-  feature map, RankFeat) in one more forward pass per dataset that captures the
-  intermediates they name; skipped (no pass) when none is chosen.
+- :func:`fit_scores`: the statistics of the scores fitted on the training set's
+  cached outputs (:func:`fitted_on_outputs`; host, float64 where it matters), and
+  :func:`fit_captured`: those streamed over a capturing pass (:func:`fitted_on_captures`);
+- :func:`score_outputs`: the array scores (:class:`~ood_jax.scores.ArrayScore`, a
+  :class:`~ood_jax.scores.FittedScore` too) from the cached logits and features of
+  all datasets at once (one jitted call per score; a swept hyperparameter such as
+  the temperature of MSP and energy is vmapped);
+- :func:`score_images`: the image scores (:class:`~ood_jax.scores.ImageScore`: ODIN,
+  MC dropout) from the images through the model, on seeded subsets when a
+  ``max_examples`` budget is set; a stochastic one is skipped on a model without
+  dropout (:func:`runs_on`);
+- :func:`score_activations`: the activation scores
+  (:class:`~ood_jax.scores.ActivationScore`: ASH and SCALE on the feature map,
+  RankFeat) in one more forward pass per dataset that captures the intermediates
+  they name; skipped (no pass) when none is chosen.
 
 Hyperparameters are resolved once by :func:`ood_jax.scores.resolve_hparams`
 (``{score: {name: value}}``) and passed to every stage.
@@ -29,13 +35,41 @@ import numpy as np
 from ood_jax import data as D
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
 from ood_jax.evaluate.protocol import dataset_seeds
-from ood_jax.scores.registry import Head, compute, get_score
+from ood_jax.scores.registry import (
+    ActivationScore,
+    ArrayScore,
+    FittedScore,
+    Head,
+    ImageScore,
+    ModelScore,
+    Score,
+    compute,
+    get_score,
+)
+
+
+def fitted_on_captures(score: Score) -> bool:
+    """Whether ``score`` is fitted by :func:`fit_captured`: a fitted
+    :class:`~ood_jax.scores.ModelScore` with captures (Gram, MDSEns)."""
+    return isinstance(score, ModelScore) and score.fitted and bool(score.captures)
+
+
+def fitted_on_outputs(score: Score) -> bool:
+    """Whether ``score`` is fitted by :func:`fit_scores` on the training outputs: a
+    :class:`~ood_jax.scores.FittedScore`, or a fitted image score without captures."""
+    return score.fitted and not fitted_on_captures(score)
+
+
+def runs_on(score: Score, forward: ForwardPass) -> bool:
+    """Whether the model of ``forward`` can compute ``score``: not for a stochastic
+    image score on a model without dropout (:func:`score_images` skips it)."""
+    return not (isinstance(score, ImageScore) and score.stochastic) or forward.has_dropout()
 
 
 def fit_scores(hparams: Mapping[str, Mapping], train: ModelOutputs) -> dict[str, object]:
     """``{score: fitted params}`` for the scores among ``hparams``' keys fitted on the
-    training outputs (``"fitted"`` ones and fitted ``"images"`` ones without captures)."""
-    names = [n for n in hparams if get_score(n).fit is not None and not get_score(n).captures]
+    training outputs (:func:`fitted_on_outputs`)."""
+    names = [n for n in hparams if fitted_on_outputs(get_score(n))]
     if names and (train.labels < 0).any():
         raise ValueError(
             "train: fitted scores need labelled training outputs, found label -1; "
@@ -57,7 +91,7 @@ def fit_captured(
     fitted = {}
     for name, hp in hparams.items():
         score = get_score(name)
-        if score.fit is None or not score.captures:
+        if not fitted_on_captures(score):
             continue
 
         def features(out, to_logits, score=score, hp=hp):
@@ -85,7 +119,7 @@ def score_outputs(
     head: Head,
     fitted: Mapping[str, object] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """``{dataset: {result key: float32 [N]}}`` for the non-image scores in ``hparams``.
+    """``{dataset: {result key: float32 [N]}}`` for the array scores in ``hparams``.
 
     The datasets' cached outputs are concatenated so every score is one call.
     """
@@ -97,9 +131,9 @@ def score_outputs(
     flat: dict[str, np.ndarray] = {}
     for name, hp in hparams.items():
         score = get_score(name)
-        if score.consumes in ("images", "activations"):
+        if not isinstance(score, ArrayScore):
             continue
-        if score.consumes == "fitted" and name not in fitted:
+        if isinstance(score, FittedScore) and name not in fitted:
             raise ValueError(
                 f"scores: {name!r} needs fitted statistics; pass the training outputs to "
                 "fit_scores first."
@@ -122,7 +156,7 @@ def score_images(
     seed: int,
     fitted: Mapping[str, object] | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, int]]]:
-    """The ``"images"`` scores among ``hparams``: ``({dataset: {key: [n]}}, sizes)``.
+    """The image scores among ``hparams``: ``({dataset: {key: [n]}}, sizes)``.
 
     ``sizes[score][dataset]`` is the number of images scored (a seeded subset of
     ``max_examples`` images when that budget is set, drawn with
@@ -133,9 +167,9 @@ def score_images(
     sizes: dict[str, dict[str, int]] = {}
     for name, hp in hparams.items():
         score = get_score(name)
-        if score.consumes != "images":
+        if not isinstance(score, ImageScore):
             continue
-        if score.stochastic and not forward.has_dropout():
+        if not runs_on(score, forward):
             warnings.warn(
                 f"scores: skipping {name!r}: the model has no dropout layer with rate > 0 "
                 "(build it with dropout, e.g. the WRN-40-2 preset or "
@@ -159,7 +193,7 @@ def score_images(
 
 def _params(fitted, score) -> tuple:
     """``(params,)`` of a fitted score (an error when missing), ``()`` for the others."""
-    if score.fit is None:
+    if not score.fitted:
         return ()
     if fitted is None or score.name not in fitted:
         raise ValueError(
@@ -170,7 +204,7 @@ def _params(fitted, score) -> tuple:
 
 
 def _image_runner(name: str, hparams: Mapping, forward: ForwardPass, std, lead: tuple) -> Callable:
-    """``run(batches) -> [N]`` of one ``"images"`` score (its dropout passes if stochastic;
+    """``run(batches) -> [N]`` of one image score (its dropout passes if stochastic;
     ``lead``: its fitted params, which then get ``apply_out`` instead of ``apply_logits``)."""
     score, kwargs = get_score(name), dict(hparams)
     if lead:
@@ -190,7 +224,7 @@ def _image_runner(name: str, hparams: Mapping, forward: ForwardPass, std, lead: 
 
 
 def image_score_fn(name: str, hparams: Mapping, *, std) -> Callable:
-    """``fn(apply_logits, images) -> [B]`` of an ``"images"`` score ``name`` that is
+    """``fn(apply_logits, images) -> [B]`` of an image score ``name`` that is
     neither fitted nor stochastic (ODIN): what :func:`score_images` maps over a dataset
     with :meth:`ForwardPass.map_batches`."""
     score, kwargs = get_score(name), dict(hparams)
@@ -209,13 +243,13 @@ def score_activations(
     batches: Callable[[object], object],
     fitted: Mapping[str, object] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """``{dataset: {result key: float32 [N]}}`` of the ``"activations"`` scores in ``hparams``.
+    """``{dataset: {result key: float32 [N]}}`` of the activation scores in ``hparams``.
 
     All of them share one forward pass per dataset capturing the union of their
     intermediates; a swept hyperparameter is vmapped inside it. No pass when none is
     chosen. ``fitted``: the params of the fitted ones (:func:`fit_captured`).
     """
-    chosen = [get_score(n) for n in hparams if get_score(n).consumes == "activations"]
+    chosen = [get_score(n) for n in hparams if isinstance(get_score(n), ActivationScore)]
     if not chosen:
         return {name: {} for name in datasets}
     capture = tuple(sorted({c for score in chosen for c in score.captures}))

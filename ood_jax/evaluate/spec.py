@@ -159,7 +159,7 @@ class EvalSpec:
     @property
     def fitted_scores(self) -> list[str]:
         """The chosen scores fitted on the in-distribution training set."""
-        return [name for name in self.scores if get_score(name).fit is not None]
+        return [name for name in self.scores if get_score(name).fitted]
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain values (the ``"spec"`` entry of ``results.json``)."""

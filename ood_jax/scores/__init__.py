@@ -8,10 +8,25 @@
 - ``model``: scores that need gradients (ODIN, GradNorm).
 - ``shaping``: activation shaping (ASH-P/B/S, SCALE) of the features or of the
   feature map before pooling, and RankFeat (the models' ``capture=`` intermediates).
-- ``registry``: every score by name with what it consumes, its hyperparameters
-  and display name; :func:`register_score` adds one (see that module).
+- ``registry``: every score by name, an instance of its kind (:class:`ArrayScore`,
+  :class:`FittedScore`, :class:`ImageScore`, :class:`ActivationScore`) with its
+  hyperparameters and display name; :func:`register_score` adds one (see that module).
+- ``catalog``: the built-in scores' order (the report's), in which importing this
+  package registers them.
 """
 
+from ood_jax.scores import catalog  # noqa: F401  (registers the built-in scores, in catalog.ORDER)
+from ood_jax.scores.bank import (
+    NNGuideParams,
+    RelationParams,
+    fit_nnguide,
+    fit_relation,
+    nnguide_score,
+    relation_score,
+)
+from ood_jax.scores.boundary import TrainMeanParams, fdbd_score, fit_train_mean, nci_score
+from ood_jax.scores.clipping import VRAParams, dice_score, fit_vra, vra_score
+from ood_jax.scores.dropout import mc_dropout
 from ood_jax.scores.gaussian import (
     GMMParams,
     MahalanobisParams,
@@ -20,6 +35,7 @@ from ood_jax.scores.gaussian import (
     gmm_score,
     mahalanobis_score,
 )
+from ood_jax.scores.gram import GramParams, fit_gram, gram_score, gram_vectors
 from ood_jax.scores.knn import KNNParams, fit_knn, knn_score
 from ood_jax.scores.logit import (
     energy,
@@ -29,10 +45,26 @@ from ood_jax.scores.logit import (
     neg_entropy,
     weighted_energy,
 )
+from ood_jax.scores.mds import mds_ensemble, preprocessed_mahalanobis
 from ood_jax.scores.model import CIFAR10_STD, gradnorm, odin
+from ood_jax.scores.openmax import OpenMaxParams, fit_openmax, openmax_score
+from ood_jax.scores.posterior import (
+    KLMatchingParams,
+    TemperatureParams,
+    fit_kl_matching,
+    fit_temperature,
+    gen_score,
+    kl_matching_score,
+    temperature_score,
+)
 from ood_jax.scores.react import ReActParams, fit_react, react_score
 from ood_jax.scores.registry import (
+    ActivationScore,
+    ArrayScore,
+    FittedScore,
     Head,
+    ImageScore,
+    ModelScore,
     Score,
     available_scores,
     check_score_names,
@@ -41,7 +73,18 @@ from ood_jax.scores.registry import (
     register_score,
     resolve_hparams,
 )
+from ood_jax.scores.rescaling import PNMLParams, fit_pnml, lts_score, pnml_score
+from ood_jax.scores.rmds import RMDSParams, fit_rmds, rmds_score
 from ood_jax.scores.shaping import ash_b, ash_p, ash_s, rank1_removed, scale
+from ood_jax.scores.she import SHEParams, fit_she, she_score
+from ood_jax.scores.vim import (
+    ViMParams,
+    ViMSubspace,
+    fit_vim,
+    residual_score,
+    vim_score,
+    vim_subspace,
+)
 
 __all__ = [
     "CIFAR10_STD",
@@ -51,6 +94,11 @@ __all__ = [
     "Head",
     "ReActParams",
     "Score",
+    "ArrayScore",
+    "FittedScore",
+    "ModelScore",
+    "ImageScore",
+    "ActivationScore",
     "available_scores",
     "check_score_names",
     "get_score",
@@ -78,46 +126,6 @@ __all__ = [
     "ash_s",
     "rank1_removed",
     "scale",
-]
-
-# The post-hoc detectors of issue 24 on logits, features and head (docs/detectors.md).
-from ood_jax.scores import posthoc_entries  # noqa: E402,F401  (registers them)
-from ood_jax.scores.bank import (  # noqa: E402
-    NNGuideParams,
-    RelationParams,
-    fit_nnguide,
-    fit_relation,
-    nnguide_score,
-    relation_score,
-)
-from ood_jax.scores.boundary import TrainMeanParams, fdbd_score, fit_train_mean, nci_score  # noqa: E402
-from ood_jax.scores.clipping import VRAParams, dice_score, fit_vra, vra_score  # noqa: E402
-from ood_jax.scores.dropout import mc_dropout  # noqa: E402  (registers "mc_dropout")
-from ood_jax.scores.gram import GramParams, fit_gram, gram_score, gram_vectors  # noqa: E402
-from ood_jax.scores.mds import mds_ensemble, preprocessed_mahalanobis  # noqa: E402
-from ood_jax.scores.openmax import OpenMaxParams, fit_openmax, openmax_score  # noqa: E402
-from ood_jax.scores.posterior import (  # noqa: E402
-    KLMatchingParams,
-    TemperatureParams,
-    fit_kl_matching,
-    fit_temperature,
-    gen_score,
-    kl_matching_score,
-    temperature_score,
-)
-from ood_jax.scores.rescaling import PNMLParams, fit_pnml, lts_score, pnml_score  # noqa: E402
-from ood_jax.scores.rmds import RMDSParams, fit_rmds, rmds_score  # noqa: E402
-from ood_jax.scores.she import SHEParams, fit_she, she_score  # noqa: E402
-from ood_jax.scores.vim import (  # noqa: E402
-    ViMParams,
-    ViMSubspace,
-    fit_vim,
-    residual_score,
-    vim_score,
-    vim_subspace,
-)
-
-__all__ += [
     "GramParams",
     "fit_gram",
     "gram_score",

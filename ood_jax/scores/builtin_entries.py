@@ -1,6 +1,6 @@
 """Registry entries of the scores of logits and features, ODIN, GradNorm and the fitted
-Mahalanobis, KNN, GMM and ReAct: the first scores of :mod:`ood_jax.scores.registry`,
-registered when it is imported, in the order reports print them.
+Mahalanobis, KNN, GMM and ReAct (``SCORES``; :mod:`ood_jax.scores.catalog` registers
+them, first in the report's order).
 
 Grids: OpenOOD v1.5 ``configs/postprocessors/<name>.yml``, the ``postprocessor_sweep``
 of the detectors it searches (``APS_mode: True``).
@@ -14,7 +14,7 @@ from ood_jax.losses import l2_normalize
 from ood_jax.scores import gaussian, knn, react
 from ood_jax.scores import logit as L
 from ood_jax.scores import model as M
-from ood_jax.scores.registry import Score, register_score
+from ood_jax.scores.registry import ArrayScore, FittedScore, ImageScore
 
 
 def _msp(logits, features, head, *, temperature):
@@ -97,54 +97,45 @@ def _react(params, logits, features, head, *, percentile):
 
 
 _T = {"sweep": "temperature", "sweep_label": "T"}
-for _score in (
-    Score("msp", _msp, "outputs", "MSP", {"temperature": 1.0}, **_T),
-    Score("max_logit", _max_logit, "outputs", "MaxLogit"),
-    Score("energy", _energy, "outputs", "Energy", {"temperature": 1.0}, **_T),
-    Score("neg_entropy", _neg_entropy, "outputs", "NegEntropy"),
-    Score("feature_norm", _feature_norm, "outputs", "FeatureNorm"),
-    Score(
+SCORES = (
+    ArrayScore("msp", _msp, "MSP", {"temperature": 1.0}, **_T),
+    ArrayScore("max_logit", _max_logit, "MaxLogit"),
+    ArrayScore("energy", _energy, "Energy", {"temperature": 1.0}, **_T),
+    ArrayScore("neg_entropy", _neg_entropy, "NegEntropy"),
+    ArrayScore("feature_norm", _feature_norm, "FeatureNorm"),
+    ImageScore(
         "odin",
         _odin,
-        "images",
         "ODIN",
         {"temperature": 1000.0, "epsilon": 0.0014, "max_examples": None},
         grid={"temperature": (1.0, 10.0, 100.0, 1000.0), "epsilon": (0.0014, 0.0028)},
     ),
     # Its own jitted function inside (chunked lax.map); the temperature is validated.
-    Score("gradnorm", _gradnorm, "outputs", "GradNorm", {"temperature": 1.0}, jit=False),
-    Score("mahalanobis", _mahalanobis, "fitted", "Mahalanobis", fit=_fit_mahalanobis, jit=False),
-    Score(
+    ArrayScore("gradnorm", _gradnorm, "GradNorm", {"temperature": 1.0}, jit=False),
+    FittedScore("mahalanobis", _mahalanobis, "Mahalanobis", fit=_fit_mahalanobis, jit=False),
+    FittedScore(
         "knn",
         _knn,
-        "fitted",
         "KNN",
         {"k": 50, "max_train": None, "seed": 0},
         fit=_fit_knn,
         jit=False,
         grid={"k": (50, 100, 200, 500, 1000)},
     ),
-    Score("gmm", _gmm, "fitted", "GMM", fit=_fit_gmm, jit=False),
+    FittedScore("gmm", _gmm, "GMM", fit=_fit_gmm, jit=False),
     # The density scores on unit-length features z / ||z||: the class-conditional
     # Gaussians then model directions only, not the feature norm.
-    Score(
-        "mahalanobis_l2",
-        _mahalanobis_l2,
-        "fitted",
-        "Mahalanobis (L2)",
-        fit=_fit_mahalanobis_l2,
-        jit=False,
+    FittedScore(
+        "mahalanobis_l2", _mahalanobis_l2, "Mahalanobis (L2)", fit=_fit_mahalanobis_l2, jit=False
     ),
-    Score("gmm_l2", _gmm_l2, "fitted", "GMM (L2)", fit=_fit_gmm_l2, jit=False),
-    Score(
+    FittedScore("gmm_l2", _gmm_l2, "GMM (L2)", fit=_fit_gmm_l2, jit=False),
+    FittedScore(
         "react",
         _react,
-        "fitted",
         "ReAct",
         {"percentile": 90.0},
         fit=_fit_react,
         jit=False,
         grid={"percentile": (85.0, 90.0, 95.0, 99.0)},
     ),
-):
-    register_score(_score)
+)

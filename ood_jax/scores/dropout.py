@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ood_jax import rng as rng_lib
-from ood_jax.scores.registry import Score, register_score
+from ood_jax.scores.registry import ImageScore
 
 MODES = ("mean", "var")
 
@@ -64,13 +64,12 @@ def _mc_dropout(apply_dropout, images, std, key, *, samples, mode, seed, max_exa
 
 # samples: pytorch-ood's 30; mode "mean": the confidence both references report (pytorch-ood's
 # default is "var"); seed: of the passes' keys; max_examples: a CPU budget, as ODIN's.
-register_score(
-    Score(
+SCORES = (
+    ImageScore(
         "mc_dropout",
         _mc_dropout,
-        "images",
         "MC Dropout",
         {"samples": 30, "mode": "mean", "seed": 0, "max_examples": None},
         stochastic=True,
-    )
+    ),
 )

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ood_jax.scores.fitted import HIGHEST
-from ood_jax.scores.registry import Score, register_score
+from ood_jax.scores.registry import ActivationScore
 
 
 def gram_vectors(x: jax.Array, power: int) -> jax.Array:
@@ -116,7 +116,7 @@ def gram_score(
     return -total / jax.nn.softmax(logits.astype(jnp.float32), axis=-1).max(axis=-1)
 
 
-# --- Registry entry (registered when ood_jax.scores is imported). ---
+# --- Registry entry (``SCORES``; ood_jax.scores.catalog registers it). ---
 
 
 def _gram_features(out, *, powers, holdout, seed):
@@ -134,15 +134,14 @@ def _gram(params, out, to_logits, *, powers, holdout, seed):
 
 
 # OpenOOD gram.yml: powers [1, 2, 3, 4, 5]; both references hold out 10 %.
-register_score(
-    Score(
+SCORES = (
+    ActivationScore(
         "gram",
         _gram,
-        "activations",
         "Gram",
         {"powers": (1, 2, 3, 4, 5), "holdout": 0.1, "seed": 0},
-        fit=_fit_gram,
         captures=("blocks",),
+        fit=_fit_gram,
         fit_features=_gram_features,
-    )
+    ),
 )

@@ -33,7 +33,7 @@ from ood_jax.scores.gaussian import (
     fit_mahalanobis,
     mahalanobis_score,
 )
-from ood_jax.scores.registry import Score, register_score
+from ood_jax.scores.registry import ImageScore
 
 
 def preprocessed_mahalanobis(
@@ -102,7 +102,7 @@ def mds_ensemble(
     return total
 
 
-# --- Registry entries (registered when ood_jax.scores is imported). ---
+# --- Registry entries (``SCORES``; ood_jax.scores.catalog registers them). ---
 
 
 def _fit_mahalanobis_odin(logits, features, labels, *, eps, max_examples):
@@ -130,27 +130,21 @@ def _mds_ensemble(params, apply_out, images, std, *, noise, alpha, max_examples)
 # eps: pytorch-ood MahalanobisODIN's 0.002; noise: OpenOOD mds_ensemble.yml's 0.0014 (its
 # alpha_list [1] weighs one layer; equal weights over every block here). max_examples: a
 # CPU budget, as ODIN's (each layer costs a gradient and a forward pass).
-register_score(
-    Score(
+SCORES = (
+    ImageScore(
         "mahalanobis_odin",
         _mahalanobis_odin,
-        "images",
         "Mahalanobis (preprocessed)",
         {"eps": 0.002, "max_examples": None},
         fit=_fit_mahalanobis_odin,
-        jit=False,
-    )
-)
-register_score(
-    Score(
+    ),
+    ImageScore(
         "mds_ensemble",
         _mds_ensemble,
-        "images",
         "MDSEns",
         {"noise": 0.0014, "alpha": None, "max_examples": None},
-        fit=_fit_mds,
-        jit=False,
         captures=("blocks",),
+        fit=_fit_mds,
         fit_features=_mds_features,
-    )
+    ),
 )

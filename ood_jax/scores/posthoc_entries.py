@@ -1,8 +1,8 @@
 """Registry entries of the post-hoc detectors that need logits, features and the head only.
 
 TempScale, KL matching, GEN, ViM, RMDS, NNGuide, fDBD, Relation, NCI, SHE,
-DICE, VRA, Residual, LTS, pNML, OpenMax and WeightedEBO, registered after the scores of
-:mod:`ood_jax.scores.registry` (reports print them in this order). Defaults are the reference
+DICE, VRA, Residual, LTS, pNML, OpenMax and WeightedEBO (``SCORES``; :mod:`ood_jax.scores.catalog`
+registers them in the report's order). Defaults are the reference
 implementations' (``docs/detectors.md`` names each reference file); a ``grid`` is
 OpenOOD v1.5's ``postprocessor_sweep`` of a detector it searches on validation data
 (``APS_mode: True`` in its ``configs/postprocessors/<name>.yml``).
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ood_jax.scores import bank, boundary, clipping, openmax, posterior, rescaling, rmds, she, vim
 from ood_jax.scores.logit import weighted_energy
-from ood_jax.scores.registry import Score, register_score
+from ood_jax.scores.registry import ArrayScore, FittedScore
 
 
 def _fit_temperature(logits, features, labels):
@@ -137,116 +137,87 @@ def _weighted_energy(logits, features, head, *, weights):
     return weighted_energy(logits, w)
 
 
-_FITTED = {"consumes": "fitted"}
-for _score in (
-    Score(
+SCORES = (
+    FittedScore(
         "fdbd",
         _fdbd,
-        display="fDBD",
-        defaults={"distance_as_normalizer": True},
+        "fDBD",
+        {"distance_as_normalizer": True},
         fit=_fit_train_mean,
         grid={"distance_as_normalizer": (True, False)},
-        **_FITTED,
     ),
-    Score("rmds", _rmds, display="RMDS", fit=_fit_rmds, **_FITTED),
-    Score(
+    FittedScore("rmds", _rmds, "RMDS", fit=_fit_rmds),
+    FittedScore(
         "relation",
         _relation,
-        display="Relation",
-        defaults={"power": 1.0},
-        fit=_fit_relation,
+        "Relation",
+        {"power": 1.0},
         sweep="power",
         sweep_label="pow",
         grid={"power": (1.0, 2.0, 4.0, 6.0, 8.0)},
-        **_FITTED,
+        fit=_fit_relation,
     ),
     # Not jitted as a whole: the residual space is computed on the host in float64.
-    Score(
-        "vim", _vim, "fitted", "ViM", {"dim": 256}, _fit_vim, jit=False, grid={"dim": (256, 1000)}
+    FittedScore(
+        "vim", _vim, "ViM", {"dim": 256}, grid={"dim": (256, 1000)}, fit=_fit_vim, jit=False
     ),
     # OpenOOD's residual.yml (dim 512) on a 512-D ResNet-18 becomes 256 by the D // 2 rule.
-    Score(
-        "residual",
-        _residual,
-        display="Residual",
-        defaults={"dim": 512},
-        fit=_fit_vim,
-        jit=False,
-        **_FITTED,
-    ),
-    Score(
+    FittedScore("residual", _residual, "Residual", {"dim": 512}, fit=_fit_vim, jit=False),
+    ArrayScore(
         "gen",
         _gen,
-        "outputs",
         "GEN",
         {"gamma": 0.1, "m": 100},
         sweep="gamma",
         sweep_label="gamma",
         grid={"gamma": (0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0), "m": (10, 50, 100, 200, 500, 1000)},
     ),
-    Score("temp_scale", _temperature, display="TempScale", fit=_fit_temperature, **_FITTED),
-    Score("klm", _kl_matching, display="KLM", fit=_fit_kl_matching, **_FITTED),
-    Score(
-        "nnguide",
-        _nnguide,
-        display="NNGuide",
-        defaults={"k": 100, "alpha": 0.01, "seed": 0},
-        fit=_fit_nnguide,
-        **_FITTED,
+    FittedScore("temp_scale", _temperature, "TempScale", fit=_fit_temperature),
+    FittedScore("klm", _kl_matching, "KLM", fit=_fit_kl_matching),
+    FittedScore(
+        "nnguide", _nnguide, "NNGuide", {"k": 100, "alpha": 0.01, "seed": 0}, fit=_fit_nnguide
     ),
-    Score(
+    FittedScore(
         "nci",
         _nci,
-        display="NCI",
-        defaults={"alpha": 1e-4},
-        fit=_fit_train_mean,
+        "NCI",
+        {"alpha": 1e-4},
         sweep="alpha",
         sweep_label="a",
         grid={"alpha": (1e-4, 1e-3, 1e-2, 1e-1)},
-        **_FITTED,
+        fit=_fit_train_mean,
     ),
-    Score("she", _she, display="SHE", fit=_fit_she, **_FITTED),
-    Score(
+    FittedScore("she", _she, "SHE", fit=_fit_she),
+    FittedScore(
         "dice",
         _dice,
-        display="DICE",
-        defaults={"percentile": 90.0},
-        fit=_fit_train_mean,
+        "DICE",
+        {"percentile": 90.0},
         sweep="percentile",
         sweep_label="p",
-        **_FITTED,
+        fit=_fit_train_mean,
     ),
-    Score(
+    FittedScore(
         "vra",
         _vra,
-        display="VRA",
-        defaults={"percentile_low": 10.0, "percentile_high": 90.0},
-        fit=_fit_vra,
+        "VRA",
+        {"percentile_low": 10.0, "percentile_high": 90.0},
         grid={
             "percentile_low": (1.0, 5.0, 10.0, 15.0),
             "percentile_high": (85.0, 90.0, 95.0, 99.0),
         },
-        **_FITTED,
+        fit=_fit_vra,
     ),
-    Score("lts", _lts, "outputs", "LTS", {"p": 0.05}),
-    Score("pnml", _pnml, display="pNML", fit=_fit_pnml, **_FITTED),
-    Score(
+    ArrayScore("lts", _lts, "LTS", {"p": 0.05}),
+    FittedScore("pnml", _pnml, "pNML", fit=_fit_pnml),
+    FittedScore(
         "openmax",
         _openmax,
-        display="OpenMax",
-        defaults={"tailsize": 25, "euclid_weight": 1.0, "alpha": 10},
+        "OpenMax",
+        {"tailsize": 25, "euclid_weight": 1.0, "alpha": 10},
         fit=_fit_openmax,
-        **_FITTED,
     ),
     # pytorch-ood webo.py takes the weights VOS trains (no default); None = all ones (= energy).
     # Not jitted: weights given as a list in a config are not hashable static arguments.
-    Score(
-        "weighted_energy",
-        _weighted_energy,
-        "outputs",
-        "WeightedEBO",
-        {"weights": None},
-        jit=False,
-    ),
-):
-    register_score(_score)
+    ArrayScore("weighted_energy", _weighted_energy, "WeightedEBO", {"weights": None}, jit=False),
+)

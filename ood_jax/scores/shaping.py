@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ood_jax.scores.logit import energy
-from ood_jax.scores.registry import Head, Score, register_score
+from ood_jax.scores.registry import ActivationScore, ArrayScore, Head
 
 
 def top_mask(x: jax.Array, percentile) -> jax.Array:
@@ -115,7 +115,7 @@ def _rank1_removed_f32(x: jax.Array) -> jax.Array:
     return rank1_removed(x.astype(jnp.float32)).astype(x.dtype)
 
 
-# --- Registry entries (registered when ood_jax.scores is imported). ---
+# --- Registry entries (``SCORES``; ood_jax.scores.catalog registers them). ---
 
 
 def _head_logits(head: Head, z: jax.Array) -> jax.Array:
@@ -157,49 +157,39 @@ _P = {"sweep": "percentile", "sweep_label": "p"}
 # OpenOOD searches ASH-B's and SCALE's percentile over this grid (APS_mode: True).
 _GRIDS = {"ash_b": {"percentile": (65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0)}}
 _GRIDS["scale"] = _GRIDS["ash_b"]
-for _name, _shaping in SHAPINGS.items():
-    _defaults = {"percentile": _PERCENTILES[_name]}
-    register_score(
-        Score(
-            _name,
-            _on_features(_shaping),
-            "outputs",
-            _DISPLAY[_name],
-            _defaults,
-            grid=_GRIDS.get(_name, {}),
+# Each shaping of the pooled features, then of the feature map, then RankFeat.
+SCORES = (
+    *(
+        ArrayScore(
+            name,
+            _on_features(shaping),
+            _DISPLAY[name],
+            {"percentile": _PERCENTILES[name]},
+            grid=_GRIDS.get(name, {}),
             **_P,
         )
-    )
-for _name, _shaping in SHAPINGS.items():
-    register_score(
-        Score(
-            f"{_name}_map",
-            _on_pre_pool(_shaping),
-            "activations",
-            f"{_DISPLAY[_name]} (map)",
-            {"percentile": _PERCENTILES[_name]},
+        for name, shaping in SHAPINGS.items()
+    ),
+    *(
+        ActivationScore(
+            f"{name}_map",
+            _on_pre_pool(shaping),
+            f"{_DISPLAY[name]} (map)",
+            {"percentile": _PERCENTILES[name]},
             captures=("pre_pool",),
             **_P,
         )
-    )
-# OpenOOD configs/postprocessors/rankfeat.yml: temperature 1, exact SVD.
-register_score(
-    Score(
-        "rankfeat",
-        _rankfeat,
-        "activations",
-        "RankFeat",
-        {"temperature": 1.0},
-        captures=("pre_pool",),
-    )
-)
-register_score(
-    Score(
+        for name, shaping in SHAPINGS.items()
+    ),
+    # OpenOOD configs/postprocessors/rankfeat.yml: temperature 1, exact SVD.
+    ActivationScore(
+        "rankfeat", _rankfeat, "RankFeat", {"temperature": 1.0}, captures=("pre_pool",)
+    ),
+    ActivationScore(
         "rankfeat_fused",
         _rankfeat_fused,
-        "activations",
         "RankFeat (blocks 3+4)",
         {"temperature": 1.0},
         captures=("pre_pool", "blocks"),
-    )
+    ),
 )
