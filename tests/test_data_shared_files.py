@@ -1,4 +1,4 @@
-"""The offline npz files of ../shared/data, read for real (small slices where possible)."""
+"""The offline npz files ($OOD_JAX_DATA_DIR), read for real (small samples where possible)."""
 
 import io
 
@@ -13,24 +13,41 @@ assert DATA_DIR is not None and (DATA_DIR / "cifar10_test.npz").is_file(), (
 )
 
 
-def pil_decode(name, count, mode="RGB"):
-    """Independent reference decode: PIL, image by image."""
+def pil_decode(name, indices, mode="RGB"):
+    """Independent reference decode: PIL, image by image (an int: the first ones)."""
+    indices = range(indices) if isinstance(indices, int) else indices
     with np.load(DATA_DIR / name) as f:
         enc, off = f["encoded"], f["offsets"]
         return np.stack(
             [
                 np.asarray(Image.open(io.BytesIO(enc[off[i] : off[i + 1]].tobytes())).convert(mode))
-                for i in range(count)
+                for i in indices
             ]
         )
 
 
-def test_cifar10_test_first_500_match_pil():
+def pil_is_gray(name, index):
+    with np.load(DATA_DIR / name) as f:
+        enc, off = f["encoded"], f["offsets"]
+        return Image.open(io.BytesIO(enc[off[index] : off[index + 1]].tobytes())).mode == "L"
+
+
+def _chosen(total, limit):
+    """The documented ``limit=`` rule, by hand: a seeded (0) sample, in file order."""
+    return np.sort(np.random.default_rng(0).choice(total, size=limit, replace=False))
+
+
+def test_cifar10_test_limit_is_a_seeded_sample_of_every_class_matching_pil():
     ds = data.load_dataset("cifar10_jpeg", "test", limit=500)
     assert len(ds) == 500 and ds.num_classes == 10
-    np.testing.assert_array_equal(ds.images, pil_decode("cifar10_test.npz", 500))
+    chosen = _chosen(10000, 500)
+    np.testing.assert_array_equal(ds.images, pil_decode("cifar10_test.npz", chosen))
     with np.load(DATA_DIR / "cifar10_test.npz") as f:
-        np.testing.assert_array_equal(ds.labels, f["labels"][:500])
+        np.testing.assert_array_equal(ds.labels, f["labels"][chosen])
+    # The file is sorted by class: its first 2,000 images are class 0 alone; a limit
+    # gives every class (about 200 each here).
+    counts = np.bincount(data.load_dataset("cifar10_jpeg", "train", limit=2000).labels)
+    assert len(counts) == 10 and counts.min() > 150
 
 
 def test_cifar10_full_test_split(tmp_path):
@@ -46,7 +63,7 @@ def test_cifar10_full_test_split(tmp_path):
 
 def test_tinyimagenet_resize_is_2x2_box_mean():
     ds = data.load_dataset("tinyimagenet_resize", "test", limit=300)
-    big = pil_decode("tinyimagenet_test.npz", 300).astype(np.float64)
+    big = pil_decode("tinyimagenet_test.npz", _chosen(10000, 300)).astype(np.float64)
     box = big.reshape(300, 32, 2, 32, 2, 3).mean(axis=(2, 4))
     assert np.abs(ds.images - box).max() <= 0.5  # the mean, rounded
     pil_box = np.stack(
@@ -61,12 +78,15 @@ def test_tinyimagenet_resize_is_2x2_box_mean():
 
 def test_tinyimagenet_crop_windows_and_grayscale():
     ds = data.load_dataset("tinyimagenet_crop", "test", limit=300)
-    big = pil_decode("tinyimagenet_test.npz", 300)
+    chosen = _chosen(10000, 300)
+    big = pil_decode("tinyimagenet_test.npz", chosen)
     corners = np.random.default_rng(0).integers(0, 33, size=(300, 2))  # documented crop rule
     for n, (top, left) in enumerate(corners):
         np.testing.assert_array_equal(ds.images[n], big[n, top : top + 32, left : left + 32])
-    # image 98 is a single-channel JPEG: converted to RGB by replication
-    gray = ds.images[98].astype(int)
+    # single-channel JPEGs are converted to RGB by replication
+    gray_at = [n for n, i in enumerate(chosen) if pil_is_gray("tinyimagenet_test.npz", i)]
+    assert gray_at, "no single-channel image among the sample"
+    gray = ds.images[gray_at[0]].astype(int)
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
 
 

@@ -354,7 +354,11 @@ def test_imported_model_through_the_evaluation_pipeline(golden):
         normalization="openood_cifar10",  # what tests/conformance/torch_fixtures.py normalized with
         options=SMALL_OPTIONS["resnet18_cifar"],
     )
-    images = data.load_dataset("cifar10_jpeg", "test", limit=4)
+    # The fixture writer's images: the test split's first four.
+    first = data.load_dataset("cifar10_jpeg", "test")
+    images = data.ImageDataset(
+        first.images[:4], first.labels[:4], name="cifar10_jpeg", num_classes=10
+    )
     batches = data.eval_batches(images, batch_size=4, mean=imported.mean, std=imported.std)
     outputs = ForwardPass(imported.model)(batches)
     _assert_close(outputs.logits, golden["resnet18_cifar/cifar/logits"])

@@ -40,7 +40,14 @@ import numpy as np
 
 from ood_jax.data import decode, tinyimagenet
 from ood_jax.data.dataset import CIFAR10_MEAN, CIFAR10_STD, ImageDataset
-from ood_jax.data.sources import default_data_dir, from_folder, from_npz, from_tfds, open_npz
+from ood_jax.data.sources import (
+    default_data_dir,
+    from_folder,
+    from_npz,
+    from_tfds,
+    limit_indices,
+    open_npz,
+)
 from ood_jax.registry import Registry
 
 Loader = Callable[..., ImageDataset]
@@ -169,7 +176,11 @@ def load_dataset(
         are checked against the spec's class count. Folder images that are not 32x32
         are resized shorter side -> 32 and centre cropped.
       tfds_data_dir: tfds ``data_dir``.
-      limit: read only the first ``limit`` images (offline files, tfds slices).
+      limit: read only ``limit`` images: from npz files (the offline ones, ``npz:``,
+        ``local_path``) a seeded random subset in file order
+        (:func:`~ood_jax.data.sources.limit_indices`; the offline files are sorted by
+        class, so the first images would be one class), from tfds the split's first
+        ``limit`` (``split[:limit]``, in tfds's own order).
       cache_dir: decoded-array cache folder (``""`` disables).
 
     Raises:
@@ -268,8 +279,8 @@ def _tiny_imagenet(view: str) -> Loader:
     def load(path: Path, split: str, *, name: str, limit, cache_dir) -> ImageDataset:
         with open_npz(path) as data:
             offsets, encoded = data["offsets"], data["encoded"]
-            count = offsets.size - 1 if limit is None else min(limit, offsets.size - 1)
-            labels = data["labels"][:count].astype(np.int32)
+            chosen = limit_indices(offsets.size - 1, limit)
+            labels = data["labels"][chosen].astype(np.int32)
             num_classes = len(data["label_names"])
         build = lambda: {
             "images": decode.decode_encoded(
@@ -278,7 +289,7 @@ def _tiny_imagenet(view: str) -> Loader:
                 size=(64, 64),
                 resize="none",
                 where=str(path),
-                indices=range(count),
+                indices=chosen,
             )
         }
         if limit is None:

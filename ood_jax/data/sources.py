@@ -57,6 +57,26 @@ def open_npz(path: str | os.PathLike):
     return data
 
 
+# The seed of ``limit=`` subsets: the same images every call.
+LIMIT_SEED = 0
+
+
+def limit_indices(total: int, limit: int | None) -> np.ndarray:
+    """The file positions a ``limit=`` load reads: all ``total`` when ``limit`` is None,
+    else a seeded random ``limit`` of them (:data:`LIMIT_SEED`), in file order.
+
+    Random, not the first ``limit``: the offline files are sorted by class, so the first
+    images would be one class only. On a class-sorted file every class is represented in
+    about its share.
+    """
+    if limit is None or limit >= total:
+        return np.arange(total)
+    if limit < 1:
+        raise ValueError(f"`limit` must be >= 1 (or None for all), got {limit}.")
+    chosen = np.random.default_rng(LIMIT_SEED).choice(total, size=limit, replace=False)
+    return np.sort(chosen)
+
+
 def from_npz(
     path: str | os.PathLike,
     *,
@@ -79,7 +99,9 @@ def from_npz(
       name: dataset name (default: the file stem).
       num_classes: default ``len(label_names)`` if present, else ``max(labels) + 1``.
       resize: 32x32 rule for encoded images of another size (:mod:`ood_jax.data.decode`).
-      limit: decode only the first ``limit`` images (quick runs, tests; not cached).
+      limit: decode only a seeded random ``limit`` of the images (:func:`limit_indices`:
+        the same every call, every class of a class-sorted file; quick runs, tests; not
+        cached).
       cache_dir: decoded-array cache folder (default ``~/.cache/ood_jax``; ``""`` = off).
     """
     path = Path(path)
@@ -90,8 +112,8 @@ def from_npz(
         files = set(data.files)
         if {"encoded", "offsets", "labels"} <= files:
             offsets = data["offsets"]
-            count = offsets.size - 1 if limit is None else min(limit, offsets.size - 1)
-            labels = data["labels"][:count].astype(np.int32)
+            chosen = limit_indices(offsets.size - 1, limit)
+            labels = data["labels"][chosen].astype(np.int32)
             names = data["label_names"] if "label_names" in files else np.zeros((0,), str)
             encoded = data["encoded"]
             build = lambda: {
@@ -101,7 +123,7 @@ def from_npz(
                     size=(IMAGE_SIZE, IMAGE_SIZE),
                     resize=resize,
                     where=str(path),
-                    indices=range(count),
+                    indices=chosen,
                 )
             }
             if limit is None:
@@ -110,8 +132,9 @@ def from_npz(
                 images = build()
             images = images["images"]
         elif {"images", "labels"} <= files:
-            images = data["images"][:limit]
-            labels = data["labels"][:limit].astype(np.int32)
+            chosen = limit_indices(len(data["labels"]), limit)
+            images = data["images"][chosen]
+            labels = data["labels"][chosen].astype(np.int32)
             names = data["label_names"] if "label_names" in files else np.zeros((0,), str)
         else:
             raise ValueError(
