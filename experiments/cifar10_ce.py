@@ -1,7 +1,7 @@
 """Cross-entropy baseline on CIFAR-10: ``python -m experiments.cifar10_ce``.
 
-The same presets and flags as ``experiments.cifar10_logitnorm`` (see
-``experiments.train``), with the plain softmax cross-entropy objective.
+The command of the method :mod:`experiments.methods.ce` (its paper, recipe,
+presets and flags; ``--help`` prints them), run by ``experiments.train``.
 """
 
 import sys

@@ -1,10 +1,7 @@
 """LogitNorm on CIFAR-10 (Wei et al., ICML 2022): ``python -m experiments.cifar10_logitnorm``.
 
-Cross-entropy on logits normalized to norm ``1 / tau`` (tau = 0.04, the paper's,
-from the objective's registration). A preset over ``experiments.train`` (see
-there for the flags)::
-
-    python -m experiments.cifar10_logitnorm --workdir /tmp/ln --preset smoke --data local
+The command of the method :mod:`experiments.methods.logitnorm` (its paper, recipe,
+presets and flags; ``--help`` prints them), run by ``experiments.train``.
 """
 
 import sys

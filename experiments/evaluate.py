@@ -32,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments import cli
+from experiments import cli, compile_cache
 from experiments.configs.default import PRESETS
 from experiments.evaluate_torch import TORCH_FLAGS, evaluate_torch_args
 from experiments.evaluation import Provenance, report_config, report_from_settings
@@ -56,7 +56,7 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
     A workdir written by an older version lacks newer fields (e.g. the
     adversarial-noise set); they take today's defaults, the saved values win.
     """
-    from experiments.configs import methods
+    from experiments import methods
 
     method = saved.get("method") or "logitnorm"
     preset = saved.get("preset", "paper")
@@ -115,8 +115,10 @@ def evaluate_workdir(
         model, metadata, step = restore_model(workdir, step=step)
         provenance = Provenance(command=command, step=step, workdir=workdir)
     config = report_config(saved_config(metadata["config"]), data=data, overrides=overrides)
+    settings = resolve(config)
+    compile_cache.use(settings.config.train.get("compilation_cache", ""))
     return report_from_settings(
-        resolve(config),
+        settings,
         model,
         provenance,
         out_dir=default_dir if out_dir is None else out_dir,

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from experiments import cli, torch_import
-from experiments.configs import methods
+from experiments import cli, compile_cache, methods, torch_import
 from experiments.evaluation import Provenance, report_config, report_from_settings
 from experiments.run_config import resolve
 from ood_jax import data as D
@@ -84,8 +83,10 @@ def evaluate_torch(
         normalization=(imported.mean, imported.std),
     )
     stem = os.path.splitext(os.path.basename(path))[0]
+    settings = resolve(config)
+    compile_cache.use(settings.config.train.compilation_cache)
     return report_from_settings(
-        resolve(config),
+        settings,
         imported.model,
         provenance,
         out_dir=os.path.join("runs", "torch", stem, "eval") if out_dir is None else out_dir,

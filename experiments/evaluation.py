@@ -21,8 +21,9 @@ from experiments.data import display_name, load_splits, near_auxiliary_notes
 from experiments.run_config import RunSettings, eval_batch_size, parse
 from ood_jax import data as D
 from ood_jax import sharding
-from ood_jax.evaluate import load_ood_sets, run_evaluation
+from ood_jax.evaluate import load_ood_sets, report_scalars, run_evaluation
 from ood_jax.evaluate.datasets import load_ood_set
+from ood_jax.train.logging import TENSORBOARD_DIR, TensorBoardLog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,7 @@ def ood_report(
             seed=config.seed,
             id_test=test_ds,
         )
-    return run_evaluation(
+    results = run_evaluation(
         model,
         spec,
         id_test=test_ds,
@@ -139,6 +140,21 @@ def ood_report(
         },
         progress=lambda message: print(f"OOD evaluation: {message}", flush=True),
     )
+    if config.train.get("tensorboard", False):
+        write_report_events(out_dir, results, step=provenance.step)
+    return results
+
+
+def write_report_events(out_dir: str, results: dict, *, step: int) -> str:
+    """The report's AUROC, FPR95, accuracy and ECE as TensorBoard scalars at ``step``,
+    beside the report (``<run>/eval`` -> ``<run>/tensorboard/eval``), rewritten with it;
+    returns the folder."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    logdir = os.path.join(parent, TENSORBOARD_DIR, name)
+    events = TensorBoardLog(logdir)
+    events.add(report_scalars(results), step)
+    events.close()
+    return logdir
 
 
 def report_config(

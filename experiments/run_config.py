@@ -207,6 +207,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.train.checkpoint_every must be >= 0, got {t.checkpoint_every}",
         ),
         (t.log_every >= 1, f"config.train.log_every must be >= 1, got {t.log_every}"),
+        (
+            t.profile_steps >= 0,
+            f"config.train.profile_steps must be >= 0, got {t.profile_steps}",
+        ),
         (config.seed >= 0, f"config.seed must be >= 0, got {config.seed}"),
     ]
     checks.append(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import shlex
@@ -34,8 +33,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from experiments import cli
-from experiments.configs import methods
+from experiments import cli, compile_cache, methods
 from experiments.data import display_name, load_outliers, load_splits, near_auxiliary_notes
 from experiments.evaluation import Provenance, finished_report, ood_report
 from experiments.finetune import check_auto_hparams, set_auto_hparams
@@ -69,6 +67,7 @@ def train_and_evaluate(
     workdir refuses to start (``workdir/.lock``).
     """
     settings = config if isinstance(config, RunSettings) else resolve(parse(config))
+    compile_cache.use(settings.config.train.compilation_cache)
     with Workdir(workdir, max_to_keep=settings.config.train.max_to_keep) as run:
         return _train_and_evaluate(settings, run)
 
@@ -221,6 +220,8 @@ def _fit(config, run: Workdir, inputs: _Inputs, state, train_step, eval_step, id
         evaluation=Evaluation(eval_step, lambda: _test_batches(inputs)),
         log_every=config.train.log_every,
         progress=config.train.progress,
+        tensorboard=config.train.tensorboard,
+        profile_steps=config.train.profile_steps,
     )
     return state
 
@@ -281,7 +282,9 @@ def parse_args(
     argv: Sequence[str] | None, *, method: str, description: str
 ) -> tuple[RunSettings, str]:
     """``(settings, workdir)`` from the command line (preset, ``--data``, overrides),
-    resolved once (:func:`experiments.run_config.resolve`)."""
+    resolved once (:func:`experiments.run_config.resolve`); ``method``'s record
+    (:mod:`experiments.methods`) gives its presets, fine-tuning rule and own flags."""
+    record = methods.get(method)
     parser = argparse.ArgumentParser(
         prog=_prog(method),
         description=description,
@@ -291,7 +294,7 @@ def parse_args(
     parser.add_argument("--workdir", required=True, help="checkpoints, logs and reports go here")
     parser.add_argument(
         "--preset",
-        choices=methods.presets_of(method),
+        choices=record.presets,
         default=None,
         help="paper (default on accelerators), cpu (default on CPU), smoke",
     )
@@ -301,33 +304,26 @@ def parse_args(
     parser.add_argument(
         "--init_from",
         default=None,
-        required=method == "energy_ft",
+        required=record.fine_tuning == "required",
         help="a workdir whose newest checkpoint initializes the model (fine-tuning)",
     )
-    if method == "energy_ft":
-        for margin in ("m_in", "m_out"):
-            parser.add_argument(
-                f"--{margin}",
-                default=None,
-                help="a number, or auto: the initial model's mean energy on "
-                + ("in-distribution" if margin == "m_in" else "auxiliary outlier")
-                + " training data",
-            )
+    for flag in record.flags:
+        parser.add_argument(f"--{flag.name}", default=None, help=flag.help)
     args, overrides = parser.parse_known_args(argv)
     chosen = args.preset is None
     preset = args.preset or ("cpu" if jax.default_backend() == "cpu" else "paper")
-    config = methods.get_config(method, preset, finetune=args.init_from is not None)
+    config = record.config(preset, finetune=args.init_from is not None)
     if args.data is not None:
         config.data.source = args.data
     if args.init_from is not None:
         config.train.init_from = args.init_from
     auto = []
-    for margin in ("m_in", "m_out") if method == "energy_ft" else ():
-        value = getattr(args, margin)
+    for flag in record.flags:
+        value = getattr(args, flag.name)
         if value == "auto":
-            auto.append(margin)
+            auto.append(flag.name)
         elif value is not None:
-            overrides.append(f"--config.objective.hparams.{margin}={value}")
+            overrides.append(f"--config.objective.hparams.{flag.name}={value}")
     config.objective.auto = tuple(auto)
     settings = resolve(parse(config, overrides))
     config = settings.config
@@ -348,9 +344,8 @@ def _prog(method: str) -> str:
 
 
 def _description(method: str) -> str:
-    """The method entry point's docstring: what it trains, from what, with which flags."""
-    module = importlib.import_module(f"experiments.cifar10_{method}")
-    return (module.__doc__ or __doc__).strip()
+    """The method's docstring: what it trains, from what, with which flags."""
+    return (methods.get(method).doc or __doc__).strip()
 
 
 def _overrides_help(method: str) -> str:

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from test_experiments import ROOT, write_easy_cifar
 
-from experiments import cli
-from experiments.configs import methods
+from experiments import cli, methods
 from experiments.evaluate import restore_model
 from experiments.train import SCHEMA_FIELDS, complete_config, train_and_evaluate
 from experiments.train import main as train_main

@@ -272,7 +272,7 @@ def test_every_paper_presets_train_step_lowers_for_v5e_slices(tmp_path):
     script = (
         "import json, sys\n"
         "from experiments.plan import core as plan_core, tpu as tpu_plan\n"
-        "from experiments.configs import methods\n"
+        "from experiments import methods\n"
         "found = {}\n"
         "for topology in ('v5e:2x2', 'v5e:4x4'):\n"
         "    target = tpu_plan.tpu_slice(topology)\n"

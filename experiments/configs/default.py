@@ -113,6 +113,17 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
     # error unless this is true; the change is then recorded in changes.jsonl.
     c.train.allow_changes = False
     c.train.progress = True
+    # JAX's persistent compilation cache, shared by runs: a second start (a resume, a
+    # seed, the evaluation command) loads its programs instead of compiling them.
+    # "" = $OOD_JAX_COMPILATION_CACHE, else <user cache>/ood_jax/jax; "off" = none; or a
+    # folder.
+    c.train.compilation_cache = ""
+    # TensorBoard event files in <workdir>/tensorboard (train/: the metrics.jsonl curves,
+    # eval/: the OOD report's AUROC and FPR95): tensorboard --logdir runs/
+    c.train.tensorboard = True
+    # N > 0: a jax.profiler trace of N steps after the first (compiling) one, in
+    # <workdir>/profile (TensorBoard's profile plugin or Perfetto).
+    c.train.profile_steps = 0
 
     c.eval = ml_collections.ConfigDict()
     # Full OOD evaluation at the end (ood_jax.evaluate, report in <workdir>/eval);

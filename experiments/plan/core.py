@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 
-from experiments import cli
-from experiments.configs import methods
+from experiments import cli, methods
 from experiments.plan import table as plan_table
 from experiments.plan.program import (
     CHIPS,
@@ -83,12 +82,13 @@ def tpu_slice(name: str) -> Slice:
 
 
 def preset_config(method: str, preset: str, precision: str, overrides: Sequence[str] = ()):
-    """The resolved config a user's ``--preset`` gives (``finetune`` recipes for OE and
-    energy fine-tuning, as the runner builds them with ``--init_from``), with the
-    runner's ``--config.<field>=<value>`` ``overrides`` applied (a bad one is a
-    :class:`~experiments.cli.UsageError`)."""
+    """The resolved config a user's ``--preset`` gives (the fine-tuning recipe of a method
+    that has one, OE's and energy fine-tuning's, as the runner builds it with
+    ``--init_from``), with the runner's ``--config.<field>=<value>`` ``overrides``
+    applied (a bad one is a :class:`~experiments.cli.UsageError`)."""
 
-    config = methods.get_config(method, preset, finetune=method in ("oe", "energy_ft"))
+    record = methods.get(method)
+    config = record.config(preset, finetune=record.fine_tuning != "none")
     config.model.mixed_precision = precision == "bfloat16"
     if any(o.startswith("--config.model.mixed_precision") for o in overrides):
         raise cli.UsageError(

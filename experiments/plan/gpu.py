@@ -38,8 +38,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import numpy as np
 
-from experiments import cli
-from experiments.configs import methods
+from experiments import cli, methods
 from experiments.plan import core as plan_core
 from experiments.plan import table as plan_table
 from experiments.plan.core import PRECISIONS, Slice, listed, preset_config

@@ -54,8 +54,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 
-from experiments import cli
-from experiments.configs import methods
+from experiments import cli, methods
 from experiments.plan import core as plan_core
 from experiments.plan import table as plan_table
 from experiments.plan import tpu_eval

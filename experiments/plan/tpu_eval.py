@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from experiments.configs import methods
+from experiments import methods
 from experiments.plan import table as plan_table
 from experiments.plan.core import (
     abstract,

@@ -41,11 +41,9 @@ plots); ``python -m experiments.study`` is :mod:`experiments.study.__main__`.
 
 from experiments.study.execute import LOG_FILE, run_study
 from experiments.study.plan import (
-    ACET_TRAIN_STEPS,
     CHECKPOINT_EVERY,
     EPOCHS,
     SCRATCH_CPU_LR,
-    SEEDS,
     Run,
     command,
     plan,
@@ -55,12 +53,10 @@ from experiments.study.plan import (
 from experiments.study.publish import data_name, publish, published_name
 
 __all__ = [
-    "ACET_TRAIN_STEPS",
     "CHECKPOINT_EVERY",
     "EPOCHS",
     "LOG_FILE",
     "SCRATCH_CPU_LR",
-    "SEEDS",
     "Run",
     "command",
     "data_name",

@@ -28,9 +28,9 @@ import time
 from collections.abc import Mapping, Sequence
 
 from experiments import cli
+from experiments.methods import STUDY_ORDER
+from experiments.methods import get as get_method
 from experiments.study.report.runs import (
-    METHOD_NAMES,
-    NEAR_AUXILIARY_METHODS,
     REAL,
     format_cell,
     mean_std,
@@ -119,7 +119,7 @@ def collect(out: str, names: Sequence[str]) -> dict[str, dict[str, dict]]:
             with open(path) as f:
                 per_method.setdefault(name.split("/")[-2], []).append(json.load(f))
     table: dict[str, dict[str, dict]] = {}
-    for method in (m for m in METHOD_NAMES if m in per_method):
+    for method in (m for m in STUDY_ORDER if m in per_method):
         results = per_method[method]
         scores = results[0]["ood"]["papers"]["metrics"]
         table[method] = {
@@ -150,7 +150,7 @@ def markdown(table: Mapping[str, Mapping[str, dict]], header: Mapping[str, str])
         "100 epochs; near / far AUROC on its own OOD sets), for orientation only.",
     ]
     names = [
-        f"{METHOD_NAMES[m]}{' †' if m in NEAR_AUXILIARY_METHODS else ''} "
+        f"{get_method(m).label}{' †' if get_method(m).near_auxiliary else ''} "
         f"({next(iter(table[m].values()))['seeds']})"
         for m in methods
     ]

@@ -7,23 +7,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from experiments import methods
 from experiments.configs.default import get_config
-from experiments.configs.methods import NOISE_CPU_LR
+from experiments.methods import NOISE_CPU_LR
 
 # From-scratch epochs of every method: what fits the study's budget of about six
 # hours of a 2-core CPU (benchmarks/results/acet_cost.md gives each objective's cost).
 EPOCHS = 5
-# ACET's PGD steps during training (the paper's 40 and the cpu preset's 5 do not fit).
-ACET_TRAIN_STEPS = 2
-SEEDS = {
-    "ce": 3,
-    "logitnorm": 3,
-    "l2norm": 3,
-    "ceda": 2,
-    "acet": 2,
-    "oe": 2,
-    "energy_ft": 2,
-}
 # Checkpoint every this many steps (about a quarter of an epoch at batch 256): a
 # stopped study loses at most that much work.
 CHECKPOINT_EVERY = 50
@@ -67,20 +57,26 @@ REPORT_SCORES = (
 
 
 def plan(epochs: int = EPOCHS) -> list[Run]:
-    """The study's runs in the order they are run (seed 0 of every method first)."""
-    scratch = ("ce", "logitnorm", "l2norm", "ceda", "acet")
+    """The study's runs in the order they are run (seed 0 of every method first).
+
+    Each method's seeds, further arguments and the run it fine-tunes: its record's
+    ``study`` (``experiments/methods/<method>.py``); their order: ``methods.STUDY_ORDER``.
+    """
+    entries = [(m, methods.get(m).study) for m in methods.STUDY_ORDER]
+    scratch = [(m, s) for m, s in entries if s.init_from is None]
+    finetuned = [(m, s) for m, s in entries if s.init_from is not None]
     waves: list[list[Run]] = []
-    for seed in range(max(SEEDS.values())):
-        wave = []
-        for method in scratch:
-            if seed < SEEDS[method]:
-                args = [f"--config.train.epochs={epochs}"]
-                if method == "acet":
-                    args.append(f"--config.objective.hparams.attack_steps={ACET_TRAIN_STEPS}")
-                wave.append(Run(f"{method}/seed{seed}", method, seed, tuple(args)))
-        for method in ("oe", "energy_ft"):
-            if seed < SEEDS[method]:
-                wave.append(Run(f"{method}/seed{seed}", method, seed, init_from=f"ce/seed{seed}"))
+    for seed in range(max(s.seeds for _, s in entries)):
+        wave = [
+            Run(f"{m}/seed{seed}", m, seed, (f"--config.train.epochs={epochs}", *s.args))
+            for m, s in scratch
+            if seed < s.seeds
+        ]
+        wave += [
+            Run(f"{m}/seed{seed}", m, seed, s.args, init_from=f"{s.init_from}/seed{seed}")
+            for m, s in finetuned
+            if seed < s.seeds
+        ]
         waves.append(wave)
     sweep = [dataclasses.replace(r, group="sweep") for r in _sweep(epochs)]
     # CE at the noise methods' lr is their claims' baseline: it runs right after the

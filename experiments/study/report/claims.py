@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from experiments.methods import get as get_method
 from experiments.study.report.runs import (
     ADVERSARIAL,
     AUTHORS_NOISE,
-    HEADLINE,
-    METHOD_NAMES,
     OTHER_NOISE,
     REAL,
     epochs_of,
@@ -210,7 +209,7 @@ def _finetune_claim(main: Mapping[str, list[dict]], method: str, paper: str) -> 
     seeds = [e["run"].seed for e in main[method]]
     ce_entries = [e for e in main["ce"] if e["run"].seed in seeds]
     base = summarize(ce_entries, "energy")
-    score = HEADLINE[method]
+    score = get_method(method).headline_score
     mine = summarize(main[method], score)
     evidence = (
         f"{score} FPR95 on textures (not near-auxiliary): "
@@ -228,7 +227,7 @@ def _finetune_claim(main: Mapping[str, list[dict]], method: str, paper: str) -> 
         )
     return _claim(
         paper,
-        f"{METHOD_NAMES[method]} beats the energy score of the CE model it starts from",
+        f"{get_method(method).label} beats the energy score of the CE model it starts from",
         _verdict((mine["textures_partial/fpr95"], base["textures_partial/fpr95"])),
         evidence,
     )
@@ -250,10 +249,10 @@ def _noise_claim(main: Mapping[str, list[dict]], sweep: Mapping[str, dict], meth
     target = " and adversarial noise" if method == "acet" else ""
     return _claim(
         "CEDA/ACET (Hein et al. 2019)",
-        f"{METHOD_NAMES[method]} lowers the mean max confidence on their noise{target} "
+        f"{get_method(method).label} lowers the mean max confidence on their noise{target} "
         f"towards 1/K = {100 / k:.0f}%",
         _verdict(*pairs),
-        f"MMC (%) {METHOD_NAMES[method]} vs {base_name}: "
+        f"MMC (%) {get_method(method).label} vs {base_name}: "
         + "; ".join(parts)
         + f" (the verdict uses {', '.join(claimed)}; {' and '.join(OTHER_NOISE)} are "
         "noise of another kind than the training noise); "
@@ -278,7 +277,7 @@ def _pearce_claims(main: Mapping[str, list[dict]]) -> list[dict]:
     for method, entries in main.items():
         cos = [e["results"]["diagnostics"]["weights"]["cosine"]["mean"] for e in entries]
         opt = entries[0]["results"]["diagnostics"]["weights"]["optimal_cosine"]
-        parts.append(f"{METHOD_NAMES[method]} {np.mean(cos):+.3f}")
+        parts.append(f"{get_method(method).label} {np.mean(cos):+.3f}")
         near.append(abs(np.mean(cos) - opt) < 0.05)
         feats = [e["results"]["diagnostics"]["features"] for e in entries]
         for f, r in zip(feats, entries, strict=True):

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from experiments.methods import get as get_method
 from experiments.study.report.runs import (
-    METHOD_NAMES,
     PROTOCOL,
     format_cell,
     id_set,
@@ -46,7 +46,12 @@ def density_evidence(main: Mapping[str, list[dict]]) -> list[list[str]]:
             ]
         )
         rows.append(
-            [METHOD_NAMES[method], *cells, format_cell(id_norm, 1, 2), format_cell(ood_norm, 1, 2)]
+            [
+                get_method(method).label,
+                *cells,
+                format_cell(id_norm, 1, 2),
+                format_cell(ood_norm, 1, 2),
+            ]
         )
     return rows
 
@@ -71,7 +76,7 @@ def density_summary(main: Mapping[str, list[dict]]) -> list[str]:
         )
         total = sum(s in f for f in feats for s in sets)
         lines.append(
-            f"- {METHOD_NAMES[method]}: Mahalanobis AUROC {format_cell(plain)} on the raw "
+            f"- {get_method(method).label}: Mahalanobis AUROC {format_cell(plain)} on the raw "
             f"features, {format_cell(unit)} on L2-normalized ones; the median ‖z‖ of a real "
             f"OOD set is below the ID median in {smaller} of {total} (run, set) pairs."
         )
@@ -124,7 +129,7 @@ def density_split_rows(split: Mapping[str, dict]) -> list[list[str]]:
         return f"{format_cell(cell[0], 1, 0)} vs {format_cell(cell[1], 1, 0)}"
 
     return [
-        [METHOD_NAMES[m]]
+        [get_method(m).label]
         + [pair(row[f"{v}/{p}"]) for v in ("raw", "l2") for p in ("total", "top", "rest")]
         for m, row in split.items()
     ]
@@ -138,7 +143,7 @@ def density_split_summary(split: Mapping[str, dict]) -> list[str]:
         (id_total, _), (l2_id_rest, l2_ood_rest) = row["raw/total"], row["l2/rest"]
         share = id_rest["mean"] / id_total["mean"]
         lines.append(
-            f"- {METHOD_NAMES[method]}: on the raw features the low-variance directions "
+            f"- {get_method(method).label}: on the raw features the low-variance directions "
             f"carry {100 * share:.0f}% of an ID test image's squared distance; there real "
             f"OOD images sit at {ood_rest['mean']:.0f} against ID's {id_rest['mean']:.0f} "
             f"(ratio {ood_rest['mean'] / id_rest['mean']:.2f}), while along the K - 1 "
@@ -157,7 +162,7 @@ def density_split_summary(split: Mapping[str, dict]) -> list[str]:
         and row["norm"][1]["mean"] < row["norm"][0]["mean"]
     ]
     if pattern:
-        names = ", ".join(METHOD_NAMES[m] for m in pattern)
+        names = ", ".join(get_method(m).label for m in pattern)
         lines += [
             "",
             f"Reading ({names}): OOD features do leave the class clusters, but along the "

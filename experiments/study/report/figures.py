@@ -9,11 +9,10 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
+from experiments.methods import get as get_method
 from experiments.study.report.runs import (
     ADVERSARIAL,
     AUTHORS_NOISE,
-    HEADLINE,
-    METHOD_NAMES,
     OTHER_NOISE,
     REAL,
     load_scores,
@@ -66,7 +65,7 @@ def plot_logit_norm(main: Mapping[str, list[dict]], path: str) -> bool:
                     [r["logit_norm"] for r in recs],
                     color=color,
                     alpha=0.8,
-                    label=METHOD_NAMES[method] if i == 0 else None,
+                    label=get_method(method).label if i == 0 else None,
                     marker="o",
                 )
                 drawn = True
@@ -98,7 +97,7 @@ def plot_feature_norms(main: Mapping[str, list[dict]], path: str) -> bool:
             ax.hist(shown, bins=edges, density=True, histtype="step", linewidth=1.5, label=name)
         ax.set_xlabel("feature norm ||z||")
         ax.set_ylabel("density")
-        ax.set_title(f"{METHOD_NAMES[method]} (seed {main[method][0]['run'].seed})", fontsize=9)
+        ax.set_title(f"{get_method(method).label} (seed {main[method][0]['run'].seed})", fontsize=9)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     P.save_figure(fig, path)
     return True
@@ -111,7 +110,7 @@ def plot_score_histograms(main: Mapping[str, list[dict]], path: str) -> bool:
         return False
     fig, axes = P.figure_grid(len(methods))
     for ax, method in zip(axes, methods, strict=False):
-        score = HEADLINE[method]
+        score = get_method(method).headline_score
         saved = load_scores(main[method][0])
         id_values = saved[f"id/{score}"]
         sets = real_sets(_saved_sets(saved, score))
@@ -123,7 +122,7 @@ def plot_score_histograms(main: Mapping[str, list[dict]], path: str) -> bool:
             ax.hist(shown, bins=edges, density=True, alpha=0.5, histtype="stepfilled", label=name)
         ax.set_xlabel(f"{score} (higher = more in-distribution)", fontsize=8)
         ax.set_ylabel("density", fontsize=8)
-        ax.set_title(f"{METHOD_NAMES[method]}", fontsize=9)
+        ax.set_title(f"{get_method(method).label}", fontsize=9)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.suptitle("Each method's own score: ID vs the real OOD sets (seed 0)", fontsize=10)
     P.save_figure(fig, path)
@@ -146,7 +145,7 @@ def plot_mmc(rows: Mapping[str, dict], path: str, num_classes: int) -> bool:
         x = np.arange(len(sets)) + i * width
         means = [100 * row["mmc"][s]["mean"] if s in row["mmc"] else np.nan for s in sets]
         stds = [100 * row["mmc"][s]["std"] if s in row["mmc"] else 0 for s in sets]
-        ax.bar(x, means, width, yerr=stds, label=METHOD_NAMES[method], capsize=2)
+        ax.bar(x, means, width, yerr=stds, label=get_method(method).label, capsize=2)
     ax.axhline(100 / num_classes, color="black", linestyle="--", linewidth=1, label="1/K")
     ax.set_xticks(np.arange(len(sets)) + 0.4 - width / 2)
     ax.set_xticklabels(["ID test" if s == "id" else s for s in sets], fontsize=8)

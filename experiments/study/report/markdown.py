@@ -9,6 +9,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from experiments.methods import get as get_method
 from experiments.study.report.claims import MIN_MARGIN, claims
 from experiments.study.report.density import (
     density_evidence,
@@ -21,10 +22,7 @@ from experiments.study.report.figures import write_plots
 from experiments.study.report.runs import (
     ADVERSARIAL,
     FAR,
-    HEADLINE,
-    METHOD_NAMES,
     NEAR,
-    NEAR_AUXILIARY_METHODS,
     REAL,
     SYNTHETIC,
     by_method,
@@ -58,7 +56,7 @@ def write(
     loaded = load_runs(root, runs)
     missing = [r.name for r in runs if r.name not in loaded]
     main = by_method(loaded)
-    rows = {m: summarize(es, HEADLINE[m]) for m, es in main.items()}
+    rows = {m: summarize(es, get_method(m).headline_score) for m, es in main.items()}
     found = claims(main, sweep_runs(loaded))
     num_classes = (
         next(iter(loaded.values()))["results"]["diagnostics"]["weights"]["num_classes"]
@@ -161,11 +159,11 @@ def _lr_notes(main: Mapping[str, list[dict]]) -> str:
     other = {
         m: lr_of(es[0])
         for m, es in main.items()
-        if m not in NEAR_AUXILIARY_METHODS and m != "ce" and lr_of(es[0]) != ce_lr
+        if not get_method(m).near_auxiliary and m != "ce" and lr_of(es[0]) != ce_lr
     }
     if not other:
         return ""
-    names = ", ".join(f"{METHOD_NAMES[m]} at {lr:g}" for m, lr in other.items())
+    names = ", ".join(f"{get_method(m).label} at {lr:g}" for m, lr in other.items())
     return (
         f"Peak learning rate {ce_lr:g} for the from-scratch methods except {names} "
         "(see the sweeps)."

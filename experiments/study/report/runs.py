@@ -2,7 +2,10 @@
 
 A run's number for a group of sets is the mean over the sets of its per-set means
 (papers' protocol); a method's cell is the mean ± standard deviation of that number
-over its seeds (:func:`mean_std`).
+over its seeds (:func:`mean_std`). A method's name in the report, its own score and
+whether its Tiny ImageNet results are near-auxiliary are its record's
+(:mod:`experiments.methods`: ``label``, ``headline_score``, ``near_auxiliary``); the
+methods' order is ``experiments.methods.STUDY_ORDER``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.methods import STUDY_ORDER
 from ood_jax import data as D
 from ood_jax.train.logging import METRICS_FILE, read_metrics
 
@@ -28,28 +32,6 @@ OTHER_NOISE = ("uniform", "gaussian")
 # OpenOOD's split for CIFAR-10: Tiny ImageNet is near-OOD, textures and noise far-OOD.
 NEAR = ("tinyimagenet_crop", "tinyimagenet_resize")
 FAR = ("textures_partial", *SYNTHETIC)
-# Methods trained with Tiny ImageNet outliers: the Tiny ImageNet test sets share
-# their classes ("near-auxiliary").
-NEAR_AUXILIARY_METHODS = ("oe", "energy_ft")
-METHOD_NAMES = {
-    "ce": "Cross-entropy",
-    "logitnorm": "LogitNorm",
-    "l2norm": "L2 feature norm",
-    "oe": "Outlier exposure (FT)",
-    "energy_ft": "Energy FT",
-    "ceda": "CEDA",
-    "acet": "ACET",
-}
-# Each method's own score (the one its paper reports).
-HEADLINE = {
-    "ce": "msp",
-    "logitnorm": "msp",
-    "l2norm": "feature_norm",
-    "oe": "msp",
-    "energy_ft": "energy",
-    "ceda": "msp",
-    "acet": "msp",
-}
 METRICS = (("fpr95", "FPR95↓"), ("auroc", "AUROC↑"), ("aupr_in", "AUPR-In↑"))
 PROTOCOL = "papers"
 
@@ -139,7 +121,7 @@ def by_method(loaded: Mapping[str, dict], group: str = "main") -> dict[str, list
             out.setdefault(run.method, []).append(entry)
     for entries in out.values():
         entries.sort(key=lambda e: e["run"].seed)
-    return {m: out[m] for m in METHOD_NAMES if m in out}
+    return {m: out[m] for m in STUDY_ORDER if m in out}
 
 
 def sweep_runs(loaded: Mapping[str, dict]) -> dict[str, dict]:

@@ -8,12 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from experiments.methods import get as get_method
 from experiments.study.report.runs import (
     ADVERSARIAL,
-    HEADLINE,
-    METHOD_NAMES,
     METRICS,
-    NEAR_AUXILIARY_METHODS,
     PROTOCOL,
     REAL,
     SYNTHETIC,
@@ -35,10 +33,10 @@ def main_table(rows: Mapping[str, dict]) -> list[str]:
     header += [f"real {h}" for _, h in METRICS] + [f"synthetic {h}" for _, h in METRICS]
     body = []
     for method, row in rows.items():
-        mark = " †" if method in NEAR_AUXILIARY_METHODS else ""
+        mark = " †" if get_method(method).near_auxiliary else ""
         body.append(
             [
-                f"{METHOD_NAMES[method]} ({row['score']}){mark}",
+                f"{get_method(method).label} ({row['score']}){mark}",
                 str(len(row["seeds"])),
                 format_cell(row["accuracy"]),
                 format_cell(row["ece"]),
@@ -59,7 +57,8 @@ def per_set_tables(rows: Mapping[str, dict]) -> list[str]:
             if any(r[f"{s}/{metric}"]["n"] for r in rows.values())
         ]
         body = [
-            [f"{METHOD_NAMES[m]} ({r['score']})"] + [format_cell(r[f"{s}/{metric}"]) for s in sets]
+            [f"{get_method(m).label} ({r['score']})"]
+            + [format_cell(r[f"{s}/{metric}"]) for s in sets]
             for m, r in rows.items()
         ]
         lines += ["", f"{title} per set:", ""] + markdown_table(["method (score)", *sets], body)
@@ -71,7 +70,7 @@ def near_far_table(rows: Mapping[str, dict]) -> list[str]:
     header = ["method (score)"] + [f"near {h}" for _, h in METRICS[:2]]
     header += [f"far {h}" for _, h in METRICS[:2]]
     body = [
-        [f"{METHOD_NAMES[m]} ({r['score']})"]
+        [f"{get_method(m).label} ({r['score']})"]
         + [format_cell(r[f"near/{x}"]) for x, _ in METRICS[:2]]
         + [format_cell(r[f"far/{x}"]) for x, _ in METRICS[:2]]
         for m, r in rows.items()
@@ -87,7 +86,7 @@ def openood_rows(main: Mapping[str, list[dict]]) -> dict[str, dict[str, Any]]:
 
     out = {}
     for method, entries in main.items():
-        score, per_seed = HEADLINE[method], []
+        score, per_seed = get_method(method).headline_score, []
         for e in entries:
             saved = load_scores(e)
             if saved is None or f"id/{score}" not in saved:
@@ -120,7 +119,7 @@ def openood_table(rows: Mapping[str, dict]) -> list[str]:
     metrics = (("fpr95", "FPR95↓"), ("auroc", "AUROC↑"), ("aupr_out", "AUPR-Out↑"))
     header = ["method (score)"] + [f"{g} {h}" for g in ("real", "synthetic") for _, h in metrics]
     body = [
-        [f"{METHOD_NAMES[m]} ({r['score']})"]
+        [f"{get_method(m).label} ({r['score']})"]
         + [format_cell(r[f"{g}/{k}"]) for g in ("real", "synthetic") for k, _ in metrics]
         for m, r in rows.items()
     ]
@@ -176,7 +175,7 @@ def logit_shift_rows(main: Mapping[str, list[dict]]) -> list[list[str]]:
             for k in ("msp", "energy", "max_logit")
         }
         rows.append(
-            [METHOD_NAMES[method], format_cell(id_shift, 1, 2), format_cell(ood_shift, 1, 2)]
+            [get_method(method).label, format_cell(id_shift, 1, 2), format_cell(ood_shift, 1, 2)]
             + [format_cell(auroc[k]) for k in ("msp", "energy", "max_logit")]
         )
     return rows
