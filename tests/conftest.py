@@ -8,6 +8,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The commands' persistent compilation cache stays off in tests (tests/test_compile_cache.py
+# turns it on in processes of its own): no test writes to the user's cache.
+os.environ.setdefault("OOD_JAX_COMPILATION_CACHE", "off")
 
 # The tests run the project's commands and read the checkout's files: the commands'
 # process defaults (the CPU XLA flag, the offline data, the published checkpoints).

@@ -46,7 +46,7 @@ from ood_jax.evaluate.protocol import (
     draw_indices,
     evaluate_ood,
 )
-from ood_jax.evaluate.report import atomic_directory, markdown_report
+from ood_jax.evaluate.report import atomic_directory, markdown_report, report_scalars
 from ood_jax.evaluate.runner import run_evaluation, write_report
 from ood_jax.evaluate.scoring import fit_captured, fit_scores, score_images, score_outputs
 from ood_jax.evaluate.spec import EvalSpec
@@ -86,6 +86,7 @@ __all__ = [
     "logit_norm_curve",
     "mahalanobis_split",
     "markdown_report",
+    "report_scalars",
     "max_softmax",
     "read_metrics_log",
     "run_evaluation",

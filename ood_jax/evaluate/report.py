@@ -127,6 +127,25 @@ def _pct_std(cell: Mapping[str, float], with_std: bool) -> str:
     return f"{text} ± {_pct(cell['std'])}" if with_std else text
 
 
+def report_scalars(results: Mapping) -> dict[str, float]:
+    """``{tag: value}`` of a report's headline numbers, for TensorBoard: per protocol,
+    score and OOD set the mean AUROC and FPR95 over draws
+    (``ood_<protocol>/<score>/<set>/auroc``), and the test accuracy and ECE
+    (``classification/accuracy``, ``classification/ece``)."""
+    out = {}
+    for protocol, result in results.get("ood", {}).items():
+        for score, per_set in result["metrics"].items():
+            for name, cell in per_set.items():
+                for metric in ("auroc", "fpr95"):
+                    if metric in cell:
+                        out[f"ood_{protocol}/{score}/{name}/{metric}"] = float(cell[metric]["mean"])
+    for key in ("accuracy", "ece"):
+        value = results.get("classification", {}).get(key)
+        if isinstance(value, int | float):
+            out[f"classification/{key}"] = float(value)
+    return out
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

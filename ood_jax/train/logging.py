@@ -10,6 +10,11 @@ started, or resumed), the objective's own terms as ``train_<name>``, and
 the middle (its means cover only the steps after the resume). Only process 0
 writes. On resume, records after the restored step are dropped so the file
 describes exactly one run.
+
+With ``tensorboard=True``, :class:`MetricsLog` mirrors every record as TensorBoard
+scalars in ``<workdir>/tensorboard/train`` (:class:`TensorBoardLog`, written with
+tensorboardX: no TensorFlow at run time). The event files are rebuilt from the kept
+records at every start, so a resumed run shows each step once.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -27,21 +33,34 @@ import jax
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+# TensorBoard's folder in a workdir: train/ (the metrics.jsonl records) and eval/
+# (the OOD report's AUROC and FPR95), two runs of ``tensorboard --logdir``.
+TENSORBOARD_DIR = "tensorboard"
+# Record fields that are not curves.
+_NOT_SCALARS = ("step", "epoch", "time", "partial", "steps_averaged")
 
 
 class MetricsLog:
-    """Appends per-epoch records to ``<workdir>/metrics.jsonl`` (process 0 only)."""
+    """Appends per-epoch records to ``<workdir>/metrics.jsonl`` (process 0 only), and
+    with ``tensorboard`` mirrors them as TensorBoard scalars (:class:`TensorBoardLog`)."""
 
-    def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0):
+    def __init__(
+        self, workdir: str | os.PathLike, *, resume_step: int = 0, tensorboard: bool = False
+    ):
         self.path = os.path.join(os.fspath(workdir), METRICS_FILE)
         self.enabled = jax.process_index() == 0
+        self.tensorboard: TensorBoardLog | None = None
         if self.enabled:
             os.makedirs(os.fspath(workdir), exist_ok=True)
-            self._truncate_after(resume_step)
+            kept = self._truncate_after(resume_step)
+            if tensorboard:
+                logdir = os.path.join(os.fspath(workdir), TENSORBOARD_DIR, "train")
+                self.tensorboard = TensorBoardLog(logdir, kept)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int) -> list[dict[str, Any]]:
+        """Drops the records after ``step``; returns those kept."""
         if not os.path.exists(self.path):
-            return
+            return []
         records, torn = read_records(self.path)
         kept = [r for r in records if r.get("step", 0) <= step]
         if torn or len(kept) != len(records):
@@ -55,6 +74,7 @@ class MetricsLog:
                 finally:
                     if os.path.exists(tmp):
                         os.remove(tmp)
+        return kept
 
     def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append ``record``; returns it as written (non-finite floats become null, as
@@ -64,7 +84,66 @@ class MetricsLog:
             with _naming(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(clean) + "\n")
                 f.flush()
+            if self.tensorboard is not None:
+                self.tensorboard.write(clean)
         return clean
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """``{tag: value}`` of a ``metrics.jsonl`` record: ``train_loss`` -> ``train/loss``,
+    ``test_accuracy`` -> ``test/accuracy``, ``logit_norm`` and ``lr`` under ``train/``,
+    ``images_per_s`` under ``perf/``; missing (null) values left out."""
+    out = {}
+    for key, value in record.items():
+        if key in _NOT_SCALARS or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if key.startswith(("train_", "test_")):
+            tag = key.replace("_", "/", 1)
+        elif key == "images_per_s":
+            tag = "perf/images_per_s"
+        else:
+            tag = f"train/{key}"
+        out[tag] = float(value)
+    return out
+
+
+class TensorBoardLog:
+    """TensorBoard event files of scalars, written with tensorboardX.
+
+    ``logdir`` is emptied and rewritten from ``records`` (``{"step", ...}`` dicts,
+    :func:`record_scalars`) when it opens, so its events never hold a step twice:
+    a resumed run rebuilds them from its kept ``metrics.jsonl`` records.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, records=()):
+        from tensorboardX import SummaryWriter
+
+        shutil.rmtree(logdir, ignore_errors=True)
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = SummaryWriter(os.fspath(logdir))
+        for record in records:
+            self.write(record, flush=False)
+        self._writer.flush()
+
+    def write(self, record: Mapping[str, Any], *, flush: bool = True) -> None:
+        """Adds the record's scalars at its ``step``."""
+        for tag, value in record_scalars(record).items():
+            self._writer.add_scalar(tag, value, int(record["step"]))
+        if flush:
+            self._writer.flush()
+
+    def add(self, scalars: Mapping[str, float], step: int) -> None:
+        """Adds ``{tag: value}`` at ``step``."""
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, float(value), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 @contextlib.contextmanager

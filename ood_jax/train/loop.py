@@ -191,7 +191,7 @@ class Evaluation:
     batches: Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 
-# About 80 lines with its docstring; 11 keyword arguments, each a separate concern of the
+# About 90 lines with its docstring; 13 keyword arguments, each a separate concern of the
 # loop (the data, checkpoints and evaluation are already grouped into dataclasses).
 def fit(
     state: TrainState,
@@ -206,6 +206,8 @@ def fit(
     log_every: int = 50,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    tensorboard: bool = False,
+    profile_steps: int = 0,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train ``state`` to ``num_steps`` steps, resuming from the checkpoints if possible.
 
@@ -222,6 +224,11 @@ def fit(
       progress: show the tqdm bar.
       on_step: called with the number of completed steps after each step (after the
         checkpoint of that step, if any); for tests and external monitoring.
+      tensorboard: also write the records as TensorBoard scalars
+        (``workdir/tensorboard/train``, see :class:`ood_jax.train.logging.MetricsLog`).
+      profile_steps: N > 0 captures a ``jax.profiler`` trace of the N steps after this
+        invocation's first (compiling) step into ``workdir/profile`` (TensorBoard's
+        profile plugin or Perfetto read it); the training itself is unchanged.
 
     Returns:
       ``(state, records)``: the final state and the records written to ``metrics.jsonl``
@@ -232,11 +239,11 @@ def fit(
         step is not saved, so the newest checkpoint is the last good one.
     """
     every = checkpoints.every if checkpoints is not None else 0
-    if num_steps < 0 or data.steps_per_epoch < 1 or log_every < 1 or every < 0:
+    if num_steps < 0 or data.steps_per_epoch < 1 or log_every < 1 or min(every, profile_steps) < 0:
         raise ValueError(
-            "need num_steps >= 0, steps_per_epoch >= 1, log_every >= 1 and "
-            f"checkpoint_every >= 0; got {num_steps}, {data.steps_per_epoch}, {log_every}, "
-            f"{every}."
+            "need num_steps >= 0, steps_per_epoch >= 1, log_every >= 1, checkpoint_every >= 0 "
+            f"and profile_steps >= 0; got {num_steps}, {data.steps_per_epoch}, {log_every}, "
+            f"{every}, {profile_steps}."
         )
     checkpointer = checkpoints.checkpointer if checkpoints is not None else None
     expected = checkpoints.model_identity if checkpoints is not None else None
@@ -249,10 +256,13 @@ def fit(
     bar = Progress(total=num_steps, initial=first, batch_size=data.batch_size, enabled=progress)
     if restored:
         bar.write(f"resumed from checkpoint step {first} in {checkpointer.directory}")
-    epochs = _Epochs(MetricsLog(workdir, resume_step=first), bar, data, first, checkpointer)
+    log = MetricsLog(workdir, resume_step=first, tensorboard=tensorboard)
+    epochs = _Epochs(log, bar, data, first, checkpointer)
     signals = _StopSignals()
+    profiler = _Profiler(os.path.join(os.fspath(workdir), PROFILE_DIR), first, profile_steps, bar)
     try:
         for step in range(first, num_steps):
+            profiler.before(step, state)
             batch = sharding.global_batch(next(train_iter), mesh)
             aux = sharding.global_batch(next(aux_iter), mesh) if aux_iter is not None else None
             state, step_metrics = train_step(state, batch, aux)
@@ -272,13 +282,49 @@ def fit(
             if stopping and done < num_steps:
                 directory = checkpointer.directory if checkpointer else None
                 raise TrainingInterrupted(signals.received, done, directory)
+        profiler.before(num_steps, state)
     finally:
+        profiler.stop(state)
         signals.restore()
         bar.close()
+        log.close()
         for it in (train_iter, aux_iter):
             if hasattr(it, "close"):
                 it.close()
     return state, epochs.records
+
+
+# The profiler's folder in a workdir (fit's profile_steps).
+PROFILE_DIR = "profile"
+
+
+class _Profiler:
+    """A ``jax.profiler`` trace of ``steps`` steps after the invocation's first one (which
+    compiles); the steps are waited for before the trace starts and stops, so it holds
+    exactly them."""
+
+    def __init__(self, path: str, first: int, steps: int, bar: Progress) -> None:
+        self.path, self.start, self.end, self.bar = path, first + 1, first + 1 + steps, bar
+        self.active = False
+        self.enabled = steps > 0
+
+    def before(self, step: int, state: TrainState) -> None:
+        """Called before ``step`` runs (and with the last step count at the end)."""
+        if not self.enabled:
+            return
+        if step == self.start and not self.active:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(self.path)
+            self.active = True
+        elif step >= self.end:
+            self.stop(state)
+
+    def stop(self, state: TrainState) -> None:
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active, self.enabled = False, False
+            self.bar.write(f"profile of steps {self.start + 1}-{self.end} in {self.path}")
 
 
 def _test_metrics(evaluation: Evaluation | None, state: TrainState, mesh: Mesh) -> dict:
