@@ -144,11 +144,27 @@ def _np_lowpass(x, sigma):
     return out
 
 
-def test_lowpass_matches_a_direct_convolution():
+@pytest.mark.parametrize("platform", ["cpu", "tpu", "gpu"])
+def test_lowpass_matches_a_direct_convolution(platform):
+    # The matrix form (CPU, TPU) and the GPU's depthwise convolutions, both run here.
     x = _images(2, seed=5).astype(np.float32)
-    got = np.asarray(attacks.gaussian_lowpass(jnp.asarray(x), jnp.float32(1.7)))
+    # A function of its own per platform: JAX caches traces by function, not by context.
+    blur = lambda images, sigma: attacks.gaussian_lowpass(images, sigma)
+    with attacks.tracing_for(platform):
+        got = np.asarray(jax.jit(blur)(jnp.asarray(x), jnp.float32(1.7)))
     np.testing.assert_allclose(got, _np_lowpass(x.astype(np.float64), 1.7), atol=2e-5)
     assert got.min() == 0.0 and abs(got.max() - 1.0) < 1e-6
+
+
+def test_lowpass_for_gpu_is_convolutions_and_for_cpu_and_tpu_the_matrix_products():
+    x = jnp.zeros((2, H, W, C), jnp.float32)
+    ops = {}
+    for platform in ("cpu", "tpu", "gpu"):
+        blur = lambda images, sigma: attacks.gaussian_lowpass(images, sigma)
+        with attacks.tracing_for(platform):
+            jaxpr = str(jax.make_jaxpr(blur)(x, jnp.float32(2.0)))
+        ops[platform] = ("conv_general_dilated" in jaxpr, "dot_general" in jaxpr)
+    assert ops == {"cpu": (False, True), "tpu": (False, True), "gpu": (True, False)}
 
 
 def test_noise_batch_mixes_the_requested_fractions():
