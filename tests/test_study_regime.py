@@ -39,17 +39,28 @@ def test_the_rule_needs_fit_training_data_and_overconfidence():
 
 def test_plan_runs_every_comparison_with_one_schedule_and_the_pilot_as_ce_seed0():
     runs = regime.plan(regime.PILOT_EPOCHS, seeds=2)
-    assert len(runs) == 2 * len(regime.RUNS)
+    per_seed = len(regime.RUNS) + len(regime.FINETUNED)
+    assert len(runs) == 2 * per_seed
     assert runs[0] == regime.pilot_run()
-    assert {r.seed for r in runs[: len(regime.RUNS)]} == {0}
-    assert all(f"--config.train.epochs={regime.PILOT_EPOCHS}" in r.args for r in runs)
+    assert {r.seed for r in runs[:per_seed]} == {0}
+    # Each seed's fine-tuning starts from that seed's CE run (seed 0's is the pilot).
+    tuned = {r.name: r.init_from for r in runs if r.init_from}
+    assert tuned == {
+        "energy_ft/seed0": "pilot/ce_e30",
+        "oe/seed0": "pilot/ce_e30",
+        "energy_ft/seed1": "ce/seed1",
+        "oe/seed1": "ce/seed1",
+    }
+    assert all(
+        f"--config.train.epochs={regime.PILOT_EPOCHS}" in r.args for r in runs if not r.init_from
+    )
     l2arch = [r for r in runs if r.name.startswith("ce_l2arch/")]
     assert all(r.method == "ce" for r in l2arch)
     assert "--config.model.options.spectral_norm=true" in l2arch[0].args
     # A longer schedule's CE seed 0 is that schedule's pilot, not the 30-epoch one.
     other = regime.plan(60, seeds=1)
     assert other[0] == regime.pilot_run(60) and other[0].name == "pilot/ce_e60"
-    assert all("--config.train.epochs=60" in r.args for r in other)
+    assert all("--config.train.epochs=60" in r.args for r in other if not r.init_from)
 
 
 def test_command_keeps_one_checkpoint_per_epoch():
@@ -73,6 +84,9 @@ def test_recipes_change_one_thing_and_checkpoint_every_measured_epochs():
     runs = regime.plan(15, seeds=1, recipe="noaug")
     assert runs[0] == regime.pilot_run(15, "noaug")
     assert all("--config.data.augment=false" in r.args for r in runs)
+    tune = regime.command(runs[-1], "/r", 4)
+    assert "--init_from=/r/pilot/ce_noaug_e15" in tune and tune[2] == "experiments.cifar10_oe"
+    assert not any(a.startswith("--config.train.epochs") for a in tune)  # the preset's
     assert "--config.train.checkpoint_every=780" in regime.command(runs[1], "/r", 4)
     with pytest.raises(cli.UsageError, match="--recipe must be one of"):
         regime.pilot_run(10, "bigger")
