@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -38,6 +39,7 @@ from experiments.evaluate_torch import TORCH_FLAGS, evaluate_torch_args
 from experiments.evaluation import Provenance, report_config, report_from_settings
 from experiments.run_config import resolve
 from experiments.workdir import Workdir
+from ood_jax.scores import available_scores, get_score
 
 
 def restore_model(workdir: str, *, step: int | None = None) -> tuple[Any, dict, int]:
@@ -158,12 +160,42 @@ _COUNTS = {
 }
 
 
+def _temperatures(text: str) -> list[float]:
+    """``--temperatures 1,10``: positive, finite numbers (the logits are divided by each)."""
+    try:
+        values = [float(t) for t in _names(text).split(",") if t]
+    except ValueError:
+        raise cli.UsageError(
+            f"--temperatures {text!r}: give numbers, e.g. --temperatures 1,10,1000."
+        ) from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise cli.UsageError(
+            f"--temperatures {text!r}: each must be a positive number (MSP and energy divide "
+            "the logits by it), e.g. --temperatures 1,10,1000."
+        )
+    return values
+
+
 def _check_flags(args: argparse.Namespace) -> None:
-    """Values known to be wrong at once, before the checkpoint and the data are read."""
+    """Values known to be wrong at once, before the checkpoint and the data are read;
+    a value that means something other than it may look is said in one line."""
+    for flag in ("ood_sets", "scores", "protocols", "tune"):
+        value = getattr(args, flag)
+        if value is not None and not _names(value):
+            raise cli.UsageError(
+                f"--{flag} {value!r} names nothing; leave the flag out to use the run's own "
+                f"{flag.replace('_', ' ')}."
+            )
     for flag, least in _COUNTS.items():
         value = getattr(args, flag)
         if value is not None and value < least:
             raise cli.UsageError(f"--{flag} must be >= {least}, got {value}.")
+    for flag, meaning in (
+        ("max_train", "fitting the scores on every training image"),
+        ("max_ood", "every image of each OOD set"),
+    ):
+        if getattr(args, flag) == 0:
+            print(f"--{flag} 0: no budget, {meaning}.")
     if args.out_dir is not None and os.path.isfile(args.out_dir):
         raise cli.UsageError(f"--out_dir {args.out_dir!r} is a file; give a folder.")
 
@@ -247,14 +279,13 @@ def _main(argv: Sequence[str] | None) -> dict:
         if value is not None:
             text = _names(value) if isinstance(value, str) else value
             overrides.append(f"--config.{field}={text}")
+    _check_flags(args)
     if args.temperatures is not None:
-        from ood_jax.scores import available_scores, get_score
-
-        temps = _names(args.temperatures)
+        # One value sets the field; several make the vmapped sweep.
+        temps = ",".join(repr(t) for t in _temperatures(args.temperatures))
         for name in available_scores():
             if get_score(name).sweep == "temperature":
-                overrides.append(f"--config.eval.score_hparams.{name}.temperature=({temps},)")
-    _check_flags(args)
+                overrides.append(f"--config.eval.score_hparams.{name}.temperature={temps}")
     if args.pretrained is not None and args.step is not None:
         raise cli.UsageError("--step applies to a --workdir; a published checkpoint has one step.")
     if args.torch_checkpoint is not None:

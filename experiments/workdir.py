@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -62,6 +63,15 @@ RUN_FIELDS = (
 
 # Reads of a still-training run's newest checkpoint before giving up (each lost to pruning).
 _NEWEST_ATTEMPTS = 3
+
+
+def _readable_json(path: str) -> bool:
+    try:
+        with open(path) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 class RestoredRun(NamedTuple):
@@ -193,7 +203,14 @@ class Workdir:
         """Writes ``config.json`` (process 0)."""
         os.makedirs(self.path, exist_ok=True)
         if jax.process_index() == 0:
-            with open(self.file(self.CONFIG), "w") as f:
+            path = self.file(self.CONFIG)
+            if os.path.exists(path) and not _readable_json(path):
+                warnings.warn(
+                    f"{path} was damaged (not readable JSON); rewritten from this run's "
+                    "settings, which the checkpoints record.",
+                    stacklevel=2,
+                )
+            with open(path, "w") as f:
                 json.dump(config.to_dict(), f, indent=2, default=str)
 
     def save_final(self, summary: Mapping[str, Any]) -> None:

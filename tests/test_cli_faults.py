@@ -411,3 +411,57 @@ def test_data_tfds_without_network_is_one_line_in_seconds(tmp_path, monkeypatch,
     assert time.monotonic() - start < 60
     assert "no network" in err and "--data local" in err
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--temperatures=0", "--temperatures '0': each must be a positive number"),
+        ("--temperatures=1,-2", "each must be a positive number"),
+        ("--temperatures=hot", "--temperatures 'hot': give numbers"),
+        ("--ood_sets=", "--ood_sets '' names nothing; leave the flag out"),
+        ("--scores= , ", "--scores ' , ' names nothing"),
+    ],
+)
+def test_evaluation_flags_that_mean_nothing_are_one_line(run, capsys, flag, message):
+    err = _one_line(capsys, evaluate.main, [f"--workdir={run}", flag])
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_one_temperature_and_a_zero_budget_say_what_they_mean(run, own, tmp_path, capsys):
+    root, _ = own
+    out = tmp_path / "report"
+    argv = [f"--workdir={run}", f"--data={root}", "--temperatures=2", "--max_train=0"]
+    results = evaluate.main([*argv, "--ood_sets=gaussian", f"--out_dir={out}"])
+    assert "--max_train 0: no budget, fitting the scores on every training image." in (
+        capsys.readouterr().out
+    )
+    assert list(results["score_hparams"]["msp"]["temperature"]) == [2.0]
+    assert results["spec"]["max_train"] is None
+    # The MSP at T=2 from the logits, by NumPy, is what the report scored.
+    model, _, _ = evaluate.restore_model(str(run))
+    from ood_jax.data import CIFAR10_MEAN, CIFAR10_STD
+
+    with np.load(root / "cifar10_test.npz") as f:
+        images = f["images"]
+    x = (images.astype(np.float32) / 255.0 - np.asarray(CIFAR10_MEAN)) / np.asarray(CIFAR10_STD)
+    logits = np.asarray(model(x.astype(np.float32))[0], np.float64) / 2.0
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    with np.load(out / "scores.npz") as saved:
+        msp = saved["id/msp_T2"]  # the registered default is T=1: the key names T
+    np.testing.assert_allclose(msp, (p / p.sum(-1, keepdims=True)).max(-1), rtol=1e-5)
+
+
+def test_a_damaged_config_json_is_rewritten_with_a_warning(run, own, tmp_path, capsys):
+    root, _ = own
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "config.json").write_text('{"seed": ')
+    sets = f"npz:{root / 'rgb.npz'},{root / 'gray.npz'},folder:{root / 'set'}"
+    argv = [f"--workdir={copy}", f"--data={root}", *RUN_ARGS, f"--config.eval.ood_sets={sets}"]
+    with pytest.warns(
+        UserWarning, match=r"config.json was damaged \(not readable JSON\); rewritten"
+    ):
+        _run_main(argv)
+    saved = json.loads((copy / "config.json").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["seed"] == 0
