@@ -33,7 +33,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments import cli, compile_cache
+from experiments import cli
 from experiments.configs.default import PRESETS
 from experiments.evaluate_torch import TORCH_FLAGS, evaluate_torch_args
 from experiments.evaluation import Provenance, report_config, report_from_settings
@@ -118,7 +118,6 @@ def evaluate_workdir(
         provenance = Provenance(command=command, step=step, workdir=workdir)
     config = report_config(saved_config(metadata["config"]), data=data, overrides=overrides)
     settings = resolve(config)
-    compile_cache.use(settings.config.train.get("compilation_cache", ""))
     return report_from_settings(
         settings,
         model,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from experiments import cli, compile_cache, methods, torch_import
+from experiments import cli, methods, torch_import
 from experiments.evaluation import Provenance, report_config, report_from_settings
 from experiments.run_config import resolve
 from ood_jax import data as D
@@ -84,7 +84,6 @@ def evaluate_torch(
     )
     stem = os.path.splitext(os.path.basename(path))[0]
     settings = resolve(config)
-    compile_cache.use(settings.config.train.compilation_cache)
     return report_from_settings(
         settings,
         imported.model,

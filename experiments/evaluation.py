@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
+from experiments import compile_cache
 from experiments.data import display_name, load_splits, near_auxiliary_notes
 from experiments.run_config import RunSettings, eval_batch_size, parse
 from ood_jax import data as D
@@ -180,6 +181,7 @@ def report_from_settings(
 ) -> dict:
     """:func:`ood_report` on the splits ``settings.config.data`` names (the CLI's
     evaluations)."""
+    compile_cache.use(settings.config.train.get("compilation_cache", ""))
     train_ds, test_ds = load_splits(settings.config, data_dir=data_dir)
     default_batch = eval_batch_size(settings.config, sharding.make_mesh())
     return ood_report(

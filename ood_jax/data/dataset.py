@@ -207,6 +207,13 @@ def from_arrays(
     )
 
 
+def subset_indices(total: int, count: int, *, seed: int | Sequence[int]) -> np.ndarray:
+    """A seeded random ``count`` of ``range(total)``, sorted (file/dataset order): the one
+    subsetting rule of :func:`random_subset` and of ``limit=`` loads."""
+    rng = np.random.default_rng(seed if isinstance(seed, int | np.integer) else list(seed))
+    return np.sort(rng.choice(total, count, replace=False))
+
+
 def random_subset(
     ds: ImageDataset, max_examples: int | None, *, seed: int | Sequence[int]
 ) -> ImageDataset:
@@ -219,8 +226,7 @@ def random_subset(
     """
     if not max_examples or len(ds) <= max_examples:
         return ds
-    rng = np.random.default_rng(seed if isinstance(seed, int | np.integer) else list(seed))
-    keep = np.sort(rng.choice(len(ds), max_examples, replace=False))
+    keep = subset_indices(len(ds), max_examples, seed=seed)
     return ImageDataset(
         ds.images[keep],
         ds.labels[keep],

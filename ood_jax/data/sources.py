@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ood_jax.data import decode
-from ood_jax.data.dataset import IMAGE_SIZE, ImageDataset
+from ood_jax.data.dataset import IMAGE_SIZE, ImageDataset, subset_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # tfds retries a download for minutes when offline; before one, a connection to its
@@ -73,8 +73,7 @@ def limit_indices(total: int, limit: int | None) -> np.ndarray:
         return np.arange(total)
     if limit < 1:
         raise ValueError(f"`limit` must be >= 1 (or None for all), got {limit}.")
-    chosen = np.random.default_rng(LIMIT_SEED).choice(total, size=limit, replace=False)
-    return np.sort(chosen)
+    return subset_indices(total, limit, seed=LIMIT_SEED)
 
 
 def from_npz(
