@@ -17,7 +17,10 @@
 - ``tuning``: the fit stage with its optional search: hyperparameters chosen on a
   validation pair (held-out ID training images vs an OOD set that is no test set).
 - ``runner``: :func:`run_evaluation` (a model + a spec + datasets -> results +
-  report) and :func:`write_report`.
+  report), :func:`evaluate_model` (any JAX classifier, one call, every detector it
+  can serve) and :func:`write_report`.
+- ``adapters``: the model contract and :func:`as_classifier` (a Flax NNX or linen
+  module, or a function, as that contract), what a model can serve.
 
 A training workdir's checkpoint is evaluated by ``python -m experiments.evaluate``
 (``experiments.evaluate.evaluate_workdir``); it and the end of training both go
@@ -25,6 +28,7 @@ through ``experiments.evaluation.ood_report`` (``config.eval`` -> :class:`EvalSp
 -> :func:`run_evaluation`).
 """
 
+from ood_jax.evaluate.adapters import as_classifier, capabilities, servable_scores
 from ood_jax.evaluate.datasets import (
     OFFLINE_OOD_SETS,
     SYNTHETIC_NAMES,
@@ -47,7 +51,7 @@ from ood_jax.evaluate.protocol import (
     evaluate_ood,
 )
 from ood_jax.evaluate.report import atomic_directory, markdown_report, report_scalars
-from ood_jax.evaluate.runner import run_evaluation, write_report
+from ood_jax.evaluate.runner import evaluate_model, run_evaluation, write_report
 from ood_jax.evaluate.scoring import fit_captured, fit_scores, score_images, score_outputs
 from ood_jax.evaluate.spec import EvalSpec
 from ood_jax.evaluate.stages import (
@@ -69,13 +73,16 @@ __all__ = [
     "ForwardPass",
     "ModelOutputs",
     "ScoreTable",
+    "as_classifier",
     "atomic_directory",
+    "capabilities",
     "check_ood_set_names",
     "classification_summary",
     "compute_outputs",
     "compute_scores",
     "dataset_seeds",
     "draw_indices",
+    "evaluate_model",
     "evaluate_ood",
     "evaluate_protocols",
     "feature_geometry",
@@ -92,6 +99,7 @@ __all__ = [
     "run_evaluation",
     "score_images",
     "score_outputs",
+    "servable_scores",
     "weight_diagnostics",
     "write_report",
 ]

@@ -263,10 +263,13 @@ def markdown_report(results: Mapping) -> str:
 def _header_lines(results: Mapping) -> list[str]:
     """The report's list of what was evaluated, on what, and how."""
     ckpt, data = results["checkpoint"], results["data"]
+    model = results["model"]
     lines = [
-        f"# OOD evaluation: {results['model'].get('name', 'model')} on {data['id']['name']}",
+        f"# OOD evaluation: {model.get('name', 'model')} on {data['id']['name']}",
         "",
-        f"- checkpoint: {_checkpoint_origin(ckpt)} step {ckpt.get('step')}",
+        f"- checkpoint: {_checkpoint_origin(ckpt)} step {ckpt.get('step')}"
+        if ckpt
+        else f"- model: {model.get('description') or model.get('name', 'given in memory')}",
         f"- in-distribution test set: {data['id']['name']} ({data['id']['num_examples']} "
         f"images; {data['id']['source']})",
     ]
@@ -301,9 +304,15 @@ def _header_lines(results: Mapping) -> list[str]:
                 f"- {label} on seeded random subsets of at most {budget} images per dataset "
                 f"(sizes in results.json `image_score_examples`)"
             )
+    by_reason: dict[str, list[str]] = {}
+    for name, why in (results.get("skipped_scores") or {}).items():
+        by_reason.setdefault(why, []).append(name)
+    for why, names in by_reason.items():
+        lines.append(f"- skipped {', '.join(names)}: {'it' if len(names) == 1 else 'each'} {why}")
+    command = results.get("command")
     lines.append(
-        f"- metrics in percent; higher score = more in-distribution; command: "
-        f"`{results.get('command', '')}`"
+        "- metrics in percent; higher score = more in-distribution"
+        + (f"; command: `{command}`" if command else "")
     )
     return lines
 
@@ -343,23 +352,25 @@ def _hparams_text(hparams: Mapping) -> str:
 
 
 def _diagnostics_lines(diag: Mapping) -> list[str]:
-    """Pearce et al.'s diagnostics: head geometry, feature norms, the Mahalanobis split."""
+    """Pearce et al.'s diagnostics: head geometry, feature norms, the Mahalanobis split
+    (each where the model has what it needs: a head, features)."""
     w = diag["weights"]
-    lines = [
-        "",
-        "## Diagnostics (Pearce et al. 2021)",
-        "",
-        f"Final-layer weight vectors: pairwise cosine mean {w['cosine']['mean']:.4f} "
-        f"(min {w['cosine']['min']:.4f}, max {w['cosine']['max']:.4f}) vs optimal "
-        f"{w['optimal_cosine']:.4f}; norms mean {w['norm']['mean']:.4f} "
-        f"(coefficient of variation {w['norm_cv']:.4f}); "
-        + (
-            f"bias mean |b| {np.mean(np.abs(w['biases'])):.4f}."
-            if w["biases"] is not None
-            else "no bias."
-        ),
-        "",
-    ]
+    lines = ["", "## Diagnostics (Pearce et al. 2021)", ""]
+    if w is None:
+        lines += ["No final linear layer given: no weight or feature geometry.", ""]
+    else:
+        lines += [
+            f"Final-layer weight vectors: pairwise cosine mean {w['cosine']['mean']:.4f} "
+            f"(min {w['cosine']['min']:.4f}, max {w['cosine']['max']:.4f}) vs optimal "
+            f"{w['optimal_cosine']:.4f}; norms mean {w['norm']['mean']:.4f} "
+            f"(coefficient of variation {w['norm_cv']:.4f}); "
+            + (
+                f"bias mean |b| {np.mean(np.abs(w['biases'])):.4f}."
+                if w["biases"] is not None
+                else "no bias."
+            ),
+            "",
+        ]
     rows = [
         [
             name,
@@ -370,8 +381,9 @@ def _diagnostics_lines(diag: Mapping) -> list[str]:
         ]
         for name, d in diag["features"].items()
     ]
-    header = ["dataset", "mean ‖z‖", "median ‖z‖", "mean cos(z, w_pred)", "median cos"]
-    lines += markdown_table(header, rows)
+    if rows:
+        header = ["dataset", "mean ‖z‖", "median ‖z‖", "mean cos(z, w_pred)", "median cos"]
+        lines += markdown_table(header, rows)
     split = diag.get("mahalanobis_split")
     if split:
         lines += [

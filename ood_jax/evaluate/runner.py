@@ -11,15 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from ood_jax import data as D
 from ood_jax.evaluate import plots, report
+from ood_jax.evaluate.adapters import (
+    MODEL_NEEDS,
+    as_classifier,
+    capabilities,
+    check_head,
+    describe,
+    servable_scores,
+)
+from ood_jax.evaluate.datasets import load_ood_sets
 from ood_jax.evaluate.forward import ForwardPass, ModelOutputs
 from ood_jax.evaluate.spec import EvalSpec
 from ood_jax.evaluate.stages import (
@@ -27,6 +38,7 @@ from ood_jax.evaluate.stages import (
     ScoreTable,
     batch_maker,
     check_datasets,
+    check_id_test,
     compute_outputs,
     compute_scores,
     diagnose,
@@ -47,7 +59,7 @@ def _stopwatch(timings: dict[str, float], key: str) -> Iterator[None]:
 
 # Eleven parameters: the spec holds every setting; each dataset role and output is its own.
 def run_evaluation(
-    model: nnx.Module,
+    model: Any,
     spec: EvalSpec,
     *,
     id_test: D.ImageDataset,
@@ -62,21 +74,28 @@ def run_evaluation(
 ) -> dict:
     """Evaluates ``model`` as ``spec`` says; returns the ``results.json`` dict.
 
-    ``model(images) -> (logits, features)`` with ``model.head`` its final linear
-    layer (switched to eval mode); ``id_test`` labelled; ``ood_sets`` name ->
-    non-empty dataset; ``train`` the in-distribution training set (required by
-    ``"fitted"`` scores, and the ID validation images when ``spec.tune`` or
-    ``spec.fit_on_val``); ``val_ood`` the OOD validation set of ``spec.tune`` (none of
-    the ``ood_sets``); ``mesh`` with a ``"data"`` axis (default: all devices);
+    ``model``: an ood_jax model, or any model :func:`~ood_jax.evaluate.as_classifier`
+    adapts (an NNX module is adapted as is; adapt a linen module or a function, or
+    name a head, yourself first). Each of ``spec``'s scores that the model cannot
+    serve (``Score.needs``: features, head, intermediates, dropout) is skipped with a
+    warning and listed in the results' ``skipped_scores``. ``id_test`` labelled;
+    ``ood_sets`` name -> non-empty dataset; ``train`` the in-distribution training set
+    (required by ``"fitted"`` scores, and the ID validation images when ``spec.tune``
+    or ``spec.fit_on_val``); ``val_ood`` the OOD validation set of ``spec.tune`` (none
+    of the ``ood_sets``); ``mesh`` with a ``"data"`` axis (default: all devices);
     ``out_dir``: write the report there, atomically; ``metrics_log_dir``: a training
     workdir whose ``metrics.jsonl`` gives the logit-norm curve; ``metadata`` is
     recorded in the results (``checkpoint``, ``model``, ``command``, ...);
     ``progress`` is called with a message before each stage (e.g. ``print``).
     """
     say = progress or (lambda message: None)
+    model = as_classifier(model)
+    check_id_test(id_test)
+    caps = capabilities(model, id_test.images.shape[1:], id_test.num_classes)
+    spec, skipped = _servable_spec(spec, caps, model)
     check_datasets(spec, id_test, ood_sets, train, val_ood)
     timings: dict[str, float] = {}
-    head = head_weights(model)
+    head = head_weights(model, required=False)
     forward = ForwardPass(model, mesh=mesh)
     batches = batch_maker(spec, forward.num_shards)
     with _stopwatch(timings, "attack_s") if spec.adversarial_noise else contextlib.nullcontext():
@@ -85,6 +104,7 @@ def run_evaluation(
     with _stopwatch(timings, "forward_s"):
         say(f"forward pass over {len(datasets)} datasets")
         outputs = compute_outputs(forward, datasets, batches=batches)
+    check_head(model, outputs[id_test.name].logits, outputs[id_test.name].features)
     fits = Fits(spec)
     if spec.fitted_scores or spec.uses_val:
         with _stopwatch(timings, "fit_s"):
@@ -101,8 +121,10 @@ def run_evaluation(
     geometry, diagnosed = diagnose(outputs, fits.train_outputs, head, metrics_log_dir)
     results = {
         "checkpoint": {},
-        "model": {},
+        "model": {"name": type(model).__name__, "description": describe(model)},
         **dict(metadata or {}),
+        "model_capabilities": sorted(caps),
+        "skipped_scores": {**dict((metadata or {}).get("skipped_scores") or {}), **skipped},
         "spec": spec.to_dict(),
         "data": _describe_data(spec, id_test, ood_sets, fits),
         "scores": list(scores.id_scores),
@@ -129,6 +151,128 @@ def run_evaluation(
             id_confidence=id_confidence,
         )
     return results
+
+
+#: What a user's model receives (``evaluate_model(inputs=...)``): the evaluation's
+#: ``(mean, std)``, images being ``(pixels / 255 - mean) / std``.
+INPUTS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "pixels": ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)),  # 0..255, as stored
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # 0..1
+}
+
+
+def evaluate_model(
+    model: Any,
+    variables: Any = None,
+    *,
+    id_test: D.ImageDataset | str,
+    ood_sets: Mapping[str, D.ImageDataset] | Sequence[str],
+    id_train: D.ImageDataset | str | None = None,
+    scores: Sequence[str] | None = None,
+    head: Any = None,
+    apply_kwargs: Mapping | None = None,
+    inputs: str | tuple[Sequence[float], Sequence[float]] = "pixels",
+    name: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict:
+    """The whole evaluation of any JAX classifier in one call; returns ``results.json``'s dict.
+
+    ``model``, ``variables``, ``head``, ``apply_kwargs``, ``name``: as
+    :func:`~ood_jax.evaluate.as_classifier` (an NNX module, a linen module with its
+    variables, a function; ``head`` names the final linear layer or gives its
+    weights). Every score in ``scores`` (default: every registered one) that the
+    model can serve is computed; each other one is skipped with a one-line warning
+    naming what it needs, and listed in the results' ``skipped_scores`` (so are the
+    fitted scores when no ``id_train`` is given).
+
+    Args:
+      id_test: the labelled in-distribution test set, or a dataset name
+        (``"cifar10"``, ``"cifar10_jpeg"``: its test split, ``ood_jax.data.load_dataset``).
+      ood_sets: ``{name: ImageDataset}``, or names for ``load_ood_sets`` (offline
+        sets, synthetic noise).
+      id_train: the in-distribution training set (or a name: its train split), for
+        the fitted scores (Mahalanobis, KNN, ...).
+      inputs: what the model receives, float32 NHWC: ``"pixels"`` (default) the
+        pixel values as the dataset stores them, 0 to 255, so that the model's own
+        preprocessing applies; ``"unit"`` them divided by 255; or ``(mean, std)``
+        per channel in [0, 1] units, for ``(pixels / 255 - mean) / std``.
+      out_dir: write the report (``results.md``, ``results.json``, plots) there.
+      data_dir: the offline data folder for names (default ``$OOD_JAX_DATA_DIR``).
+      progress: called with a message before each stage (e.g. ``print``).
+      **options: :class:`EvalSpec` fields (``protocols``, ``convention``,
+        ``max_train``, ``max_ood``, ``batch_size``, ``score_hparams``,
+        ``adversarial_noise``, ...).
+    """
+    if isinstance(inputs, str):
+        if inputs not in INPUTS:
+            raise ValueError(
+                f"inputs: expected one of {list(INPUTS)} or (mean, std), got {inputs!r}."
+            )
+        mean, std = INPUTS[inputs]
+    else:
+        mean, std = inputs
+    for field in ("mean", "std", "scores"):
+        if field in options:
+            raise ValueError(f"{field}: give it as evaluate_model's own argument, not an option.")
+    if isinstance(id_test, str):
+        id_test = D.load_dataset(id_test, "test", data_dir=data_dir)
+    if isinstance(id_train, str):
+        id_train = D.load_dataset(id_train, "train", data_dir=data_dir)
+    if not isinstance(ood_sets, Mapping):
+        ood_sets = load_ood_sets(list(ood_sets), data_dir=data_dir, id_test=id_test)
+    adapted = as_classifier(model, variables, head=head, apply_kwargs=apply_kwargs, name=name)
+    spec = EvalSpec(scores=scores, mean=mean, std=std, **options)
+    skipped: dict[str, str] = {}
+    if id_train is None:
+        every = frozenset(MODEL_NEEDS)
+        spec, skipped = _servable_spec(spec, every, adapted, has_train=False)
+    metadata = {
+        "model": {
+            "name": getattr(adapted, "label", None) or type(adapted).__name__,
+            "description": describe(adapted),
+            "inputs": inputs if isinstance(inputs, str) else {"mean": mean, "std": std},
+        },
+        "checkpoint": {},
+        "skipped_scores": skipped,
+    }
+    return run_evaluation(
+        adapted,
+        spec,
+        id_test=id_test,
+        ood_sets=ood_sets,
+        train=id_train,
+        out_dir=out_dir,
+        metadata=metadata,
+        progress=progress,
+    )
+
+
+def _servable_spec(
+    spec: EvalSpec, caps: frozenset, model, *, has_train: bool = True
+) -> tuple[EvalSpec, dict[str, str]]:
+    """``spec`` without the scores the model cannot serve, and ``{skipped: why}``; each
+    skipped one warned about on one line."""
+    kept, skipped = servable_scores(spec.scores, caps, has_train=has_train)
+    for name, why in skipped.items():
+        warnings.warn(f"scores: skipping {name!r}: it {why}.", stacklevel=_caller_level())
+    if not kept:
+        raise ValueError(
+            f"scores: the model ({describe(model)}) can serve none of {list(spec.scores)}: "
+            + "; ".join(f"{n} {why}" for n, why in skipped.items())
+        )
+    return (spec.with_scores(kept) if skipped else spec), skipped
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside ood_jax (the user's call)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _describe_data(spec: EvalSpec, id_test, ood_sets, fits: Fits) -> dict:
@@ -228,7 +372,8 @@ def _plot(results, spec, scores, geometry, id_outputs, id_confidence, path) -> N
         num_bins=ECE_BINS,
     )
     ood_geometry = {name: fields for name, fields in geometry.items() if name != id_name}
-    for field, title in (("feature_norm", "Feature norm ||z||"), ("cos_pred", "cos(z, w_pred)")):
+    titles = {"feature_norm": "Feature norm ||z||", "cos_pred": "cos(z, w_pred)"}
+    for field, title in titles.items() if geometry else ():
         plots.distribution_plot(
             geometry[id_name][field],
             {name: fields[field] for name, fields in ood_geometry.items()},

@@ -161,6 +161,33 @@ class EvalSpec:
         """The chosen scores fitted on the in-distribution training set."""
         return [name for name in self.scores if get_score(name).fitted]
 
+    def with_scores(self, names: Sequence[str]) -> EvalSpec:
+        """This spec with only the scores ``names`` (a subset of ``scores``): their
+        settings, tuning, fitting split and plots kept, the others' dropped."""
+        keep = tuple(n for n in self.scores if n in set(names))
+        unknown = sorted(set(names) - set(self.scores))
+        if unknown or not keep:
+            raise ValueError(
+                f"with_scores: expected some of the spec's scores {list(self.scores)}, got "
+                f"{list(names)}."
+            )
+
+        def kept_key(key: str) -> bool:
+            swept = {n: get_score(n).sweep_label for n in keep if get_score(n).sweep}
+            return key in keep or any(key.startswith(f"{n}_{label}") for n, label in swept.items())
+
+        return dataclasses.replace(
+            self,
+            scores=keep,
+            score_hparams={n: self.score_hparams[n] for n in keep},
+            tune=tuple(n for n in self.tune if n in keep),
+            tune_grids={n: g for n, g in self.tune_grids.items() if n in keep},
+            fit_on_val=tuple(n for n in self.fit_on_val if n in keep),
+            plot_scores=None
+            if self.plot_scores is None
+            else tuple(k for k in self.plot_scores if kept_key(k)),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain values (the ``"spec"`` entry of ``results.json``)."""
         return dataclasses.asdict(self)

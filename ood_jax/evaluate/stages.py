@@ -38,17 +38,35 @@ Batches = Callable[[D.ImageDataset | FloatImages], Iterator[dict[str, np.ndarray
 ScoreGroup = tuple[Mapping[str, np.ndarray], Mapping[str, Mapping[str, np.ndarray]]]
 
 
-def head_weights(model: nnx.Module) -> Head:
-    """``Head(kernel [D, K], bias [K] or None)`` of ``model.head`` as NumPy arrays."""
+def head_weights(model: nnx.Module, *, required: bool = True) -> Head | None:
+    """``Head(kernel [D, K], bias [K] or None)`` of ``model.head`` as NumPy arrays.
+
+    Without a head (no ``model.head`` with a ``kernel``): a ValueError, or None when
+    ``required`` is False (a user's model that cannot serve the detectors that need it).
+    """
     head = getattr(model, "head", None)
     if head is None or not hasattr(head, "kernel"):
+        if not required:
+            return None
         raise ValueError(
             "model: expected the final linear layer as `model.head` (an nnx.Linear with "
-            "`kernel` [D, K]); see docs/architecture.md."
+            "`kernel` [D, K]); adapt a model without one with "
+            "ood_jax.evaluate.as_classifier(model, head=...)."
         )
     kernel = np.asarray(head.kernel[...], np.float32)
     bias = getattr(head, "bias", None)
     return Head(kernel, None if bias is None else np.asarray(bias[...], np.float32))
+
+
+def check_id_test(id_test: D.ImageDataset) -> None:
+    """Raises a ValueError unless ``id_test`` is a labelled ImageDataset."""
+    if not isinstance(id_test, D.ImageDataset):
+        raise ValueError(f"id_test: expected an ood_jax.data.ImageDataset, got {type(id_test)}.")
+    if (id_test.labels < 0).any():
+        raise ValueError(
+            f"id_test ({id_test.name!r}): the in-distribution test set must be labelled "
+            "(accuracy and calibration need labels)."
+        )
 
 
 def check_datasets(
@@ -59,13 +77,7 @@ def check_datasets(
     val_ood: D.ImageDataset | None = None,
 ) -> None:
     """Raises a ValueError naming the argument when the datasets cannot serve ``spec``."""
-    if not isinstance(id_test, D.ImageDataset):
-        raise ValueError(f"id_test: expected an ood_jax.data.ImageDataset, got {type(id_test)}.")
-    if (id_test.labels < 0).any():
-        raise ValueError(
-            f"id_test ({id_test.name!r}): the in-distribution test set must be labelled "
-            "(accuracy and calibration need labels)."
-        )
+    check_id_test(id_test)
     if not ood_sets:
         raise ValueError("ood_sets: no OOD sets given; pass at least one (name -> ImageDataset).")
     if id_test.name in ood_sets:
@@ -329,16 +341,23 @@ def summarize_confidence(
 def diagnose(
     outputs: Mapping[str, ModelOutputs],
     train_outputs: ModelOutputs | None,
-    head: Head,
+    head: Head | None,
     metrics_log_dir: str | os.PathLike | None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
-    """Stage 5: ``(per-example feature geometry per set, the diagnostics section)``."""
-    geometry = {
-        name: diagnostics.feature_geometry(out.logits, out.features, head.kernel)
-        for name, out in outputs.items()
-    }
+    """Stage 5: ``(per-example feature geometry per set, the diagnostics section)``.
+
+    The geometry and the weights need the head and the features, the Mahalanobis split
+    the features: a model without them gets empty entries (``{}``, None).
+    """
+    has_features = all(out.features.shape[1] > 0 for out in outputs.values())
+    geometry = {}
+    if head is not None and has_features:
+        geometry = {
+            name: diagnostics.feature_geometry(out.logits, out.features, head.kernel)
+            for name, out in outputs.items()
+        }
     split = {}
-    if train_outputs is not None:
+    if train_outputs is not None and has_features:
         # Where each set's features fall relative to the class means, in the metric of
         # the Mahalanobis score (raw and L2-normalized features): see the report's
         # density section.
@@ -357,7 +376,7 @@ def diagnose(
             }
     log = diagnostics.read_metrics_log(os.fspath(metrics_log_dir)) if metrics_log_dir else []
     section = {
-        "weights": diagnostics.weight_diagnostics(head.kernel, head.bias),
+        "weights": None if head is None else diagnostics.weight_diagnostics(head.kernel, head.bias),
         "features": {
             name: {quantity: diagnostics.summarize(values) for quantity, values in fields.items()}
             for name, fields in geometry.items()

@@ -11,6 +11,7 @@ registration order. A new built-in goes into its module's ``SCORES`` and into
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from ood_jax.scores import builtin_entries, dropout, gram, mds, posthoc_entries, shaping
@@ -70,6 +71,46 @@ ORDER: tuple[str, ...] = (
 
 _MODULES = (builtin_entries, shaping, posthoc_entries, dropout, gram, mds)
 
+# What each built-in needs from the model beyond its logits (``Score.needs``), where
+# that differs from its kind's default: the array and fitted scores of the logits alone,
+# those of the features without the head, and Mahalanobis+ODIN (an image score whose
+# fit and score read the features). A model that cannot serve a need (a logits-only
+# model has no features; a model without ``capture=`` no intermediates) is evaluated
+# without those scores, each skipped with a warning.
+NEEDS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        (
+            "msp",
+            "max_logit",
+            "energy",
+            "neg_entropy",
+            "gen",
+            "temp_scale",
+            "klm",
+            "openmax",
+            "weighted_energy",
+        ),
+        (),
+    ),
+    **dict.fromkeys(
+        (
+            "feature_norm",
+            "mahalanobis",
+            "knn",
+            "gmm",
+            "mahalanobis_l2",
+            "gmm_l2",
+            "rmds",
+            "relation",
+            "nnguide",
+            "she",
+            "lts",
+            "mahalanobis_odin",
+        ),
+        ("features",),
+    ),
+}
+
 
 def builtin_scores() -> tuple[Score, ...]:
     """Every built-in score, in :data:`ORDER`."""
@@ -82,7 +123,13 @@ def builtin_scores() -> tuple[Score, ...]:
             f"{sorted((ordered - declared).elements())} (a name twice counts twice)."
         )
     by_name = {score.name: score for score in scores}
-    return tuple(by_name[name] for name in ORDER)
+    unknown = sorted(set(NEEDS) - set(ORDER))
+    if unknown:
+        raise ValueError(f"catalog: NEEDS names scores not in ORDER: {unknown}.")
+    return tuple(
+        dataclasses.replace(by_name[name], needs=NEEDS[name]) if name in NEEDS else by_name[name]
+        for name in ORDER
+    )
 
 
 for _score in builtin_scores():

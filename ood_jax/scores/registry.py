@@ -84,6 +84,14 @@ import numpy as np
 
 from ood_jax.registry import Registry
 
+#: What a score may need from the model beyond its logits, the values of ``needs``:
+#: ``"features"`` (the penultimate features ``z``), ``"head"`` (the final linear layer's
+#: weights), ``"intermediates"`` (``model(x, capture=...)`` and the network's tail, as
+#: ood_jax's own models give) and ``"dropout"`` (a dropout layer of rate > 0). The
+#: evaluation skips, with a warning, a score whose needs the model cannot serve
+#: (``ood_jax.evaluate.adapters``).
+MODEL_NEEDS: tuple[str, ...] = ("features", "head", "intermediates", "dropout")
+
 
 class Head(NamedTuple):
     """The final linear layer: ``logits = features @ kernel + bias``."""
@@ -109,6 +117,12 @@ class Score:
       sweep_label: short label of the swept value in result keys (``"T"``).
       grid: ``{hyperparameter: values}`` searched on a validation pair when the
         evaluation tunes this score (OpenOOD v1.5's ``postprocessor_sweep``).
+      needs: what it needs from the model beyond the logits, a subset of
+        :data:`MODEL_NEEDS`. Default (None) the kind's: ``("features", "head")`` for the
+        array and fitted kinds (declare ``needs=()`` for a score of the logits only, so
+        that a logits-only model gets it), ``()`` for an image score, ``("dropout",)``
+        for a stochastic one, ``("intermediates",)`` for an activation score or an
+        image score with ``captures``; stored resolved.
       consumes: the kind as a string (read-only): ``"outputs"``, ``"fitted"``,
         ``"images"`` or ``"activations"``.
     """
@@ -120,6 +134,7 @@ class Score:
     sweep: str | None = None
     sweep_label: str = ""
     grid: Mapping[str, tuple] = field(default_factory=dict)
+    needs: tuple[str, ...] | None = None
 
     consumes: ClassVar[str]
 
@@ -143,6 +158,16 @@ class Score:
             set(self.grid) <= set(self.defaults) and all(map(len, self.grid.values())),
             "a grid gives values of its hyperparameters.",
         )
+        needs = self._default_needs() if self.needs is None else tuple(self.needs)
+        self._check(
+            set(needs) <= set(MODEL_NEEDS),
+            f"needs {needs!r}: choose from {MODEL_NEEDS} (beyond the logits).",
+        )
+        object.__setattr__(self, "needs", tuple(dict.fromkeys(needs)))
+
+    def _default_needs(self) -> tuple[str, ...]:
+        """The kind's ``needs`` when none is declared."""
+        return ("features", "head")
 
     def _check(self, valid: bool, problem: str) -> None:
         if not valid:
@@ -182,6 +207,7 @@ class Score:
         grid: Mapping[str, tuple] | None = None,
         stochastic: bool = False,
         fit_features: Callable[..., Any] | None = None,
+        needs: tuple[str, ...] | None = None,
     ) -> Score:
         """The score of the kind ``consumes`` names, from the former ``Score(...)`` arguments.
 
@@ -216,6 +242,7 @@ class Score:
             sweep,
             sweep_label,
             {} if grid is None else grid,
+            needs,
             **{k: v for k, v in given.items() if k in own},
         )
 
@@ -305,6 +332,9 @@ class ImageScore(ModelScore):
 
     consumes: ClassVar[str] = "images"
 
+    def _default_needs(self) -> tuple[str, ...]:
+        return ("intermediates",) * bool(self.captures) + ("dropout",) * self.stochastic
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check(self.sweep is None, "an image score has no sweep; give a grid to tune.")
@@ -323,6 +353,9 @@ class ActivationScore(ModelScore):
     **hparams) -> [B]``, with ``captures`` (at least one) naming what ``out`` holds."""
 
     consumes: ClassVar[str] = "activations"
+
+    def _default_needs(self) -> tuple[str, ...]:
+        return ("intermediates",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -347,12 +380,15 @@ def register_score(
     sweep: str | None = None,
     sweep_label: str = "",
     jit: bool = True,
+    needs: tuple[str, ...] | None = None,
     replace: bool = False,
 ):
     """Register a score: pass an instance of a kind, or decorate ``fn``.
 
     As a decorator it registers ``Score.from_consumes(name, fn, consumes, display or
-    name, defaults, fit, sweep, sweep_label, jit)`` (the kind ``consumes`` names) and
+    name, defaults, fit, sweep, sweep_label, jit, needs=needs)`` (the kind ``consumes``
+    names; ``needs``: what it needs from the model beyond the logits, see
+    :attr:`Score.needs`) and
     returns ``fn``; given a :class:`Score` it registers and returns it (the other
     arguments but ``replace`` unused). ``replace=True`` replaces a registered score of
     the same name, in its place in :func:`available_scores`.
@@ -376,6 +412,7 @@ def register_score(
                 sweep,
                 sweep_label,
                 jit,
+                needs=needs,
             )
         )
         return fn
