@@ -9,15 +9,17 @@ the model and configuration recorded in its metadata, and writes the OOD report
 (``DIR/eval_step<N>`` for an explicit ``--step``; ``--out_dir`` to choose). It
 runs the very function the training run calls at its end
 (``experiments.evaluation.ood_report``) with the run's config, so the same
-checkpoint gives the same numbers; flags change the config's ``eval`` fields::
+checkpoint gives the same numbers; ``--eval_preset NAME`` replaces the run's
+``eval`` settings with an evaluation preset's (``experiments.configs.eval_presets``:
+``paper``, ``cpu``, ``smoke``), and flags change the ``eval`` fields::
 
     python -m experiments.evaluate --workdir /tmp/ln [--data_dir ../shared/data] \\
         [--step 1560] [--ood_sets tinyimagenet_crop,textures_partial,gaussian] \\
         [--scores msp,energy,odin] [--protocols papers,full] [--convention openood] \\
-        [--temperatures 1,1000] [--max_train 10000] [--tune react,knn] \\
+        [--temperatures 1,1000] [--max_train 10000] [--tune react,knn] [--eval_preset cpu] \\
         [--config.eval.score_hparams.odin.max_examples=500 --config.eval.num_draws=5]
     python -m experiments.evaluate --torch_checkpoint cifar10_wrn_pretrained_epoch_99.pt \\
-        --arch wrn40_2 [--normalization cifar10] [--dataset cifar10] [--preset paper] [...]
+        --arch wrn40_2 [--normalization cifar10] [--dataset cifar10] [--eval_preset paper] [...]
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ from typing import Any
 
 import ml_collections
 
-from experiments import cli
-from experiments.configs.default import PRESETS
+from experiments import cli, methods
+from experiments.configs import eval_presets
 from experiments.evaluate_torch import TORCH_FLAGS, evaluate_torch_args
 from experiments.evaluation import Provenance, report_config, report_from_settings
 from experiments.run_config import resolve
 from experiments.workdir import Workdir
+from ood_jax import pretrained
+from ood_jax.data.decode import RESIZE_RULES
+from ood_jax.evaluate.datasets import is_own_files, with_resize
 from ood_jax.scores import available_scores, get_score
 
 
@@ -58,8 +63,6 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
     A workdir written by an older version lacks newer fields (e.g. the
     adversarial-noise set); they take today's defaults, the saved values win.
     """
-    from experiments import methods
-
     method = saved.get("method") or "logitnorm"
     preset = saved.get("preset", "paper")
     try:
@@ -83,6 +86,7 @@ def evaluate_workdir(
     *,
     published: str | None = None,
     step: int | None = None,
+    eval_preset: str | None = None,
     data: str | None = None,
     data_dir: str | None = None,
     overrides: Sequence[str] = (),
@@ -93,17 +97,17 @@ def evaluate_workdir(
     """Restores the checkpoint and evaluates it; returns the ``results.json`` dict.
 
     The run's own config (from the checkpoint) decides the sets, scores, budgets and
-    seeds, exactly as at the end of training; ``overrides`` (``--config.eval.x=y``)
-    change them, ``data`` replaces the run's data source and ``data_dir`` the offline
-    data folder. ``published`` (a name of ``ood_jax.pretrained.available()``)
-    evaluates a published checkpoint instead of a workdir (report in
-    ``runs/pretrained/<name>/eval`` unless ``out_dir``).
+    seeds, exactly as at the end of training; ``eval_preset`` (a name of
+    ``experiments.configs.eval_presets.EVAL_PRESETS``) replaces them with that
+    evaluation preset's (the run's data and model stay), ``overrides``
+    (``--config.eval.x=y``) change them, ``data`` replaces the run's data source and
+    ``data_dir`` the offline data folder. ``published`` (a name of
+    ``ood_jax.pretrained.available()``) evaluates a published checkpoint instead of a
+    workdir (report in ``runs/pretrained/<name>/eval`` unless ``out_dir``).
     """
     if data_dir is not None and not os.path.isdir(data_dir):
         raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
     if published is not None:
-        from ood_jax import pretrained
-
         entry = pretrained.info(published, require=("step", "config"))
         model, metadata, step = pretrained.load(published), entry, entry["step"]
         default_dir = os.path.join("runs", "pretrained", *published.split("/"), "eval")
@@ -116,7 +120,10 @@ def evaluate_workdir(
         default_dir = os.path.join(workdir, Workdir.EVAL if step is None else f"eval_step{step}")
         model, metadata, step = restore_model(workdir, step=step)
         provenance = Provenance(command=command, step=step, workdir=workdir)
-    config = report_config(saved_config(metadata["config"]), data=data, overrides=overrides)
+    config = saved_config(metadata["config"])
+    if eval_preset is not None:
+        config.eval = eval_presets.section(eval_preset)
+    config = report_config(config, data=data, overrides=overrides)
     settings = resolve(config)
     return report_from_settings(
         settings,
@@ -175,6 +182,32 @@ def _temperatures(text: str) -> list[float]:
     return values
 
 
+def _apply_ood_resize(args: argparse.Namespace) -> None:
+    """``--ood_resize RULE``: written into the names of your own sets in ``--ood_sets``
+    and ``--tune_ood`` as ``NAME@RULE`` (a rule already in a name wins), so the run's
+    config and report record it (``ood_jax.evaluate.datasets``)."""
+    rule = args.ood_resize
+    if rule is None:
+        return
+    if rule not in RESIZE_RULES:
+        raise cli.UsageError(
+            f"--ood_resize {rule!r}: unknown rule; the rules: {', '.join(RESIZE_RULES)} "
+            "(docs/data.md)."
+        )
+    named = [n for n in (args.ood_sets, args.tune_ood) if n is not None and _names(n)]
+    own = [n for text in named for n in _names(text).split(",") if is_own_files(n)]
+    if not own:
+        raise cli.UsageError(
+            f"--ood_resize {rule}: it applies to your own sets (npz:FILE, folder:DIR or a "
+            "path) named by --ood_sets or --tune_ood, and they name none; registered and "
+            "synthetic sets have their own conversion."
+        )
+    if args.ood_sets is not None:
+        args.ood_sets = ",".join(with_resize(n, rule) for n in _names(args.ood_sets).split(","))
+    if args.tune_ood is not None and _names(args.tune_ood):
+        args.tune_ood = with_resize(_names(args.tune_ood), rule)
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Values known to be wrong at once, before the checkpoint and the data are read;
     a value that means something other than it may look is said in one line."""
@@ -197,6 +230,20 @@ def _check_flags(args: argparse.Namespace) -> None:
             print(f"--{flag} 0: no budget, {meaning}.")
     if args.out_dir is not None and os.path.isfile(args.out_dir):
         raise cli.UsageError(f"--out_dir {args.out_dir!r} is a file; give a folder.")
+
+
+def _check_eval_preset(args: argparse.Namespace) -> None:
+    """``--eval_preset`` names an evaluation preset, before anything is read."""
+    known = "|".join(eval_presets.EVAL_PRESETS)
+    if args.preset is not None:
+        raise cli.UsageError(
+            f"--preset {args.preset!r}: an evaluation's settings are chosen with "
+            f"--eval_preset {known} (--preset is the training commands' flag)."
+        )
+    if args.eval_preset is not None and args.eval_preset not in eval_presets.EVAL_PRESETS:
+        raise cli.UsageError(
+            f"--eval_preset {args.eval_preset!r}: unknown evaluation preset; known: {known}."
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -229,11 +276,12 @@ def _parser() -> argparse.ArgumentParser:
         "--num_classes", type=int, help="classes of its head (default: from the file)"
     )
     torch_flags.add_argument("--dataset", help="in-distribution dataset (default: cifar10)")
-    torch_flags.add_argument(
-        "--preset",
-        help=f"the evaluation settings' preset, {'|'.join(PRESETS)} "
-        "(default: cpu on CPU, paper otherwise)",
+    p.add_argument(
+        "--eval_preset",
+        help=f"the evaluation settings' preset, {'|'.join(eval_presets.EVAL_PRESETS)} "
+        "(default: the run's own; for --torch_checkpoint: cpu on CPU, paper otherwise)",
     )
+    p.add_argument("--preset", help=argparse.SUPPRESS)  # a training flag: said in one line
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--data", default=None, help="replace the run's data source (tfds|local|DIR)")
     p.add_argument("--data_dir", default=None, help="folder of the offline npz files")
@@ -241,6 +289,12 @@ def _parser() -> argparse.ArgumentParser:
         "--ood_sets",
         default=None,
         help="comma-separated names, npz:FILE, folder:DIR, tfds:NAME or paths (default: the run's)",
+    )
+    p.add_argument(
+        "--ood_resize",
+        default=None,
+        help="how your own sets' images that are not 32x32 are made 32x32: "
+        f"{'|'.join(RESIZE_RULES[1:])} (default shorter_side_crop) or none (refuse them)",
     )
     p.add_argument("--scores", default=None, help="comma-separated (default: every registered)")
     p.add_argument("--protocols", default=None, help="papers,full")
@@ -271,7 +325,9 @@ def _main(argv: Sequence[str] | None) -> dict:
             f"give exactly one of --workdir, --pretrained, --torch_checkpoint; got "
             f"{' and '.join(sources) or 'none'}."
         )
+    _check_eval_preset(args)
     command = shlex.join(["python", "-m", "experiments.evaluate", *(argv or sys.argv[1:])])
+    _apply_ood_resize(args)
     overrides = []
     for flag, field in _SHORTHANDS.items():
         value = getattr(args, flag)
@@ -298,6 +354,7 @@ def _main(argv: Sequence[str] | None) -> dict:
         args.workdir,
         published=args.pretrained,
         step=args.step,
+        eval_preset=args.eval_preset,
         data=args.data,
         data_dir=args.data_dir,
         overrides=[*overrides, *extra],

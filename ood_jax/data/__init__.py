@@ -20,6 +20,11 @@ tf.data or grain:
   prepare a tfds dataset (``pip install 'ood_jax[prepare]'``); a TPU runtime
   without TensorFlow reads prepared tfds datasets and the offline files.
 
+A training split can also live on the devices instead (:mod:`ood_jax.data.device`,
+imported on its own: it needs JAX): placed once on the mesh, each batch made inside the
+train step from the step's plan (:class:`PlanIterator`: rows, crop, flip), the same
+batches bit for bit.
+
 Batches are ``{"image": float32 [b, 32, 32, 3], "label": int32 [b], "mask": bool [b]}``
 per process, normalized with the dataset's constants (:data:`CIFAR10_MEAN` /
 :data:`CIFAR10_STD` by default). Datasets are found by name in
@@ -38,10 +43,12 @@ from ood_jax.data.dataset import (
 from ood_jax.data.outliers import load_outliers, outlier_iterator
 from ood_jax.data.pipeline import (
     EvalBatches,
+    PlanIterator,
     TrainIterator,
     eval_batches,
     shard_bounds,
     train_iterator,
+    train_plans,
 )
 from ood_jax.data.registry import (
     DatasetSpec,
@@ -55,6 +62,7 @@ from ood_jax.data.sources import (
     DatasetUnavailableError,
     default_data_dir,
     from_folder,
+    from_image_files,
     from_npz,
     from_tfds,
 )
@@ -77,6 +85,7 @@ __all__ = [
     "SYNTHETIC_OOD_SETS",
     "EvalBatches",
     "ImageDataset",
+    "PlanIterator",
     "TrainIterator",
     "available_datasets",
     "default_data_dir",
@@ -85,6 +94,7 @@ __all__ = [
     "from_arrays",
     "random_subset",
     "from_folder",
+    "from_image_files",
     "from_npz",
     "from_tfds",
     "get_dataset_spec",
@@ -103,4 +113,5 @@ __all__ = [
     "shard_bounds",
     "spec_for_source",
     "train_iterator",
+    "train_plans",
 ]

@@ -42,6 +42,7 @@ from ood_jax.data import decode, tinyimagenet
 from ood_jax.data.dataset import CIFAR10_MEAN, CIFAR10_STD, ImageDataset
 from ood_jax.data.sources import (
     default_data_dir,
+    from_any_folder,
     from_folder,
     from_npz,
     from_tfds,
@@ -162,6 +163,8 @@ def load_dataset(
     tfds_data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    resize: str | None = None,
+    require_labels: bool = True,
 ) -> ImageDataset:
     """Loads a named split as an in-memory :class:`ImageDataset` (see the module docstring).
 
@@ -173,37 +176,78 @@ def load_dataset(
         the offline data folder).
       local_path: the user's files for ``name`` (an .npz file, or a folder holding
         ``<split>/<class>/`` images); takes precedence over every other source. Labels
-        are checked against the spec's class count. Folder images that are not 32x32
-        are resized shorter side -> 32 and centre cropped.
+        are checked against the spec's class count.
       tfds_data_dir: tfds ``data_dir``.
       limit: read only ``limit`` images: from npz files (the offline ones, ``npz:``,
-        ``local_path``) a seeded random subset in file order
+        ``local_path``) and folders a seeded random subset in file order
         (:func:`~ood_jax.data.sources.limit_indices`; the offline files are sorted by
         class, so the first images would be one class), from tfds the split's first
         ``limit`` (``split[:limit]``, in tfds's own order).
       cache_dir: decoded-array cache folder (``""`` disables).
+      resize: the rule for the user's images that are not 32x32 (``npz:``, ``folder:``,
+        ``local_path=``; :data:`~ood_jax.data.decode.RESIZE_RULES`). Default: folders
+        and ``npz:`` files ``"shorter_side_crop"`` (shorter side to 32, bilinear, centre
+        crop), a ``local_path=`` .npz file ``"none"`` (other sizes are an error). Other
+        sources have their own rule; giving one for them is an error.
+      require_labels: False for an OOD set of the user's (labels mean nothing there):
+        an npz file without ``labels`` is read with labels -1, and a folder
+        without the ``<split>/<class>/`` layout is read whole: ``root/<split>`` if it
+        exists, else ``root``, every image file at any depth, labels -1
+        (:func:`~ood_jax.data.sources.from_any_folder`). True (in-distribution data)
+        refuses both, saying why.
 
     Raises:
       ValueError: unknown name (the message lists the known ones), bad split, bad file.
       DatasetUnavailableError: a tfds dataset cannot be loaded or downloaded.
     """
+    if resize is not None and resize not in decode.RESIZE_RULES:
+        raise ValueError(
+            f"load_dataset({name!r}): `resize` must be one of {decode.RESIZE_RULES}, got "
+            f"{resize!r}."
+        )
     spec = _REGISTRY.get(name) if name in _REGISTRY else None
+
+    def folder(root, default_name):
+        rule = resize or "shorter_side_crop"
+        if require_labels:
+            return from_folder(root, split, name=default_name, resize=rule, limit=limit)
+        return from_any_folder(root, split, name=default_name, resize=rule, limit=limit)
+
     if local_path is not None:
         num_classes = spec.num_classes if spec is not None and spec.num_classes else None
         local = Path(local_path)
         if local.is_dir():
-            ds = from_folder(local, split, name=name, resize="shorter_side_crop")
-            if num_classes is not None and ds.num_classes != num_classes:
+            ds = folder(local, name)
+            if require_labels and num_classes is not None and ds.num_classes != num_classes:
                 raise ValueError(
                     f"load_dataset({name!r}): {str(local)!r} has {ds.num_classes} class "
                     f"folders under {split}/, but {name} has {num_classes} classes."
                 )
             return ds
-        return from_npz(local, name=name, num_classes=num_classes, limit=limit, cache_dir=cache_dir)
+        return from_npz(
+            local,
+            name=name,
+            num_classes=num_classes,
+            resize=resize or "none",
+            limit=limit,
+            cache_dir=cache_dir,
+            require_labels=require_labels,
+        )
     if name.startswith("npz:"):
-        return from_npz(name[4:], limit=limit, cache_dir=cache_dir)
+        return from_npz(
+            name[4:],
+            resize=resize or "shorter_side_crop",
+            limit=limit,
+            cache_dir=cache_dir,
+            require_labels=require_labels,
+        )
     if name.startswith("folder:"):
-        return from_folder(name[7:], split, resize="shorter_side_crop")
+        return folder(name[7:], None)
+    if resize is not None:
+        raise ValueError(
+            f"load_dataset({name!r}): `resize` applies to your own files (npz:<file>, "
+            "folder:<root>, local_path=); this source has its own rule (docs/data.md)."
+        )
     if name.startswith("tfds:"):
         return _from_tfds(name, name[5:], split, limit=limit, tfds_data_dir=tfds_data_dir)
     if spec is None and name.startswith("lsun_"):
@@ -215,7 +259,7 @@ def load_dataset(
         raise ValueError(
             f"load_dataset({name!r}): this set (the ODIN / Outlier Exposure release) is not in "
             "tfds; download it and pass local_path= (a folder <root>/<split>/<class>/*.jpg|png, "
-            "or an .npz file in a docs/data.md format)."
+            "or an .npz file in a docs/data.md format), or name it folder:<root> / npz:<file>."
         )
     if spec.offline is not None:
         return _offline(spec, split, data_dir, limit, cache_dir)
