@@ -9,6 +9,7 @@ from pathlib import Path
 import ml_collections
 
 from experiments import cli
+from experiments.run_config import trains
 from ood_jax import data as D
 from ood_jax.train import get_objective
 
@@ -67,9 +68,10 @@ def near_auxiliary_notes(config: ml_collections.ConfigDict, names: Sequence[str]
     """``{set: "near-auxiliary"}`` for OOD sets whose classes the training outliers share.
 
     Training with the Tiny ImageNet train subset as auxiliary outliers puts
-    TinyImageNet-crop/resize's classes into training; the report must say so.
+    TinyImageNet-crop/resize's classes into training; the report must say so. A model
+    evaluated without its training run (its config has no objective) has none.
     """
-    if not get_objective(config.objective.name).uses_outliers:
+    if not trains(config) or not get_objective(config.objective.name).uses_outliers:
         return {}
     overlap = NEAR_AUXILIARY.get(Path(config.data.outliers.source).stem, ())
     return {n: "near-auxiliary" for n in names if n.partition(":")[0] in overlap}

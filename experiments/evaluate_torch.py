@@ -2,7 +2,9 @@
 
 The file is read without running code from it (``ood_jax.interop``), converted to
 the ood_jax model of ``--arch``, and evaluated through the same path as a
-workdir (:func:`experiments.evaluation.report_from_settings`).
+workdir (:func:`experiments.evaluation.report_from_settings`) with the settings
+of an evaluation preset (``--eval_preset``, :mod:`experiments.configs.eval_presets`):
+no training method or preset is involved.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from experiments import cli, methods, torch_import
+from experiments import cli, torch_import
+from experiments.configs import eval_presets
 from experiments.evaluation import Provenance, report_config, report_from_settings
 from experiments.run_config import resolve
 from ood_jax import data as D
@@ -28,7 +31,7 @@ def evaluate_torch(
     *,
     normalization: str | None = None,
     num_classes: int | None = None,
-    preset: str = "paper",
+    eval_preset: str = "paper",
     data: str | None = None,
     data_dir: str | None = None,
     overrides: Sequence[str] = (),
@@ -40,8 +43,9 @@ def evaluate_torch(
 
     The file is read without running code from it and converted exactly to the
     ood_jax model of ``arch`` (see ``experiments.torch_import.load_for_evaluation``).
-    The evaluation's config is the ``ce`` method's at ``preset`` (its dataset, data
-    source and ``eval`` settings) with the imported model's identity; ``data`` and
+    The evaluation's config is evaluation preset ``eval_preset``'s
+    (:func:`experiments.configs.eval_presets.get_config`: its data source and subsets,
+    and ``eval`` settings) with the imported model's identity; ``data`` and
     ``overrides`` change it as for a workdir (``--config.model.options.*`` give the
     options of a non-standard width, ``--config.data.dataset`` the in-distribution
     set). Inputs are normalized with ``normalization`` (default: the one the
@@ -51,9 +55,7 @@ def evaluate_torch(
     """
     if data_dir is not None and not os.path.isdir(data_dir):
         raise cli.UsageError(f"--data_dir {data_dir!r} is not a folder.")
-    base = methods.get_config("ce", preset)
-    base.model.options = ml_collections.ConfigDict()  # the preset's model is replaced
-    config = report_config(base, data=data, overrides=overrides)
+    config = report_config(eval_presets.get_config(eval_preset), data=data, overrides=overrides)
     imported = torch_import.load_for_evaluation(
         path,
         arch,
@@ -95,7 +97,7 @@ def evaluate_torch(
 
 
 # The flags that describe a PyTorch file (errors without --torch_checkpoint).
-TORCH_FLAGS = ("arch", "normalization", "num_classes", "dataset", "preset")
+TORCH_FLAGS = ("arch", "normalization", "num_classes", "dataset")
 
 
 def evaluate_torch_args(args: argparse.Namespace, overrides: list[str], command: str) -> dict:
@@ -107,16 +109,16 @@ def evaluate_torch_args(args: argparse.Namespace, overrides: list[str], command:
         raise cli.UsageError(
             "--step applies to a --workdir; a PyTorch file has one set of weights."
         )
-    preset = args.preset or ("cpu" if jax.default_backend() == "cpu" else "paper")
-    if args.preset is None:
-        print(f"no --preset given: using '{preset}' for the {jax.default_backend()} backend")
+    preset = args.eval_preset or ("cpu" if jax.default_backend() == "cpu" else "paper")
+    if args.eval_preset is None:
+        print(f"no --eval_preset given: using '{preset}' for the {jax.default_backend()} backend")
     dataset = [] if args.dataset is None else [f"--config.data.dataset={args.dataset}"]
     return evaluate_torch(
         args.torch_checkpoint,
         args.arch,
         normalization=args.normalization,
         num_classes=args.num_classes,
-        preset=preset,
+        eval_preset=preset,
         data=args.data,
         data_dir=args.data_dir,
         overrides=[*dataset, *overrides],

@@ -139,15 +139,38 @@ def import_user_modules(config: ml_collections.ConfigDict) -> None:
             ) from None
 
 
+def trains(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` is a training run's (it has an objective); the config of a
+    model evaluated without its run (``experiments.configs.eval_presets.get_config``:
+    a PyTorch file) has no training fields to complete or check."""
+    return "objective" in config
+
+
 def complete_config(config: ml_collections.ConfigDict) -> None:
     """Fills the fields implied by the registries, in place.
 
-    - ``objective.hparams``: the objective's registered defaults, updated by the
-      in-distribution dataset spec's values for that objective, updated by what the
-      config already holds (the user's overrides);
+    - ``objective.hparams`` (a training run's, :func:`trains`): the objective's
+      registered defaults, updated by the in-distribution dataset spec's values for
+      that objective, updated by what the config already holds (the user's overrides);
     - ``eval.score_hparams``: every registered score's defaults, updated likewise.
     """
     import_user_modules(config)
+    hparams = _objective_hparams(config) if trains(config) else None
+    with _config_field("eval.score_hparams"):
+        scores = merge_score_hparams(config.eval.score_hparams.to_dict())
+    grids = config.eval.tune_grids.to_dict() if "tune_grids" in config.eval else {}
+    with config.unlocked():
+        if hparams is not None:
+            config.objective.hparams = ml_collections.ConfigDict(hparams)
+        config.eval.score_hparams = _score_hparams_node(scores)
+        # One node per score, so --config.eval.tune_grids.<score>.<hp>=... finds its parent.
+        config.eval.tune_grids = ml_collections.ConfigDict(
+            {name: grids.get(name, {}) for name in scores}
+        )
+
+
+def _objective_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The objective's hyperparameters: registered defaults < the dataset spec's < given."""
     objective = get_objective(config.objective.name)
     spec = D.get_dataset_spec(config.data.dataset)
     # Hyperparameters named mean/std are the in-distribution normalization (ACET/CEDA
@@ -159,17 +182,7 @@ def complete_config(config: ml_collections.ConfigDict) -> None:
         **config.objective.hparams.to_dict(),
     }
     with _config_field("objective.hparams"):
-        hparams = resolve_objective_hparams(objective.name, given)
-    with _config_field("eval.score_hparams"):
-        scores = merge_score_hparams(config.eval.score_hparams.to_dict())
-    grids = config.eval.tune_grids.to_dict() if "tune_grids" in config.eval else {}
-    with config.unlocked():
-        config.objective.hparams = ml_collections.ConfigDict(hparams)
-        config.eval.score_hparams = _score_hparams_node(scores)
-        # One node per score, so --config.eval.tune_grids.<score>.<hp>=... finds its parent.
-        config.eval.tune_grids = ml_collections.ConfigDict(
-            {name: grids.get(name, {}) for name in scores}
-        )
+        return resolve_objective_hparams(objective.name, given)
 
 
 def _score_hparams_node(hparams: dict[str, dict]) -> ml_collections.ConfigDict:
@@ -189,19 +202,43 @@ def _score_hparams_node(hparams: dict[str, dict]) -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks values that would fail late or silently, before any data is loaded (the
-    OOD sets and the report's settings: :func:`resolve`)."""
-    t, d = config.train, config.data
-    checks = [
-        (t.batch_size >= 1, f"config.train.batch_size must be >= 1, got {t.batch_size}"),
-        (t.epochs > 0 or t.num_steps > 0, f"config.train.epochs must be > 0, got {t.epochs}"),
-        (t.num_steps >= 0, f"config.train.num_steps must be >= 0, got {t.num_steps}"),
+    OOD sets and the report's settings: :func:`resolve`); the training fields only in
+    a training run's config (:func:`trains`)."""
+    d = config.data
+    checks = _training_checks(config) if trains(config) else []
+    checks += [
         (d.train_limit >= 0, f"config.data.train_limit must be >= 0, got {d.train_limit}"),
         (d.test_limit >= 0, f"config.data.test_limit must be >= 0, got {d.test_limit}"),
         (
             d.eval_batch_size >= 1,
             f"config.data.eval_batch_size must be >= 1, got {d.eval_batch_size}",
         ),
-        (d.outliers.ratio >= 1, f"config.data.outliers.ratio must be >= 1, got {d.outliers.ratio}"),
+        (config.seed >= 0, f"config.seed must be >= 0, got {config.seed}"),
+        (
+            config.model.name in MODEL_NAMES,
+            f"config.model.name: unknown model {config.model.name!r}; known: "
+            + ", ".join(MODEL_NAMES),
+        ),
+    ]
+    if trains(config):
+        checks += _optim_checks(config.optim)
+    for ok, message in checks:
+        if not ok:
+            raise cli.UsageError(message + ".")
+    scores = [s for s in config.eval.scores if s]
+    if config.eval.ood and scores:
+        with _config_field("eval.scores"):
+            check_score_names(scores)
+
+
+def _training_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
+    """``(ok, message)`` per training value (the loop's, the outlier batch's)."""
+    t, ratio = config.train, config.data.outliers.ratio
+    return [
+        (t.batch_size >= 1, f"config.train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.epochs > 0 or t.num_steps > 0, f"config.train.epochs must be > 0, got {t.epochs}"),
+        (t.num_steps >= 0, f"config.train.num_steps must be >= 0, got {t.num_steps}"),
+        (ratio >= 1, f"config.data.outliers.ratio must be >= 1, got {ratio}"),
         (
             t.checkpoint_every >= 0,
             f"config.train.checkpoint_every must be >= 0, got {t.checkpoint_every}",
@@ -211,22 +248,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             t.profile_steps >= 0,
             f"config.train.profile_steps must be >= 0, got {t.profile_steps}",
         ),
-        (config.seed >= 0, f"config.seed must be >= 0, got {config.seed}"),
     ]
-    checks.append(
-        (
-            config.model.name in MODEL_NAMES,
-            f"config.model.name: unknown model {config.model.name!r}; known: "
-            + ", ".join(MODEL_NAMES),
-        )
-    )
-    for ok, message in checks + _optim_checks(config.optim):
-        if not ok:
-            raise cli.UsageError(message + ".")
-    scores = [s for s in config.eval.scores if s]
-    if config.eval.ood and scores:
-        with _config_field("eval.scores"):
-            check_score_names(scores)
 
 
 def _check_tuning(config: ml_collections.ConfigDict, ood_sets: list[str]) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 import ood_jax
 from experiments import colab_setup as C
-from experiments.configs import default as presets
+from experiments.configs import eval_presets
 from experiments.run_config import ood_set_names
 from experiments.train import parse_args
 from ood_jax import data as D
@@ -166,6 +166,6 @@ def test_notebook_with_tfds_data_reads_only_what_tfds_serves(backend):
 
 
 def test_notebook_with_the_offline_files_keeps_the_cpu_preset():
-    assert notebook_ood_sets("cpu", "local") == list(presets.CPU_OOD_SETS)
+    assert notebook_ood_sets("cpu", "local") == list(eval_presets.CPU_OOD_SETS)
     argv = ["--workdir=unused", *C.notebook_run_args("tpu", "local", smoke=False)]
     assert parse_args(argv, method="logitnorm", description="")[0].config.train.epochs == 30

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).parent / "fixtures" / "torch"
 # A tiny budget: 200 CIFAR-10 test images of the offline files, one synthetic set.
 BUDGET = [
-    "--preset=cpu",
+    "--eval_preset=cpu",
     "--data=local",
     "--ood_sets=gaussian",
     "--scores=msp,energy",
@@ -112,6 +112,28 @@ def test_safetensors_with_its_own_normalization_and_the_default_folder(tmp_path,
     assert report["model"] == {"name": "wrn40_2", "options": {"base_width": 2}}
 
 
+def test_the_smoke_evaluation_preset_needs_no_training_method(tmp_path):
+    """``--eval_preset smoke``: its data (a 512-image subset of the offline CIFAR-10 test
+    set), sets and budgets, and a config with no training fields."""
+    out = tmp_path / "eval"
+    cli.main(
+        [f"--torch_checkpoint={FIXTURES / 'wrn40_2.pt'}", "--arch=wrn40_2", "--eval_preset=smoke"]
+        + ["--config.model.options.base_width=2", "--scores=msp,energy,knn", f"--out_dir={out}"]
+    )
+    report = json.loads((out / "results.json").read_text())
+    assert report["complete"] and report["config"]["eval_preset"] == "smoke"
+    assert not {"method", "preset", "objective", "optim"} & set(report["config"])
+    assert report["data"]["id"]["num_examples"] == 512
+    assert set(report["ood"]["full"]["metrics"]["knn"]) == {
+        "gaussian",
+        "uniform",
+        "adversarial_noise",
+        "average",
+    }
+    assert report["data"]["ood"]["adversarial_noise"]["num_examples"] == 64
+    assert report["spec"]["max_train"] == 512 and report["spec"]["attack_steps"] == 5
+
+
 def test_bad_combinations_and_bad_files_are_one_line_errors(tmp_path, capsys):
     wrn = f"--torch_checkpoint={FIXTURES / 'wrn40_2.pt'}"
     out = f"--out_dir={tmp_path / 'eval'}"
@@ -146,7 +168,12 @@ def test_bad_combinations_and_bad_files_are_one_line_errors(tmp_path, capsys):
     err = user_error(capsys, [wrn, "--arch=wrn40_2", f"--workdir={tmp_path}"])
     assert "exactly one of --workdir, --pretrained, --torch_checkpoint; got --workdir and" in err
     assert "got none" in user_error(capsys, ["--arch=wrn40_2"])
-    assert "preset must be one of" in user_error(capsys, [wrn, "--arch=wrn40_2", "--preset=tpu"])
+    assert "--eval_preset 'tpu': unknown evaluation preset; known: paper|cpu|smoke" in user_error(
+        capsys, [wrn, "--arch=wrn40_2", "--eval_preset=tpu"]
+    )
+    assert "chosen with --eval_preset" in user_error(
+        capsys, [wrn, "--arch=wrn40_2", "--preset=cpu"]
+    )
 
 
 def test_fine_tuning_starts_from_the_pytorch_weights(tmp_path, monkeypatch):

@@ -18,20 +18,26 @@ any preset.
   the offline data on a 2-core CPU (target: < 30 minutes, >= 80% test accuracy).
 - ``smoke``: a tiny model on a small subset, a few dozen steps: under a minute,
   for tests and a first try.
+
+The ``eval`` section (the end-of-training OOD report) is not spelled out here:
+each preset names its evaluation preset (:data:`EVAL_PRESET`, from
+``experiments.configs.eval_presets``; ``paper`` -> ``paper``, ``cpu`` -> ``cpu``,
+``smoke`` -> ``smoke`` with the report off unless ``--config.eval.ood=true``).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from ood_jax import data as D
+from experiments.configs import eval_presets
 
 PRESETS = ("paper", "cpu", "smoke")
-# CIFAR-10's OOD suite without tfds (its spec's) plus the synthetic sets of the papers.
-CPU_OOD_SETS = (
-    *D.get_dataset_spec("cifar10").default_ood_sets("local"),
-    *D.SYNTHETIC_OOD_SETS,
-)
+# config.data.on_device's default for every preset: the host pipeline until the
+# benchmark (benchmarks/input_pipeline.py --mode train) says otherwise.
+ON_DEVICE_DEFAULT = False
+# The evaluation preset (experiments.configs.eval_presets) each training preset's
+# report uses, before the preset's own changes (smoke: no report unless asked for).
+EVAL_PRESET = {"paper": "paper", "cpu": "cpu", "smoke": "smoke"}
 
 
 # Long by design: one line per config field with its comment (a listing, as Flax's configs).
@@ -77,6 +83,10 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
     c.data.train_limit = 0
     c.data.test_limit = 0
     c.data.augment = True  # random crop 32 (pad 4) + horizontal flip
+    # Data on the device (docs/training.md): the train split (and the outliers) placed
+    # on the devices once as uint8, each batch gathered, cropped, flipped and normalized
+    # inside the train step; the same batches as the host pipeline (False).
+    c.data.on_device = ON_DEVICE_DEFAULT
     c.data.eval_batch_size = 500
     # Auxiliary outliers, used only by objectives that need them (outlier exposure,
     # energy): a dataset name (registered, tfds:<name>, npz:<file>, folder:<root>) or an
@@ -125,48 +135,9 @@ def get_config(arg: str = "paper", objective: str | None = None) -> ml_collectio
     # <workdir>/profile (TensorBoard's profile plugin or Perfetto).
     c.train.profile_steps = 0
 
-    c.eval = ml_collections.ConfigDict()
-    # Full OOD evaluation at the end (ood_jax.evaluate, report in <workdir>/eval);
-    # False = test accuracy only. Set names: ood_jax.evaluate.datasets.
-    c.eval.ood = True
-    # OOD set names (ood_jax.evaluate.load_ood_sets); () = the dataset's default suite.
-    c.eval.ood_sets = ()
-    # Score names (ood_jax.scores.available_scores()); () = every registered score.
-    c.eval.scores = ()
-    c.eval.protocols = ("papers", "full")
-    c.eval.convention = "hendrycks"
-    c.eval.num_draws = 10
-    c.eval.num_synthetic = 2000
-    c.eval.max_train = 10000
-    # CPU budget: OOD examples per set (0 = all).
-    c.eval.max_ood = 0
-    # Redo the OOD report of a finished run whose eval/results.json is of the same
-    # step and settings (a rerun skips it otherwise).
-    c.eval.force = False
-    # The ACET paper's adversarial-noise OOD set: this many uniform-noise images
-    # attacked against the evaluated model (0 = none), with an L-inf PGD of
-    # attack_steps steps and radius attack_eps in [0, 1] pixel space.
-    c.eval.adversarial_noise = 2000
-    c.eval.attack_steps = 40
-    c.eval.attack_eps = 0.3
-    # {score: {hyperparameter: value}} over the registered defaults; the runner adds
-    # every registered score's defaults, so e.g. --config.eval.score_hparams.knn.k=20.
-    c.eval.score_hparams = ml_collections.ConfigDict()
-    # OpenOOD's search on a validation pair (docs/detectors.md): each score named here
-    # ("all": every chosen score with a grid) takes the value of best validation AUROC
-    # from its grid; () = the registered values, no search.
-    c.eval.tune = ()
-    # The OOD validation set, never one of ood_sets. Tiny ImageNet train images: none is
-    # a TinyImageNet-crop/resize test image, but their classes are shared.
-    c.eval.tune_ood = "tinyimagenet_train:train"
-    # {score: {hyperparameter: values}} replacing its registered grid, e.g.
-    # --config.eval.tune_grids.knn.k=10,20,50.
-    c.eval.tune_grids = ml_collections.ConfigDict()
-    # ID training images held out from the fits for validation (tune, fit_on_val); also
-    # the size of the OOD validation subset.
-    c.eval.val_size = 1000
-    # Fitted scores fitted on that held-out split instead of the training set.
-    c.eval.fit_on_val = ()
+    # The OOD report's settings: the evaluation preset this preset names
+    # (experiments.configs.eval_presets), changed below where the preset says so.
+    c.eval = eval_presets.section(EVAL_PRESET[preset])
 
     if preset in _PRESET_CHANGES:
         _PRESET_CHANGES[preset](c)
@@ -188,13 +159,6 @@ def _cpu(c: ml_collections.ConfigDict) -> None:
     c.train.epochs = 11
     c.train.batch_size = 256
     c.train.log_every = 20
-    c.eval.ood_sets = CPU_OOD_SETS
-    c.eval.max_train = 10000
-    # The full OOD sets, and every score (ODIN too) on the same examples: the
-    # papers' draws of 2,000 then differ from draw to draw.
-    c.eval.max_ood = 0
-    c.eval.adversarial_noise = 1000
-    c.eval.score_hparams = ml_collections.ConfigDict({"knn": {"max_train": 10000}})
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:
@@ -210,12 +174,8 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
     c.train.batch_size = 64
     c.train.log_every = 8
     # Test accuracy only, to stay under a minute; --config.eval.ood=true adds the
-    # OOD report on file-free synthetic sets.
+    # OOD report (the smoke evaluation preset's, on file-free synthetic sets).
     c.eval.ood = False
-    c.eval.ood_sets = ("gaussian", "uniform")
-    c.eval.max_train = 512
-    c.eval.adversarial_noise = 64
-    c.eval.attack_steps = 5
 
 
 # How each preset differs from the paper's configuration.
