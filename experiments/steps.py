@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from ood_jax.data.device import DeviceData
 from ood_jax.train import (
     bind_objective,
     compile_eval_step,
@@ -67,15 +68,25 @@ def make_run_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) 
 
 
 def make_run_steps(
-    config: ml_collections.ConfigDict, model_def: Any, optimizer: Optimizer, mesh: Mesh
+    config: ml_collections.ConfigDict,
+    model_def: Any,
+    optimizer: Optimizer,
+    mesh: Mesh,
+    *,
+    device_data: DeviceData | None = None,
 ) -> tuple[Callable, Callable]:
     """``(train_step, eval_step)`` jitted over ``mesh``, with the objective of
     ``config.objective`` bound to its (resolved) hyperparameters.
 
-    ``train_step.jitted`` and ``eval_step`` are ``jax.jit`` objects (``.lower``).
+    ``train_step.jitted`` and ``eval_step`` are ``jax.jit`` objects (``.lower``). With
+    ``device_data`` (``config.data.on_device``: the split placed on the mesh, or its
+    abstract shape for a plan) the train step takes the steps' plans and makes its
+    batches on the device (:func:`ood_jax.train.compile_train_step`).
     """
     loss_fn = bind_objective(config.objective.name, **config.objective.hparams.to_dict())
     train_step = compile_train_step(
-        make_train_step(model_def, optimizer.tx, loss_fn, learning_rate=optimizer.schedule), mesh
+        make_train_step(model_def, optimizer.tx, loss_fn, learning_rate=optimizer.schedule),
+        mesh,
+        device_data=device_data,
     )
     return train_step, compile_eval_step(make_eval_step(model_def), mesh)

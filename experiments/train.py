@@ -51,6 +51,7 @@ from experiments.steps import Optimizer, make_run_optimizer, make_run_steps, num
 from experiments.workdir import Workdir
 from ood_jax import data as D
 from ood_jax import sharding
+from ood_jax.data.device import DeviceData, place_split
 from ood_jax.models import build_model
 from ood_jax.train import create_train_state, get_objective
 from ood_jax.train.loop import CheckpointPolicy, Evaluation, TrainData, evaluate, fit
@@ -119,10 +120,15 @@ def _train_and_evaluate(settings: RunSettings, run: Workdir) -> dict:
         print(
             f"training {config.objective.name} on {display_name(inputs.train_ds)} "
             f"({inputs.train_ds.source or 'arrays'}) "
-            f"with {config.model.name}, preset {config.preset}: {inputs.num_steps} steps; "
+            f"with {config.model.name}, preset {config.preset}: {inputs.num_steps} steps"
+            + (", data on the device" if config.data.get("on_device", False) else "")
+            + "; "
             f"checkpoints and logs in {os.path.abspath(run.path)}"
         )
-    train_step, eval_step = make_run_steps(config, model_def, optimizer, inputs.mesh)
+    device_data = place_on_device(config, inputs)
+    train_step, eval_step = make_run_steps(
+        config, model_def, optimizer, inputs.mesh, device_data=device_data
+    )
     state = _fit(config, run, inputs, state, train_step, eval_step, identity)
     return _final_evaluation(settings, run, inputs, model_def, state, eval_step)
 
@@ -177,9 +183,29 @@ def _initial_state(config: ml_collections.ConfigDict, inputs: _Inputs, identity:
     return model_def, state, optimizer
 
 
-def _fit(config, run: Workdir, inputs: _Inputs, state, train_step, eval_step, identity):
-    """The trained state: :func:`ood_jax.train.loop.fit` with the run's data and policy."""
+def place_on_device(config: ml_collections.ConfigDict, inputs: _Inputs) -> DeviceData | None:
+    """With ``config.data.on_device``: the train split (and the outliers) placed on the
+    mesh once (:func:`ood_jax.data.device.place_split`); else None (the host pipeline).
+    A split too large for the devices is a one-line error naming the flag."""
+    if not config.data.get("on_device", False):
+        return None
+    try:
+        return DeviceData(
+            train=place_split(inputs.train_ds, inputs.mesh, **inputs.norm),
+            aux=None
+            if inputs.outliers is None
+            else place_split(inputs.outliers, inputs.mesh, **inputs.norm),
+        )
+    except ValueError as err:
+        raise cli.UsageError(f"config.data.on_device: {err}") from None
+
+
+def train_data(config: ml_collections.ConfigDict, inputs: _Inputs) -> TrainData:
+    """The run's :class:`~ood_jax.train.loop.TrainData`: host batches, or with
+    ``config.data.on_device`` the same steps' plans (:class:`ood_jax.data.PlanIterator`)
+    for a train step that makes its batches on the device."""
     batch_size = config.train.batch_size
+    plans = bool(config.data.get("on_device", False))
     aux_batches = None
     if inputs.outliers is not None:
 
@@ -191,11 +217,12 @@ def _fit(config, run: Workdir, inputs: _Inputs, state, train_step, eval_step, id
                 seed=config.seed,
                 start_step=start,
                 augment=config.data.augment,
+                plans=plans,
                 **inputs.norm,
             )
 
     def train_batches(start):
-        return D.train_iterator(
+        return (D.train_plans if plans else D.train_iterator)(
             inputs.train_ds,
             batch_size=batch_size,
             seed=config.seed,
@@ -204,11 +231,16 @@ def _fit(config, run: Workdir, inputs: _Inputs, state, train_step, eval_step, id
             **inputs.norm,
         )
 
+    return TrainData(train_batches, inputs.steps_per_epoch, batch_size, aux_batches)
+
+
+def _fit(config, run: Workdir, inputs: _Inputs, state, train_step, eval_step, identity):
+    """The trained state: :func:`ood_jax.train.loop.fit` with the run's data and policy."""
     state, _ = fit(
         state,
         train_step=train_step,
         mesh=inputs.mesh,
-        data=TrainData(train_batches, inputs.steps_per_epoch, batch_size, aux_batches),
+        data=train_data(config, inputs),
         num_steps=inputs.num_steps,
         workdir=run.path,
         checkpoints=CheckpointPolicy(

@@ -10,7 +10,7 @@ Used three ways:
 
 Usage: ``python tests/multiprocess_worker.py --workdir DIR --num_steps N
 [--checkpoint_every K] [--step_sleep SEC] [--devices D]
-[--process_id I --num_processes P --port PORT] [--out result.npz]``.
+[--process_id I --num_processes P --port PORT] [--out result.npz] [--on_device]``.
 """
 
 from __future__ import annotations
@@ -56,13 +56,18 @@ def run_training(
     objective: str = "logitnorm",
     lr: float = 0.05,
     use_checkpoints: bool = True,
+    on_device: bool = False,
 ):
-    """Train the tiny model (with dropout, augmentation, BatchNorm); returns (state, records)."""
+    """Train the tiny model (with dropout, augmentation, BatchNorm); returns (state, records).
+
+    ``on_device``: the split placed on the mesh, batches made in the step from the steps'
+    plans (``config.data.on_device``), instead of the host pipeline."""
     from flax import nnx
 
     from ood_jax import data as D
     from ood_jax import sharding
     from ood_jax.checkpoint import Checkpointer
+    from ood_jax.data.device import DeviceData, place_split
     from ood_jax.models import create_model
     from ood_jax.train import (
         bind_objective,
@@ -88,9 +93,13 @@ def run_training(
     )
     tx = make_optimizer(schedule, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model_def, state = create_train_state(model, tx, seed=SEED)
+    device_data = DeviceData(place_split(dataset, mesh)) if on_device else None
     step = compile_train_step(
-        make_train_step(model_def, tx, bind_objective(objective), learning_rate=schedule), mesh
+        make_train_step(model_def, tx, bind_objective(objective), learning_rate=schedule),
+        mesh,
+        device_data=device_data,
     )
+    batches = D.train_plans if on_device else D.train_iterator
     checkpointer = (
         Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
         if use_checkpoints
@@ -101,9 +110,7 @@ def run_training(
         train_step=step,
         mesh=mesh,
         data=TrainData(
-            lambda start: D.train_iterator(
-                dataset, batch_size=BATCH_SIZE, seed=SEED, start_step=start
-            ),
+            lambda start: batches(dataset, batch_size=BATCH_SIZE, seed=SEED, start_step=start),
             steps_per_epoch=steps_per_epoch,
             batch_size=BATCH_SIZE,
         ),
@@ -123,6 +130,27 @@ def run_training(
     return result
 
 
+def held_rows(mesh) -> list[list[int]]:
+    """``[start, stop)`` of the placed split's rows on each of this process's devices,
+    each checked against the dataset (its rows, then the zero rows that pad it)."""
+    import numpy as np
+
+    from ood_jax.data.device import IMAGE_BYTES, place_split
+
+    dataset = synthetic_dataset()
+    split = place_split(dataset, mesh)
+    images = dataset.images.reshape(len(dataset), IMAGE_BYTES)
+    out = []
+    for shard in split.pixels.addressable_shards:
+        start, stop, _ = shard.index[0].indices(split.pixels.shape[0])
+        want = np.zeros((stop - start, IMAGE_BYTES), np.uint8)
+        real = max(0, min(stop, len(dataset)) - start)
+        want[:real] = images[start : start + real]
+        assert np.array_equal(np.asarray(shard.data).view(np.uint8), want), (start, stop)
+        out.append([start, stop])
+    return sorted(out)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
@@ -134,6 +162,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--out", default="")
+    parser.add_argument("--on_device", action="store_true", help="data on the device")
     args = parser.parse_args(argv)
 
     _configure_jax(args.devices)
@@ -163,7 +192,13 @@ def main(argv: list[str]) -> None:
         num_steps=args.num_steps,
         checkpoint_every=args.checkpoint_every,
         on_step=on_step,
+        on_device=args.on_device,
     )
+    if args.out and args.on_device:  # every process: the rows its devices hold
+        import json
+
+        with open(f"{args.out}.rows{jax.process_index()}.json", "w") as f:
+            json.dump(held_rows(sharding.make_mesh()), f)
     if args.out and jax.process_index() == 0:
         leaves = jax.tree_util.tree_flatten_with_path(sharding.fetch(state.params))[0]
         arrays = {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}

@@ -3,13 +3,16 @@
 Each process has 2 virtual CPU devices and feeds its half of every global batch;
 the result must match a single process driving 4 devices (same global batches,
 same mesh size), and the checkpoint they write together must restore onto one
-device in this process.
+device in this process. With the data on the device, each process places only its
+devices' rows of the split, and the run matches the single process all the same.
 """
 
+import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -32,7 +35,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "on_device"])
+def test_two_processes_match_one_process(tmp_path, on_device):
     port = free_port()
     workdir = tmp_path / "multi"
     out = tmp_path / "result.npz"
@@ -56,6 +60,7 @@ def test_two_processes_match_one_process(tmp_path):
                 str(port),
                 "--out",
                 str(out),
+                *(["--on_device"] if on_device else []),
             ],
             env=env,
             stdout=subprocess.PIPE,
@@ -74,8 +79,17 @@ def test_two_processes_match_one_process(tmp_path):
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-4000:]
 
+    if on_device:
+        # The 256-image split over 4 devices, 64 rows each: every process holds only its
+        # own 2 devices' rows (the worker checks their contents against the dataset).
+        held = [json.loads(Path(f"{out}.rows{i}.json").read_text()) for i in range(2)]
+        assert held == [[[0, 64], [64, 128]], [[128, 192], [192, 256]]]
     single, records = run_training(
-        str(tmp_path / "single"), num_steps=NUM_STEPS, num_devices=4, use_checkpoints=False
+        str(tmp_path / "single"),
+        num_steps=NUM_STEPS,
+        num_devices=4,
+        use_checkpoints=False,
+        on_device=on_device,
     )
     result = np.load(out)
     np.testing.assert_allclose(result["losses"], [r["train_loss"] for r in records], rtol=1e-5)

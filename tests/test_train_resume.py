@@ -3,7 +3,9 @@
 Training N steps straight, and training with a stop (or a SIGKILL at an arbitrary
 moment, possibly in the middle of writing a checkpoint) followed by a resume to
 N, must give bitwise identical parameters on CPU: data order, augmentation,
-dropout keys and optimizer state all resume exactly.
+dropout keys and optimizer state all resume exactly; with the data on the device too
+(``config.data.on_device``: the split on the mesh, each batch made in the step), whose
+batches are the host pipeline's, so a run trains to the same bits either way.
 """
 
 import os
@@ -36,6 +38,17 @@ def straight(tmp_path_factory):
     return jax.tree.map(np.asarray, state)
 
 
+@pytest.fixture(scope="module")
+def straight_on_device(tmp_path_factory):
+    state, _ = run_training(
+        str(tmp_path_factory.mktemp("straight_on_device")),
+        num_steps=NUM_STEPS,
+        use_checkpoints=False,
+        on_device=True,
+    )
+    return jax.tree.map(np.asarray, state)
+
+
 def assert_bitwise_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -52,7 +65,31 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, straight):
     assert [r["step"] for r in read_metrics(tmp_path)] == [5, 8, 10]
 
 
-def test_sigkill_at_any_moment_leaves_a_restorable_checkpoint(tmp_path, straight):
+def test_stop_and_resume_with_data_on_the_device_is_bitwise_exact(tmp_path, straight_on_device):
+    first, _ = run_training(str(tmp_path), num_steps=5, checkpoint_every=5, on_device=True)
+    assert int(first.step) == 5
+    resumed, _ = run_training(
+        str(tmp_path), num_steps=NUM_STEPS, checkpoint_every=5, on_device=True
+    )
+    assert_bitwise_equal(jax.tree.map(np.asarray, resumed), straight_on_device)
+
+
+def test_data_on_the_device_trains_as_the_host_pipeline_and_a_run_may_switch(
+    tmp_path, straight, straight_on_device
+):
+    # The same batches, bit for bit: the same parameters (8 CPU devices).
+    assert_bitwise_equal(straight_on_device, straight)
+    # A checkpoint of the host pipeline resumes with the data on the device.
+    run_training(str(tmp_path), num_steps=5, checkpoint_every=5)
+    resumed, _ = run_training(
+        str(tmp_path), num_steps=NUM_STEPS, checkpoint_every=5, on_device=True
+    )
+    assert_bitwise_equal(jax.tree.map(np.asarray, resumed), straight)
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "on_device"])
+def test_sigkill_at_any_moment_leaves_a_restorable_checkpoint(tmp_path, request, on_device):
+    straight = request.getfixturevalue("straight_on_device" if on_device else "straight")
     ckpt_dir = tmp_path / "checkpoints"
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen(
@@ -67,6 +104,7 @@ def test_sigkill_at_any_moment_leaves_a_restorable_checkpoint(tmp_path, straight
             "1",
             "--step_sleep",
             "0.2",
+            *(["--on_device"] if on_device else []),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -93,7 +131,9 @@ def test_sigkill_at_any_moment_leaves_a_restorable_checkpoint(tmp_path, straight
     restored, metadata = ckpt.restore(abstract_like(straight))
     assert int(restored.step) == latest
     assert metadata["data"]["step"] == latest
-    resumed, _ = run_training(str(tmp_path), num_steps=NUM_STEPS, checkpoint_every=1)
+    resumed, _ = run_training(
+        str(tmp_path), num_steps=NUM_STEPS, checkpoint_every=1, on_device=on_device
+    )
     assert_bitwise_equal(jax.tree.map(np.asarray, resumed), straight)
 
 

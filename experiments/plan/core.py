@@ -36,6 +36,8 @@ from experiments.plan.program import (
 from experiments.run_config import eval_batch_size, model_identity, parse, resolve
 from experiments.steps import make_run_optimizer, make_run_steps
 from ood_jax import attacks, sharding
+from ood_jax import data as D
+from ood_jax.data.device import DeviceData, abstract_split, resident_bytes
 from ood_jax.models import build_model
 from ood_jax.train import create_train_state, get_objective
 
@@ -44,6 +46,13 @@ PRECISIONS = ("bfloat16", "float32")
 # augment, batch 1024, on 2 CPU cores): a TPU host has more cores; a lower bound.
 INPUT_IMAGES_PER_S_2_CORES = 41_887
 CIFAR_TRAIN_IMAGES = 50_000
+# The images of the auxiliary outlier sets a plan with the data on the device places
+# beside the split (the offline Tiny ImageNet train subset: docs/data.md); any other
+# source is planned at the CIFAR split's size.
+OUTLIER_IMAGES = {"tinyimagenet_train": 20_200}
+# What the host hands a step with the data on the device, per image: its row (int32)
+# and, with augmentation, its crop corner and flip (3 x int32); no pixels.
+PLAN_BYTES_PER_IMAGE = {True: 16, False: 4}
 
 # How a compiled program's FLOPs and bytes per device are read: (lowered, compiled) -> cost.
 CostFn = Callable[[Any, Any], dict]
@@ -175,6 +184,35 @@ def batch_spec(size: int, sharding, *, labels: bool = True) -> dict:
     return spec
 
 
+def plan_spec(size: int, sharding, *, augment: bool) -> dict:
+    """An abstract plan of ``size`` images (:class:`ood_jax.data.PlanIterator`): what the
+    host hands a step with the data on the device."""
+    spec = {"index": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=sharding)}
+    if augment:
+        spec["crop"] = jax.ShapeDtypeStruct((size, 3), jnp.int32, sharding=sharding)
+    return spec
+
+
+def abstract_device_data(config, mesh, *, outliers: bool) -> DeviceData:
+    """The splits ``config.data.on_device`` places, as ``ShapeDtypeStruct`` s on ``mesh``:
+    CIFAR's 50,000 training images, and the objective's outliers beside them."""
+    spec = D.get_dataset_spec(config.data.dataset)
+    norm = {"mean": spec.mean, "std": spec.std}
+    aux = None
+    if outliers:
+        images = OUTLIER_IMAGES.get(config.data.outliers.source, CIFAR_TRAIN_IMAGES)
+        aux = abstract_split(images, mesh, **norm)
+    return DeviceData(abstract_split(CIFAR_TRAIN_IMAGES, mesh, **norm), aux)
+
+
+def resident_split_bytes(device_data: DeviceData | None, num_devices: int) -> int:
+    """Device memory the resident splits take on each device (0 with the host pipeline)."""
+    if device_data is None:
+        return 0
+    splits = [s for s in (device_data.train, device_data.aux) if s is not None]
+    return sum(resident_bytes(s.num_examples, num_devices) for s in splits)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSteps:
     """What :func:`lower_train_step` built: the runner's state, mesh, optimizer and
@@ -186,6 +224,7 @@ class RunSteps:
     eval_step: Any
     per_process: int
     checks: dict
+    device_data: DeviceData | None = None
 
 
 def lower_train_step(config, target: Slice):
@@ -205,16 +244,28 @@ def lower_train_step(config, target: Slice):
     model_def, state = create_train_state(
         build_model(model_identity(config, 10), 0), optimizer.tx, seed=0
     )
-    train_step, eval_step = make_run_steps(config, model_def, optimizer, mesh)
+    outliers = get_objective(config.objective.name).uses_outliers
+    on_device = config.data.get("on_device", False)
+    device_data = abstract_device_data(config, mesh, outliers=outliers) if on_device else None
+    train_step, eval_step = make_run_steps(
+        config, model_def, optimizer, mesh, device_data=device_data
+    )
     state_abs = abstract(state, sharding.replicated(mesh))
     data = sharding.batch_sharding(mesh)
-    outliers = get_objective(config.objective.name).uses_outliers
-    aux = batch_spec(batch * config.data.outliers.ratio, data, labels=False) if outliers else None
-    lowered = train_step.jitted.lower(state_abs, batch_spec(batch, data), aux)
+    aux_size = batch * config.data.outliers.ratio
+    if on_device:  # the steps' plans in, the splits beside them; the batch made inside
+        augment = config.data.augment
+        aux = plan_spec(aux_size, data, augment=augment) if outliers else None
+        args = (plan_spec(batch, data, augment=augment), aux, device_data)
+    else:
+        aux = batch_spec(aux_size, data, labels=False) if outliers else None
+        args = (batch_spec(batch, data), aux)
+    lowered = train_step.jitted.lower(state_abs, *args)
     name = f"{config.method}/{config.preset} on {target.name}"
     checks = check_lowered(lowered, state, name=name)
     checks["process_rows"] = check_process_rows(mesh, batch, per_process, name=name)
-    return lowered, RunSteps(state, mesh, optimizer, eval_step, per_process, checks)
+    steps = RunSteps(state, mesh, optimizer, eval_step, per_process, checks, device_data)
+    return lowered, steps
 
 
 def attack_loop_cost(config, target: Slice, cost_fn: CostFn, counted_once: dict) -> dict | None:
@@ -274,6 +325,12 @@ def plan_steps(
     eval_compiled = eval_lowered.compile()
     step_s = roofline(cost, target.chip, chips=chips)
     images_per_s = batch / step_s
+    per_host = images_per_s / target.processes
+    on_device = steps.device_data is not None
+    # The host path hands over float32 images (12,288 bytes), a label and a mask each;
+    # with the data on the device, a plan (PLAN_BYTES_PER_IMAGE) a few microseconds of
+    # NumPy a step make, whatever the batch: no host CPU bound.
+    per_image = PLAN_BYTES_PER_IMAGE[bool(config.data.augment)] if on_device else 12_288 + 5
     return {
         "method": config.method,
         "preset": config.preset,
@@ -293,6 +350,8 @@ def plan_steps(
         "collectives": collectives(compiled.as_text()),
         "checks": checks,
         "attack_loop": loop,
+        "data_on_device": on_device,
+        "resident_split_bytes": resident_split_bytes(steps.device_data, len(target.devices)),
         "eval": {
             "batch": eval_batch,
             "memory": compiled_memory(eval_compiled),
@@ -303,8 +362,9 @@ def plan_steps(
             "images_per_s": images_per_s,
             "epoch_s": optimizer.steps_per_epoch * step_s,
             "total_s": optimizer.num_steps * step_s,
-            "input_images_per_s_per_host": images_per_s / target.processes,
-            "input_bound_on_2_cores": images_per_s / target.processes > INPUT_IMAGES_PER_S_2_CORES,
+            "input_images_per_s_per_host": per_host,
+            "input_bytes_per_s_per_host": per_host * per_image,
+            "input_bound_on_2_cores": not on_device and per_host > INPUT_IMAGES_PER_S_2_CORES,
         },
     }
 
@@ -359,6 +419,25 @@ def _memory_cell(m: dict) -> str:
     )
 
 
+def _split_cell(row: dict) -> str:
+    """The resident split's MiB per device ("-": the host pipeline, or a row planned
+    before data on the device existed)."""
+    return f"{row['resident_split_bytes'] / 2**20:.1f}" if row.get("data_on_device") else "-"
+
+
+def _input_cell(row: dict) -> str:
+    """What each host must provide a second: decoded images, or with the data on the
+    device only the steps' plans."""
+    e = row["estimate"]
+    if row.get("data_on_device"):
+        return (
+            f"plans of {e['input_images_per_s_per_host']:,.0f} images "
+            f"({e['input_bytes_per_s_per_host'] / 1e6:.1f} MB/s; no pixels)"
+        )
+    bound = " (input-bound on 2 cores)" if e["input_bound_on_2_cores"] else ""
+    return f"{e['input_images_per_s_per_host']:,.0f}{bound}"
+
+
 def markdown(rows: Sequence[dict], header: dict, *, title: str) -> str:
     """The plans as a Markdown table under ``title`` (failures as one line each)."""
     note = (
@@ -381,19 +460,27 @@ def markdown(rows: Sequence[dict], header: dict, *, title: str) -> str:
             "with a 2-step and a 1-step attack, unrolled (the row's attack_loop in the JSON); "
             "memory is the loop program's."
         )
+    if any(r.get("data_on_device") for r in rows):
+        notes.append(
+            "data on device (`--config.data.on_device=true`): the training split (and the "
+            "objective's outliers) resident on the devices as uint8, sharded over `data`, "
+            "each batch gathered, cropped, flipped and normalized inside the step; the "
+            "resident split's MiB per device are part of the arguments, and the host hands "
+            "each step only its plan (16 bytes an image: row, crop corner, flip)."
+        )
     lines = [
         *plan_table.heading(title, header, notes),
         "| method | preset | topology | devices (hosts) | precision | batch | compile s "
-        "| args / temp / peak / XLA peak GiB | HBM GiB | GFLOP | GB accessed "
-        "| all-reduce (ops, MB) | est. step | est. images/s | est. epoch | est. run "
-        "| input/host needed |",
-        "|" + "---|" * 17,
+        "| args / temp / peak / XLA peak GiB | split on device MiB | HBM GiB | GFLOP "
+        "| GB accessed | all-reduce (ops, MB) | est. step | est. images/s | est. epoch "
+        "| est. run | input/host needed |",
+        "|" + "---|" * 18,
     ]
     for r in rows:
         if "error" in r:
             lines.append(
                 f"| {r['method']} | {preset_cell(r)} | {r['topology']} | | {r['precision']} | "
-                f"| | | | | | | | | | | **{r['error']}** |"
+                f"| | | | | | | | | | | | **{r['error']}** |"
             )
             continue
         c, e = r["cost"], r["estimate"]
@@ -404,13 +491,11 @@ def markdown(rows: Sequence[dict], header: dict, *, title: str) -> str:
             f"| {r['method']} | {preset_cell(r)} | {r['topology']} "
             f"| {r['devices']} ({r['processes']}) "
             f"| {r['precision']} | {r['global_batch']} | {r['compile_s']:.0f} "
-            f"| {_memory_cell(r['memory'])} "
+            f"| {_memory_cell(r['memory'])} | {_split_cell(r)} "
             f"| {gib(r['hbm_per_device'])} | {c['flops'] / 1e9:.1f} "
             f"| {c['bytes_accessed'] / 1e9:.2f} "
             f"| {ar['count']}, {ar['bytes'] / 1e6:.1f} | {e['step_s'] * 1e3:.2f} ms "
             f"| {e['images_per_s']:,.0f} | {duration(e['epoch_s'])} | {duration(e['total_s'])} "
-            f"| {e['input_images_per_s_per_host']:,.0f}"
-            + (" (input-bound on 2 cores)" if e["input_bound_on_2_cores"] else "")
-            + " |"
+            f"| {_input_cell(r)} |"
         )
     return "\n".join(lines) + "\n"

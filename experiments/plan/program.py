@@ -28,14 +28,22 @@ class PlanError(ValueError):
     """A preset that cannot run as planned on a topology (one line: what to change)."""
 
 
-def collectives(hlo: str) -> list[dict]:
-    """The collectives of a compiled HLO module: op, count and bytes of their results."""
+FLOAT_DTYPES = ("f32", "bf16", "f16", "f64")
+
+
+def collectives(hlo: str, *, dtypes: tuple[str, ...] | None = None) -> list[dict]:
+    """The collectives of a compiled HLO module: op, count and bytes of their results
+    (only the results of ``dtypes``, e.g. :data:`FLOAT_DTYPES`, when given)."""
     found: dict[str, dict] = {}
     for line in hlo.splitlines():
         match = re.search(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
         if not match or "-done(" in line:
             continue
         shapes = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))
+        if dtypes is not None:
+            shapes = [(dtype, dims) for dtype, dims in shapes if dtype in dtypes]
+            if not shapes:
+                continue
         sizes = [
             (dtype, int(np.prod([int(d) for d in dims.split(",") if d]))) for dtype, dims in shapes
         ]
@@ -57,7 +65,9 @@ def _nbytes(tree: Any) -> int:
 def check_program(compiled, state, *, bn_channels: int, name: str) -> dict:
     """What the design promises, read from the compiled train step; a broken promise is
     a :class:`PlanError`. Returns the facts checked."""
-    (state_in, batch_in, _), _ = compiled.input_shardings
+    # (state, batch, outliers), and with the data on the device the splits: the batch is
+    # then the steps' plans, split over ``data`` as a batch is.
+    (state_in, batch_in, *_), _ = compiled.input_shardings
     for leaf in jax.tree.leaves(batch_in):
         if tuple(leaf.spec)[:1] != ("data",):
             raise PlanError(f"{name}: the batch is not sharded over 'data' (got {leaf.spec}).")
@@ -69,7 +79,13 @@ def check_program(compiled, state, *, bn_channels: int, name: str) -> dict:
             )
     num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
     # Elements, not bytes: with bf16 compute XLA may all-reduce the gradients in bf16.
-    reduced = sum(c["elements"] for c in collectives(compiled.as_text()) if c["op"] == "all-reduce")
+    # Floating-point ones only: a step with the data on the device also sums the batch's
+    # rows (integer words), which XLA's TPU compiler makes an all-reduce.
+    reduced = sum(
+        c["elements"]
+        for c in collectives(compiled.as_text(), dtypes=FLOAT_DTYPES)
+        if c["op"] == "all-reduce"
+    )
     if reduced < num_params:
         raise PlanError(f"{name}: no gradient all-reduce ({reduced} < {num_params} elements).")
     if reduced >= 2 * num_params:
@@ -121,9 +137,10 @@ def lowered_arguments(stablehlo: str) -> list[dict]:
 
 
 def check_lowered(lowered, state, *, name: str) -> dict:
-    """The design's promises read from a lowered train step ``(state, batch, outliers)``,
-    before any compile: every state leaf replicated and donated, every batch leaf split
-    over ``data`` along its first dimension. A broken one is a :class:`PlanError`."""
+    """The design's promises read from a lowered train step ``(state, batch, outliers)``
+    (with the data on the device: ``(state, plan, outliers' plan, splits)``), before any
+    compile: every state leaf replicated and donated, every batch, plan and split leaf
+    split over ``data`` along its first dimension. A broken one is a :class:`PlanError`."""
     args = lowered_arguments(lowered.as_text())
     (state_info, *_), _ = lowered.args_info
     n_state = len(jax.tree.leaves(state_info))

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ood_jax.data.dataset import ImageDataset
-from ood_jax.data.pipeline import TrainIterator
+from ood_jax.data.pipeline import PlanIterator, TrainIterator
 from ood_jax.data.registry import load_dataset
 
 _OUTLIER_STREAM = 1
@@ -55,7 +55,7 @@ def _unlabeled(ds: ImageDataset, *, name: str) -> ImageDataset:
 
 
 def outlier_iterator(
-    dataset: ImageDataset, *, in_batch_size: int, ratio: int = 2, **kwargs: Any
+    dataset: ImageDataset, *, in_batch_size: int, ratio: int = 2, plans: bool = False, **kwargs: Any
 ) -> TrainIterator:
     """Yields ``ratio * in_batch_size // process_count`` outlier images per step for this process.
 
@@ -63,6 +63,8 @@ def outlier_iterator(
       dataset: the outlier set (e.g. :func:`load_outliers`); its labels are replaced by -1.
       in_batch_size: global in-distribution batch size.
       ratio: outlier images per in-distribution image (2 = 256 per 128, the papers').
+      plans: yield the steps' plans instead of pixels (:class:`~ood_jax.data.PlanIterator`),
+        for a train step with the outliers on the device (:mod:`ood_jax.data.device`).
       **kwargs: ``seed``, ``start_step``, ``augment``, ``process_index``,
         ``process_count``, ``prefetch``, ``mean``, ``std`` as for
         :class:`~ood_jax.data.TrainIterator` (this is its outlier stream).
@@ -75,6 +77,7 @@ def outlier_iterator(
         raise ValueError(f"`in_batch_size` must be a positive int, got {in_batch_size!r}.")
     if (dataset.labels != -1).any():
         dataset = _unlabeled(dataset, name=dataset.name)
-    return TrainIterator(
+    iterator = PlanIterator if plans else TrainIterator
+    return iterator(
         dataset, batch_size=int(ratio * in_batch_size), stream=_OUTLIER_STREAM, **kwargs
     )

@@ -24,6 +24,12 @@ so the global batch does not depend on ``P``, and over an epoch the processes
 see disjoint examples whose union is the epoch. ``get_state()`` returns a
 JSON-serializable dict; pass it back as ``start_step=`` to resume exactly.
 
+Plans (:func:`train_plans`): the same steps without pixels, ``{"index": int32 [b],
+"crop": int32 [b, 3]}`` (rows of the dataset; ``top, left, flip``) for a train step
+that holds the split on the device and gathers, crops and flips there
+(:mod:`ood_jax.data.device`): the batches are the same, only where they are made
+differs.
+
 Eval (:func:`eval_batches`): process ``p`` reads the contiguous shard of
 :func:`shard_bounds` (``tfds.even_splits`` arithmetic) in order; every process
 yields the same number of batches (collectives stay in step), the last ones
@@ -219,8 +225,14 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         rng = np.random.default_rng([self.seed, self._tags[0], epoch])
         return rng.permutation(len(self.dataset))
 
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of the global batch at global step ``step`` (pure in ``step``)."""
+    def rows_at(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """This process's rows of global step ``step``: ``(indices, crops)`` (pure in ``step``).
+
+        ``indices``: int ``[b]`` rows of the dataset; ``crops``: int ``[b, 3]`` columns
+        ``(top, left, flip)`` by the rule of the module docstring, or None without
+        augmentation. What :meth:`batch_at` gathers on the host and
+        :class:`PlanIterator` hands to a step that gathers on the device.
+        """
         epoch, k = divmod(step, self.steps_per_epoch)
         cache = self._perm_cache  # (epoch, permutation), swapped atomically: thread-safe
         if cache[0] != epoch:
@@ -229,12 +241,19 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         first = self.process_index * self.local_batch_size
         rows = slice(first, first + self.local_batch_size)
         indices = cache[1][k * self.batch_size : (k + 1) * self.batch_size][rows]
-        if self.augment:
-            rng = np.random.default_rng([self.seed, self._tags[1], epoch, k])
-            corners = rng.integers(0, 2 * PAD + 1, size=(2, self.batch_size))
-            flips = rng.random(self.batch_size) < 0.5
+        if not self.augment:
+            return indices, None
+        rng = np.random.default_rng([self.seed, self._tags[1], epoch, k])
+        corners = rng.integers(0, 2 * PAD + 1, size=(2, self.batch_size))
+        flips = rng.random(self.batch_size) < 0.5
+        return indices, np.stack([corners[0, rows], corners[1, rows], flips[rows]], axis=1)
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch at global step ``step`` (pure in ``step``)."""
+        indices, crops = self.rows_at(step)
+        if crops is not None:
             pixels = crop_flip(
-                self.dataset.images, indices, corners[0, rows], corners[1, rows], flips[rows]
+                self.dataset.images, indices, crops[:, 0], crops[:, 1], crops[:, 2].astype(bool)
             )
         else:
             pixels = self.dataset.images[indices]
@@ -306,6 +325,36 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
 #: ``train_iterator(dataset, *, batch_size, seed, ...)``: see :class:`TrainIterator`.
 train_iterator = TrainIterator
+
+
+class PlanIterator(TrainIterator):
+    """The same steps as :class:`TrainIterator`, as *plans*: which rows, which crop, no pixels.
+
+    ``train_plans(dataset, batch_size=128, seed=0)`` takes the arguments of
+    :class:`TrainIterator` (its ``get_state()`` is the same, so a checkpoint of either
+    resumes the other) and yields, for this process's rows of global step ``s``,
+    ``{"index": int32 [b]}`` and, with ``augment``, ``"crop": int32 [b, 3]`` (columns
+    ``top``, ``left``, ``flip``), by the rule of the module docstring. A train step built
+    with data on the device (:mod:`ood_jax.data.device`) gathers, crops, flips and
+    normalizes those rows itself, so a run trains on exactly the batches the host
+    pipeline would have made. A plan is 16 bytes an image and a few microseconds of
+    NumPy a step, so ``prefetch`` defaults to 0 (computed in the caller's thread).
+    """
+
+    def __init__(self, dataset: ImageDataset, *, prefetch: int = 0, **kwargs: Any) -> None:
+        super().__init__(dataset, prefetch=prefetch, **kwargs)
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the plan of global step ``step`` (pure in ``step``)."""
+        indices, crops = self.rows_at(step)
+        plan = {"index": indices.astype(np.int32)}
+        if crops is not None:
+            plan["crop"] = crops.astype(np.int32)
+        return plan
+
+
+#: ``train_plans(dataset, *, batch_size, seed, ...)``: see :class:`PlanIterator`.
+train_plans = PlanIterator
 
 
 class EvalBatches:

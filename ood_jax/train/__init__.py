@@ -2,7 +2,9 @@
 
 Data flow: host batches -> :mod:`ood_jax.sharding` global arrays -> the jitted
 ``train_step(state, batch, aux_batch=None) -> (state, metrics)`` -> orbax
-checkpoints (:mod:`ood_jax.checkpoint`) and ``metrics.jsonl``.
+checkpoints (:mod:`ood_jax.checkpoint`) and ``metrics.jsonl``. With the data on the
+device the host hands the step only each step's plan (rows, crop, flip) and the step
+makes the batch from the split it holds (:mod:`ood_jax.data.device`).
 """
 
 from ood_jax.train.loop import (

@@ -6,7 +6,9 @@ function: no Python state, no host callbacks; randomness comes from
 ``("data",)`` mesh: batch sharded, state replicated and donated. Because the
 whole global batch is one array, BatchNorm statistics are over the global batch
 (XLA inserts the cross-device reductions), so 1 device and N devices compute
-the same function.
+the same function. With the data on the device (``compile_train_step(...,
+device_data=...)``) the step takes each step's plan instead of its batch and makes
+the batch itself, the host pipeline's batch bit for bit (:mod:`ood_jax.data.device`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from jax.sharding import Mesh
 
 from ood_jax import attacks, sharding
 from ood_jax import rng as rng_lib
+from ood_jax.data import device
+from ood_jax.data.device import DeviceData
 from ood_jax.train.objectives import Loss
 from ood_jax.train.state import ModelDef, TrainState
 
@@ -165,13 +169,26 @@ def make_eval_step(model_def: ModelDef) -> Callable[[TrainState, Batch], dict[st
     return eval_step
 
 
-def compile_train_step(step: StepFn, mesh: Mesh) -> StepFn:
+def compile_train_step(
+    step: StepFn, mesh: Mesh, *, device_data: DeviceData | None = None
+) -> StepFn:
     """``jax.jit`` the train step over ``mesh``: batch sharded on ``data``, state replicated
     and donated (updated in place), metrics replicated.
 
     The returned callable has the same signature as ``step``; its ``jitted`` attribute
     is the ``jax.jit`` object (``train_step.jitted.lower(state, batch, aux)``). Batches
     must be global arrays (see ``ood_jax.sharding.global_batch``).
+
+    With ``device_data`` (the split placed on the mesh by
+    :func:`ood_jax.data.device.place_split`, and the outliers' where the objective takes
+    them) the step makes its batches itself: ``batch`` and ``aux_batch`` are then the
+    steps' *plans* (:class:`ood_jax.data.PlanIterator`, ``{"index", "crop"}`` split over
+    ``data``), gathered, cropped, flipped and normalized on the device into the very
+    batches the host pipeline would have made
+    (:func:`ood_jax.data.device.gather_batch`). The split is an argument of the jitted
+    function (``jitted.lower(state, plan, aux_plan, device_data)``; never a constant
+    of the program), passed by the returned callable, which keeps it as
+    ``train_step.device_data``.
     """
     rep = sharding.replicated(mesh)
     data = sharding.batch_sharding(mesh)
@@ -183,6 +200,9 @@ def compile_train_step(step: StepFn, mesh: Mesh) -> StepFn:
         # the mesh's devices, also when they are compile-only TPU devices on a CPU host.
         with attacks.tracing_for(platform):
             return step(state, batch, aux_batch)
+
+    if device_data is not None:
+        return _compile_on_device(traced, mesh, device_data)
 
     jitted = jax.jit(
         traced,
@@ -196,6 +216,41 @@ def compile_train_step(step: StepFn, mesh: Mesh) -> StepFn:
 
     # The jit object itself, for ahead-of-time lowering (the compile-only TPU planner).
     train_step.jitted = jitted
+    train_step.device_data = None
+    return train_step
+
+
+def _compile_on_device(traced: StepFn, mesh: Mesh, device_data: DeviceData) -> StepFn:
+    """:func:`compile_train_step` with ``device_data``: ``traced(state, batch, aux)``
+    behind the making of the batches from the plans, jitted with the splits as arguments."""
+    rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+    @functools.wraps(traced)
+    def traced_on_device(state, plan, aux_plan, splits: DeviceData):
+        batch = device.gather_batch(splits.train, plan, mesh)
+        aux = None if aux_plan is None else device.gather_batch(splits.aux, aux_plan, mesh)
+        return traced(state, batch, aux)
+
+    jitted = jax.jit(
+        traced_on_device,
+        in_shardings=(rep, data, data, data),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+        # The outliers' labels are read by no objective: kept as an argument all the
+        # same, so that the program's arguments are the splits' leaves, one for one.
+        keep_unused=True,
+    )
+
+    def train_step(state: TrainState, batch: Batch, aux_batch: Batch | None = None):
+        if aux_batch is not None and device_data.aux is None:
+            raise ValueError(
+                "an auxiliary plan was given but device_data has no aux split; place "
+                "the outliers too (DeviceData(train=..., aux=place_split(outliers, mesh)))."
+            )
+        return jitted(state, batch, aux_batch, device_data)
+
+    train_step.jitted = jitted
+    train_step.device_data = device_data
     return train_step
 
 
