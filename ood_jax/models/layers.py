@@ -11,6 +11,14 @@ hyperparameters and results carry over):
   difference from PyTorch: the running variance is updated with the biased
   batch variance (PyTorch uses the unbiased one); at batch 128 that is a 0.8%
   factor on an exponential average and does not matter in practice.
+- Training-mode BatchNorm in a low-precision dtype (bf16, the presets' TPU/GPU
+  precision) normalizes as ``x * a + (bias - mean * a)``, ``a = scale /
+  sqrt(var + eps)``, in float32, then casts: ``nnx.BatchNorm``'s
+  ``(x - mean) * a + bias`` with the normalization folded into one per-channel
+  multiply-add. Same function and statistics; the form ``nnx.BatchNorm`` uses
+  crashes libtpu 0.0.42.1's compiler for v6e (a stack overflow in
+  ``MigrateInstructionUsers``) on the train steps of the CIFAR ResNets and
+  WRN-40-2 at small per-device batches (``benchmarks/repro/v6e_compiler_crash.py``).
 - Spectral normalization (Miyato et al., ICLR 2018) as in
   ``torch.nn.utils.spectral_norm``: the kernel is reshaped to a matrix
   ``M`` of shape ``[fan_in, out]``, one power-iteration step per training
@@ -107,20 +115,46 @@ def _bn_backward(epsilon, residuals, cotangents):
 batch_norm_train.defvjp(_bn_forward, _bn_backward)
 
 
+def batch_norm_train_folded(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm with a ``dtype`` result: ``(y, batch mean, batch var)``.
+
+    ``nnx.BatchNorm``'s function for a low-precision ``dtype`` (``x``, ``scale`` and
+    ``bias`` cast to ``dtype``; the statistics of ``x`` in float32 with the biased
+    fast variance, clipped at 0; the normalization in float32; ``y`` cast to
+    ``dtype``), written ``x * a + (bias - mean * a)`` with ``a = scale *
+    rsqrt(var + epsilon)`` instead of ``(x - mean) * a + bias``. The two differ by
+    float32 rounding, far below ``dtype``'s. The gradient is autodiff's.
+    ``nnx.BatchNorm``'s form makes libtpu 0.0.42.1's v6e compiler overflow its
+    stack (the module docstring).
+    """
+    axes = tuple(range(x.ndim - 1))
+    x, scale, bias = (v.astype(dtype) for v in (x, scale, bias))  # nnx's promote_dtype
+    xf = x.astype(jnp.float32)  # the statistics' own copy, as nnx's: the same gradient
+    mean = xf.mean(axes)
+    var = jnp.maximum(0.0, (xf * xf).mean(axes) - mean * mean)
+    a = jax.lax.rsqrt(var + epsilon) * scale
+    return (x.astype(jnp.float32) * a + (bias - mean * a)).astype(dtype), mean, var
+
+
 class BatchNorm(nnx.BatchNorm):
-    """``nnx.BatchNorm`` whose training-mode pass uses ``batch_norm_train``.
+    """``nnx.BatchNorm`` whose training-mode pass uses ``batch_norm_train`` (float32)
+    or ``batch_norm_train_folded`` (a low-precision ``dtype``, e.g. bf16).
 
     Same parameters, statistics and results as ``nnx.BatchNorm`` (so checkpoints
-    are interchangeable); only the gradient is computed in closed form, which
-    XLA:CPU runs faster than the autodiff graph. Anything but float32 input with
-    scale and bias over the last axis falls back to ``nnx.BatchNorm``.
+    are interchangeable). In float32 only the gradient is computed in closed form,
+    which XLA:CPU runs faster than the autodiff graph; in a low-precision dtype the
+    normalization is one multiply-add (the v6e compiler crash of the module
+    docstring). Anything else (a mask, an ``axis_name``, no scale or bias, another
+    axis) falls back to ``nnx.BatchNorm``.
     """
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None):
         training = not (
             self.use_running_average if use_running_average is None else use_running_average
         )
-        fast = (
+        plain = (
             training
             and mask is None
             and self.axis_name is None
@@ -128,13 +162,18 @@ class BatchNorm(nnx.BatchNorm):
             and self.scale is not None
             and self.bias is not None
             and self.use_fast_variance
-            and x.dtype == jnp.float32
-            and self.dtype in (None, jnp.float32)
             and self.param_dtype == jnp.float32
         )
-        if not fast:
+        # nnx.BatchNorm's result dtype: its dtype, else that of x, scale and bias.
+        out_dtype = jnp.dtype(self.dtype or jnp.result_type(x, jnp.float32))
+        if plain and x.dtype == jnp.float32 and out_dtype == jnp.float32:
+            y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        elif plain and jnp.issubdtype(out_dtype, jnp.floating) and jnp.finfo(out_dtype).bits < 32:
+            y, mean, var = batch_norm_train_folded(
+                x, self.scale[...], self.bias[...], self.epsilon, out_dtype
+            )
+        else:
             return super().__call__(x, use_running_average, mask=mask)
-        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
         momentum = self.momentum
         self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
         self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
