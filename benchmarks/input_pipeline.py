@@ -210,7 +210,7 @@ def child(args: argparse.Namespace) -> dict:
     from experiments import methods
     from experiments.run_config import parse, resolve
     from experiments.steps import make_run_steps
-    from experiments.train import _initial_state, _load_inputs, place_on_device, train_data
+    from experiments.train import initial_state, load_inputs, place_on_device, train_data
     from ood_jax.train.loop import fit
 
     config = methods.get_config(args.method, args.preset)
@@ -222,10 +222,10 @@ def child(args: argparse.Namespace) -> dict:
     ]
     settings = resolve(parse(config, overrides))
     config = settings.config
-    inputs = _load_inputs(config)
+    inputs = load_inputs(config)
     spec = data.get_dataset_spec(config.data.dataset)
     identity = settings.model_identity(spec.num_classes or inputs.train_ds.num_classes)
-    model_def, state, optimizer = _initial_state(config, inputs, identity)
+    model_def, state, optimizer = initial_state(config, inputs, identity)
     device_data = place_on_device(config, inputs)
     train_step, _ = make_run_steps(
         config, model_def, optimizer, inputs.mesh, device_data=device_data

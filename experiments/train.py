@@ -74,7 +74,7 @@ def train_and_evaluate(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Inputs:
+class Inputs:
     """What a run trains and is tested on, resolved from its config."""
 
     mesh: Any
@@ -89,10 +89,10 @@ class _Inputs:
 
 def _train_and_evaluate(settings: RunSettings, run: Workdir) -> dict:
     config = settings.config
-    inputs = _load_inputs(config)
+    inputs = load_inputs(config)
     num_classes = D.get_dataset_spec(config.data.dataset).num_classes
     identity = settings.model_identity(num_classes or inputs.train_ds.num_classes)
-    model_def, state, optimizer = _initial_state(config, inputs, identity)
+    model_def, state, optimizer = initial_state(config, inputs, identity)
     if config.objective.auto:
         check_auto_hparams(config)
 
@@ -133,7 +133,9 @@ def _train_and_evaluate(settings: RunSettings, run: Workdir) -> dict:
     return _final_evaluation(settings, run, inputs, model_def, state, eval_step)
 
 
-def _load_inputs(config: ml_collections.ConfigDict) -> _Inputs:
+def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
+    """The run's mesh, its training and test splits and its batch geometry (public for
+    ``benchmarks/input_pipeline.py``, which times the runner's own training)."""
     spec = D.get_dataset_spec(config.data.dataset)
     mesh = sharding.make_mesh(config.train.num_devices or None)
     train_ds, test_ds = load_splits(config)
@@ -146,7 +148,7 @@ def _load_inputs(config: ml_collections.ConfigDict) -> _Inputs:
             "examples; lower it or raise config.data.train_limit."
         )
     uses_outliers = get_objective(config.objective.name).uses_outliers
-    return _Inputs(
+    return Inputs(
         mesh=mesh,
         train_ds=train_ds,
         test_ds=test_ds,
@@ -158,7 +160,7 @@ def _load_inputs(config: ml_collections.ConfigDict) -> _Inputs:
     )
 
 
-def _initial_state(config: ml_collections.ConfigDict, inputs: _Inputs, identity: dict):
+def initial_state(config: ml_collections.ConfigDict, inputs: Inputs, identity: dict):
     """``(model_def, state, optimizer)`` at step 0 (``--init_from``'s weights if given:
     a workdir's newest checkpoint, or a PyTorch file)."""
     optimizer: Optimizer = make_run_optimizer(config, inputs.steps_per_epoch)
@@ -183,7 +185,7 @@ def _initial_state(config: ml_collections.ConfigDict, inputs: _Inputs, identity:
     return model_def, state, optimizer
 
 
-def place_on_device(config: ml_collections.ConfigDict, inputs: _Inputs) -> DeviceData | None:
+def place_on_device(config: ml_collections.ConfigDict, inputs: Inputs) -> DeviceData | None:
     """With ``config.data.on_device``: the train split (and the outliers) placed on the
     mesh once (:func:`ood_jax.data.device.place_split`); else None (the host pipeline).
     A split too large for the devices is a one-line error naming the flag."""
@@ -200,7 +202,7 @@ def place_on_device(config: ml_collections.ConfigDict, inputs: _Inputs) -> Devic
         raise cli.UsageError(f"config.data.on_device: {err}") from None
 
 
-def train_data(config: ml_collections.ConfigDict, inputs: _Inputs) -> TrainData:
+def train_data(config: ml_collections.ConfigDict, inputs: Inputs) -> TrainData:
     """The run's :class:`~ood_jax.train.loop.TrainData`: host batches, or with
     ``config.data.on_device`` the same steps' plans (:class:`ood_jax.data.PlanIterator`)
     for a train step that makes its batches on the device."""
@@ -234,7 +236,7 @@ def train_data(config: ml_collections.ConfigDict, inputs: _Inputs) -> TrainData:
     return TrainData(train_batches, inputs.steps_per_epoch, batch_size, aux_batches)
 
 
-def _fit(config, run: Workdir, inputs: _Inputs, state, train_step, eval_step, identity):
+def _fit(config, run: Workdir, inputs: Inputs, state, train_step, eval_step, identity):
     """The trained state: :func:`ood_jax.train.loop.fit` with the run's data and policy."""
     state, _ = fit(
         state,
@@ -258,12 +260,12 @@ def _fit(config, run: Workdir, inputs: _Inputs, state, train_step, eval_step, id
     return state
 
 
-def _test_batches(inputs: _Inputs):
+def _test_batches(inputs: Inputs):
     return D.eval_batches(inputs.test_ds, batch_size=inputs.eval_batch, **inputs.norm)
 
 
 def _final_evaluation(
-    settings: RunSettings, run: Workdir, inputs: _Inputs, model_def, state, eval_step
+    settings: RunSettings, run: Workdir, inputs: Inputs, model_def, state, eval_step
 ) -> dict:
     """Test accuracy (and the OOD report if ``config.eval.ood``), saved as ``final.json``."""
     config = settings.config
