@@ -22,7 +22,11 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.md"))
+# The quick-start promise: a notebook runs in under 3 minutes on a 2-core machine. It is
+# checked when the test has the machine to itself (one pytest process); beside other
+# pytest-xdist workers the run only has to finish (HANG_S guards against a hang).
 LIMIT_S = 180
+HANG_S = 900
 
 
 def cells(nb):
@@ -50,12 +54,14 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     start = time.perf_counter()
     NotebookClient(
         notebook,
-        timeout=LIMIT_S,
+        timeout=HANG_S,
         kernel_name="python3",
         resources={"metadata": {"path": str(ROOT)}},
     ).execute()
     elapsed = time.perf_counter() - start
-    assert elapsed < LIMIT_S, f"{name} took {elapsed:.0f} s"
+    alone = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") == "1"
+    if alone:
+        assert elapsed < LIMIT_S, f"{name} took {elapsed:.0f} s"
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
 
