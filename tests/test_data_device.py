@@ -5,6 +5,8 @@ flip, the documented permutation and draws for the plans) and against the host
 pipeline's own batches, on 1 and on the 8 virtual CPU devices.
 """
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -45,14 +47,15 @@ def slow_normalize(pixels, mean=MEAN, std=STD):
     return out
 
 
-def test_crop_flip_matches_the_slow_reference():
+@pytest.mark.parametrize("method", device.CROP_METHODS)
+def test_crop_flip_matches_the_slow_reference(method):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     # The corners and both flips, then random crops.
     crops = [(t, left, f) for t, left in ((0, 0), (8, 8), (0, 8), (8, 0), (4, 4)) for f in (0, 1)]
     crops += [tuple(rng.integers(0, 9, 2)) + (int(rng.integers(0, 2)),) for _ in range(10)]
     crops = np.asarray(crops, np.int32)
-    got = np.asarray(jax.jit(device.crop_flip)(images, crops))
+    got = np.asarray(jax.jit(device.crop_flip, static_argnums=2)(images, crops, method))
     for n, (top, left, flip) in enumerate(crops):
         np.testing.assert_array_equal(got[n], slow_crop(images[n], top, left, flip))
     np.testing.assert_array_equal(got[9], images[9, :, ::-1])  # centred, mirrored
@@ -208,3 +211,12 @@ def test_the_step_takes_plans_and_trains_as_the_host_pipeline(dataset):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     with pytest.raises(ValueError, match="aux split"):
         on_device(b, sharding.global_batch(plan, mesh), sharding.global_batch(plan, mesh))
+
+
+def test_crop_method_is_select_on_tpus_only():
+    # TPUs get the gather-free selects; the CPU (and GPU) a dynamic_slice per image.
+    assert device.crop_method(sharding.make_mesh(1)) == "slice"
+    tpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]))
+    assert device.crop_method(tpu) == "select"
+    with pytest.raises(ValueError, match="crop method must be one of"):
+        device.crop_flip(np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, 3), np.int32), "gather")

@@ -16,8 +16,11 @@ normalization rounds as the host's does (:func:`normalize_on_device`: XLA would 
 ``x * scale + offset`` into one rounding, an FMA, and differ from NumPy's two in the
 last bit). So a batch made on the device is bit-identical to the host pipeline's
 batch of the same step, a run may switch between the two at a checkpoint, and
-resuming stays exact. Everything in the step is slices, selects and elementwise
-arithmetic besides the one gather of whole rows: no per-pixel gather (slow on TPUs).
+resuming stays exact. On TPUs everything in the step is slices, selects and
+elementwise arithmetic besides the one gather of whole rows: no per-pixel gather (slow
+there). Elsewhere the crop is one ``dynamic_slice`` per image, which XLA:CPU runs
+seven times faster than the nine selects per axis (0.6 ms against 4.2 ms for 256
+images here); both give the same bytes (:func:`crop_flip`'s ``method``).
 
 Placement: the split is **sharded over the** ``data`` **axis**, rows
 ``[d * R, (d + 1) * R)`` on the mesh's device ``d`` (``R = ceil(N / devices)``; the
@@ -194,18 +197,37 @@ def _shifted(padded: jax.Array, shift: jax.Array, *, axis: int, step: int) -> ja
     return out
 
 
-def _crop_flip_rows(images: jax.Array, crops: jax.Array) -> jax.Array:
+# How the crop window is cut out: nine static slices and selects per axis ("select",
+# for TPUs) or one dynamic_slice per image ("slice", faster on CPUs and GPUs).
+CROP_METHODS = ("select", "slice")
+
+
+def crop_method(mesh: Mesh) -> str:
+    """The crop formulation for ``mesh``'s devices: ``"select"`` on TPUs, else ``"slice"``."""
+    return "select" if mesh.devices.flat[0].platform == "tpu" else "slice"
+
+
+def _crop_flip_rows(images: jax.Array, crops: jax.Array, method: str = "select") -> jax.Array:
     """:func:`crop_flip` on images as ``[b, 32, 96]`` rows of pixels (the layout the
     split's rows come in: channels beside their pixel)."""
+    if method not in CROP_METHODS:
+        raise ValueError(f"crop method must be one of {CROP_METHODS}, got {method!r}.")
     b = images.shape[0]
     padded = jnp.pad(images, ((0, 0), (PAD, PAD), (3 * PAD, 3 * PAD)))  # [b, 40, 120]
-    out = _shifted(padded, crops[:, 0], axis=1, step=1)  # [b, 32, 120]
-    out = _shifted(out, crops[:, 1], axis=2, step=3)  # [b, 32, 96]
+    if method == "select":
+        out = _shifted(padded, crops[:, 0], axis=1, step=1)  # [b, 32, 120]
+        out = _shifted(out, crops[:, 1], axis=2, step=3)  # [b, 32, 96]
+    else:
+        out = jax.vmap(
+            lambda image, top, left: jax.lax.dynamic_slice(
+                image, (top, 3 * left), (IMAGE_SIZE, 3 * IMAGE_SIZE)
+            )
+        )(padded, crops[:, 0], crops[:, 1])
     mirrored = out.reshape(b, IMAGE_SIZE, IMAGE_SIZE, 3)[:, :, ::-1].reshape(out.shape)
     return jnp.where((crops[:, 2] != 0)[:, None, None], mirrored, out)
 
 
-def crop_flip(images: jax.Array, crops: jax.Array) -> jax.Array:
+def crop_flip(images: jax.Array, crops: jax.Array, method: str = "select") -> jax.Array:
     """The host pipeline's crop and flip (:func:`ood_jax.data.pipeline.crop_flip`) in JAX.
 
     ``out[n, i, j] = padded[n, top + i, left + j']`` with ``j' = 31 - j`` if ``flip``
@@ -214,9 +236,11 @@ def crop_flip(images: jax.Array, crops: jax.Array) -> jax.Array:
     Args:
       images: uint8 ``[b, 32, 32, 3]``.
       crops: int ``[b, 3]``: ``top, left`` in ``[0, 8]`` and ``flip`` (0 or 1).
+      method: ``"select"`` (static slices and selects: no gather, for TPUs) or
+        ``"slice"`` (a ``dynamic_slice`` per image); the same result.
     """
     b = images.shape[0]
-    rows = _crop_flip_rows(images.reshape(b, IMAGE_SIZE, IMAGE_SIZE * 3), crops)
+    rows = _crop_flip_rows(images.reshape(b, IMAGE_SIZE, IMAGE_SIZE * 3), crops, method)
     return rows.reshape(images.shape)
 
 
@@ -255,6 +279,7 @@ def normalize_on_device(
 
 def _local_batch(
     norm: tuple[tuple[float, ...], tuple[float, ...]],
+    method: str,
     pixels: jax.Array,
     labels: jax.Array,
     index_rows: jax.Array,
@@ -276,7 +301,7 @@ def _local_batch(
     # their pixel (a last dimension of 3 would be padded to TPU tiles).
     images = jax.lax.bitcast_convert_type(rows, jnp.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE * 3)
     if crop_rows:
-        images = _crop_flip_rows(images, crop_rows[0])
+        images = _crop_flip_rows(images, crop_rows[0], method)
     images = normalize_on_device(images, *norm)
     return images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3), row_labels
 
@@ -296,7 +321,7 @@ def gather_batch(split: DeviceSplit, plan: Mapping[str, jax.Array], mesh: Mesh) 
     if "crop" in plan:
         args += (plan["crop"],)
     images, labels = jax.shard_map(
-        functools.partial(_local_batch, (split.mean, split.std)),
+        functools.partial(_local_batch, (split.mean, split.std), crop_method(mesh)),
         mesh=mesh,
         in_specs=(spec,) * len(args),
         out_specs=(spec, spec),

@@ -18,7 +18,7 @@ hyperparameters and results carry over):
   multiply-add. Same function and statistics; the form ``nnx.BatchNorm`` uses
   crashes libtpu 0.0.42.1's compiler for v6e (a stack overflow in
   ``MigrateInstructionUsers``) on the train steps of the CIFAR ResNets and
-  WRN-40-2 at small per-device batches (``benchmarks/repro/v6e_compiler_crash.py``).
+  WRN-40-2 at small per-device batches (``results/plans/v6e_compiler_crash.py``).
 - Spectral normalization (Miyato et al., ICLR 2018) as in
   ``torch.nn.utils.spectral_norm``: the kernel is reshaped to a matrix
   ``M`` of shape ``[fan_in, out]``, one power-iteration step per training

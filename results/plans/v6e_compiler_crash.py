@@ -23,7 +23,8 @@ float32 convolutions crash too. ``--xla_jf_pack_latches=false``,
 ``--xla_jf_conv_input_fusion=false``, ``--xla_jf_conv_output_fusion=false`` and
 ``--xla_tpu_allow_conv_input_fusion_with_downcast_convert=false`` (in
 ``LIBTPU_INIT_ARGS``) do not avoid it. The folded form is the same math (up to
-float rounding); ood_jax's models do not use it yet.
+float rounding); ood_jax's models use it for low-precision BatchNorm
+(``ood_jax.models.layers.BatchNorm``).
 """
 
 import argparse
