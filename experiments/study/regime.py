@@ -10,6 +10,7 @@ of the comparison with that one schedule.
     python -m experiments.study.regime measure --workdir runs/regime/pilot/ce_e30
     python -m experiments.study.regime run --workdir runs/regime --epochs E   # main runs
     python -m experiments.study.regime plan --workdir runs/regime --epochs E
+    python -m experiments.study.regime report --workdir runs/regime --report_dir REPORT_DIR
 
 ``measure`` reads every kept checkpoint of a run (the pilot keeps one per epoch)
 and writes ``regime.jsonl`` beside it: per epoch, accuracy, loss and mean logit
@@ -27,6 +28,10 @@ baseline); then energy-bounded and outlier-exposure fine-tuning of each seed's C
 Seeds go in waves (seed 0 of every run first). Every run keeps its checkpoints
 (``--measure_every`` epochs apart), measured afterwards like the pilot; the pilot of
 the chosen recipe and schedule is CE seed 0.
+
+``report`` writes the study's report (:mod:`experiments.study.report.regime`) from the
+runs that have finished, by default of the chosen schedule (:data:`CHOSEN_EPOCHS`
+epochs of :data:`CHOSEN_RECIPE`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from experiments.configs.default import get_config
 from experiments.study.execute import execute
 from experiments.study.plan import Run, state_of
 from experiments.workdir import Workdir
+from ood_jax.train.logging import read_records
 
 # The regime rule, fixed before the main runs (it is copied into the report). The
 # 5-epoch study's CE models: test ECE 1.7 ± 0.3%, train accuracy (augmented stream) 79%.
@@ -79,6 +85,10 @@ SEEDS = 3
 # model), with the cpu preset's fine-tuning recipe (2 epochs of the papers' 10: lr 1e-3
 # cosine, 128 + 256 outliers per 128 images scaled to the batch) and the paper margins.
 FINETUNED = ("energy_ft", "oe")
+# The schedule the pilots chose for the main runs (results/regime_study/README.md): the
+# report's default.
+CHOSEN_EPOCHS = 80
+CHOSEN_RECIPE = "subset10k"
 # Un-augmented training images measured per checkpoint (a seeded subset).
 TRAIN_SUBSET = 10000
 REGIME_FILE = "regime.jsonl"
@@ -215,16 +225,22 @@ def measure_step(run: Workdir, step: int, cache: dict) -> dict:
     return record
 
 
+def read_regime(workdir: str) -> list[dict]:
+    """The run's regime records (``regime.jsonl``) in step order, one per step; [] if
+    it has none (a torn last line, a measurement being written, is skipped)."""
+    path = os.path.join(workdir, REGIME_FILE)
+    if not os.path.exists(path):
+        return []
+    done = {r["step"]: r for r in read_records(path)[0]}
+    return [done[s] for s in sorted(done)]
+
+
 def measure(workdir: str) -> list[dict]:
     """Measures every kept checkpoint of ``workdir`` not yet in its ``regime.jsonl``
     (through the run's one ``Workdir``: its checkpointer lists and restores the steps)."""
-    path = os.path.join(workdir, REGIME_FILE)
-    done = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            done = {r["step"]: r for r in map(json.loads, f) if r}
+    done = {r["step"]: r for r in read_regime(workdir)}
     with Workdir(workdir) as run:
-        _measure_new(run, path, done)
+        _measure_new(run, os.path.join(workdir, REGIME_FILE), done)
     return [done[s] for s in sorted(done)]
 
 
@@ -258,17 +274,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.study.regime", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("action", choices=("pilot", "measure", "plan", "run"))
+    parser.add_argument("action", choices=("pilot", "measure", "plan", "run", "report"))
     parser.add_argument("--workdir", required=True, help="the study's root (a run: measure)")
-    parser.add_argument("--epochs", type=int, default=PILOT_EPOCHS, help="epochs of every run")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help=f"epochs of every run (default {PILOT_EPOCHS}; report: {CHOSEN_EPOCHS})",
+    )
     parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds of each main run")
     parser.add_argument(
-        "--recipe", default="cpu", help=f"the cpu preset's variant, one of {sorted(RECIPES)}"
+        "--recipe",
+        help=f"the cpu preset's variant, one of {sorted(RECIPES)} (default cpu; report: "
+        f"{CHOSEN_RECIPE})",
     )
     parser.add_argument(
         "--measure_every", type=int, default=1, help="epochs between measured checkpoints"
     )
+    parser.add_argument("--report_dir", help="report: where report.md, report.json go")
     args = parser.parse_args(argv)
+    chosen = args.action == "report"
+    if args.epochs is None:
+        args.epochs = CHOSEN_EPOCHS if chosen else PILOT_EPOCHS
+    if args.recipe is None:
+        args.recipe = CHOSEN_RECIPE if chosen else "cpu"
     if min(args.epochs, args.seeds, args.measure_every) < 1:
         raise cli.UsageError(
             "--epochs, --seeds and --measure_every must be >= 1, got "
@@ -277,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = os.path.abspath(args.workdir)
     if args.action == "measure":
         _measure_and_judge(root)
+        return
+    if args.action == "report":
+        _report(root, args)
         return
     if args.action == "pilot":
         runs = [pilot_run(args.epochs, args.recipe)]
@@ -289,6 +320,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     execute(root, runs, lambda run: command(run, root, args.measure_every))
     for run in runs:
         _measure_and_judge(os.path.join(root, run.name))
+
+
+def _report(root: str, args: argparse.Namespace) -> None:
+    from experiments.study.report.regime import write
+
+    if not args.report_dir:
+        raise cli.UsageError("report needs --report_dir (where report.md goes).")
+    if not os.path.isdir(root):
+        raise cli.UsageError(f"--workdir {args.workdir!r} is not a folder.")
+    command = (
+        f"python -m experiments.study.regime report --workdir {args.workdir} --report_dir "
+        f"{args.report_dir} --epochs {args.epochs} --seeds {args.seeds} --recipe {args.recipe}"
+    )
+    runs = plan(args.epochs, args.seeds, args.recipe)
+    summary = write(root, args.report_dir, runs, command=command)
+    print(
+        f"{len(summary['runs'])} of {len(runs)} runs reported; "
+        f"{os.path.join(args.report_dir, 'report.md')}"
+    )
 
 
 def _measure_and_judge(run: str) -> None:

@@ -15,6 +15,8 @@ method), :mod:`~experiments.study.report.claims` (each paper's claim and its ver
 :mod:`~experiments.study.report.tables`, :mod:`~experiments.study.report.density`
 (the density scores), :mod:`~experiments.study.report.figures` (the PNGs) and
 :mod:`~experiments.study.report.markdown` (:func:`write`, one function per section).
+:mod:`~experiments.study.report.regime` writes the regime study's report
+(``python -m experiments.study.regime report``) from the same pieces.
 """
 
 from experiments.study.report.markdown import write

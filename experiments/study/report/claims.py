@@ -43,17 +43,17 @@ def claims(main: Mapping[str, list[dict]], sweep: Mapping[str, dict] | None = No
     sweep = sweep or {}
     out = []
     if "ce" in main and "logitnorm" in main:
-        out.append(_logitnorm_claim(main, sweep))
+        out.append(logitnorm_claim(main["ce"], main["logitnorm"], sweep))
     if "ce" in main and "l2norm" in main:
-        out.append(_l2norm_claim(main))
+        out.append(l2norm_claim(main["ce"], main["l2norm"]))
     for method, paper in FINETUNE_PAPERS:
         if "ce" in main and method in main:
-            out.append(_finetune_claim(main, method, paper))
+            out.append(finetune_claim(main["ce"], main[method], method, paper))
     for method in ("ceda", "acet"):
         if "ce" in main and method in main:
             out.append(_noise_claim(main, sweep, method))
     if main:
-        out += _pearce_claims(main)
+        out += pearce_claims({get_method(m).label: es for m, es in main.items()})
     return out
 
 
@@ -62,6 +62,8 @@ def _claim(paper: str, claim: str, verdict: str, evidence: str) -> dict[str, str
 
 
 def _diff(a: Mapping, b: Mapping) -> str:
+    if not (a["n"] and b["n"]):
+        return "–"
     return f"{100 * (a['mean'] - b['mean']):+.1f}"
 
 
@@ -97,25 +99,36 @@ def _baseline_at_lr(
     return f"CE (lr {lr_of(main['ce'][0]):g}; no CE run at lr {lr:g} yet)", main["ce"]
 
 
-def _logitnorm_claim(main: Mapping[str, list[dict]], sweep: Mapping[str, dict]) -> dict:
-    ce = summarize(main["ce"], "msp")
-    ln = summarize(main["logitnorm"], "msp")
+def logitnorm_claim(
+    ce_runs: Sequence[dict],
+    logitnorm_runs: Sequence[dict],
+    sweep: Mapping[str, dict] | None = None,
+    *,
+    name: str = "LogitNorm",
+) -> dict:
+    """LogitNorm's claim: a lower MSP FPR95 over the real sets than CE's at about CE's
+    accuracy ("not comparable" when the mean accuracies differ by more than 2 points;
+    then each seed's numbers). ``name``: LogitNorm's name in the claim (its temperature);
+    ``sweep``: the finished sweep runs by name, each read against CE at its budget.
+    No runs on one side: "not measured"."""
+    ce = summarize(ce_runs, "msp")
+    ln = summarize(logitnorm_runs, "msp")
     gap = abs(ce["accuracy"]["mean"] - ln["accuracy"]["mean"])
     evidence = (
-        f"MSP FPR95 over the real sets: LogitNorm {format_cell(ln['real/fpr95'])} vs CE "
+        f"MSP FPR95 over the real sets: {name} {format_cell(ln['real/fpr95'])} vs CE "
         f"{format_cell(ce['real/fpr95'])} ({_diff(ln['real/fpr95'], ce['real/fpr95'])} "
         f"points); accuracy {format_cell(ln['accuracy'])} vs {format_cell(ce['accuracy'])} "
-        f"(gap {100 * gap:.1f})"
+        f"(gap {format_cell(mean_std([gap]))})"
     )
     verdict = _verdict((ln["real/fpr95"], ce["real/fpr95"]))
     if gap > 0.02 and verdict != "not measured":
         verdict = "not comparable"
         evidence += "; the accuracies differ by more than 2 points (see the sweep)"
-        evidence += _logitnorm_seeds(main["logitnorm"], ce)
-    evidence += _logitnorm_sweep(main, sweep, ce)
+        evidence += _logitnorm_seeds(logitnorm_runs, ce)
+    evidence += _logitnorm_sweep(ce_runs, sweep or {}, ce)
     return _claim(
         "LogitNorm (Wei et al. 2022)",
-        "LogitNorm lowers MSP's FPR95 at about CE's accuracy",
+        f"{name} lowers MSP's FPR95 at about CE's accuracy",
         verdict,
         evidence,
     )
@@ -143,7 +156,7 @@ def _logitnorm_seeds(entries: Sequence[dict], ce: Mapping[str, Any]) -> str:
 
 
 def _logitnorm_sweep(
-    main: Mapping[str, list[dict]], sweep: Mapping[str, dict], ce: Mapping[str, Any]
+    ce_runs: Sequence[dict], sweep: Mapping[str, dict], ce: Mapping[str, Any]
 ) -> str:
     """Each finished LogitNorm sweep run (longer schedule, other temperature) beside CE
     at the same epochs and peak lr: a sweep CE run where there is one, else the main CE
@@ -162,7 +175,7 @@ def _logitnorm_sweep(
         if same:
             base = summarize(same, "msp")
             base_name = ", ".join(c["run"].name for c in same)
-        elif all((epochs_of(c), lr_of(c)) == budget for c in main["ce"]):
+        elif all((epochs_of(c), lr_of(c)) == budget for c in ce_runs):
             base, base_name = ce, "the main CE runs"
         else:
             parts.append(f"{e['run'].name}: no CE run at {budget[0]} epochs, lr {budget[1]:g}")
@@ -186,39 +199,62 @@ def _logitnorm_sweep(
     return "; sweep, accuracy / MSP FPR95 over the real sets: " + "; ".join(parts)
 
 
-def _l2norm_claim(main: Mapping[str, list[dict]]) -> dict:
-    ce = summarize(main["ce"], "feature_norm")
-    l2 = summarize(main["l2norm"], "feature_norm")
+def l2norm_claim(ce_runs: Sequence[dict], l2_runs: Sequence[dict], *, baseline: str = "CE") -> dict:
+    """L2's claim: a higher feature-norm AUROC over the real sets than the CE runs'
+    (``baseline``: their name in the claim, e.g. "same-architecture CE")."""
+    ce = summarize(ce_runs, "feature_norm")
+    l2 = summarize(l2_runs, "feature_norm")
     evidence = (
-        f"feature-norm AUROC, real sets: L2 {format_cell(l2['real/auroc'])} vs CE "
+        f"feature-norm AUROC, real sets: L2 {format_cell(l2['real/auroc'])} vs {baseline} "
         f"{format_cell(ce['real/auroc'])}; FPR95 {format_cell(l2['real/fpr95'])} vs "
         f"{format_cell(ce['real/fpr95'])}"
     )
     return _claim(
         "L2 feature normalization (Haas et al. 2023)",
-        "the feature norm of an L2-trained model separates OOD far better than a CE model's",
+        f"the feature norm of an L2-trained model separates OOD far better than a {baseline} "
+        "model's",
         _verdict((ce["real/auroc"], l2["real/auroc"])),
         evidence,
     )
 
 
-def _finetune_claim(main: Mapping[str, list[dict]], method: str, paper: str) -> dict:
-    """A fine-tuned method's own score against the energy score of the CE runs it
+def ece_claim(ce_runs: Sequence[dict], runs: Sequence[dict], *, name: str, paper: str) -> dict:
+    """A lower test ECE (15 bins) than CE's: ``name`` (its runs ``runs``) is less
+    overconfident than CE."""
+    ce = mean_std([e["results"]["classification"]["ece"] for e in ce_runs])
+    mine = mean_std([e["results"]["classification"]["ece"] for e in runs])
+    return _claim(
+        paper,
+        f"{name} lowers CE's test ECE",
+        _verdict((mine, ce)),
+        f"test ECE: {name} {format_cell(mine)} vs CE {format_cell(ce)} ({_diff(mine, ce)} points)",
+    )
+
+
+def finetune_claim(
+    ce_runs: Sequence[dict],
+    runs: Sequence[dict],
+    method: str,
+    paper: str,
+    *,
+    baseline_score: str = "energy",
+) -> dict:
+    """A fine-tuned method's own score against ``baseline_score`` of the CE runs it
     starts from (the same seeds), on textures: the one real set that is not
     near-auxiliary for it."""
-    seeds = [e["run"].seed for e in main[method]]
-    ce_entries = [e for e in main["ce"] if e["run"].seed in seeds]
-    base = summarize(ce_entries, "energy")
+    seeds = [e["run"].seed for e in runs]
+    ce_entries = [e for e in ce_runs if e["run"].seed in seeds]
+    base = summarize(ce_entries, baseline_score)
     score = get_method(method).headline_score
-    mine = summarize(main[method], score)
+    mine = summarize(runs, score)
     evidence = (
         f"{score} FPR95 on textures (not near-auxiliary): "
-        f"{format_cell(mine['textures_partial/fpr95'])} vs the CE start's energy "
+        f"{format_cell(mine['textures_partial/fpr95'])} vs the CE start's {baseline_score} "
         f"{format_cell(base['textures_partial/fpr95'])}; over the real sets "
         f"{format_cell(mine['real/fpr95'])} vs {format_cell(base['real/fpr95'])} (Tiny "
         "ImageNet is near-auxiliary for the fine-tuned model)"
     )
-    if score != "energy":
+    if score != baseline_score:
         own = summarize(ce_entries, score)
         evidence += (
             f"; against the CE start's own {score} (the {paper.split(' (')[0]}"
@@ -227,7 +263,8 @@ def _finetune_claim(main: Mapping[str, list[dict]], method: str, paper: str) -> 
         )
     return _claim(
         paper,
-        f"{get_method(method).label} beats the energy score of the CE model it starts from",
+        f"{get_method(method).label} beats the {baseline_score} score of the CE model it "
+        "starts from",
         _verdict((mine["textures_partial/fpr95"], base["textures_partial/fpr95"])),
         evidence,
     )
@@ -270,14 +307,15 @@ def _id_confidence(mine: Mapping[str, Any], ce: Mapping[str, Any]) -> str:
     return f"MMC on the ID test images {format_cell(a)} (per seed {seeds}) vs {format_cell(b)}"
 
 
-def _pearce_claims(main: Mapping[str, list[dict]]) -> list[dict]:
-    """Pearce et al.'s two geometry claims, over every method's runs: the class weight
-    vectors' cosines, and OOD feature norms below ID's."""
-    parts, near, smaller = [], [], []
-    for method, entries in main.items():
+def pearce_claims(groups: Mapping[str, Sequence[dict]]) -> list[dict]:
+    """Pearce et al.'s two geometry claims, over the runs of every group (its name in
+    the evidence -> its runs): the class weight vectors' cosines, and OOD feature norms
+    below ID's; "not measured" without runs."""
+    parts, near, smaller, opt = [], [], [], None
+    for label, entries in groups.items():
         cos = [e["results"]["diagnostics"]["weights"]["cosine"]["mean"] for e in entries]
         opt = entries[0]["results"]["diagnostics"]["weights"]["optimal_cosine"]
-        parts.append(f"{get_method(method).label} {np.mean(cos):+.3f}")
+        parts.append(f"{label} {np.mean(cos):+.3f}")
         near.append(abs(np.mean(cos) - opt) < 0.05)
         feats = [e["results"]["diagnostics"]["features"] for e in entries]
         for f, r in zip(feats, entries, strict=True):
@@ -286,8 +324,11 @@ def _pearce_claims(main: Mapping[str, list[dict]]) -> list[dict]:
     return [
         _claim(
             "Pearce et al. (2021)",
-            f"the class weight vectors' pairwise cosines approach -1/(K-1) = {opt:+.3f}",
-            "holds" if all(near) else ("partly holds" if any(near) else "does not hold"),
+            "the class weight vectors' pairwise cosines approach -1/(K-1)"
+            + ("" if opt is None else f" = {opt:+.3f}"),
+            "not measured"
+            if not near
+            else ("holds" if all(near) else ("partly holds" if any(near) else "does not hold")),
             "mean pairwise cosine: " + ", ".join(parts),
         ),
         _claim(
