@@ -12,7 +12,8 @@ estimate for this chip (``results/plans/``, scaled to this machine's device coun
 then it compiles and runs the evaluation's forward pass, ODIN and one chunk of the
 adversarial-noise attack. What goes wrong is one line saying what to try (no
 accelerator found, a batch that does not fit, a compile failure). The report goes to
-``<out>/check_device.md`` and ``.json``. The numbers are a check of this install, not
+``<out>/check_device.md`` and ``.json``, rewritten after each method, so a check stopped
+by a time limit keeps what it measured. The numbers are a check of this install, not
 a benchmark: random images, a few dozen steps, no input pipeline.
 """
 
@@ -47,7 +48,16 @@ IMAGE_SHAPE = (32, 32, 3)
 # Device kinds (jax's device_kind, lower case) -> the plans' chip names.
 CHIPS = {"h100": "h100", "a100": "a100", "v6 lite": "v6e", "v5 lite": "v5e", "v5e": "v5e"}
 PLANS = ("tpu_plan.json", "gpu_plan.json")
-VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "libtpu", "jax-cuda12-plugin")
+VERSIONED = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "libtpu",
+    "jax-cuda12-plugin",
+    "jax-cuda13-plugin",
+)
 
 
 def environment() -> dict[str, Any]:
@@ -245,7 +255,9 @@ def markdown(report: dict) -> str:
         )
     evaluation = report["evaluation"]
     lines += ["", f"Evaluation ({report['eval_method']}'s preset model):", ""]
-    if "error" in evaluation:
+    if evaluation is None:
+        lines.append("- not run: the check stopped before it")
+    elif "error" in evaluation:
         lines.append(f"- **{evaluation['error']}**")
     else:
         for name, cell in evaluation["programs"].items():
@@ -272,6 +284,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return check(args, overrides, argv)
 
     return cli.run_main(run, argv)
+
+
+def save(report: dict, out: str) -> str:
+    """Writes ``<out>/check_device.json`` and ``.md``; returns the Markdown."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "check_device.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    text = markdown(report)
+    with open(os.path.join(out, "check_device.md"), "w") as f:
+        f.write(text)
+    return text
 
 
 def check(args: argparse.Namespace, overrides: Sequence[str], argv) -> dict:
@@ -301,6 +324,19 @@ def check(args: argparse.Namespace, overrides: Sequence[str], argv) -> dict:
         "bfloat16" if any("mixed_precision=true" in o.lower() for o in overrides) else "float32"
     )
     training = {}
+    eval_method = chosen[0]
+    report = {
+        "command": "python -m experiments.check_device " + " ".join(argv or sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "environment": env,
+        "preset": preset,
+        "steps": args.steps,
+        "compilation_cache": cache,
+        "warnings": warnings,
+        "training": training,
+        "eval_method": eval_method,
+        "evaluation": None,
+    }
     for method in chosen:
         try:
             row = check_training(method, preset, args.steps, overrides)
@@ -312,32 +348,14 @@ def check(args: argparse.Namespace, overrides: Sequence[str], argv) -> dict:
         training[method] = row
         done = row["error"] if "error" in row else f"{row['images_per_s']:,.0f} images/s"
         print(f"{method}: {done}", flush=True)
-    eval_method = chosen[0]
+        save(report, args.out)  # a check stopped by a time limit keeps what it measured
     try:
-        evaluation = check_evaluation(eval_method, preset, overrides)
+        report["evaluation"] = check_evaluation(eval_method, preset, overrides)
     except cli.UsageError:
         raise
     except Exception as err:
-        evaluation = {"error": diagnose(err)}
-    report = {
-        "command": "python -m experiments.check_device " + " ".join(argv or sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "environment": env,
-        "preset": preset,
-        "steps": args.steps,
-        "compilation_cache": cache,
-        "warnings": warnings,
-        "training": training,
-        "eval_method": eval_method,
-        "evaluation": evaluation,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "check_device.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    text = markdown(report)
-    with open(os.path.join(args.out, "check_device.md"), "w") as f:
-        f.write(text)
-    print(text)
+        report["evaluation"] = {"error": diagnose(err)}
+    print(save(report, args.out))
     for line in warnings + [f"{m}: {r['error']}" for m, r in training.items() if "error" in r]:
         print(f"warning: {line}", file=sys.stderr)
     return report

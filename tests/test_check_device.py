@@ -58,3 +58,20 @@ def test_bad_methods_are_one_line_and_exit_2(tmp_path, capsys):
         check_device.main(["--methods", "cee", "--out", str(tmp_path)])
     assert stop.value.code == 2
     assert "--methods cee: choose from" in capsys.readouterr().err
+
+
+def test_a_check_stopped_before_its_end_keeps_the_methods_it_measured(tmp_path, monkeypatch):
+    row = {"batch": 64, "model": "tiny", "compile_s": 1.0, "step_s": 0.01, "images_per_s": 6400.0}
+    monkeypatch.setattr(check_device, "check_training", lambda *args: dict(row))
+
+    def stopped(*args):
+        raise SystemExit(143)  # SIGTERM from a time limit, during the evaluation part
+
+    monkeypatch.setattr(check_device, "check_evaluation", stopped)
+    with pytest.raises(SystemExit):
+        check_device.main(["--methods", "ce,logitnorm", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "check_device.json").read_text())
+    assert set(saved["training"]) == {"ce", "logitnorm"} and saved["evaluation"] is None
+    text = (tmp_path / "check_device.md").read_text()
+    assert "| logitnorm | tiny | 64 | 1.0 | 10.0 | 6,400 |" in text
+    assert "- not run: the check stopped before it" in text
