@@ -19,8 +19,8 @@ batch of the same step, a run may switch between the two at a checkpoint, and
 resuming stays exact. On TPUs everything in the step is slices, selects and
 elementwise arithmetic besides the one gather of whole rows: no per-pixel gather (slow
 there). Elsewhere the crop is one ``dynamic_slice`` per image, which XLA:CPU runs
-seven times faster than the nine selects per axis (0.6 ms against 4.2 ms for 256
-images here); both give the same bytes (:func:`crop_flip`'s ``method``).
+several times faster than the nine selects per axis; both give the same bytes
+(:func:`crop_flip`'s ``method``).
 
 Placement: the split is **sharded over the** ``data`` **axis**, rows
 ``[d * R, (d + 1) * R)`` on the mesh's device ``d`` (``R = ceil(N / devices)``; the
