@@ -297,13 +297,24 @@ def _local_batch(
     # One device holds each row: the sum over devices is that device's row, exactly.
     rows = jax.lax.psum_scatter(rows, axis, scatter_dimension=0, tiled=True)
     row_labels = jax.lax.psum_scatter(row_labels, axis, scatter_dimension=0, tiled=True)
+    return _make_images(norm, method, rows, *crop_rows), row_labels
+
+
+def _make_images(
+    norm: tuple[tuple[float, ...], tuple[float, ...]],
+    method: str,
+    rows: jax.Array,
+    *crop_rows: jax.Array,
+) -> jax.Array:
+    """uint32 ``[b, 768]`` rows -> the batch's float32 ``[b, 32, 32, 3]`` images:
+    cropped and flipped (with ``crop_rows``), normalized."""
     # [b, 768, 4] little-endian bytes -> [b, 32, 96]: the image's rows, channels beside
     # their pixel (a last dimension of 3 would be padded to TPU tiles).
     images = jax.lax.bitcast_convert_type(rows, jnp.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE * 3)
     if crop_rows:
         images = _crop_flip_rows(images, crop_rows[0], method)
     images = normalize_on_device(images, *norm)
-    return images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3), row_labels
+    return images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
 def gather_batch(split: DeviceSplit, plan: Mapping[str, jax.Array], mesh: Mesh) -> dict:
@@ -314,14 +325,20 @@ def gather_batch(split: DeviceSplit, plan: Mapping[str, jax.Array], mesh: Mesh) 
     :func:`ood_jax.sharding.global_batch`). Returns the host pipeline's batch format
     ``{"image": float32 [B, 32, 32, 3], "label": int32 [B], "mask": bool [B]}``, split
     over ``data``. Each device makes its own rows (``shard_map``): the gather, the one
-    reduce-scatter, crop, flip and normalization.
+    reduce-scatter, crop, flip and normalization. On a mesh of one device the rows are
+    gathered directly, without ``shard_map`` and its collectives: the same bytes.
     """
+    norm, method = (split.mean, split.std), crop_method(mesh)
+    crop = (plan["crop"],) if "crop" in plan else ()
+    if mesh.size == 1:
+        index = plan["index"]
+        images = _make_images(norm, method, split.pixels[index], *crop)
+        labels = split.labels[index]
+        return {"image": images, "label": labels, "mask": jnp.ones(labels.shape, bool)}
     spec = PartitionSpec(sharding.DATA_AXIS)
-    args = (split.pixels, split.labels, plan["index"])
-    if "crop" in plan:
-        args += (plan["crop"],)
+    args = (split.pixels, split.labels, plan["index"], *crop)
     images, labels = jax.shard_map(
-        functools.partial(_local_batch, (split.mean, split.std), crop_method(mesh)),
+        functools.partial(_local_batch, norm, method),
         mesh=mesh,
         in_specs=(spec,) * len(args),
         out_specs=(spec, spec),
