@@ -221,13 +221,20 @@ def l2norm_claim(ce_runs: Sequence[dict], l2_runs: Sequence[dict], *, baseline: 
 def ece_claim(ce_runs: Sequence[dict], runs: Sequence[dict], *, name: str, paper: str) -> dict:
     """A lower test ECE (15 bins) than CE's: ``name`` (its runs ``runs``) is less
     overconfident than CE."""
-    ce = mean_std([e["results"]["classification"]["ece"] for e in ce_runs])
-    mine = mean_std([e["results"]["classification"]["ece"] for e in runs])
+    ce, mine = (
+        {
+            k: mean_std([e["results"]["classification"][k] for e in group])
+            for k in ("ece", "accuracy")
+        }
+        for group in (ce_runs, runs)
+    )
     return _claim(
         paper,
         f"{name} lowers CE's test ECE",
-        _verdict((mine, ce)),
-        f"test ECE: {name} {format_cell(mine)} vs CE {format_cell(ce)} ({_diff(mine, ce)} points)",
+        _verdict((mine["ece"], ce["ece"])),
+        f"test ECE: {name} {format_cell(mine['ece'])} vs CE {format_cell(ce['ece'])} "
+        f"({_diff(mine['ece'], ce['ece'])} points), at accuracy "
+        f"{format_cell(mine['accuracy'])} vs {format_cell(ce['accuracy'])}",
     )
 
 
