@@ -35,13 +35,10 @@ from machine_load import cpu_name  # noqa: E402
 
 def start(method: str, preset: str, cache: Path, workdir: Path) -> float:
     """Seconds from launching one 1-step run to its exit."""
+    from experiments import methods
+
     argv = [
-        sys.executable,
-        "-m",
-        f"experiments.cifar10_{method}",
-        f"--workdir={workdir}",
-        f"--preset={preset}",
-        "--data=local",
+        *methods.train_argv(method, workdir, preset=preset),
         "--config.train.num_steps=1",
         "--config.train.progress=false",
         "--config.train.tensorboard=false",

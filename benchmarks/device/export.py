@@ -18,10 +18,9 @@ from pathlib import Path
 
 def export(workdir: str, folder: str, name: str) -> dict:
     """Writes ``<folder>/<name>.npz`` and its ``manifest.json`` entry; returns the entry."""
-    from experiments.study.publish import data_name
+    from experiments.study.publish import export_weights
     from experiments.workdir import Workdir
     from ood_jax import data as D
-    from ood_jax import pretrained
 
     with Workdir(workdir) as run:
         _, params, batch_stats, metadata, step = run.restore()
@@ -29,25 +28,20 @@ def export(workdir: str, folder: str, name: str) -> dict:
     spec = D.get_dataset_spec(config["data"]["dataset"])
     final_path = Path(workdir) / Workdir.FINAL
     final = json.loads(final_path.read_text()) if final_path.is_file() else {}
-    return pretrained.export(
+    return export_weights(
         folder,
         name,
-        params=params,
-        batch_stats=batch_stats,
-        entry={
-            "model": metadata["model"],
-            "dataset": data_name(config),
-            "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-            "method": config["objective"]["name"],
-            "seed": config["seed"],
-            "step": step,
-            # A run stopped by its time limit has no final test pass.
-            "test_accuracy": final.get("test_accuracy") if final.get("step") == step else None,
-            "test_examples": final.get("test_examples"),
-            "eval_batch_size": config["data"]["eval_batch_size"],
-            "run": f"gpu/{name}",
-            "config": config,
-        },
+        params,
+        batch_stats,
+        metadata,
+        step,
+        normalization={"mean": list(spec.mean), "std": list(spec.std)},
+        method=config["objective"]["name"],
+        seed=config["seed"],
+        # A run stopped by its time limit has no final test pass.
+        test_accuracy=final.get("test_accuracy") if final.get("step") == step else None,
+        test_examples=final.get("test_examples"),
+        run=f"gpu/{name}",
     )
 
 

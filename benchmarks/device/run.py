@@ -131,7 +131,9 @@ def train_command(
 ) -> list[str]:
     """The training run of ``method``: ``preset`` on the carried files (``--data local``,
     ``$OOD_JAX_DATA_DIR``), ``epochs`` epochs with the paper's lr drops scaled to them, a
-    checkpoint every ``epochs / MEASURED`` epochs (all kept), no OOD report."""
+    checkpoint every ``epochs / MEASURED`` epochs (all kept), no OOD report. Spelled out
+    rather than built by ``experiments.methods.train_argv``: this process imports nothing
+    of the repository's packages, whose libraries the probe has yet to choose."""
     steps_per_epoch = train_images // PRESET_BATCH[preset]
     every = max(1, math.ceil(epochs / MEASURED))
     first, second = lr_drops(epochs)

@@ -21,6 +21,9 @@ A new method: its module here, listed in :data:`_MODULES` (and in
 
 from __future__ import annotations
 
+import os
+import sys
+
 import ml_collections
 
 from experiments.methods import acet, ce, ceda, energy_ft, l2norm, logitnorm, oe
@@ -55,6 +58,23 @@ def get_config(method: str, preset: str, *, finetune: bool = False) -> ml_collec
     return get(method).config(preset, finetune=finetune)
 
 
+def train_argv(
+    method: str, workdir: str | os.PathLike, *, preset: str, data: str = "local"
+) -> list[str]:
+    """The training command of ``method`` as a user types it, in this interpreter:
+    ``python -m experiments.cifar10_<method> --workdir=... --preset=... --data=...``
+    (callers append their ``--config.*`` overrides)."""
+    get(method)
+    return [
+        sys.executable,
+        "-m",
+        f"experiments.cifar10_{method}",
+        f"--workdir={workdir}",
+        f"--preset={preset}",
+        f"--data={data}",
+    ]
+
+
 __all__ = [
     "FINE_TUNING",
     "METHODS",
@@ -66,4 +86,5 @@ __all__ = [
     "get",
     "get_config",
     "presets_of",
+    "train_argv",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 
 from experiments import methods
@@ -129,12 +128,7 @@ def command(
     """The command line that trains and evaluates ``run`` (what a user would type);
     ``scores``: the detectors it scores (default: every registered one)."""
     argv = [
-        sys.executable,
-        "-m",
-        f"experiments.cifar10_{run.method}",
-        f"--workdir={os.path.join(root, run.name)}",
-        f"--preset={preset}",
-        f"--data={data}",
+        *methods.train_argv(run.method, os.path.join(root, run.name), preset=preset, data=data),
         f"--config.seed={run.seed}",
         f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
         "--config.eval.ood=true",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from experiments.study.plan import Run
 
@@ -44,24 +45,45 @@ def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
             continue
         with Workdir(workdir) as run_dir:
             _, params, batch_stats, metadata, step = run_dir.restore(step=step)
-        pretrained.export(
+        export_weights(
             folder,
             name,
-            params=params,
-            batch_stats=batch_stats,
-            entry={
-                "model": metadata["model"],
-                "dataset": data_name(metadata["config"]),
-                "normalization": results["data"]["normalization"],
-                "method": run.method,
-                "seed": run.seed,
-                "step": step,
-                "test_accuracy": results["classification"]["accuracy"],
-                "test_examples": results["data"]["id"]["num_examples"],
-                "eval_batch_size": metadata["config"]["data"]["eval_batch_size"],
-                "run": run.name,
-                "config": metadata["config"],
-            },
+            params,
+            batch_stats,
+            metadata,
+            step,
+            normalization=results["data"]["normalization"],
+            method=run.method,
+            seed=run.seed,
+            test_accuracy=results["classification"]["accuracy"],
+            test_examples=results["data"]["id"]["num_examples"],
+            run=run.name,
         )
         done.append(name)
     return done
+
+
+def export_weights(
+    folder: str, name: str, params: Any, batch_stats: Any, metadata: dict, step: int, **entry: Any
+) -> dict:
+    """Exports a restored checkpoint's weights to ``folder`` as ``name``
+    (``ood_jax.pretrained`` format); its manifest entry records the model, dataset,
+    step, evaluation batch size and config from the checkpoint's ``metadata``, plus
+    ``entry`` (normalization, method, seed, accuracy, ...). Returns the entry."""
+    from ood_jax import pretrained
+
+    config = metadata["config"]
+    return pretrained.export(
+        folder,
+        name,
+        params=params,
+        batch_stats=batch_stats,
+        entry={
+            "model": metadata["model"],
+            "dataset": data_name(config),
+            "step": step,
+            "eval_batch_size": config["data"]["eval_batch_size"],
+            "config": config,
+            **entry,
+        },
+    )

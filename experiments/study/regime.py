@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments import cli
+from experiments import cli, methods
 from experiments.configs.default import get_config
 from experiments.study.execute import execute
 from experiments.study.plan import Run, state_of
@@ -173,12 +173,7 @@ def command(run: Run, root: str, measure_every: int = 1) -> list[str]:
 
 def _base_command(run: Run, root: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        f"experiments.cifar10_{run.method}",
-        f"--workdir={os.path.join(root, run.name)}",
-        "--preset=cpu",
-        "--data=local",
+        *methods.train_argv(run.method, os.path.join(root, run.name), preset="cpu"),
         f"--config.seed={run.seed}",
         "--config.eval.ood=true",
     ]
