@@ -14,11 +14,14 @@ test accuracy measured when it was published. :func:`load` refuses a file whose
 hash differs from the manifest's, an unknown name, and a file whose arrays do not
 fit the model.
 
-The checkpoints are published in the repository (``results/cpu_study/checkpoints``,
-the reproduction study's runs), not in the installed package: pass ``root=`` (a
-folder with ``manifest.json``) or set ``OOD_JAX_PRETRAINED`` to that folder. The
-project's commands and notebooks, run from a checkout, set it to the checkout's
-folder (:mod:`experiments`).
+The checkpoints are published in the repository, not in the installed package:
+``results/cpu_study/checkpoints`` (the 5-epoch reproduction study) and
+``results/regime_study/checkpoints`` (the regime study, names
+``cifar10_jpeg/resnet9/regime/...``). Pass ``root=`` (one folder with
+``manifest.json``) or set ``OOD_JAX_PRETRAINED`` to such a folder, or to several
+joined by ``os.pathsep`` (``:`` on Linux and macOS) like ``PATH``; a name must then
+be published in only one of them. The project's commands and notebooks, run from a
+checkout, set it to the checkout's folders (:mod:`experiments`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from ood_jax.models import build_model
 MANIFEST = "manifest.json"
 ENV = "OOD_JAX_PRETRAINED"
 # Where a checkout of the repository keeps them (what the commands default to).
-CHECKOUT_SUBDIR = Path("results") / "cpu_study" / "checkpoints"
+CHECKOUT_SUBDIRS = "results/cpu_study/checkpoints and results/regime_study/checkpoints"
 # What load() reads of an entry.
 _REQUIRED_FIELDS = ("file", "sha256", "model")
 
@@ -51,19 +54,20 @@ class PretrainedError(ValueError):
     """A published checkpoint that cannot be found or used."""
 
 
-def default_root() -> Path:
-    """``$OOD_JAX_PRETRAINED``; a :class:`PretrainedError` saying what to set if unset."""
-    env = os.environ.get(ENV)
-    if not env:
+def default_roots() -> list[Path]:
+    """The folders of ``$OOD_JAX_PRETRAINED`` (one, or several joined by
+    ``os.pathsep``); a :class:`PretrainedError` saying what to set if unset."""
+    folders = [Path(p) for p in os.environ.get(ENV, "").split(os.pathsep) if p]
+    if not folders:
         raise PretrainedError(
             f"no folder of published checkpoints: pass root= or set {ENV} to a folder with "
-            f"{MANIFEST} (a checkout of the ood_jax repository has one in {CHECKOUT_SUBDIR})."
+            f"{MANIFEST}, or several joined by {os.pathsep!r} (a checkout of the ood_jax "
+            f"repository has them in {CHECKOUT_SUBDIRS})."
         )
-    return Path(env)
+    return folders
 
 
-def _manifest(root: str | os.PathLike | None) -> tuple[Path, dict[str, dict]]:
-    folder = Path(root) if root is not None else default_root()
+def _read_manifest(folder: Path) -> dict[str, dict]:
     path = folder / MANIFEST
     if not path.exists():
         raise PretrainedError(
@@ -81,12 +85,27 @@ def _manifest(root: str | os.PathLike | None) -> tuple[Path, dict[str, dict]]:
         raise PretrainedError(
             f"{path}: expected an object of {{name: entry}} objects; restore it from git."
         )
-    return folder, entries
+    return entries
+
+
+def _manifest(root: str | os.PathLike | None) -> dict[str, tuple[Path, dict]]:
+    """``{name: (folder, entry)}`` of ``root``, or of every folder of ``$OOD_JAX_PRETRAINED``."""
+    folders = [Path(root)] if root is not None else default_roots()
+    found: dict[str, tuple[Path, dict]] = {}
+    for folder in folders:
+        for name, entry in _read_manifest(folder).items():
+            if name in found:
+                raise PretrainedError(
+                    f"published checkpoint {name!r} is in both {found[name][0]} and {folder}; "
+                    f"keep one of them in {ENV}, or pass root=."
+                )
+            found[name] = (folder, entry)
+    return found
 
 
 def available(root: str | os.PathLike | None = None) -> list[str]:
     """Names of the published checkpoints."""
-    return sorted(_manifest(root)[1])
+    return sorted(_manifest(root))
 
 
 def info(
@@ -97,7 +116,16 @@ def info(
 
     Raises ``PretrainedError`` if it lacks file, sha256, model or a field of ``require``.
     """
-    _, entries = _manifest(root)
+    return dict(_entry(name, root, require)[1])
+
+
+def _entry(
+    name: str, root: str | os.PathLike | None, require: Sequence[str] = ()
+) -> tuple[Path, dict]:
+    """``name``'s folder and manifest entry (checked for the fields ``load`` and
+    ``require`` need)."""
+    found = _manifest(root)
+    entries = {n: entry for n, (_, entry) in found.items()}
     if name not in entries:
         close = difflib.get_close_matches(name, entries, n=3, cutoff=0.5)
         hint = f" Did you mean {close}?" if close else f" Published: {sorted(entries)[:8]} ..."
@@ -108,7 +136,7 @@ def info(
             f"published checkpoint {name!r}: its {MANIFEST} entry lacks {missing}; restore "
             f"{MANIFEST} from git, or re-export the checkpoint (ood_jax.pretrained.export)."
         )
-    return dict(entries[name])
+    return found[name]
 
 
 def _flatten(tree: Mapping, prefix: str) -> dict[str, np.ndarray]:
@@ -145,8 +173,7 @@ def load(name: str, *, root: str | os.PathLike | None = None) -> nnx.Module:
     """
     from ood_jax.train.state import split_model
 
-    folder, _ = _manifest(root)
-    entry = info(name, root)
+    folder, entry = _entry(name, root)
     path = folder / entry["file"]
     if not path.exists():
         raise PretrainedError(f"published checkpoint {name!r}: {path} is missing.")

@@ -60,6 +60,37 @@ def test_a_file_of_another_model_is_a_clear_error(tmp_path):
         pretrained.load("x", root=tmp_path)
 
 
+def test_several_folders_search_like_path(tmp_path, monkeypatch):
+    # $OOD_JAX_PRETRAINED may list several folders; each name loads from its own folder.
+    models = {}
+    for folder, seed in (("a", 1), ("b", 2)):
+        model = create_model("tiny", num_classes=10, rngs=nnx.Rngs(seed), width=8, dropout_rate=0.0)
+        model_def, params, batch_stats = split_model(model)
+        pretrained.export(
+            tmp_path / folder,
+            f"toy/{folder}",
+            params=params,
+            batch_stats=batch_stats,
+            entry={"model": IDENTITY},
+        )
+        models[folder] = model_def.merge(params, batch_stats, train=False, key=None)
+    monkeypatch.setenv(pretrained.ENV, os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]))
+    assert pretrained.available() == ["toy/a", "toy/b"]
+    images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    for folder in ("a", "b"):
+        got = pretrained.load(f"toy/{folder}")(images)[0]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(models[folder](images)[0]))
+    # root= still means that one folder.
+    assert pretrained.available(tmp_path / "b") == ["toy/b"]
+    # The same name in two folders is ambiguous: refused, naming both.
+    (tmp_path / "b" / "manifest.json").write_text((tmp_path / "a" / "manifest.json").read_text())
+    with pytest.raises(pretrained.PretrainedError, match="is in both .*a and .*b"):
+        pretrained.available()
+    monkeypatch.setenv(pretrained.ENV, os.pathsep)
+    with pytest.raises(pretrained.PretrainedError, match="no folder of published checkpoints"):
+        pretrained.available()
+
+
 def _published():
     try:
         return pretrained.available()
@@ -72,7 +103,7 @@ PUBLISHED = _published()
 
 def test_the_repository_publishes_checkpoints():
     # The parametrized test below must not be empty (an empty parametrize is skipped).
-    assert PUBLISHED, f"no manifest under {pretrained.default_root()}"
+    assert PUBLISHED, f"no manifest under {pretrained.default_roots()}"
 
 
 @pytest.mark.slow
@@ -98,4 +129,4 @@ def test_published_checkpoint_reproduces_its_test_accuracy(name):
     outputs = compute_outputs(forward, {"test": test}, batches=batches)["test"]
     summary = classification_summary(outputs)
     assert len(outputs.labels) == entry["test_examples"]
-    assert summary["accuracy"] == entry["test_accuracy"], os.fspath(pretrained.default_root())
+    assert summary["accuracy"] == entry["test_accuracy"], name

@@ -90,3 +90,21 @@ def test_recipes_change_one_thing_and_checkpoint_every_measured_epochs():
     assert "--config.train.checkpoint_every=780" in regime.command(runs[1], "/r", 4)
     with pytest.raises(cli.UsageError, match="--recipe must be one of"):
         regime.pilot_run(10, "bigger")
+
+
+def test_published_names_put_every_run_under_regime_and_the_pilot_as_ce_seed0():
+    results = {"config": {"data": {"dataset": "cifar10", "source": "local"}}}
+    results["model"] = {"name": "resnet9"}
+    names = [regime.published_name(run, results) for run in regime.plan(80, 2, "subset10k")]
+    assert len(set(names)) == len(names) == 14
+    assert names[0] == "cifar10_jpeg/resnet9/regime/ce/seed0"  # the pilot
+    assert "cifar10_jpeg/resnet9/regime/ce/seed1" in names
+    assert "cifar10_jpeg/resnet9/regime/logitnorm_tau0.01/seed1" in names
+    assert all(n.startswith("cifar10_jpeg/resnet9/regime/") for n in names)
+
+
+def test_publish_needs_a_report_dir(tmp_path):
+    with pytest.raises(cli.UsageError, match="publish needs --report_dir"):
+        regime.main(["publish", "--workdir", str(tmp_path)])
+    with pytest.raises(cli.UsageError, match="is not a folder"):
+        regime.main(["publish", "--workdir", str(tmp_path / "no"), "--report_dir", str(tmp_path)])

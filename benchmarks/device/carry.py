@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if total > TRAVEL_LIMIT:
         print(
             f"error: over the limit by {(total - TRAVEL_LIMIT) / 2**20:.1f} MiB: lower "
-            "--train_limit, or ignore the large untracked files (git status --short)",
+            "--train_limit, ignore the large untracked files (git status --short), or leave "
+            "the published checkpoints out of the working tree for the call (benchmarks/"
+            "device/README.md: git sparse-checkout)",
             file=sys.stderr,
         )
         return 1

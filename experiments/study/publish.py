@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from experiments.study.plan import Run
@@ -23,10 +23,16 @@ def published_name(run: Run, results: dict) -> str:
     return f"{data_name(results['config'])}/{results['model']['name']}/{run.name}"
 
 
-def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
+def publish(
+    root: str,
+    folder: str,
+    runs: Sequence[Run],
+    name_of: Callable[[Run, dict], str] = published_name,
+) -> list[str]:
     """Exports each finished run's final weights to ``folder`` (``ood_jax.pretrained``
-    format, with ``manifest.json``); runs already published at their final step are
-    left as they are. Returns the names published now."""
+    format, with ``manifest.json``) under the name ``name_of(run, results)``; runs
+    already published at their final step are left as they are. Returns the names
+    published now."""
     from experiments.study.report import load_runs
     from experiments.workdir import Workdir
     from ood_jax import pretrained
@@ -40,7 +46,7 @@ def publish(root: str, folder: str, runs: Sequence[Run]) -> list[str]:
         run, results = entry["run"], entry["results"]
         workdir = os.path.join(root, run.name)
         step = results["checkpoint"]["step"]
-        name = published_name(run, results)
+        name = name_of(run, results)
         if name in have and have[name]["step"] == step:
             continue
         with Workdir(workdir) as run_dir:

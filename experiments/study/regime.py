@@ -11,6 +11,7 @@ of the comparison with that one schedule.
     python -m experiments.study.regime run --workdir runs/regime --epochs E   # main runs
     python -m experiments.study.regime plan --workdir runs/regime --epochs E
     python -m experiments.study.regime report --workdir runs/regime --report_dir REPORT_DIR
+    python -m experiments.study.regime publish --workdir runs/regime --report_dir REPORT_DIR
 
 ``measure`` reads every kept checkpoint of a run (the pilot keeps one per epoch)
 and writes ``regime.jsonl`` beside it: per epoch, accuracy, loss and mean logit
@@ -31,7 +32,10 @@ the chosen recipe and schedule is CE seed 0.
 
 ``report`` writes the study's report (:mod:`experiments.study.report.regime`) from the
 runs that have finished, by default of the chosen schedule (:data:`CHOSEN_EPOCHS`
-epochs of :data:`CHOSEN_RECIPE`).
+epochs of :data:`CHOSEN_RECIPE`). ``publish`` exports the finished runs' final weights
+into ``REPORT_DIR/checkpoints`` as ``ood_jax.pretrained`` checkpoints named
+``cifar10_jpeg/resnet9/regime/<run>/seed<k>`` (:func:`published_name`); runs already
+published at their final step are left alone, so it can be run after every slice.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from experiments import cli, methods
 from experiments.configs.default import get_config
 from experiments.study.execute import execute
 from experiments.study.plan import Run, state_of
+from experiments.study.publish import data_name, publish
 from experiments.workdir import Workdir
 from ood_jax.train.logging import read_records
 
@@ -269,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.study.regime", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("action", choices=("pilot", "measure", "plan", "run", "report"))
+    parser.add_argument("action", choices=("pilot", "measure", "plan", "run", "report", "publish"))
     parser.add_argument("--workdir", required=True, help="the study's root (a run: measure)")
     parser.add_argument(
         "--epochs",
@@ -285,9 +290,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--measure_every", type=int, default=1, help="epochs between measured checkpoints"
     )
-    parser.add_argument("--report_dir", help="report: where report.md, report.json go")
+    parser.add_argument(
+        "--report_dir",
+        help="report: where report.md, report.json go; publish: checkpoints/ below it",
+    )
     args = parser.parse_args(argv)
-    chosen = args.action == "report"
+    chosen = args.action in ("report", "publish")
     if args.epochs is None:
         args.epochs = CHOSEN_EPOCHS if chosen else PILOT_EPOCHS
     if args.recipe is None:
@@ -303,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.action == "report":
         _report(root, args)
+        return
+    if args.action == "publish":
+        _publish(root, args)
         return
     if args.action == "pilot":
         runs = [pilot_run(args.epochs, args.recipe)]
@@ -334,6 +345,24 @@ def _report(root: str, args: argparse.Namespace) -> None:
         f"{len(summary['runs'])} of {len(runs)} runs reported; "
         f"{os.path.join(args.report_dir, 'report.md')}"
     )
+
+
+def published_name(run: Run, results: dict) -> str:
+    """``<dataset>/<model>/regime/<run>``: ``cifar10_jpeg/resnet9/regime/logitnorm/seed0``;
+    CE seed 0 (trained as the pilot of the chosen recipe) is ``.../regime/ce/seed0``."""
+    name = f"ce/seed{run.seed}" if run.group == "pilot" else run.name
+    return f"{data_name(results['config'])}/{results['model']['name']}/regime/{name}"
+
+
+def _publish(root: str, args: argparse.Namespace) -> None:
+    if not args.report_dir:
+        raise cli.UsageError("publish needs --report_dir (its checkpoints/ gets the weights).")
+    if not os.path.isdir(root):
+        raise cli.UsageError(f"--workdir {args.workdir!r} is not a folder.")
+    folder = os.path.join(args.report_dir, "checkpoints")
+    runs = plan(args.epochs, args.seeds, args.recipe)
+    done = publish(root, folder, runs, name_of=published_name)
+    print(f"published {len(done)} checkpoints in {folder}" + "".join(f"\n  {n}" for n in done))
 
 
 def _measure_and_judge(run: str) -> None:
