@@ -332,3 +332,61 @@ def test_evaluate_model_inputs_option(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-4)
     with pytest.raises(ValueError, match="inputs: expected one of"):
         evaluate_model(fn, inputs="imagenet", **common)
+
+
+def test_a_score_with_nan_or_inf_is_skipped_and_named_not_the_whole_evaluation(monkeypatch):
+    from ood_jax.scores import registry
+
+    monkeypatch.setattr(registry._REGISTRY, "_entries", dict(registry._REGISTRY._entries))
+
+    @registry.register_score("first_inf", consumes="outputs", display="First inf")
+    def first_inf(logits, features, head):
+        # The first example scores +inf, the second NaN, the others their max logit.
+        row = jnp.arange(logits.shape[0])
+        fine = logits.max(axis=-1)
+        return jnp.where(row == 0, jnp.inf, jnp.where(row == 1, jnp.nan, fine))
+
+    train, test, ood = _toy_sets()
+    spec = EvalSpec(scores=("msp", "first_inf"), protocols=("full",), batch_size=16, plots=False)
+    model = create_model("tiny", num_classes=NUM_CLASSES, width=4, rngs=nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="skipping 'first_inf': it gave NaN or infinite"):
+        results = run_evaluation(model, spec, id_test=test, ood_sets={"dark": ood})
+    why = results["skipped_scores"]["first_inf"]
+    assert "'first_inf' on 2 of 40 'toy_id' examples" in why
+    assert "'dark'" not in why  # the sets are scored as one array: rows 0, 1 are ID
+    assert results["scores"] == ["msp"] and list(results["spec"]["scores"]) == ["msp"]
+    assert list(results["ood"]["full"]["metrics"]) == ["msp"]
+    # MSP's metrics are those of the evaluation without the broken score.
+    alone = run_evaluation(
+        model,
+        EvalSpec(scores=("msp",), protocols=("full",), batch_size=16, plots=False),
+        id_test=test,
+        ood_sets={"dark": ood},
+    )
+    assert results["ood"]["full"]["metrics"] == alone["ood"]["full"]["metrics"]
+    # Nothing left to report: one error naming the score and where.
+    only = EvalSpec(scores=("first_inf",), protocols=("full",), batch_size=16, plots=False)
+    with pytest.raises(ValueError, match="every score gave NaN or infinite values.*2 of 40"):
+        run_evaluation(model, only, id_test=test, ood_sets={"dark": ood})
+
+
+def test_scale_overflows_where_negative_features_make_the_kept_sum_tiny():
+    # Why the rule above exists: SCALE (and ASH-S) multiply by exp(s1 / s2); with
+    # leaky-ReLU features the kept (largest) entries can sum to almost nothing.
+    from ood_jax.evaluate import ScoreTable, without_non_finite
+    from ood_jax.scores import shaping
+
+    # Row 1: all entries negative, the kept one -0.001, so s1 / s2 = 120001.
+    features = np.array([[1.0, 0.5, -0.2, -0.1], [-1e-3, -50.0, -40.0, -30.0]], np.float32)
+    shaped = np.asarray(shaping.scale(jnp.asarray(features), percentile=75))
+    s1, s2 = features.sum(axis=1), features.max(axis=1)  # k = 1 entry kept
+    np.testing.assert_allclose(shaped[0], features[0] * np.exp(s1[0] / s2[0]), rtol=1e-6)
+    assert s1[1] / s2[1] > 1e5 and not np.all(np.isfinite(shaped[1]))
+    ids = {"scale": np.array([1.0, np.inf, 2.0]), "msp": np.array([0.9, 0.8, 0.7])}
+    oods = {"far": {"scale": np.array([0.5, 0.4]), "msp": np.array([0.2, 0.1])}}
+    table = ScoreTable("id", {"id": ids, **oods}, [(ids, oods)], {}, {"scale": "S", "msp": "M"})
+    kept, why = without_non_finite(table, ["msp", "scale"])
+    assert list(why) == ["scale"] and "'scale' on 1 of 3 'id' examples" in why["scale"]
+    assert list(kept.id_scores) == ["msp"] and list(kept.groups[0][1]["far"]) == ["msp"]
+    assert kept.display == {"msp": "M"}
+    assert without_non_finite(kept, ["msp"]) == (kept, {})

@@ -62,6 +62,7 @@ from ood_jax.evaluate.stages import (
     evaluate_protocols,
     head_weights,
     max_softmax,
+    without_non_finite,
 )
 
 __all__ = [
@@ -98,6 +99,7 @@ __all__ = [
     "read_metrics_log",
     "run_evaluation",
     "score_images",
+    "without_non_finite",
     "score_outputs",
     "servable_scores",
     "weight_diagnostics",

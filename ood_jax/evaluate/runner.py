@@ -10,6 +10,7 @@ PNG plots, written atomically, all or nothing).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -46,6 +47,7 @@ from ood_jax.evaluate.stages import (
     head_weights,
     select_ood_sets,
     summarize_confidence,
+    without_non_finite,
 )
 from ood_jax.evaluate.tuning import Fits, fit_and_tune, tuned_display
 
@@ -114,6 +116,10 @@ def run_evaluation(
         scores = compute_scores(
             fits.spec, forward, datasets, outputs, head=head, fitted=fits.fitted, batches=batches
         )
+    scores, undefined = without_non_finite(scores, spec.scores)
+    if undefined:
+        spec, fits = _drop_scores(spec, fits, undefined, scores)
+        skipped = {**skipped, **undefined}
     with _stopwatch(timings, "metrics_s"):
         say(f"metrics ({', '.join(spec.protocols)} protocol)")
         ood_results = evaluate_protocols(scores.groups, spec, num_id=len(id_test))
@@ -264,6 +270,23 @@ def _servable_spec(
             + "; ".join(f"{n} {why}" for n, why in skipped.items())
         )
     return (spec.with_scores(kept) if skipped else spec), skipped
+
+
+def _drop_scores(
+    spec: EvalSpec, fits: Fits, undefined: Mapping[str, str], scores: ScoreTable
+) -> tuple[EvalSpec, Fits]:
+    """``spec`` and ``fits`` without the scores of ``undefined`` (each warned about on
+    one line); an error naming them all when none is left."""
+    kept = [name for name in spec.scores if name not in undefined]
+    if not kept or not scores.groups:
+        raise ValueError(
+            "scores: every score gave NaN or infinite values, metrics are undefined: "
+            + "; ".join(f"{n} {why}" for n, why in undefined.items())
+            + ". Drop those examples, or check the model's outputs."
+        )
+    for name, why in undefined.items():
+        warnings.warn(f"scores: skipping {name!r}: it {why}.", stacklevel=_caller_level())
+    return spec.with_scores(kept), dataclasses.replace(fits, spec=fits.spec.with_scores(kept))
 
 
 def _caller_level() -> int:

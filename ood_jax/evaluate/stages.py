@@ -256,6 +256,45 @@ def compute_scores(
     return ScoreTable(id_name, by_set, groups, image_examples, display)
 
 
+def without_non_finite(
+    table: ScoreTable, names: Sequence[str]
+) -> tuple[ScoreTable, dict[str, str]]:
+    """``table`` without the registered scores (of ``names``) that gave a NaN or an
+    infinity on some example, and ``{dropped score: why}`` (where, how many).
+
+    Metrics are undefined for such scores. A score outside its premises can do it on
+    a few inputs: ASH-S and SCALE multiply by ``exp(s1 / s2)``, which overflows where
+    leaky-ReLU features (negative values) make the kept sum ``s2`` tiny. All of a
+    score's result keys go together (``odin``'s sweep, say), so that every score in
+    the report has every key it asked for."""
+    bad: dict[str, list[str]] = {}
+    for set_name, set_scores in table.by_set.items():
+        for key, values in set_scores.items():
+            count = int(np.count_nonzero(~np.isfinite(np.asarray(values))))
+            if count:
+                where = f"{key!r} on {count} of {np.size(values)} {set_name!r} examples"
+                bad.setdefault(registered_score(key, names), []).append(where)
+    if not bad:
+        return table, {}
+
+    def keep(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v for k, v in scores.items() if registered_score(k, names) not in bad}
+
+    groups = [(keep(ids), {n: keep(o) for n, o in oods.items()}) for ids, oods in table.groups]
+    kept = dataclasses.replace(
+        table,
+        by_set={name: keep(scores) for name, scores in table.by_set.items()},
+        groups=[group for group in groups if group[0]],
+        image_examples={k: v for k, v in table.image_examples.items() if k not in bad},
+        display={k: v for k, v in table.display.items() if registered_score(k, names) not in bad},
+    )
+    why = {
+        name: f"gave NaN or infinite scores ({'; '.join(where)}), so its metrics are undefined"
+        for name, where in bad.items()
+    }
+    return kept, why
+
+
 def registered_score(key: str, names: Sequence[str]) -> str:
     """The registered score a result key belongs to (``msp_T1000`` -> ``msp``)."""
     if key in names:
