@@ -57,7 +57,11 @@ class PretrainedError(ValueError):
 def default_roots() -> list[Path]:
     """The folders of ``$OOD_JAX_PRETRAINED`` (one, or several joined by
     ``os.pathsep``); a :class:`PretrainedError` saying what to set if unset."""
-    folders = [Path(p) for p in os.environ.get(ENV, "").split(os.pathsep) if p]
+    folders: list[Path] = []
+    for part in os.environ.get(ENV, "").split(os.pathsep):
+        # A folder listed twice (or relative and absolute) counts once.
+        if part and Path(part).resolve() not in {f.resolve() for f in folders}:
+            folders.append(Path(part))
     if not folders:
         raise PretrainedError(
             f"no folder of published checkpoints: pass root= or set {ENV} to a folder with "
@@ -67,12 +71,14 @@ def default_roots() -> list[Path]:
     return folders
 
 
-def _read_manifest(folder: Path) -> dict[str, dict]:
+def _read_manifest(folder: Path, listed: bool = False) -> dict[str, dict]:
     path = folder / MANIFEST
     if not path.exists():
+        where = f"listed in ${ENV} ({os.environ.get(ENV)})" if listed else "given as root="
         raise PretrainedError(
-            f"no published checkpoints at {folder} ({MANIFEST} missing). Use a checkout of the "
-            f"ood_jax repository, or pass root= / set {ENV} to a folder with {MANIFEST}."
+            f"no published checkpoints at {folder} ({MANIFEST} missing), {where}. Use a "
+            f"checkout of the ood_jax repository, or point root= / {ENV} at folders with "
+            f"{MANIFEST}."
         )
     try:
         with open(path) as f:
@@ -93,7 +99,7 @@ def _manifest(root: str | os.PathLike | None) -> dict[str, tuple[Path, dict]]:
     folders = [Path(root)] if root is not None else default_roots()
     found: dict[str, tuple[Path, dict]] = {}
     for folder in folders:
-        for name, entry in _read_manifest(folder).items():
+        for name, entry in _read_manifest(folder, listed=root is None).items():
             if name in found:
                 raise PretrainedError(
                     f"published checkpoint {name!r} is in both {found[name][0]} and {folder}; "

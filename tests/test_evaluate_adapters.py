@@ -390,3 +390,42 @@ def test_scale_overflows_where_negative_features_make_the_kept_sum_tiny():
     assert list(kept.id_scores) == ["msp"] and list(kept.groups[0][1]["far"]) == ["msp"]
     assert kept.display == {"msp": "M"}
     assert without_non_finite(kept, ["msp"]) == (kept, {})
+
+
+def test_tuning_passes_over_candidates_with_nan_or_inf_and_stops_when_all_are(monkeypatch):
+    from ood_jax.scores import registry
+
+    monkeypatch.setattr(registry._REGISTRY, "_entries", dict(registry._REGISTRY._entries))
+
+    @registry.register_score(
+        "inf_below", consumes="outputs", display="Inf below", defaults={"a": 1.0}
+    )
+    def inf_below(logits, features, head, *, a):
+        # a < 2: the first example scores +inf; a >= 2: minus the max logit (finite).
+        first = jnp.arange(logits.shape[0]) == 0
+        return jnp.where(first & (a < 2), jnp.inf, -a * logits.max(axis=-1))
+
+    train, test, ood = _toy_sets()
+    val = D.from_arrays(ood.images[::-1], ood.labels, name="val_dark", num_classes=0)
+    model = create_model("tiny", num_classes=NUM_CLASSES, width=4, rngs=nnx.Rngs(0))
+
+    def spec(grid):
+        return EvalSpec(
+            scores=("msp", "inf_below"),
+            tune=("inf_below",),
+            tune_grids={"inf_below": {"a": grid}},
+            val_size=20,
+            protocols=("full",),
+            plots=False,
+        )
+
+    results = run_evaluation(
+        model, spec((1.0, 3.0)), id_test=test, ood_sets={"dark": ood}, train=train, val_ood=val
+    )
+    record = results["tuning"]["inf_below"]
+    assert np.isnan(record["candidates"][0]["auroc"]) and record["chosen"] == {"a": 3.0}
+    assert "inf_below" in results["ood"]["full"]["metrics"]
+    with pytest.raises(ValueError, match="every candidate of 'inf_below' \\(2\\) gave NaN"):
+        run_evaluation(
+            model, spec((0.5, 1.0)), id_test=test, ood_sets={"dark": ood}, train=train, val_ood=val
+        )

@@ -86,6 +86,13 @@ def test_several_folders_search_like_path(tmp_path, monkeypatch):
     (tmp_path / "b" / "manifest.json").write_text((tmp_path / "a" / "manifest.json").read_text())
     with pytest.raises(pretrained.PretrainedError, match="is in both .*a and .*b"):
         pretrained.available()
+    # A folder listed twice counts once; one without a manifest is named as listed.
+    a = str(tmp_path / "a")
+    monkeypatch.setenv(pretrained.ENV, os.pathsep.join([a, a + os.sep, os.path.relpath(a)]))
+    assert pretrained.available() == ["toy/a"]
+    monkeypatch.setenv(pretrained.ENV, os.pathsep.join([a, str(tmp_path / "none")]))
+    with pytest.raises(pretrained.PretrainedError, match=r"none \(manifest.json missing\), listed"):
+        pretrained.available()
     monkeypatch.setenv(pretrained.ENV, os.pathsep)
     with pytest.raises(pretrained.PretrainedError, match="no folder of published checkpoints"):
         pretrained.available()

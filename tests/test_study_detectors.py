@@ -26,7 +26,8 @@ def _results(values: dict[str, dict[str, list[float]]]) -> dict:
 
 def test_study_checkpoints_are_the_main_runs_without_sweeps():
     names = detectors.study_checkpoints()
-    assert names and not any("/sweep/" in n for n in names)
+    assert names and not any("/sweep/" in n or "/regime/" in n for n in names)
+    assert all(len(n.split("/")) == 4 for n in names)  # <data>/<model>/<method>/seed<k>
     assert {n.split("/")[-2] for n in names} >= {"ce", "logitnorm", "l2norm"}
     only = detectors.study_checkpoints(["ce"])
     assert only and all(n.split("/")[-2] == "ce" for n in only)
@@ -54,6 +55,19 @@ def test_cells_are_set_means_then_seed_mean_and_std(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| vim |"))
     expected = 100 * np.mean([draws[k, 1, :, 0].mean() for k in range(2)])
     assert f"{expected:.1f} ±" in row and "88.68 / 93.48" in row  # OpenOOD's ViM beside
+
+
+def test_a_score_one_seed_skipped_is_the_other_seeds_mean(tmp_path):
+    # The evaluation skips a score with NaN or infinite values for that model only.
+    both = {"msp": [(0.6, 0.5)] * len(REAL), "scale": [(0.8, 0.3)] * len(REAL)}
+    names = ["d/m/l2norm/seed0", "d/m/l2norm/seed1"]
+    for name, values in zip(names, (both, {"msp": [(0.7, 0.4)] * len(REAL)}), strict=True):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(values)))
+    table = detectors.collect(str(tmp_path), names[::-1])  # the seed without scale first
+    assert table["l2norm"]["scale"]["auroc"]["n"] == 1
+    np.testing.assert_allclose(table["l2norm"]["scale"]["auroc"]["mean"], 0.8)
+    np.testing.assert_allclose(table["l2norm"]["msp"]["auroc"]["mean"], 0.65)
 
 
 def test_a_failed_evaluation_costs_its_row_only_and_ctrl_c_stops_the_run(tmp_path, monkeypatch):

@@ -108,3 +108,6 @@ def test_publish_needs_a_report_dir(tmp_path):
         regime.main(["publish", "--workdir", str(tmp_path)])
     with pytest.raises(cli.UsageError, match="is not a folder"):
         regime.main(["publish", "--workdir", str(tmp_path / "no"), "--report_dir", str(tmp_path)])
+    # The names carry no schedule, so another one would overwrite the chosen one's.
+    with pytest.raises(cli.UsageError, match="only the chosen schedule"):
+        regime.main(["publish", "--workdir", str(tmp_path), "--report_dir", "r", "--epochs", "5"])

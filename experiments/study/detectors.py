@@ -62,8 +62,10 @@ RESULTS = "results.json"
 
 
 def study_checkpoints(names: Sequence[str] | None = None) -> list[str]:
-    """The published main-study checkpoints (``<data>/<model>/<method>/seed<k>``)."""
-    found = [n for n in pretrained.available() if "/sweep/" not in n]
+    """The published main runs of the 5-epoch study, ``<data>/<model>/<method>/seed<k>``
+    (not its sweep, ``.../sweep/<variant>/seed<k>``, nor the regime study's,
+    ``.../regime/<run>/seed<k>``)."""
+    found = [n for n in pretrained.available() if len(n.split("/")) == 4]
     if names:
         unknown = sorted(set(names) - {n.split("/")[-2] for n in found})
         if unknown:
@@ -121,7 +123,8 @@ def collect(out: str, names: Sequence[str]) -> dict[str, dict[str, dict]]:
     table: dict[str, dict[str, dict]] = {}
     for method in (m for m in STUDY_ORDER if m in per_method):
         results = per_method[method]
-        scores = results[0]["ood"]["papers"]["metrics"]
+        # Every score any seed has (a score skipped for one model counts as missing there).
+        scores = dict.fromkeys(k for r in results for k in r["ood"]["papers"]["metrics"])
         table[method] = {
             score: {
                 metric: mean_std([set_metric(r, score, REAL, metric) for r in results])

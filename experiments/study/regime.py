@@ -359,6 +359,12 @@ def _publish(root: str, args: argparse.Namespace) -> None:
         raise cli.UsageError("publish needs --report_dir (its checkpoints/ gets the weights).")
     if not os.path.isdir(root):
         raise cli.UsageError(f"--workdir {args.workdir!r} is not a folder.")
+    if (args.epochs, args.recipe) != (CHOSEN_EPOCHS, CHOSEN_RECIPE):
+        # The published names carry no schedule: only the chosen one is published.
+        raise cli.UsageError(
+            f"publish: only the chosen schedule is published ({CHOSEN_EPOCHS} epochs of "
+            f"{CHOSEN_RECIPE}), got --epochs {args.epochs} --recipe {args.recipe}."
+        )
     folder = os.path.join(args.report_dir, "checkpoints")
     runs = plan(args.epochs, args.seeds, args.recipe)
     done = publish(root, folder, runs, name_of=published_name)

@@ -286,7 +286,9 @@ def _drop_scores(
         )
     for name, why in undefined.items():
         warnings.warn(f"scores: skipping {name!r}: it {why}.", stacklevel=_caller_level())
-    return spec.with_scores(kept), dataclasses.replace(fits, spec=fits.spec.with_scores(kept))
+    tuning = {name: record for name, record in fits.tuning.items() if name not in undefined}
+    fits = dataclasses.replace(fits, spec=fits.spec.with_scores(kept), tuning=tuning)
+    return spec.with_scores(kept), fits
 
 
 def _caller_level() -> int:

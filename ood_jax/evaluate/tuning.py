@@ -124,6 +124,12 @@ def tune_scores(
                 chosen = {**combo, **({} if sweep is None else {sweep: value})}
                 candidates.append({"hparams": chosen, "auroc": aurocs[score.key(value)]})
         aurocs = np.nan_to_num([c["auroc"] for c in candidates], nan=-np.inf)
+        if not np.any(np.isfinite(aurocs)):
+            raise ValueError(
+                f"tune: every candidate of {name!r} ({len(candidates)}) gave NaN or infinite "
+                "scores on the validation pair, so none can be chosen; leave it out of tune "
+                "(--tune), or evaluate it at fixed settings."
+            )
         best = candidates[int(np.argmax(aurocs))]
         hparams[name].update(best["hparams"])
         if sweep is not None:
@@ -156,12 +162,15 @@ def _validation_aurocs(
         one, forward, val_sets, val_outputs, head=head, fitted=fitted, batches=batches
     )
     (ood_name,) = table.ood_scores
-    return {
-        key: M.ood_metrics(ids, table.ood_scores[ood_name][key], convention=spec.convention)[
-            "auroc"
-        ]
-        for key, ids in table.id_scores.items()
-    }
+    aurocs = {}
+    for key, ids in table.id_scores.items():
+        oods = table.ood_scores[ood_name][key]
+        finite = np.all(np.isfinite(ids)) and np.all(np.isfinite(oods))
+        # A candidate with NaN or infinite scores has no AUROC: never chosen.
+        aurocs[key] = (
+            M.ood_metrics(ids, oods, convention=spec.convention)["auroc"] if finite else np.nan
+        )
+    return aurocs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,8 +86,9 @@ def epochs_of(entry: Mapping) -> int:
 
 def set_metric(results: Mapping, score: str, sets: Sequence[str], metric: str) -> float:
     """Mean over those of ``sets`` that were evaluated of the per-set mean of ``metric``
-    (papers' protocol); NaN if none was."""
-    table = results["ood"][PROTOCOL]["metrics"][score]
+    (papers' protocol); NaN if none was, or if the run has no metrics for ``score`` (a
+    score skipped for that model)."""
+    table = results["ood"][PROTOCOL]["metrics"].get(score, {})
     values = [table[s][metric]["mean"] for s in sets if s in table]
     return float(np.mean(values)) if values else float("nan")
 
