@@ -111,3 +111,44 @@ def test_publish_needs_a_report_dir(tmp_path):
     # The names carry no schedule, so another one would overwrite the chosen one's.
     with pytest.raises(cli.UsageError, match="only the chosen schedule"):
         regime.main(["publish", "--workdir", str(tmp_path), "--report_dir", "r", "--epochs", "5"])
+
+
+def test_collect_copies_finished_measured_runs_without_checkpoints(tmp_path):
+    import json
+    import os
+
+    root, dest = tmp_path / "study", tmp_path / "report" / "runs"
+    runs = regime.plan(2, 1, "subset10k")
+    results = {"ood": {"papers": {"metrics": {"msp": [1.5, 2.25]}}}, "config": {"seed": 0}}
+    for run, measured in ((runs[0], True), (runs[1], True), (runs[2], False)):
+        src = root / run.name
+        (src / "eval").mkdir(parents=True)
+        (src / "checkpoints" / "78").mkdir(parents=True)
+        (src / "eval" / "results.json").write_text(json.dumps(results, indent=1))
+        (src / "eval" / "scores.npz").write_bytes(b"big")
+        for name in ("config.json", "metrics.jsonl", "final.json", "eval/results.md"):
+            (src / name).write_text(f"{run.name} {name}")
+        if measured:
+            (src / regime.REGIME_FILE).write_text('{"step": 78}\n')
+    (root / runs[3].name / "checkpoints").mkdir(parents=True)  # still training
+    assert regime.collect(str(root), str(dest), runs) == [runs[0].name, runs[1].name]
+    copied = dest / runs[0].name
+    assert sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*") if p.is_file()) == [
+        "config.json",
+        "eval/results.json",
+        "eval/results.md",
+        "final.json",
+        "metrics.jsonl",
+        "regime.jsonl",
+    ]
+    text = (copied / "eval" / "results.json").read_text()
+    assert json.loads(text) == results and "\n" not in text and ", " not in text
+    assert (copied / "final.json").read_text() == f"{runs[0].name} final.json"
+    # Copied already: left alone, until the run's report is rewritten.
+    assert regime.collect(str(root), str(dest), runs) == []
+    report = root / runs[1].name / "eval" / "results.json"
+    later = os.path.getmtime(dest / runs[1].name / "eval" / "results.json") + 5
+    os.utime(report, (later, later))
+    assert regime.collect(str(root), str(dest), runs) == [runs[1].name]
+    with pytest.raises(cli.UsageError, match="collect needs --report_dir"):
+        regime.main(["collect", "--workdir", str(root)])

@@ -11,6 +11,7 @@ of the comparison with that one schedule.
     python -m experiments.study.regime run --workdir runs/regime --epochs E   # main runs
     python -m experiments.study.regime plan --workdir runs/regime --epochs E
     python -m experiments.study.regime report --workdir runs/regime --report_dir REPORT_DIR
+    python -m experiments.study.regime collect --workdir runs/regime --report_dir REPORT_DIR
     python -m experiments.study.regime publish --workdir runs/regime --report_dir REPORT_DIR
 
 ``measure`` reads every kept checkpoint of a run (the pilot keeps one per epoch)
@@ -36,6 +37,8 @@ epochs of :data:`CHOSEN_RECIPE`). ``publish`` exports the finished runs' final w
 into ``REPORT_DIR/checkpoints`` as ``ood_jax.pretrained`` checkpoints named
 ``cifar10_jpeg/resnet9/regime/<run>/seed<k>`` (:func:`published_name`); runs already
 published at their final step are left alone, so it can be run after every slice.
+``collect`` copies the finished, measured runs' logs, measurements and reports (no
+checkpoints) into ``REPORT_DIR/runs``, which ``report --workdir REPORT_DIR/runs`` reads.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -274,7 +278,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.study.regime", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("action", choices=("pilot", "measure", "plan", "run", "report", "publish"))
+    parser.add_argument(
+        "action", choices=("pilot", "measure", "plan", "run", "collect", "report", "publish")
+    )
     parser.add_argument("--workdir", required=True, help="the study's root (a run: measure)")
     parser.add_argument(
         "--epochs",
@@ -292,10 +298,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--report_dir",
-        help="report: where report.md, report.json go; publish: checkpoints/ below it",
+        help="report: where report.md, report.json go; publish: checkpoints/ below it; "
+        "collect: runs/ below it",
     )
     args = parser.parse_args(argv)
-    chosen = args.action in ("report", "publish")
+    chosen = args.action in ("report", "publish", "collect")
     if args.epochs is None:
         args.epochs = CHOSEN_EPOCHS if chosen else PILOT_EPOCHS
     if args.recipe is None:
@@ -314,6 +321,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.action == "publish":
         _publish(root, args)
+        return
+    if args.action == "collect":
+        if not args.report_dir:
+            raise cli.UsageError("collect needs --report_dir (its runs/ gets the copies).")
+        runs = plan(args.epochs, args.seeds, args.recipe)
+        done = collect(root, os.path.join(args.report_dir, "runs"), runs)
+        print(f"collected {len(done)} runs" + "".join(f"\n  {n}" for n in done))
         return
     if args.action == "pilot":
         runs = [pilot_run(args.epochs, args.recipe)]
@@ -345,6 +359,36 @@ def _report(root: str, args: argparse.Namespace) -> None:
         f"{len(summary['runs'])} of {len(runs)} runs reported; "
         f"{os.path.join(args.report_dir, 'report.md')}"
     )
+
+
+# What a finished run keeps in the repository: no checkpoints, per-example scores or plots.
+KEPT_FILES = ("config.json", "metrics.jsonl", "final.json", REGIME_FILE, "eval/results.md")
+
+
+def collect(root: str, dest: str, runs: Sequence[Run]) -> list[str]:
+    """Copies each finished and measured run of ``runs`` (``eval/results.json`` and
+    ``regime.jsonl`` written) from ``root`` to ``dest/<run>``: :data:`KEPT_FILES`, and
+    ``eval/results.json`` as compact JSON (about 40% smaller). A run whose copy is
+    already as new as its report is left alone. Returns the runs copied now."""
+    done = []
+    for run in runs:
+        src, out = os.path.join(root, run.name), os.path.join(dest, run.name)
+        report = os.path.join(src, "eval", "results.json")
+        if not (os.path.exists(report) and os.path.exists(os.path.join(src, REGIME_FILE))):
+            continue
+        copied = os.path.join(out, "eval", "results.json")
+        if os.path.exists(copied) and os.path.getmtime(copied) >= os.path.getmtime(report):
+            continue
+        os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+        for name in KEPT_FILES:
+            shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+        with open(report) as f:
+            results = json.load(f)
+        with open(copied + ".tmp", "w") as f:
+            json.dump(results, f, separators=(",", ":"))
+        os.replace(copied + ".tmp", copied)
+        done.append(run.name)
+    return done
 
 
 def published_name(run: Run, results: dict) -> str:
