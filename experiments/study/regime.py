@@ -323,8 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _publish(root, args)
         return
     if args.action == "collect":
-        if not args.report_dir:
-            raise cli.UsageError("collect needs --report_dir (its runs/ gets the copies).")
+        _check_dirs(root, args, "its runs/ gets the copies")
         runs = plan(args.epochs, args.seeds, args.recipe)
         done = collect(root, os.path.join(args.report_dir, "runs"), runs)
         print(f"collected {len(done)} runs" + "".join(f"\n  {n}" for n in done))
@@ -342,13 +341,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         _measure_and_judge(os.path.join(root, run.name))
 
 
+def _check_dirs(root: str, args: argparse.Namespace, what: str) -> None:
+    """The usage errors of the actions that read the study and write to --report_dir."""
+    if not args.report_dir:
+        raise cli.UsageError(f"{args.action} needs --report_dir ({what}).")
+    if not os.path.isdir(root):
+        raise cli.UsageError(f"--workdir {args.workdir!r} is not a folder.")
+
+
 def _report(root: str, args: argparse.Namespace) -> None:
     from experiments.study.report.regime import write
 
-    if not args.report_dir:
-        raise cli.UsageError("report needs --report_dir (where report.md goes).")
-    if not os.path.isdir(root):
-        raise cli.UsageError(f"--workdir {args.workdir!r} is not a folder.")
+    _check_dirs(root, args, "where report.md goes")
     command = (
         f"python -m experiments.study.regime report --workdir {args.workdir} --report_dir "
         f"{args.report_dir} --epochs {args.epochs} --seeds {args.seeds} --recipe {args.recipe}"
@@ -399,10 +403,7 @@ def published_name(run: Run, results: dict) -> str:
 
 
 def _publish(root: str, args: argparse.Namespace) -> None:
-    if not args.report_dir:
-        raise cli.UsageError("publish needs --report_dir (its checkpoints/ gets the weights).")
-    if not os.path.isdir(root):
-        raise cli.UsageError(f"--workdir {args.workdir!r} is not a folder.")
+    _check_dirs(root, args, "its checkpoints/ gets the weights")
     if (args.epochs, args.recipe) != (CHOSEN_EPOCHS, CHOSEN_RECIPE):
         # The published names carry no schedule: only the chosen one is published.
         raise cli.UsageError(
