@@ -13,6 +13,7 @@ import signal
 import numpy as np
 import pytest
 from PIL import Image
+from toy_models import write_cifar_split
 
 import experiments.evaluation
 from experiments import evaluate, train
@@ -38,21 +39,12 @@ RUN_ARGS = [
 ]
 
 
-def _write_cifar_split(folder, split, n, seed):
-    rng = np.random.default_rng(seed)
-    np.savez(
-        folder / f"cifar10_{split}.npz",
-        images=rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8),
-        labels=rng.integers(0, 10, n).astype(np.int32),
-    )
-
-
 @pytest.fixture(scope="module")
 def own(tmp_path_factory):
     """The user's data: CIFAR-like splits and three OOD sets of known images."""
     root = tmp_path_factory.mktemp("own")
-    _write_cifar_split(root, "train", 128, seed=1)
-    _write_cifar_split(root, "test", 32, seed=2)
+    write_cifar_split(root, "train", 128, seed=1)
+    write_cifar_split(root, "test", 32, seed=2)
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 256, (7, 32, 32, 3)).astype(np.uint8)
     np.savez(root / "rgb.npz", images=rgb, labels=np.full(7, -1, np.int32))

@@ -152,3 +152,39 @@ def test_collect_copies_finished_measured_runs_without_checkpoints(tmp_path):
     assert regime.collect(str(root), str(dest), runs) == [runs[1].name]
     with pytest.raises(cli.UsageError, match="collect needs --report_dir"):
         regime.main(["collect", "--workdir", str(root)])
+
+
+def test_measure_reads_every_epoch_end_checkpoint_and_passes_over_a_mid_epoch_save(
+    tmp_path, capsys
+):
+    import json
+    import shutil
+
+    from toy_models import write_cifar_split
+
+    from experiments.configs import default as presets
+    from experiments.train import train_and_evaluate
+
+    write_cifar_split(tmp_path, "train", 64, seed=0)
+    write_cifar_split(tmp_path, "test", 40, seed=1)
+    config = presets.get_config("smoke", "ce")
+    config.data.source = str(tmp_path)
+    config.data.train_limit = config.data.test_limit = 0
+    config.data.eval_batch_size = 40
+    config.train.batch_size = 16  # 4 steps an epoch, a checkpoint at each epoch's end
+    config.train.epochs = 2
+    config.train.progress = False
+    config.eval.ood = False
+    run = tmp_path / "run"
+    train_and_evaluate(config, run)
+    # What Ctrl-C or SIGTERM at step 6 would have left: a checkpoint between epochs.
+    shutil.copytree(run / "checkpoints" / "8", run / "checkpoints" / "6")
+
+    records = regime.measure(str(run))
+    assert [(r["step"], r["epoch"]) for r in records] == [(4, 1.0), (8, 2.0)]
+    assert "step 6: mid-epoch" in capsys.readouterr().out
+    # The measured test accuracy is the one the training log recorded at each epoch's end.
+    with open(run / "metrics.jsonl") as f:
+        logged = {r["step"]: r["test_accuracy"] for r in map(json.loads, f) if "test_accuracy" in r}
+    assert {r["step"]: r["test_accuracy"] for r in records} == pytest.approx(logged, abs=1e-6)
+    assert len(regime.read_regime(str(run))) == 2

@@ -1,5 +1,5 @@
-"""Toy models and batches shared by the tests: a model with closed-form gradients, a tiny
-CNN in eval mode, random and labelled batches."""
+"""Toy models and data shared by the tests: a model with closed-form gradients, a tiny
+CNN in eval mode, random and labelled batches, random CIFAR-like npz files."""
 
 import numpy as np
 from flax import nnx
@@ -16,6 +16,17 @@ class FlatLinear(nnx.Module):
     def __call__(self, images):
         z = images.reshape(images.shape[0], -1)
         return self.head(z), z
+
+
+def write_cifar_split(folder, split, n, seed):
+    """``folder/cifar10_<split>.npz``: ``n`` random 32x32 RGB images, random labels 0-9
+    (what ``config.data.source = folder`` reads)."""
+    rng = np.random.default_rng(seed)
+    np.savez(
+        folder / f"cifar10_{split}.npz",
+        images=rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+        labels=rng.integers(0, 10, n).astype(np.int32),
+    )
 
 
 def make_batch(rng, n, shape=(2, 2, 3), num_classes=4):

@@ -14,8 +14,9 @@ of the comparison with that one schedule.
     python -m experiments.study.regime collect --workdir runs/regime --report_dir REPORT_DIR
     python -m experiments.study.regime publish --workdir runs/regime --report_dir REPORT_DIR
 
-``measure`` reads every kept checkpoint of a run (the pilot keeps one per epoch)
-and writes ``regime.jsonl`` beside it: per epoch, accuracy, loss and mean logit
+``measure`` reads every kept checkpoint of a run at the end of an epoch (the pilot
+keeps one per epoch; a mid-epoch save of a stopped run is passed over) and writes
+``regime.jsonl`` beside it: per epoch, accuracy, loss and mean logit
 norm on a fixed seeded subset of the *un-augmented* training images (what the
 model has fitted, not the augmented stream the training log averages), and on the
 test set accuracy, ECE (15 bins) and mean MSP. Steps already measured are kept,
@@ -202,23 +203,32 @@ def softmax_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def _load_inputs(cache: dict, metadata: dict) -> None:
+    """Fills ``cache`` once, from a checkpoint's metadata: the un-augmented training
+    subset and the test set, their normalization and batch size, steps per epoch."""
+    from experiments.data import load_splits
+    from ood_jax import data as D
+
+    if "data" in cache:
+        return
+    config = cli.config_from_json(metadata["config"])
+    train, test = load_splits(config)
+    spec = D.get_dataset_spec(config.data.dataset)
+    cache["data"] = (D.random_subset(train, TRAIN_SUBSET, seed=config.seed), test)
+    cache["norm"] = {"mean": spec.mean, "std": spec.std}
+    cache["batch"] = config.data.eval_batch_size
+    cache["steps_per_epoch"] = len(train) // config.train.batch_size
+
+
 def measure_step(run: Workdir, step: int, cache: dict) -> dict:
     """The regime record of the run's checkpoint ``step``."""
-    from experiments.data import load_splits
     from ood_jax import data as D
     from ood_jax.evaluate import ForwardPass
     from ood_jax.metrics import expected_calibration_error
 
     model_def, params, batch_stats, metadata, step = run.restore(step=step)
     model = model_def.merge(params, batch_stats, train=False, key=None)
-    if "data" not in cache:
-        config = cli.config_from_json(metadata["config"])
-        train, test = load_splits(config)
-        spec = D.get_dataset_spec(config.data.dataset)
-        cache["data"] = (D.random_subset(train, TRAIN_SUBSET, seed=config.seed), test)
-        cache["norm"] = {"mean": spec.mean, "std": spec.std}
-        cache["batch"] = config.data.eval_batch_size
-        cache["steps_per_epoch"] = len(train) // config.train.batch_size
+    _load_inputs(cache, metadata)
     forward = ForwardPass(model)
     record: dict = {"step": step, "epoch": step / cache["steps_per_epoch"]}
     for name, ds in zip(("train_clean", "test"), cache["data"], strict=True):
@@ -252,6 +262,12 @@ def _measure_new(run: Workdir, path: str, done: dict) -> None:
     cache: dict = {}
     for step in run.checkpointer.all_steps():
         if step in done:
+            continue
+        _load_inputs(cache, run.checkpointer.read_metadata(step))
+        if step % cache["steps_per_epoch"]:
+            # Saved when Ctrl-C or SIGTERM stopped the run mid-epoch: not a point of
+            # the per-epoch curves (the run resumes from it and saves the epochs after).
+            print(f"step {step}: mid-epoch (a stopped run's save), not measured", flush=True)
             continue
         record = measure_step(run, step, cache)
         done[step] = record
