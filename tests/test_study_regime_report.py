@@ -120,7 +120,12 @@ def test_rule_per_run_and_missing_runs(study_root, tmp_path):
     # Measured to epoch 2 of the 3 logged so far (no OOD report yet): no verdict.
     assert rule["l2norm/seed1"]["meets_rule"] is None
     assert rule["l2norm/seed1"]["trained_epochs"] == 3.0
-    assert rule["oe/seed0"] == {"final": None, "trained_epochs": None, "meets_rule": None}
+    assert rule["oe/seed0"] == {
+        "final": None,
+        "trained_epochs": None,
+        "meets_rule": None,
+        "fine_tunes": PILOT,
+    }
     assert summary["missing"] == [
         "oe/seed0",
         "logitnorm_tau0.01/seed1",

@@ -120,6 +120,7 @@ def rule_rows(runs: Sequence[Run], curves: Mapping[str, dict]) -> dict[str, dict
             "final": final,
             "trained_epochs": None if last is None else last.get("epoch"),
             "meets_rule": None if final is None or partial else meets_rule(final),
+            "fine_tunes": run.init_from,
         }
     return out
 
@@ -317,6 +318,14 @@ def _over_training_note(names: Sequence[str]) -> str:
     )
 
 
+def _rule_cell(row: Mapping[str, Any]) -> str:
+    verdict = "**yes**" if row["meets_rule"] else "no"
+    if row.get("fine_tunes"):
+        # The rule says when CE is overconfident; a fine-tune's start is the CE run above.
+        return f"{verdict} (a fine-tune of {row['fine_tunes']}: the rule is CE's)"
+    return verdict
+
+
 def _regime_section(
     rule: Mapping[str, dict], per: Mapping[str, Mapping[str, dict]], plots: Sequence[str]
 ) -> list[str]:
@@ -336,9 +345,7 @@ def _regime_section(
                 f"{100 * r['train_clean_accuracy']:.1f}",
                 f"{100 * r['test_ece']:.1f}",
                 f"{100 * r['test_msp']:.1f} / {100 * r['test_accuracy']:.1f}",
-                "not yet measured to the end"
-                if partial
-                else ("**yes**" if row["meets_rule"] else "no"),
+                "not yet measured to the end" if partial else _rule_cell(row),
             ]
         )
     header = ["run", "epoch", "clean train acc", "test ECE", "test MSP / acc", "meets the rule"]
