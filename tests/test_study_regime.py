@@ -37,32 +37,6 @@ def test_the_rule_needs_fit_training_data_and_overconfidence():
     assert not regime.meets_rule(_record(0.98, 0.10, 0.75, 0.85))
 
 
-def test_the_regime_table_says_a_fine_tune_is_judged_by_a_rule_about_ce():
-    from experiments.study.plan import Run
-    from experiments.study.report import regime as report
-
-    runs = [
-        Run("ce/seed0", "ce", 0),
-        Run("energy_ft/seed0", "energy_ft", 0, init_from="ce/seed0"),
-    ]
-    curves = {
-        "ce/seed0": {
-            "regime": [{"epoch": 80, "step": 8, **_record(0.99, 0.12, 0.92, 0.80)}],
-            "log": [{"epoch": 80, "step": 8}],
-        },
-        "energy_ft/seed0": {
-            "regime": [{"epoch": 2, "step": 2, **_record(0.96, 0.15, 0.94, 0.79)}],
-            "log": [{"epoch": 2, "step": 2}],
-        },
-    }
-    rows = report.rule_rows(runs, curves)
-    assert rows["ce/seed0"]["meets_rule"] and not rows["energy_ft/seed0"]["meets_rule"]
-    table = [line for line in report._regime_section(rows, {}, []) if line.startswith("| ")]
-    cells = {line.split(" | ")[0][2:]: line.rstrip(" |").split(" | ")[-1] for line in table}
-    assert cells["ce/seed0"] == "**yes**"
-    assert cells["energy_ft/seed0"] == "no (a fine-tune of ce/seed0: the rule is CE's)"
-
-
 def test_plan_runs_every_comparison_with_one_schedule_and_the_pilot_as_ce_seed0():
     runs = regime.plan(regime.PILOT_EPOCHS, seeds=2)
     per_seed = len(regime.RUNS) + len(regime.FINETUNED)

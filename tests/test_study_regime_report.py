@@ -6,6 +6,7 @@ import pytest
 
 from experiments import cli
 from experiments.study import regime
+from experiments.study.plan import Run
 from experiments.study.report import regime as report
 from experiments.study.report.runs import REAL
 
@@ -108,6 +109,23 @@ def test_labels_name_every_planned_run():
     runs = regime.plan(EPOCHS, SEEDS, regime.CHOSEN_RECIPE)
     assert report.name_of(runs[0]) == "ce" and runs[0].name == PILOT
     assert {report.name_of(r) for r in runs} == set(report.LABELS)
+
+
+def test_the_regime_table_says_a_fine_tune_is_judged_by_a_rule_about_ce():
+    runs = [
+        Run("ce/seed0", "ce", 0),
+        Run("energy_ft/seed0", "energy_ft", 0, init_from="ce/seed0"),
+    ]
+    curves = {
+        "ce/seed0": {"regime": [_record(2, 0.99, 0.12, 0.92, 0.80)], "log": []},
+        # 96% clean train accuracy after the fine-tune: "no" by the rule, which is CE's.
+        "energy_ft/seed0": {"regime": [_record(2, 0.96, 0.15, 0.94, 0.79)], "log": []},
+    }
+    rows = report.rule_rows(runs, curves)
+    table = [line for line in report._regime_section(rows, {}, []) if line.startswith("| ")]
+    cells = {line.split(" | ")[0][2:]: line.rstrip(" |").split(" | ")[-1] for line in table}
+    assert cells["ce/seed0"] == "**yes**"
+    assert cells["energy_ft/seed0"] == "no (a fine-tune of ce/seed0: the rule is CE's)"
 
 
 def test_rule_per_run_and_missing_runs(study_root, tmp_path):

@@ -320,7 +320,7 @@ def _over_training_note(names: Sequence[str]) -> str:
 
 def _rule_cell(row: Mapping[str, Any]) -> str:
     verdict = "**yes**" if row["meets_rule"] else "no"
-    if row.get("fine_tunes"):
+    if row["fine_tunes"]:
         # The rule says when CE is overconfident; a fine-tune's start is the CE run above.
         return f"{verdict} (a fine-tune of {row['fine_tunes']}: the rule is CE's)"
     return verdict
